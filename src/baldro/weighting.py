@@ -1,0 +1,202 @@
+"""Weightings F over per-sample forget losses: ERM and the BalDRO inner steps (SPEC section 3).
+
+Each weighting reduces a vector of B losses to a scalar whose gradient with respect to l_i is the
+weight of sample i under the worst-case distribution: `mean` gives 1/B, `group` (BalDRO-G) 1/k on the
+k hardest samples, `dv` (BalDRO-DV) softmax(l/sigma), `dv_softmin` (the authors' released code)
+softmax(-l/sigma), `dv_global` a Gibbs tilt over running losses of the whole forget set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from baldro.errors import BaldroError
+
+
+@dataclass
+class Weighted:
+    value: torch.Tensor  # scalar, differentiable
+    weights: torch.Tensor  # [B], detached: d value / d l_i
+    selected: torch.Tensor | None = None  # group: indices of the samples kept
+
+
+# ------------------------------------------------------------------ pure functions
+def mean(losses: torch.Tensor) -> Weighted:
+    return Weighted(losses.mean(), torch.full_like(losses.detach(), 1.0 / losses.numel()))
+
+
+def group(losses: torch.Tensor, ratio: float = 0.5, hardness: torch.Tensor | None = None) -> Weighted:
+    """BalDRO-G: mean loss over the k = max(1, floor(ratio B)) samples of largest hardness."""
+    _check_ratio(ratio)
+    h = losses.detach() if hardness is None else hardness.detach()
+    k = max(1, math.floor(ratio * losses.numel() + 1e-9))
+    selected = torch.topk(h, k).indices
+    weights = torch.zeros_like(losses.detach())
+    weights[selected] = 1.0 / k
+    return Weighted(losses[selected].mean(), weights, selected)
+
+
+def dv(losses: torch.Tensor, sigma: float = 2.0) -> Weighted:
+    """BalDRO-DV: sigma (logsumexp(l/sigma) - log B); weights softmax(l/sigma) favour high loss."""
+    _check_sigma(sigma)
+    z = losses / sigma
+    value = sigma * (torch.logsumexp(z, 0) - math.log(losses.numel()))
+    return Weighted(value, torch.softmax(z.detach(), 0))
+
+
+def dv_softmin(losses: torch.Tensor, sigma: float = 2.0) -> Weighted:
+    """The authors' released code: -sigma (logsumexp(-l/sigma) - log B); favours LOW loss."""
+    _check_sigma(sigma)
+    z = -losses / sigma
+    value = -sigma * (torch.logsumexp(z, 0) - math.log(losses.numel()))
+    return Weighted(value, torch.softmax(z.detach(), 0))
+
+
+def weight_stats(weights: torch.Tensor) -> dict[str, float]:
+    """What the DRO did in one step: largest normalised weight, entropy (nats), non-zero count."""
+    w = weights.detach().float().clamp(min=0)
+    w = w / w.sum().clamp(min=1e-30)
+    nz = w > 0
+    entropy = -(w[nz] * w[nz].log()).sum()
+    return {
+        "weight_max": float(w.max()),
+        "weight_entropy": float(entropy),
+        "weight_nonzero": int(nz.sum()),
+    }
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0 < ratio <= 1:
+        raise BaldroError(f"weighting ratio must be in (0, 1], got {ratio}")
+
+
+def _check_sigma(sigma: float) -> None:
+    if not sigma > 0:
+        raise BaldroError(f"weighting sigma must be > 0, got {sigma}")
+
+
+# ------------------------------------------------------------------ configured weightings
+class Weighting:
+    """A configured weighting: `weighting(losses, ids=..., nll=...) -> Weighted`."""
+
+    name = "base"
+    stateful = False
+
+    def __call__(self, losses: torch.Tensor, *, ids: torch.Tensor | None = None, nll: torch.Tensor | None = None) -> Weighted:
+        raise NotImplementedError
+
+
+class MeanWeighting(Weighting):
+    name = "mean"
+
+    def __call__(self, losses, *, ids=None, nll=None):
+        return mean(losses)
+
+
+class GroupWeighting(Weighting):
+    """BalDRO-G. `hardness`: "loss" (the objective's loss) or "nll" (-nll_i, the released code)."""
+
+    name = "group"
+
+    def __init__(self, ratio: float = 0.5, hardness: str = "loss", shrink_retain: bool = False):
+        _check_ratio(ratio)
+        if hardness not in ("loss", "nll"):
+            raise BaldroError(f"group hardness must be 'loss' or 'nll', got {hardness!r}")
+        self.ratio, self.hardness, self.shrink_retain = ratio, hardness, shrink_retain
+
+    def __call__(self, losses, *, ids=None, nll=None):
+        if self.hardness == "nll":
+            if nll is None:
+                raise BaldroError("group hardness 'nll' needs the per-sample NLL")
+            return group(losses, self.ratio, hardness=-nll)
+        return group(losses, self.ratio)
+
+
+class DVWeighting(Weighting):
+    name = "dv"
+
+    def __init__(self, sigma: float = 2.0):
+        _check_sigma(sigma)
+        self.sigma = sigma
+
+    def __call__(self, losses, *, ids=None, nll=None):
+        return dv(losses, self.sigma)
+
+
+class DVSoftminWeighting(DVWeighting):
+    name = "dv_softmin"
+
+    def __call__(self, losses, *, ids=None, nll=None):
+        return dv_softmin(losses, self.sigma)
+
+
+class GlobalDVWeighting(Weighting):
+    """Dataset-level DV: a Gibbs tilt over running estimates L_j of every forget sample's loss.
+
+    `observe(ids, losses)` updates L_j (an exponential moving average with `momentum`; 0 = latest
+    value) for the samples of a step, across all processes. Samples not yet seen count at the mean of
+    the seen ones. Batch weights are w_i = n softmax_j(L_j / sigma)[i] / B, which average to 1/B over
+    uniformly drawn batches, so `value = sum_i w_i l_i` matches `mean` in scale.
+    """
+
+    name = "dv_global"
+    stateful = True
+
+    def __init__(self, n_samples: int, sigma: float = 2.0, momentum: float = 0.0):
+        _check_sigma(sigma)
+        if n_samples < 1:
+            raise BaldroError("dv_global needs the number of forget samples (n_samples >= 1)")
+        if not 0 <= momentum < 1:
+            raise BaldroError(f"dv_global momentum must be in [0, 1), got {momentum}")
+        self.sigma, self.momentum = sigma, momentum
+        self.running = torch.full((n_samples,), float("nan"))
+
+    def observe(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        ids = ids.detach().long().cpu()
+        new = losses.detach().float().cpu()
+        old = self.running[ids]
+        self.running[ids] = torch.where(old.isnan(), new, self.momentum * old + (1 - self.momentum) * new)
+
+    def global_weights(self) -> torch.Tensor:
+        seen = ~self.running.isnan()
+        fill = self.running[seen].mean() if seen.any() else torch.tensor(0.0)
+        return torch.softmax(torch.where(seen, self.running, fill) / self.sigma, 0)
+
+    def __call__(self, losses, *, ids=None, nll=None):
+        if ids is None:
+            raise BaldroError("dv_global needs sample ids")
+        self.observe(ids, losses)
+        n, b = self.running.numel(), losses.numel()
+        w = (n * self.global_weights()[ids.long().cpu()] / b).to(losses.device, losses.dtype)
+        return Weighted((w * losses).sum(), w)
+
+    def state_dict(self) -> dict:
+        return {"running": self.running.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.running = state["running"].clone()
+
+
+WEIGHTINGS = {
+    "mean": MeanWeighting,
+    "group": GroupWeighting,
+    "dv": DVWeighting,
+    "dv_softmin": DVSoftminWeighting,
+    "dv_global": GlobalDVWeighting,
+}
+
+
+def make_weighting(name: str, n_samples: int | None = None, **args) -> Weighting:
+    """Build a weighting by name; `n_samples` (the forget-set size) is used by `dv_global`."""
+    if name not in WEIGHTINGS:
+        raise BaldroError(f"unknown weighting {name!r}: use one of {sorted(WEIGHTINGS)}")
+    cls = WEIGHTINGS[name]
+    if cls is GlobalDVWeighting:
+        args = {"n_samples": n_samples or 0, **args}
+    try:
+        return cls(**args)
+    except TypeError as e:
+        raise BaldroError(f"bad arguments for weighting {name!r}: {e}") from None
