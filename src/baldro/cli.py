@@ -1,0 +1,100 @@
+"""`baldro` command line: finetune, unlearn, eval, summarize, report, demo.
+
+Recipes are YAML files plus `key=value` overrides, e.g.
+    baldro unlearn configs/unlearn/tofu.yaml objective=simnpo weighting=dv split=forget05 train.learning_rate=2e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from baldro.errors import BaldroError
+
+EPILOG = "Overrides: KEY=VALUE (dotted, e.g. train.learning_rate=1e-5) or GROUP=CHOICE (objective=npo, weighting=dv, split=forget05)."
+
+
+def _recipe_parser(sub, name: str, help: str):
+    p = sub.add_parser(name, help=help, epilog=EPILOG)
+    p.add_argument("config", help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE or GROUP=CHOICE overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baldro", description="Balanced LLM unlearning (BalDRO).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
+    _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
+    _recipe_parser(sub, "eval", "evaluate a model on TOFU")
+
+    s = sub.add_parser("summarize", help="recompute every aggregate of a per-sample eval log")
+    s.add_argument("eval_json", help="TOFU_EVAL.json or MUSE_EVAL.json (ours or OpenUnlearning's)")
+    s.add_argument("--reference", help="the retain/retrained model's eval log (forget quality, privleak)")
+    s.add_argument("--out", help="write the summary JSON here")
+
+    r = sub.add_parser("report", help="build report.md and plots from run folders")
+    r.add_argument("run_dirs", nargs="+", help="run folders (unlearning runs, plus 'target'/'retain' runs)")
+    r.add_argument("--out", default="report", help="output folder (default: report)")
+
+    d = sub.add_parser("demo", help="offline BalDRO demo on a synthetic TOFU-format benchmark")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a tiny preset for tests (about a minute)")
+    d.add_argument("--preset", choices=["quick", "default"], default=None, help="size preset")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command in ("finetune", "unlearn", "eval"):
+        from baldro.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "finetune":
+            from baldro.recipes import run_finetune
+
+            print(f"baldro: fine-tuned model in {run_finetune(cfg) / 'model'}")
+        elif args.command == "unlearn":
+            from baldro.recipes import run_unlearn
+
+            print(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
+        else:
+            from baldro.eval.run import run_eval
+
+            run_eval(cfg)
+    elif args.command == "summarize":
+        from baldro.eval.summarize import run_summarize
+
+        run_summarize(args.eval_json, args.reference, args.out)
+    elif args.command == "report":
+        from baldro.report import report_main
+
+        print(f"baldro: report in {report_main(args.run_dirs, args.out)}")
+    elif args.command == "demo":
+        from baldro.demo import run_demo
+
+        run_demo(args.out, seed=args.seed, preset=args.preset or ("quick" if args.quick else "default"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        run(args)
+    except BaldroError as e:
+        if args.verbose:
+            raise
+        print(f"baldro {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"baldro {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
