@@ -37,12 +37,15 @@ class Objective:
     needs_refusal: bool
     defaults: dict = field(default_factory=dict)
 
-    def __call__(self, inputs: ForgetInputs, **hparams) -> torch.Tensor:
+    def check_args(self, hparams: dict) -> None:
         unknown = set(hparams) - set(self.defaults)
         if unknown:
             raise BaldroError(
                 f"objective {self.name!r} has no hyperparameter(s) {sorted(unknown)}: it takes {sorted(self.defaults)}"
             )
+
+    def __call__(self, inputs: ForgetInputs, **hparams) -> torch.Tensor:
+        self.check_args(hparams)
         if self.needs_reference and inputs.forget_ref_logp is None:
             raise BaldroError(f"objective {self.name!r} needs the reference model's log-probs")
         if self.needs_refusal and inputs.refusal is None:

@@ -74,7 +74,6 @@ def load_model_and_tokenizer(cfg, device: str | None = None):
     m = to_container(get(cfg, "model", {}))
     if not m.get("path"):
         raise BaldroError("model.path is not set: give a hub id or a local folder (model.path=...)")
-    tokenizer = load_tokenizer(m.get("tokenizer") or m["path"], m.get("trust_remote_code", False))
     model = load_model(
         m["path"],
         dtype=m.get("dtype", "auto"),
@@ -84,6 +83,7 @@ def load_model_and_tokenizer(cfg, device: str | None = None):
         lora=m.get("lora"),
         gradient_checkpointing=m.get("gradient_checkpointing", False),
     )
+    tokenizer = load_tokenizer(m.get("tokenizer") or m["path"], m.get("trust_remote_code", False))
     return model, tokenizer
 
 
@@ -182,6 +182,7 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
     """Unlearning with a forget objective under a weighting plus a retain loss."""
     objective = get_objective(get(cfg, "objective.name", "npo"))
     objective_args = to_container(get(cfg, "objective.args", {}))
+    objective.check_args(objective_args)
     retain_loss = get_retain_loss(get(cfg, "objective.retain_loss", "nll"))
     # Validate names and arguments before loading a (possibly large) model.
     forget_rows = _rows(cfg, "forget_split")
