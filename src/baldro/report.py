@@ -1,0 +1,650 @@
+"""Markdown + PNG report comparing unlearning runs (``baldro report RUN_DIR... --out DIR``).
+
+`build_report` reads run directories written by the trainers (``run_info.json``,
+``train_log.jsonl``, ``forget_losses.jsonl``, ``balance.jsonl``, ``eval/TOFU_SUMMARY.json``,
+``eval/TOFU_EVAL.json``; every file but one of run_info.json / eval/ is optional) and writes
+``report.md`` with a results table and four plots:
+
+- ``fq_vs_mu.png``: forget quality vs model utility, one point per run;
+- ``trajectories.png``: per-sample answer probability over training, one panel per method;
+- ``spread.png``: spread of the per-sample probability vs mean probability over training;
+- ``dro_weights.png``: the effective DRO weights (max weight, entropy, non-zero count) over training.
+
+Plots are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
+switch) and written atomically; a plot with nothing to show is left out and the report says why.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shlex
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from baldro.balance import balance_from_eval_logs
+from baldro.errors import BaldroError
+from baldro.io import read_jsonl, write_text_atomic
+
+DPI = 120
+REFERENCE_NAMES = ("target", "retain")
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class RunRecord:
+    """Everything the report needs from one run directory (missing files give empty values)."""
+
+    path: Path
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    eval_log: Path | None = None
+    train_log: list[dict[str, Any]] = field(default_factory=list)
+    balance: list[dict[str, Any]] = field(default_factory=list)
+    forget_losses: list[dict[str, Any]] = field(default_factory=list)
+
+    def load_eval_log(self) -> dict[str, Any] | None:
+        """The parsed eval/TOFU_EVAL.json (None when the run has none)."""
+        if self.eval_log is None:
+            return None
+        return _read_json(self.eval_log)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise BaldroError(f"{path} is not valid JSON ({e}); re-run the step that writes it") from None
+    except OSError as e:
+        raise BaldroError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        return [r for r in read_jsonl(path) if isinstance(r, dict)]
+    except json.JSONDecodeError as e:
+        raise BaldroError(f"{path} has a malformed line ({e}); fix or delete the line") from None
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Load a run directory: one with ``run_info.json`` and/or ``eval/TOFU_SUMMARY.json``."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise BaldroError(f"run directory {path} does not exist; pass the folder a training or eval run wrote")
+    if not path.is_dir():
+        raise BaldroError(f"{path} is a file, not a run directory; pass the folder that holds run_info.json")
+    info_path, summary_path = path / "run_info.json", path / "eval" / "TOFU_SUMMARY.json"
+    if not info_path.is_file() and not summary_path.is_file():
+        raise BaldroError(
+            f"{path} is not a run directory (no run_info.json and no eval/TOFU_SUMMARY.json); "
+            "pass the folder a training or eval run wrote"
+        )
+    info = _read_json(info_path) if info_path.is_file() else {}
+    summary = _read_json(summary_path) if summary_path.is_file() else {}
+    if not isinstance(info, dict):
+        raise BaldroError(f"{info_path} must hold a JSON object; re-run the step that writes it")
+    if not isinstance(summary, dict):
+        raise BaldroError(f"{summary_path} must hold a JSON object {{metric: value}}; re-run the evaluation")
+    eval_log = path / "eval" / "TOFU_EVAL.json"
+    return RunRecord(
+        path=path,
+        name=str(info.get("name") or path.name),
+        info=info,
+        summary=summary,
+        eval_log=eval_log if eval_log.is_file() else None,
+        train_log=_read_rows(path / "train_log.jsonl"),
+        balance=_read_rows(path / "balance.jsonl"),
+        forget_losses=_read_rows(path / "forget_losses.jsonl"),
+    )
+
+
+# ----------------------------------------------------------------------------- formatting
+def _num(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def format_fq(value: Any) -> str:
+    """Forget quality: 3 significant digits, scientific notation below 0.01; "n/a" when missing."""
+    v = _num(value)
+    if v is None:
+        return "n/a"
+    if v == 0:
+        return "0"
+    if abs(v) < 1e-2:
+        return f"{v:.2e}"
+    return f"{v:#.3g}"
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    v = _num(value)
+    if v is None:
+        return "n/a"
+    if v != 0 and abs(v) < 10 ** (-digits):
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}"
+
+
+# (header, summary key, formatter)
+COLUMNS: list[tuple[str, str, Any]] = [
+    ("Forget quality", "forget_quality", format_fq),
+    ("Model utility", "model_utility", format_value),
+    ("Forget TR", "forget_truth_ratio", format_value),
+    ("Forget prob", "forget_Q_A_Prob", format_value),
+    ("Forget ROUGE-L", "forget_Q_A_ROUGE", format_value),
+    ("TR std", "balance_tr_std", format_value),
+    ("TR IQR", "balance_tr_iqr", format_value),
+    ("Prob std", "balance_prob_std", format_value),
+    ("Prob IQR", "balance_prob_iqr", format_value),
+    ("Remembered", "balance_frac_remembered", format_value),
+    ("Over-forgotten", "balance_frac_over_forgotten", format_value),
+    ("Train time (s)", "train_time_s", lambda v: format_value(v, 1)),
+]
+
+
+# ----------------------------------------------------------------------------- plotting helpers
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return _write_bytes_atomic(path, buf.getvalue())
+
+
+def _series(rows: Iterable[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    steps, vals = [], []
+    for r in rows:
+        s, v = _num(r.get("step")), _num(r.get(key))
+        if s is not None and v is not None:
+            steps.append(s)
+            vals.append(v)
+    order = np.argsort(steps, kind="stable")
+    return np.asarray(steps)[order], np.asarray(vals)[order]
+
+
+def _prob_matrix(balance_rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps [T], prob [T, n]) with samples matched by id; NaN where a sample was not scored."""
+    rows = sorted((r for r in balance_rows if _num(r.get("step")) is not None), key=lambda r: r["step"])
+    id_pos: dict[int, int] = {}
+    for r in rows:
+        for i in r.get("ids") or []:
+            id_pos.setdefault(int(i), len(id_pos))
+    mat = np.full((len(rows), len(id_pos)), np.nan)
+    for t, r in enumerate(rows):
+        ids = r.get("ids") or []
+        if r.get("prob") is not None:
+            vals = [np.nan if v is None else v for v in r["prob"]]
+        else:
+            vals = np.exp(-np.array([np.nan if v is None else v for v in (r.get("nll") or [])], dtype=float))
+        for i, v in zip(ids, vals):
+            mat[t, id_pos[int(i)]] = v
+    return np.array([r["step"] for r in rows], dtype=float), mat
+
+
+# ----------------------------------------------------------------------------- plots
+def _plot_fq_vs_mu(rows: list[dict[str, Any]], path: Path) -> tuple[Path | None, list[str]]:
+    """rows: {"label", "kind" in {"method","target","retain"}, "fq", "mu", "fq_note"}."""
+    pts = [r for r in rows if r["fq"] is not None and r["mu"] is not None]
+    skipped = [r["label"] for r in rows if r not in pts]
+    if not pts:
+        return None, skipped
+    positive = [r["fq"] for r in pts if r["fq"] > 0]
+    floor = (min(positive) if positive else 1e-10) / 10
+    fig = _new_figure(7.0, 5.0)
+    ax = fig.add_subplot()
+    style = {
+        "target": dict(marker="X", s=140, color="tab:red", edgecolor="black", zorder=4),
+        "retain": dict(marker="*", s=220, color="tab:green", edgecolor="black", zorder=4),
+    }
+    colors = iter(_palette(sum(r["kind"] == "method" for r in pts)))
+    seen_kinds = set()
+    for r in pts:
+        fq = r["fq"] if r["fq"] > 0 else floor
+        label = r["label"] + ("" if r["fq"] > 0 else " (FQ=0, drawn at floor)")
+        if r["kind"] in style:
+            kw = dict(style[r["kind"]])
+            legend = f"{r['kind']} model" if r["kind"] not in seen_kinds else None
+            seen_kinds.add(r["kind"])
+            ax.scatter([r["mu"]], [fq], label=legend, **kw)
+        else:
+            ax.scatter([r["mu"]], [fq], s=60, color=next(colors), edgecolor="black", zorder=3, label=r["label"])
+        ax.annotate(label, (r["mu"], fq), xytext=(6, 6), textcoords="offset points", fontsize=8)
+    ax.set_yscale("log")
+    ax.axhline(0.05, color="gray", linestyle="--", linewidth=1, label="p = 0.05")
+    ax.set_xlabel("model utility (higher = better)")
+    ax.set_ylabel("forget quality, KS p-value (log scale, higher = better)")
+    ax.set_title("Forget quality vs model utility")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.margins(x=0.15, y=0.15)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path), skipped
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(max(n, 1))]
+
+
+def _grid(n: int) -> tuple[int, int]:
+    ncols = min(3, n)
+    return math.ceil(n / ncols), ncols
+
+
+def _plot_trajectories(
+    methods: list[tuple[str, RunRecord]], path: Path, retain_median: float | None
+) -> Path | None:
+    data = []
+    for label, run in methods:
+        steps, mat = _prob_matrix(run.balance)
+        if steps.size and mat.size:
+            data.append((label, steps, mat))
+    if not data:
+        return None
+    from matplotlib import colormaps
+
+    nrows, ncols = _grid(len(data))
+    fig = _new_figure(4.6 * ncols, 3.6 * nrows + 0.3)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    finite = np.concatenate([m[np.isfinite(m) & (m > 0)] for _, _, m in data])
+    floor = max(float(finite.min()) if finite.size else 1e-12, 1e-30)
+    cmap = colormaps["viridis"]
+    for k, (ax, (label, steps, mat)) in enumerate(zip(axes.flat, data)):
+        mat = np.where(np.isfinite(mat), np.maximum(mat, floor), np.nan)
+        start = mat[0]
+        # colour each sample by its starting probability (rank), so crossings are visible
+        ranks = np.argsort(np.argsort(np.nan_to_num(start, nan=floor)))
+        denom = max(mat.shape[1] - 1, 1)
+        alpha = 0.5 if mat.shape[1] <= 50 else 0.25
+        for j in range(mat.shape[1]):
+            ax.plot(steps, mat[:, j], color=cmap(ranks[j] / denom), linewidth=0.6, alpha=alpha)
+        with warnings.catch_warnings():  # an all-NaN step gives NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nanmedian(mat, axis=1)
+        ax.plot(steps, median, color="black", linewidth=2.5, label="median")
+        if retain_median is not None and retain_median > 0:
+            ax.axhline(retain_median, color="tab:red", linestyle="--", linewidth=1.2, label="retain-model median")
+        ax.set_yscale("log")
+        ax.set_ylim(top=1.5)  # a probability: no headroom above 1
+        ax.set_title(f"{label} ({mat.shape[1]} samples)")
+        ax.set_xlabel("optimizer step")
+        if k % ncols == 0:
+            ax.set_ylabel("answer probability (log scale)")
+        ax.grid(True, alpha=0.3)
+        if k == 0:
+            ax.legend(fontsize=7, loc="lower left")
+    for ax in list(axes.flat)[len(data):]:
+        ax.set_visible(False)
+    fig.suptitle("Per-sample forgetting trajectories (colour = rank of starting probability)")
+    return _save(fig, path)
+
+
+def _plot_spread(methods: list[tuple[str, RunRecord]], path: Path) -> Path | None:
+    from baldro.balance import trajectory_spread
+
+    data = []
+    for label, run in methods:
+        if run.balance:
+            try:
+                spread = [s for s in trajectory_spread(run.balance) if s["prob_mean"] is not None]
+            except BaldroError:
+                continue
+            if spread:
+                data.append((label, spread))
+    if not data:
+        return None
+    fig = _new_figure(11.0, 4.3)
+    ax_t, ax_m = fig.subplots(1, 2)
+    for k, (color, (label, spread)) in enumerate(zip(_palette(len(data)), data)):
+        # log scales: zero / missing spreads are not drawn
+        steps = np.array([s["step"] for s in spread], dtype=float)
+        mean = np.array([s["prob_mean"] for s in spread], dtype=float)
+        std = np.array([np.nan if s["prob_std"] is None else s["prob_std"] for s in spread], dtype=float)
+        std = np.where(std > 0, std, np.nan)
+        mean = np.where(mean > 0, mean, np.nan)
+        ls = LINESTYLES[k % len(LINESTYLES)]
+        ax_t.plot(steps, std, color=color, linestyle=ls, marker=".", label=label)
+        ax_m.plot(mean, std, color=color, linestyle=ls, marker=".", label=label)
+        if np.isfinite(mean[-1]) and np.isfinite(std[-1]):
+            ax_m.scatter([mean[-1]], [std[-1]], color=color, s=60, edgecolor="black", zorder=3)
+    ax_t.set_title("Spread of per-sample probability over training")
+    ax_t.set_xlabel("optimizer step")
+    ax_t.set_ylabel("std of answer probability (log scale)")
+    ax_t.set_yscale("log")
+    ax_m.set_title("Spread vs mean forgetting (big dot = end)")
+    ax_m.set_xlabel("mean answer probability, log scale (training runs right to left)")
+    ax_m.set_ylabel("std of answer probability (log scale)")
+    ax_m.set_xscale("log")
+    ax_m.set_yscale("log")
+    ax_m.invert_xaxis()
+    for ax in (ax_t, ax_m):
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+LINESTYLES = ["-", "--", "-.", ":"]  # overlapping curves stay visible
+
+WEIGHT_PANELS = [
+    ("weight_max", "largest weight in the batch", "max weight (1/B = uniform)"),
+    ("weight_entropy", "entropy of the batch weights", "entropy, nats (log B = uniform)"),
+    ("weight_nonzero", "samples with non-zero weight", "non-zero weights"),
+]
+
+
+def _plot_dro_weights(methods: list[tuple[str, RunRecord]], path: Path) -> Path | None:
+    panels = [
+        p for p in WEIGHT_PANELS if any(_series(run.train_log, p[0])[0].size for _, run in methods)
+    ]
+    if not panels:
+        return None
+    fig = _new_figure(4.6 * len(panels), 4.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = dict(zip([label for label, _ in methods], _palette(len(methods))))
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        for k, (label, run) in enumerate(methods):
+            steps, vals = _series(run.train_log, key)
+            if steps.size:
+                ax.plot(steps, vals, color=colors[label], linestyle=LINESTYLES[k % len(LINESTYLES)],
+                        linewidth=1.4, label=label)
+        if key == "weight_nonzero":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Effective DRO weights over training")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- report
+def _as_run(run: str | Path | RunRecord) -> RunRecord:
+    return run if isinstance(run, RunRecord) else load_run(run)
+
+
+def _split_references(
+    runs: list[RunRecord], retain: RunRecord | None, target: RunRecord | None
+) -> tuple[list[RunRecord], RunRecord | None, RunRecord | None]:
+    """Pull runs named "target" / "retain" out of `runs` (when not given explicitly); dedupe by path."""
+    found: dict[str, list[RunRecord]] = {"target": [], "retain": []}
+    methods = []
+    given_paths = {r.path.resolve() for r in (retain, target) if r is not None}
+    for r in runs:
+        if r.path.resolve() in given_paths:
+            continue
+        if r.name in found:
+            found[r.name].append(r)
+        else:
+            methods.append(r)
+    for kind in REFERENCE_NAMES:
+        explicit = target if kind == "target" else retain
+        cands = found[kind]
+        if explicit is not None:
+            methods.extend(cands)  # an explicit reference wins; others show as ordinary rows
+            continue
+        if len(cands) > 1:
+            raise BaldroError(
+                f"{len(cands)} runs are named {kind!r} ({', '.join(str(c.path) for c in cands)}); "
+                f"pass only one {kind} run"
+            )
+        if cands:
+            if kind == "target":
+                target = cands[0]
+            else:
+                retain = cands[0]
+    return methods, retain, target
+
+
+def _labels(runs: list[RunRecord]) -> list[str]:
+    names = [r.name for r in runs]
+    out = []
+    for r in runs:
+        label = r.name if names.count(r.name) == 1 else f"{r.name} ({r.path.name})"
+        status = r.info.get("status")
+        if status not in (None, "done"):
+            label += f" [{status}]"
+        out.append(label)
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def build_report(
+    run_dirs: Sequence[str | Path | RunRecord],
+    out_dir: str | Path,
+    retain_run: str | Path | RunRecord | None = None,
+    target_run: str | Path | RunRecord | None = None,
+) -> Path:
+    """Write ``out_dir/report.md`` and its PNG plots; return the path of report.md.
+
+    ``run_dirs`` are the methods to compare (runs among them named "target" / "retain" are used as
+    the references when ``target_run`` / ``retain_run`` are not given). Balance metrics missing from
+    a run's summary are computed from its eval log against the references' eval logs.
+    """
+    runs = [_as_run(r) for r in run_dirs]
+    retain = _as_run(retain_run) if retain_run is not None else None
+    target = _as_run(target_run) if target_run is not None else None
+    methods, retain, target = _split_references(runs, retain, target)
+    if not methods and retain is None and target is None:
+        raise BaldroError("no runs to report; pass at least one run directory")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BaldroError(f"--out {out} is a file; pass a folder for the report")
+    out.mkdir(parents=True, exist_ok=True)
+
+    ref_logs = {
+        "retain": retain.load_eval_log() if retain is not None else None,
+        "target": target.load_eval_log() if target is not None else None,
+    }
+    rows: list[tuple[str, str, RunRecord]] = []  # (label, kind, run)
+    if target is not None:
+        rows.append(("target (reference)", "target", target))
+    if retain is not None:
+        rows.append(("retain (reference)", "retain", retain))
+    method_labels = _labels(methods)
+    rows += [(label, "method", r) for label, r in zip(method_labels, methods)]
+
+    values: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for label, kind, run in rows:
+        v: dict[str, Any] = dict(run.summary)
+        v["train_time_s"] = run.info.get("train_time_s")
+        needs = [k for _, k, _ in COLUMNS if k.startswith("balance_") and _num(v.get(k)) is None]
+        if needs and run.eval_log is not None:
+            try:
+                computed = balance_from_eval_logs(run.load_eval_log(), ref_logs["retain"], ref_logs["target"])
+            except BaldroError as e:
+                notes.append(f"{label}: {e}")
+            else:
+                for k in needs:
+                    v[k] = computed.get(k)
+                if computed.get("balance_note"):
+                    notes.append(f"{label}: {computed['balance_note']}")
+        if kind == "retain" and _num(v.get("forget_quality")) is None:
+            v["forget_quality"] = 1.0  # KS test of the retain model against itself
+            v["_fq_by_definition"] = True
+        values.append(v)
+
+    # ---- plots
+    plots: dict[str, Path | None] = {}
+    fq_rows = [
+        {"label": label if kind == "method" else kind, "kind": kind,
+         "fq": _num(v.get("forget_quality")), "mu": _num(v.get("model_utility"))}
+        for (label, kind, _), v in zip(rows, values)
+    ]
+    plots["fq_vs_mu"], fq_skipped = _plot_fq_vs_mu(fq_rows, out / "fq_vs_mu.png")
+    retain_median = None
+    if ref_logs["retain"] is not None:
+        probs = (ref_logs["retain"].get("forget_Q_A_Prob") or {}).get("value_by_index") or {}
+        arr = np.array([_num((p or {}).get("prob")) if isinstance(p, dict) else None for p in probs.values()], dtype=float)
+        arr = arr[np.isfinite(arr)]
+        retain_median = float(np.median(arr)) if arr.size else None
+    labelled = list(zip(method_labels, methods))
+    plots["trajectories"] = _plot_trajectories(labelled, out / "trajectories.png", retain_median)
+    plots["spread"] = _plot_spread(labelled, out / "spread.png")
+    plots["dro_weights"] = _plot_dro_weights(labelled, out / "dro_weights.png")
+    for name, p in plots.items():  # a stale plot from an earlier report must not linger
+        stale = out / f"{name}.png"
+        if p is None and stale.exists():
+            stale.unlink()
+
+    # ---- markdown
+    md: list[str] = ["# baldro unlearning report", ""]
+    all_dirs = [str(r.path) for _, _, r in rows]
+    md += [
+        f"Runs: {len(methods)} method(s)"
+        + (f", target model `{target.path}`" if target else ", no target model")
+        + (f", retain model `{retain.path}`" if retain else ", no retain model")
+        + ".",
+        "",
+        "Rebuild this report with:",
+        "",
+        "```bash",
+        "baldro report " + " ".join(shlex.quote(d) for d in all_dirs) + " --out " + shlex.quote(str(out)),
+        "```",
+        "",
+        "## Results",
+        "",
+        "| Method | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
+    ]
+    for (label, kind, run), v in zip(rows, values):
+        cells = [fmt(v.get(key)) for _, key, fmt in COLUMNS]
+        if v.get("_fq_by_definition"):
+            cells[0] += " (by definition)"
+        md.append(f"| {_md_cell(label)} | " + " | ".join(cells) + " |")
+    md += [
+        "",
+        "Forget quality is the KS-test p-value between the run's and the retain model's per-sample forget "
+        "truth ratios (higher = closer to never having seen the forget set); model utility is the harmonic "
+        "mean of nine retain / real-authors / world-facts scores. *Balance* columns (SPEC section 6): "
+        "std and inter-quartile range of the per-sample forget truth ratio (TR) and answer probability at the "
+        "end of training; *Remembered* = fraction of forget samples whose probability is above the retain "
+        "model's median; *Over-forgotten* = fraction whose probability fell below 1e-3 of the target "
+        "model's or whose greedy answer has ROUGE-L recall 0 (gibberish). Lower spread at equal mean "
+        "forgetting = better balance. \"n/a\" = not available.",
+        "",
+    ]
+    if notes:
+        md += ["Notes:", ""] + [f"- {_md_cell(n)}" for n in notes] + [""]
+
+    md += ["## Forget quality vs model utility", ""]
+    if plots["fq_vs_mu"]:
+        md += [
+            "![forget quality vs model utility](fq_vs_mu.png)",
+            "",
+            "**How to read this.** Each point is one run; up and to the right is better (forgets like the "
+            "retain model while keeping utility). The green star is the retain model (the ideal, forget quality "
+            "1 by definition), the red cross the target model before unlearning. The y-axis is logarithmic: "
+            "forget quality is a p-value, and points above the dashed p = 0.05 line cannot be told apart from "
+            "the retain model by the KS test.",
+            "",
+        ]
+        if fq_skipped:
+            md += [f"Not plotted (forget quality or model utility missing): {', '.join(fq_skipped)}.", ""]
+    else:
+        md += ["No run has both forget quality and model utility, so there is no plot.", ""]
+
+    md += ["## Per-sample forgetting trajectories", ""]
+    if plots["trajectories"]:
+        md += [
+            "![per-sample forgetting trajectories](trajectories.png)",
+            "",
+            "**How to read this.** One panel per method; each thin line is one forget sample's answer "
+            "probability exp(-mean token NLL) over optimizer steps (log scale), coloured by its rank at the "
+            "start (yellow = best remembered). The bold black line is the median"
+            + (", the dashed red line the retain model's median forget probability (samples above it count "
+               "as still remembered)" if retain_median is not None else "")
+            + ". Asynchronous forgetting shows as a fan: some lines dive by orders of magnitude early "
+            "(over-forgetting) while others stay high. A balanced method (DRO up-weights the still-remembered, "
+            "high-loss samples) keeps the bundle narrow and brings the top lines down together.",
+            "",
+        ]
+    else:
+        md += ["No run has a balance.jsonl (per-sample scores during training), so there is no trajectory plot.", ""]
+
+    md += ["## Spread of forgetting over training", ""]
+    if plots["spread"]:
+        md += [
+            "![spread of forgetting](spread.png)",
+            "",
+            "**How to read this.** Left: the standard deviation of the per-sample answer probability at each "
+            "scoring step. Right: the same standard deviation against the mean probability, so methods are "
+            "compared at equal mean forgetting (training moves right to left; the big dot is the end). A curve "
+            "lower on the right panel forgets more evenly for the same amount of forgetting.",
+            "",
+        ]
+    else:
+        md += ["No run has a balance.jsonl, so there is no spread plot.", ""]
+
+    md += ["## Effective DRO weights", ""]
+    if plots["dro_weights"]:
+        md += [
+            "![effective DRO weights](dro_weights.png)",
+            "",
+            "**How to read this.** Per optimizer step, how concentrated the weighting of the batch's forget "
+            "losses is: the largest single weight, the entropy of the weights and the number of samples with a "
+            "non-zero weight (the panels present in the logs). Plain averaging (ERM) is flat at 1/B, log B and B. "
+            "BalDRO-DV raises the max weight and lowers the entropy when a few samples are still remembered; "
+            "BalDRO-G keeps only the hardest k samples. Weights that return toward uniform late in training mean "
+            "the forget losses have evened out.",
+            "",
+        ]
+    else:
+        md += ["No run logs weight_max / weight_entropy / weight_nonzero in train_log.jsonl, so there is no weight plot.", ""]
+
+    return write_text_atomic(out / "report.md", "\n".join(md))
+
+
+def report_main(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> Path:
+    """CLI entry (``baldro report RUN_DIR... [--out DIR]``): runs named "target" / "retain" (by
+    run_info name) become the references. ``out_dir`` defaults to ``./report``."""
+    if not run_dirs:
+        raise BaldroError("baldro report needs at least one run directory: baldro report RUN_DIR... --out DIR")
+    runs = [load_run(d) for d in run_dirs]
+    return build_report(runs, Path(out_dir) if out_dir is not None else Path("report"))
