@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models gain nothing from intra-op threads and lose badly when the 2 cores are shared.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOFU_DIR = SHARED_DATA / "tofu"
