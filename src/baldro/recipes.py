@@ -136,13 +136,28 @@ def _resume_checkpoint(cfg, run_dir: Path) -> str | None:
     return str(ckpts[-1])
 
 
+def _console_callbacks(trainer, cfg) -> None:
+    """`log_to_console: false` keeps the progress bar but drops the per-step dict printouts."""
+    if get(cfg, "log_to_console", True) is False:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        class QuietProgress(ProgressCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                pass
+
+        for callback in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(callback)
+        if not trainer.args.disable_tqdm:
+            trainer.add_callback(QuietProgress())
+
+
 def _fresh_logs(run_dir: Path, resuming: bool, *names: str) -> None:
     if not resuming:
         for name in names:
             (run_dir / name).unlink(missing_ok=True)
 
 
-def run_finetune(cfg: DictConfig) -> Path:
+def run_finetune(cfg: DictConfig, extra_callbacks=()) -> Path:
     """Supervised fine-tuning on QA pairs with answer-only loss (target: `full`, retain: `retainYY`)."""
     run_dir = _prepare_run_dir(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg)
@@ -160,8 +175,9 @@ def run_finetune(cfg: DictConfig) -> Path:
         args=_training_args(cfg, run_dir),
         train_dataset=dataset,
         data_collator=QACollator(tokenizer.pad_token_id),
-        callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl")],
+        callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), *extra_callbacks],
     )
+    _console_callbacks(trainer, cfg)
     start = time.time()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.time() - start
@@ -225,6 +241,11 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
         bs = int(get(cfg, "balance.batch_size", 16))
         callbacks.append(BalanceTracker(lambda m: (list(range(len(forget_enc))), score_nll(m, forget_enc, pad, bs)),
                                         run_dir / "balance.jsonl", every_n_steps=every))
+    every_eval = int(get(cfg, "eval.every_n_steps", 0) or 0)
+    if every_eval > 0:
+        from baldro.eval.run import PeriodicEvalCallback, eval_settings
+
+        callbacks.append(PeriodicEvalCallback(tokenizer, formatter, run_dir, every_eval, eval_settings(cfg)))
     callbacks.extend(extra_callbacks)
 
     trainer = UnlearnTrainer(
@@ -242,6 +263,7 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
         ref_model=ref_model,
         forget_log_path=run_dir / "forget_losses.jsonl",
     )
+    _console_callbacks(trainer, cfg)
     start = time.time()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.time() - start

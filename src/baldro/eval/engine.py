@@ -1,0 +1,324 @@
+"""The shared model-scoring engine: teacher-forced scores and greedy generation (benchmark-independent).
+
+Two entry points serve every evaluation (TOFU, MUSE):
+
+- `score_sequences` runs ONE teacher-forced forward pass per sequence and derives from it everything
+  that needs the log-probabilities of that text: the mean token NLL (`avg_loss`), the per-token
+  log-probs (Min-K%), the teacher-forced argmax (exact memorisation, extraction strength) and the
+  vocabulary mean/std of the log-probs at every scored position (Min-K%++). The logits of the scored
+  positions are processed in float64 chunks, so no [B, T, V] log-softmax is ever materialised, and
+  the LM head is only applied from the first scored position on (`logits_to_keep`) when the model
+  supports it.
+- `generate` does greedy decoding with left padding and the KV cache and returns the new text only.
+
+Both sort the inputs by length (less padding) and return results in input order; `sort_by_length=False`
+keeps the input order (the unoptimised baseline of `benchmarks/eval_tofu.py`). Attention masks mark
+padding positions, never a token id (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from baldro.data.formatting import IGNORE_INDEX, EncodedQA, pad_batch
+from baldro.errors import BaldroError
+
+WANT_ALL = ("logp", "argmax", "vocab_stats")
+_VALID_WANT = frozenset(WANT_ALL)
+# Elements of one [rows, V] chunk of logits (64 MB in float64): bounds the memory of the statistics.
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class SequenceScore:
+    """Teacher-forced scores of one sequence, on its scored (label != -100) positions only, in order.
+
+    `avg_loss` is the mean token NLL over all scored positions (OpenUnlearning's `avg_loss`). The
+    tensors are 1-D over the n scored positions (CPU, float64 / int64), or None when not requested.
+    The statistics are computed in float64 from the model's logits: Min-K%++ standardises
+    log p(y) - E[log p], a difference of two close numbers that float32 rounding (~1e-6 at
+    log p ~ -10) would make depend on the batch composition.
+    """
+
+    avg_loss: float
+    n_tokens: int
+    targets: torch.Tensor  # [n] label token ids
+    token_logp: torch.Tensor | None = None  # [n] log p(label)
+    argmax: torch.Tensor | None = None  # [n] teacher-forced argmax of the logits
+    vocab_mean: torch.Tensor | None = None  # [n] E_{v~p}[log p(v)]
+    vocab_std: torch.Tensor | None = None  # [n] sqrt(Var_{v~p}[log p(v)])
+
+    @property
+    def prob(self) -> float:
+        """Length-normalised probability exp(-avg_loss)."""
+        return float(torch.exp(torch.tensor(-self.avg_loss, dtype=torch.float64)))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Put `model` in eval mode (no dropout) and restore its previous mode afterwards."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _supports_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _progress(total: int, desc: str, progress: bool | None):
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=disable, dynamic_ncols=True)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool = True) -> list[list[int]]:
+    """Batches of indices; longest first when sorted (an out-of-memory error shows up at once)."""
+    if batch_size < 1:
+        raise BaldroError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(lengths)))
+    if sort_by_length:
+        order.sort(key=lambda i: -lengths[i])  # stable: ties keep input order
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_aligned(
+    scores: Sequence[SequenceScore], field: str, pad_value: float | int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack one per-position field of many scores into an aligned [N, T] tensor and its bool mask
+    (the layout of the token-level metrics in `baldro.eval.metrics`)."""
+    rows = []
+    for s in scores:
+        v = getattr(s, field)
+        if v is None:
+            raise BaldroError(f"score field {field!r} was not computed: pass it in `want` of score_sequences")
+        rows.append(v)
+    n = max((len(r) for r in rows), default=0)
+    dtype = rows[0].dtype if rows else torch.float32
+    out = torch.full((len(rows), max(n, 1)), pad_value, dtype=dtype)
+    mask = torch.zeros((len(rows), max(n, 1)), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+        mask[i, : len(r)] = True
+    return out, mask
+
+
+# -------------------------------------------------------------------------------- teacher forcing
+def _vocab_chunk_stats(logits: torch.Tensor, targets: torch.Tensor, want: frozenset) -> dict[str, torch.Tensor]:
+    """Per-row statistics of a [rows, V] chunk of logits, computed in float64."""
+    lg = logits.double()
+    lsm = torch.log_softmax(lg, dim=-1)
+    out = {"token_logp": lsm.gather(1, targets[:, None]).squeeze(1)}
+    if "argmax" in want:
+        out["argmax"] = lg.argmax(-1)
+    if "vocab_stats" in want:
+        p = lsm.exp()
+        mu = (p * lsm).sum(-1)
+        var = (p * lsm.square()).sum(-1) - mu.square()
+        out["vocab_mean"] = mu
+        out["vocab_std"] = var.clamp(min=0).sqrt()  # as metrics.vocab_logprob_moments; Min-K%++ clamps
+    return out
+
+
+def _score_batch(model, batch: Sequence[EncodedQA], pad_token_id: int, want: frozenset, keep_ok: bool):
+    device = model_device(model)
+    ids, attn = pad_batch([e.input_ids for e in batch], pad_token_id, side="right")
+    labels, _ = pad_batch([e.labels for e in batch], IGNORE_INDEX, side="right")
+    tgt = labels[:, 1:]  # logits at position t predict the label at t + 1
+    mask = tgt != IGNORE_INDEX
+    T = ids.shape[1]
+    has = mask.any(1)
+    first = int(mask.to(torch.int8).argmax(1)[has].min()) if bool(has.any()) else 0
+    kwargs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "use_cache": False}
+    offset = 0
+    if keep_ok and first > 0:  # skip the LM head on prompt positions nobody scores
+        kwargs["logits_to_keep"] = T - first
+        offset = first
+    logits = model(**kwargs).logits  # [B, T - offset, V]; column j is position offset + j
+    rows_b, rows_t = mask[:, offset:].nonzero(as_tuple=True)  # row-major: each sequence contiguous
+    targets = tgt[:, offset:][rows_b, rows_t]
+    vocab = logits.shape[-1]
+    chunk = max(1, CHUNK_ELEMENTS // vocab)
+    parts: dict[str, list[torch.Tensor]] = {}
+    rb, rt, tg = rows_b.to(device), rows_t.to(device), targets.to(device)
+    for start in range(0, len(rows_b), chunk):
+        sl = slice(start, start + chunk)
+        stats = _vocab_chunk_stats(logits[rb[sl], rt[sl]], tg[sl], want)
+        for k, v in stats.items():
+            parts.setdefault(k, []).append(v.cpu())
+    del logits
+    empty = {"argmax": torch.zeros(0, dtype=torch.long)}
+    flat = {k: torch.cat(v) for k, v in parts.items()}
+    counts = mask.sum(1).tolist()
+    results = []
+    pos = 0
+    for n in counts:
+        sl = slice(pos, pos + n)
+        pos += n
+
+        def field(name: str, needed: str):
+            if needed not in want:
+                return None
+            return flat[name][sl].clone() if name in flat else empty.get(name, torch.zeros(0, dtype=torch.float64))
+
+        tok = flat["token_logp"][sl] if flat else torch.zeros(0, dtype=torch.float64)
+        results.append(
+            SequenceScore(
+                avg_loss=float(-tok.sum() / n) if n else float("nan"),
+                n_tokens=n,
+                targets=targets[sl].clone(),
+                token_logp=field("token_logp", "logp"),
+                argmax=field("argmax", "argmax"),
+                vocab_mean=field("vocab_mean", "vocab_stats"),
+                vocab_std=field("vocab_std", "vocab_stats"),
+            )
+        )
+    return results
+
+
+def score_sequences(
+    model,
+    encoded: Sequence[EncodedQA],
+    batch_size: int,
+    pad_token_id: int,
+    want: Iterable[str] = WANT_ALL,
+    desc: str = "scoring",
+    sort_by_length: bool = True,
+    progress: bool | None = None,
+) -> list[SequenceScore]:
+    """Score every sequence with one teacher-forced forward pass; results in input order.
+
+    Args:
+        encoded: sequences with labels -100 on unscored (prompt) positions.
+        want: any of "logp" (per-token log-probs), "argmax" (teacher-forced predictions) and
+            "vocab_stats" (vocabulary mean/std of the log-probs); `avg_loss` is always computed.
+        sort_by_length: batch sequences of similar length together (less padding).
+        progress: show a tqdm bar (None: only on a terminal).
+    """
+    want = frozenset(want)
+    unknown = want - _VALID_WANT
+    if unknown:
+        raise BaldroError(f"unknown score field(s) {sorted(unknown)}: use any of {list(WANT_ALL)}")
+    if pad_token_id is None:
+        raise BaldroError("pad_token_id is None: set tokenizer.pad_token (e.g. to the EOS token)")
+    results: list[SequenceScore | None] = [None] * len(encoded)
+    keep_ok = _supports_logits_to_keep(model)
+    batches = length_batches([len(e.input_ids) for e in encoded], batch_size, sort_by_length)
+    with eval_mode(model), torch.inference_mode(), _progress(len(encoded), desc, progress) as bar:
+        for idx in batches:
+            for i, r in zip(idx, _score_batch(model, [encoded[i] for i in idx], pad_token_id, want, keep_ok)):
+                results[i] = r
+            bar.update(len(idx))
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------- generation
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if src is None:
+            continue
+        for i in [src] if isinstance(src, int) else list(src):
+            if i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def greedy_config(model, tokenizer, max_new_tokens: int):
+    """A pure greedy GenerationConfig: pad and EOS set (the model's and the tokenizer's EOS ids),
+    nothing inherited from the checkpoint's sampling defaults."""
+    from transformers import GenerationConfig
+
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    if pad is None:
+        raise BaldroError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=int(max_new_tokens),
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=True,
+    )
+
+
+@contextlib.contextmanager
+def _generation_config(model, cfg) -> Iterator[None]:
+    """Make `cfg` the model's generation config for the call: `generate` fills every unset field
+    from `model.generation_config` (a checkpoint's temperature, top_p, max_length, ...), which would
+    warn about sampling flags in greedy mode; with `cfg` in its place the defaults are neutral.
+    Wrappers (PEFT) generate through their base model, so its config is swapped too."""
+    targets = [model]
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        targets.append(base())
+    saved = [(t, getattr(t, "generation_config", None)) for t in targets]
+    try:
+        for t in targets:
+            t.generation_config = cfg
+        yield
+    finally:
+        for t, old in reversed(saved):
+            if old is not None:
+                t.generation_config = old
+            else:
+                with contextlib.suppress(AttributeError):
+                    delattr(t, "generation_config")
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generating",
+    sort_by_length: bool = True,
+    progress: bool | None = None,
+) -> list[str]:
+    """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
+
+    Batched with LEFT padding, an attention mask built from positions and the KV cache; generation
+    stops at EOS (the model's and the tokenizer's EOS ids). Returns the texts in input order.
+    """
+    if any(len(p) == 0 for p in prompts_ids):
+        raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
+    cfg = greedy_config(model, tokenizer, max_new_tokens)
+    eos = set(cfg.eos_token_id or [])
+    device = model_device(model)
+    texts: list[str | None] = [None] * len(prompts_ids)
+    batches = length_batches([len(p) for p in prompts_ids], batch_size, sort_by_length)
+    with eval_mode(model), _generation_config(model, cfg), torch.inference_mode(), \
+            _progress(len(prompts_ids), desc, progress) as bar:
+        for idx in batches:
+            ids, attn = pad_batch([prompts_ids[i] for i in idx], cfg.pad_token_id, side="left")
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
+            new = out[:, ids.shape[1] :].cpu().tolist()
+            for i, row in zip(idx, new):
+                cut = next((j for j, t in enumerate(row) if t in eos), len(row))  # drop EOS and the padding after it
+                texts[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+            bar.update(len(idx))
+    return texts  # type: ignore[return-value]

@@ -1,0 +1,127 @@
+"""The `baldro eval` recipe and the evaluate-every-N-steps callback used during unlearning."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from baldro.errors import BaldroError
+from baldro.eval.summarize import format_table
+from baldro.eval.tofu import evaluate_tofu
+from baldro.io import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def eval_settings(cfg) -> dict:
+    """The `eval` section of a recipe as evaluate_tofu keyword arguments."""
+    from baldro.recipes import get
+
+    benchmark = get(cfg, "eval.benchmark", "tofu")
+    if benchmark != "tofu":
+        raise BaldroError(f"unknown eval.benchmark {benchmark!r}: use tofu")
+    return {
+        "data_source": get(cfg, "data.source", "locuslab/TOFU"),
+        "forget_split": get(cfg, "data.forget_split", "forget10"),
+        "retain_logs_path": get(cfg, "eval.retain_logs_path"),
+        "batch_size": int(get(cfg, "eval.batch_size", 16)),
+        "max_new_tokens": int(get(cfg, "eval.max_new_tokens", 200)),
+        "limit": get(cfg, "eval.limit"),
+    }
+
+
+def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=None, target_logs_path=None) -> dict:
+    """Add the balance metrics (SPEC section 6) to a TOFU summary and rewrite TOFU_SUMMARY.json."""
+    from baldro.balance import balance_from_eval_logs
+    from baldro.eval.summarize import load_eval_log
+
+    retain = load_eval_log(retain_logs_path) if retain_logs_path else None
+    target = load_eval_log(target_logs_path) if target_logs_path else None
+    balance = balance_from_eval_logs(eval_log, retain, target)
+    note = balance.pop("balance_note", None)
+    if note:
+        log.info("balance: %s", note)
+    summary = {**summary, **balance}
+    write_json_atomic(Path(out_dir) / "TOFU_SUMMARY.json", summary)
+    return summary
+
+
+def resummarize(eval_dir: str | Path, retain_logs_path=None, target_logs_path=None) -> dict:
+    """Recompute TOFU_SUMMARY.json of an evaluated model against reference logs (no model needed)."""
+    from baldro.eval.summarize import load_eval_log, summarize_tofu
+
+    eval_dir = Path(eval_dir)
+    eval_log = load_eval_log(eval_dir / "TOFU_EVAL.json")
+    reference = load_eval_log(retain_logs_path) if retain_logs_path else None
+    summary = dict(summarize_tofu(eval_log, reference))
+    return add_balance(eval_dir, eval_log, summary, retain_logs_path, target_logs_path)
+
+
+def evaluate_model_dir(run_dir: str | Path, data_source, forget_split: str, max_new_tokens: int = 200,
+                       batch_size: int = 32, max_length: int = 512, progress: bool | None = None) -> Path:
+    """Evaluate the model saved in `RUN_DIR/model` into `RUN_DIR/eval/`; returns that folder.
+
+    Aggregates against reference models are left to `resummarize`, so evaluations run in any order.
+    """
+    from baldro.data.formatting import QAFormatter
+    from baldro.models import load_model, load_tokenizer
+
+    run_dir = Path(run_dir)
+    model = load_model(str(run_dir / "model"), dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(str(run_dir / "model"))
+    out = run_dir / "eval"
+    start = time.time()
+    evaluate_tofu(model, tokenizer, QAFormatter(tokenizer, max_length=max_length), data_source,
+                  forget_split=forget_split, out_dir=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                  progress=progress)
+    info_path = run_dir / "run_info.json"
+    if info_path.exists():
+        import json
+
+        info = json.loads(info_path.read_text())
+        write_json_atomic(info_path, {**info, "eval_time_s": time.time() - start})
+    return out
+
+
+def run_eval(cfg) -> Path:
+    """Evaluate `model.path` on TOFU; writes TOFU_EVAL.json / TOFU_SUMMARY.json to `output_dir`."""
+    from baldro.config import dump_config
+    from baldro.recipes import build_formatter, get, load_model_and_tokenizer
+
+    out = get(cfg, "output_dir")
+    if not out:
+        raise BaldroError("output_dir is not set: give output_dir=PATH")
+    settings = eval_settings(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    out = Path(out)
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
+    start = time.time()
+    eval_log, summary = evaluate_tofu(model, tokenizer, build_formatter(cfg, tokenizer), out_dir=out, **settings)
+    if settings["retain_logs_path"] or get(cfg, "eval.target_logs_path"):
+        summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], get(cfg, "eval.target_logs_path"))
+    print(format_table(summary))
+    print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({time.time() - start:.1f} s)")
+    return out
+
+
+class PeriodicEvalCallback(TrainerCallback):
+    """Runs the TOFU evaluation every N optimizer steps into `RUN_DIR/eval/step-N/` (single process)."""
+
+    def __init__(self, tokenizer, formatter, run_dir: str | Path, every_n_steps: int, settings: dict):
+        self.tokenizer, self.formatter = tokenizer, formatter
+        self.run_dir, self.every, self.settings = Path(run_dir), every_n_steps, settings
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every or not state.is_world_process_zero:
+            return
+        if args.world_size > 1:
+            raise BaldroError("eval.every_n_steps runs in a single process: unset it for multi-GPU runs")
+        was_training = model.training
+        _, summary = evaluate_tofu(model, self.tokenizer, self.formatter, progress=False,
+                                   out_dir=self.run_dir / "eval" / f"step-{state.global_step}", **self.settings)
+        model.train(was_training)
+        log.info("step %d: forget_quality=%s model_utility=%s", state.global_step,
+                 summary.get("forget_quality"), summary.get("model_utility"))

@@ -1,0 +1,46 @@
+"""`baldro demo --quick` end to end: data, tiny model, fine-tunes, unlearning runs, evals and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from baldro.cli import main
+from baldro.demo import METHODS
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "baldro demo: done in" in stdout
+
+    runs = out / "runs"
+    names = ["target", "retain"] + [m[0] for m in METHODS]
+    for name in names:
+        summary = json.loads((runs / name / "eval" / "TOFU_SUMMARY.json").read_text())
+        for key in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_ROUGE",
+                    "balance_prob_std", "balance_tr_iqr", "balance_frac_remembered", "balance_frac_over_forgotten"):
+            assert summary.get(key) is not None, (name, key)
+        assert 0 <= summary["forget_quality"] <= 1
+        eval_log = json.loads((runs / name / "eval" / "TOFU_EVAL.json").read_text())
+        assert len(eval_log["forget_Q_A_Prob"]["value_by_index"]) == 20  # forget10 of 20 people x 10 questions
+    assert json.loads((runs / "retain" / "eval" / "TOFU_SUMMARY.json").read_text())["forget_quality"] == 1.0
+
+    for name in names[2:]:
+        info = json.loads((runs / name / "run_info.json").read_text())
+        assert info["status"] == "done" and info["train_time_s"] > 0
+        balance = [json.loads(line) for line in (runs / name / "balance.jsonl").read_text().splitlines()]
+        assert balance[0]["step"] == 0 and len(balance[-1]["prob"]) == 20
+
+    report = (out / "report" / "report.md").read_text()
+    for name in names:
+        assert f"| {name}" in report
+    for png in ("fq_vs_mu.png", "trajectories.png", "dro_weights.png"):
+        data = (out / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"({png})" in report
+    info = json.loads((out / "demo_info.json").read_text())
+    assert info["total_time_s"] < 180

@@ -1,0 +1,294 @@
+"""TOFU evaluator and shared scoring engine, end to end on the real TOFU files with a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOFU = DATA / "tofu"
+REFERENCE_LOGS = DATA / "reference_logs"
+pytestmark = pytest.mark.skipif(not TOFU.is_dir(), reason=f"TOFU data not found at {TOFU}")
+
+from baldro.data.formatting import QAFormatter  # noqa: E402
+from baldro.errors import BaldroError  # noqa: E402
+from baldro.eval import engine  # noqa: E402
+from baldro.eval.tofu import (  # noqa: E402
+    EVAL_FILE,
+    SUMMARY_FILE,
+    diff_eval_logs,
+    evaluate_tofu,
+    load_retain_log,
+    load_tofu_eval_data,
+    restrict_log,
+)
+
+LIMIT = 5
+MAX_NEW = 8
+HEADLINE = ("forget_quality", "model_utility", "privleak")
+SET_KEYS = {
+    "forget": ["forget_Q_A_Prob", "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio"],
+    "retain": ["retain_Q_A_Prob", "retain_Q_A_PARA_Prob", "retain_Q_A_PERT_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"],
+    "ra": ["ra_Q_A_Prob", "ra_Q_A_PERT_Prob", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"],
+    "wf": ["wf_Q_A_Prob", "wf_Q_A_PERT_Prob", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"],
+}
+FORGET_KEYS = ["exact_memorization", "extraction_strength"]
+MIA_KEYS = ["mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"]
+
+
+def _rows(name: str, n: int) -> list[dict]:
+    lines = (TOFU / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A byte-level BPE tokenizer trained here and a randomly initialised ~150k-parameter Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from baldro.tiny import train_tokenizer
+
+    texts = []
+    for name in ("forget10_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "holdout10"):
+        for r in _rows(name, 60):
+            texts += [r["question"], r["answer"], *r.get("perturbed_answer", [])]
+    tok = train_tokenizer(texts, vocab_size=1024)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float().eval()
+    assert 50_000 < sum(p.numel() for p in model.parameters()) < 1_000_000
+    return model, tok, QAFormatter(tok)
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny, tmp_path_factory):
+    """Optimised evaluation (shared forward pass, length-sorted batches), no retain log."""
+    model, tok, fmt = tiny
+    out = tmp_path_factory.mktemp("tofu_eval_a")
+    timings: dict = {}
+    log, summary = evaluate_tofu(
+        model, tok, fmt, TOFU, forget_split="forget10", out_dir=out, batch_size=4, max_new_tokens=MAX_NEW,
+        limit=LIMIT, timings=timings,
+    )
+    return out, log, summary, timings
+
+
+@pytest.fixture(scope="module")
+def naive_run(tiny, first_run, tmp_path_factory):
+    """Unoptimised evaluation (per-metric forward passes, input order), with the first run as reference."""
+    model, tok, fmt = tiny
+    out = tmp_path_factory.mktemp("tofu_eval_b")
+    timings: dict = {}
+    with warnings.catch_warnings():  # scipy's KS test on 5 vs 5 nearly equal values falls back to asymp
+        warnings.simplefilter("ignore", RuntimeWarning)
+        log, summary = evaluate_tofu(
+            model, tok, fmt, TOFU, forget_split="forget10", out_dir=out, batch_size=4, max_new_tokens=MAX_NEW,
+            limit=LIMIT, shared_forward=False, sort_by_length=False, retain_logs_path=first_run[0] / EVAL_FILE,
+            timings=timings,
+        )
+    return out, log, summary, timings
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_files_keys_and_per_sample_counts(first_run):
+    out, log, summary, timings = first_run
+    on_disk = json.loads((out / EVAL_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(log))
+    assert json.loads((out / SUMMARY_FILE).read_text()) == json.loads(json.dumps(dict(summary)))
+
+    expected = {k for ks in SET_KEYS.values() for k in ks} | set(FORGET_KEYS) | set(MIA_KEYS) | set(HEADLINE)
+    assert set(on_disk) == expected
+    for keys in SET_KEYS.values():
+        for key in keys:
+            assert len(on_disk[key]["value_by_index"]) == LIMIT, key
+            assert isinstance(on_disk[key]["agg_value"], float), key
+    for prefix, k in (("forget", 5), ("retain", 5), ("ra", 3), ("wf", 3)):
+        entry = on_disk[f"{prefix}_Q_A_PERT_Prob"]["value_by_index"]["0"]
+        assert len(entry["prob"]) == len(entry["avg_loss"]) == k
+        rouge = on_disk[f"{prefix}_Q_A_ROUGE"]["value_by_index"]["0"]
+        assert set(rouge) == {"rouge1_recall", "rougeL_f1", "rougeL_recall", "input", "ground_truth", "generation"}
+    first = _rows("forget10_perturbed", 1)[0]
+    assert on_disk["forget_Q_A_ROUGE"]["value_by_index"]["0"]["ground_truth"] == first["answer"]
+    assert first["question"] in on_disk["forget_Q_A_ROUGE"]["value_by_index"]["0"]["input"]
+    assert set(on_disk["forget_Q_A_Prob"]["value_by_index"]["0"]) == {"prob", "avg_loss"}
+    for key in FORGET_KEYS:
+        assert len(on_disk[key]["value_by_index"]) == LIMIT
+    for key in MIA_KEYS:
+        entry = on_disk[key]
+        assert set(entry) == {"forget", "holdout", "auc", "agg_value"}
+        assert len(entry["forget"]["value_by_index"]) == len(entry["holdout"]["value_by_index"]) == LIMIT
+        assert 0.0 <= entry["auc"] <= 1.0 and entry["agg_value"] == entry["auc"]
+
+    # without the retain model's log there is no forget quality, never a number
+    assert on_disk["forget_quality"] == {"agg_value": None}
+    assert summary["forget_quality"] is None
+    assert 0.0 <= summary["model_utility"] <= 1.0
+    assert summary["forget_Q_A_Prob"] == pytest.approx(on_disk["forget_Q_A_Prob"]["agg_value"])
+    assert timings["rouge"]["rows"] == 4 * LIMIT
+
+
+def test_shared_forward_equals_per_metric_passes(first_run, naive_run):
+    """Shared pass + length sorting give the numbers of per-metric passes in input order."""
+    _, log_a, _, timings_a = first_run
+    _, log_b, summary_b, timings_b = naive_run
+    strip = lambda log: {k: v for k, v in log.items() if k not in HEADLINE}  # noqa: E731
+    assert diff_eval_logs(strip(log_a), strip(log_b)) == []
+    assert log_a["model_utility"]["agg_value"] == pytest.approx(log_b["model_utility"]["agg_value"], rel=1e-6)
+    # fewer forward passes in the shared run
+    seqs = lambda t: sum(v["sequences"] for k, v in t.items() if k != "rouge")  # noqa: E731
+    assert seqs(timings_a) < seqs(timings_b)
+
+
+def test_forget_quality_against_same_model_is_one(naive_run):
+    _, log, summary, _ = naive_run
+    assert isinstance(summary["forget_quality"], float)
+    assert summary["forget_quality"] == pytest.approx(1.0)
+    assert log["forget_quality"]["agg_value"] == summary["forget_quality"]
+    assert summary["privleak"] == pytest.approx(0.0, abs=1e-3)  # same model: same MIA AUC as the reference
+
+
+def test_avg_loss_matches_unbatched_forward(tiny, first_run):
+    model, tok, fmt = tiny
+    log = first_run[1]
+    row = _rows("forget10_perturbed", 3)[2]
+    for answer, key, get in (
+        (row["answer"], "forget_Q_A_Prob", lambda e: e["avg_loss"]),
+        (row["perturbed_answer"][1], "forget_Q_A_PERT_Prob", lambda e: e["avg_loss"][1]),
+    ):
+        enc = fmt.encode(row["question"], answer)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels]))
+        assert get(log[key]["value_by_index"]["2"]) == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def encoded(tiny):
+    _, _, fmt = tiny
+    rows = _rows("retain_perturbed", 6)
+    qs = [r["question"] for r in rows for _ in range(2)]
+    ans = [a for r in rows for a in (r["answer"], r["perturbed_answer"][0])]
+    return fmt.encode_many(qs, ans)
+
+
+def _fields(s: engine.SequenceScore) -> list[torch.Tensor]:
+    return [s.token_logp, s.vocab_mean, s.vocab_std]
+
+
+def test_length_sorting_does_not_change_scores(tiny, encoded):
+    model, tok, _ = tiny
+    a = engine.score_sequences(model, encoded, 5, tok.pad_token_id, sort_by_length=True)
+    b = engine.score_sequences(model, encoded, 5, tok.pad_token_id, sort_by_length=False)
+    one = engine.score_sequences(model, encoded, 1, tok.pad_token_id)
+    for x, y, z, e in zip(a, b, one, encoded):
+        assert x.n_tokens == y.n_tokens == z.n_tokens == sum(t != -100 for t in e.labels[1:])
+        for other in (y, z):
+            assert x.avg_loss == pytest.approx(other.avg_loss, rel=1e-5)
+            assert torch.equal(x.argmax, other.argmax) and torch.equal(x.targets, other.targets)
+            for f, g in zip(_fields(x), _fields(other)):
+                torch.testing.assert_close(f, g, rtol=1e-4, atol=1e-5)
+
+
+def test_engine_outputs_match_a_direct_forward(tiny, encoded):
+    """Token log-probs, argmax and vocab moments equal those of a plain full-vocab forward pass."""
+    from baldro.eval.metrics import vocab_logprob_moments
+    from baldro.sequence import token_log_probs
+
+    model, tok, _ = tiny
+    (s,) = engine.score_sequences(model, encoded[3:4], 1, tok.pad_token_id)
+    e = encoded[3]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([e.input_ids])).logits
+    tlp = token_log_probs(logits, torch.tensor([e.labels]))
+    torch.testing.assert_close(s.token_logp, tlp.token_logp[tlp.mask].double(), rtol=1e-5, atol=1e-6)
+    assert s.avg_loss == pytest.approx(tlp.nll.item(), rel=1e-6)
+    scored = logits[0, :-1][tlp.mask[0]]
+    assert torch.equal(s.argmax, scored.argmax(-1))
+    mu, sd = vocab_logprob_moments(scored)
+    torch.testing.assert_close(s.vocab_mean, mu.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.vocab_std, sd.double(), rtol=1e-3, atol=1e-5)
+
+
+def test_left_padded_batched_generation_equals_one_by_one(tiny):
+    model, tok, fmt = tiny
+    rows = _rows("real_authors_perturbed", 3) + _rows("forget10_perturbed", 3)
+    prompts = [fmt.encode_prompt(r["question"]) for r in rows]
+    assert len({len(p) for p in prompts}) > 2  # really padded
+    batched = engine.generate(model, tok, prompts, 12, batch_size=6)
+    unsorted = engine.generate(model, tok, prompts, 12, batch_size=4, sort_by_length=False)
+    single = [engine.generate(model, tok, [p], 12, batch_size=1)[0] for p in prompts]
+    assert batched == single == unsorted
+    assert any(g for g in single)
+
+
+def test_generation_stops_at_eos(tiny):
+    """A model that always predicts EOS yields empty generations (EOS and padding are cut)."""
+    model, tok, fmt = tiny
+
+    with torch.no_grad():
+        bias = torch.zeros(len(tok))
+        bias[tok.eos_token_id] = 1e4
+        head = model.lm_head
+        handle = head.register_forward_hook(lambda m, i, o: o + bias)
+        try:
+            gens = engine.generate(model, tok, [fmt.encode_prompt("Who?"), fmt.encode_prompt("Why not?")], 5, 2)
+        finally:
+            handle.remove()
+    assert gens == ["", ""]
+
+
+# ------------------------------------------------------------------------------- reference handling
+def test_wrong_split_retain_log_is_refused(tmp_path):
+    ref = REFERENCE_LOGS / "tofu_Llama-2-7b-chat-hf_retain99" / EVAL_FILE
+    if not ref.is_file():
+        pytest.skip(f"reference log {ref} not found")
+    data = load_tofu_eval_data(TOFU, "forget10", limit=3)
+    with pytest.raises(BaldroError, match="forget10"):
+        load_retain_log(ref, data)
+    with pytest.raises(BaldroError, match="not found"):
+        load_retain_log(tmp_path / "missing.json", data)
+
+
+def test_limited_run_compares_with_the_same_reference_rows():
+    """With `limit`, the retain model's full log is cut to the same rows: forget quality is a number."""
+    from baldro.eval.summarize import summarize_tofu
+
+    target = REFERENCE_LOGS / "tofu_Llama-2-7b-chat-hf_full" / "evals_forget10" / EVAL_FILE
+    retain = REFERENCE_LOGS / "tofu_Llama-2-7b-chat-hf_retain90" / EVAL_FILE
+    if not (target.is_file() and retain.is_file()):
+        pytest.skip("reference logs not found")
+    n = {"forget": 40, "retain": 30, "ra": 20, "wf": 20, "holdout": 40}
+    t = restrict_log(json.loads(target.read_text()), n)
+    r = restrict_log(json.loads(retain.read_text()), n)
+    assert len(t["forget_truth_ratio"]["value_by_index"]) == len(r["forget_truth_ratio"]["value_by_index"]) == 40
+    assert len(t["mia_min_k"]["holdout"]["value_by_index"]) == 40
+    assert len(t["ra_Q_A_Prob"]["value_by_index"]) == 20
+    summary = summarize_tofu(t, r)
+    assert 0.0 <= summary["forget_quality"] < 0.05  # the full model has not forgotten
+    assert not math.isnan(summary["privleak"])
+
+
+def test_bad_limit_is_a_user_error():
+    with pytest.raises(BaldroError, match="limit"):
+        load_tofu_eval_data(TOFU, "forget10", limit=0)
+    with pytest.raises(BaldroError, match="forget"):
+        load_tofu_eval_data(TOFU, "forget42")
+
+
+def test_missing_reference_is_logged_once(tiny, caplog):
+    model, tok, fmt = tiny
+    with caplog.at_level(logging.WARNING, logger="baldro.eval.tofu"):
+        _, summary = evaluate_tofu(model, tok, fmt, TOFU, limit=2, max_new_tokens=2, batch_size=8)
+    lines = [r.getMessage() for r in caplog.records if "forget_quality" in r.getMessage()]
+    assert len(lines) == 1 and "retain_logs_path" in lines[0]
+    assert summary["forget_quality"] is None
