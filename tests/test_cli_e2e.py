@@ -104,3 +104,61 @@ def test_group_retain_shrinking_and_kl(target_model, tofu_dir, tmp_path):
     assert rc == 0
     rows = read_jsonl(tmp_path / "g" / "forget_losses.jsonl")
     assert all(sum(w > 0 for w in r["weights"]) == 2 for r in rows)
+
+
+@pytest.mark.slow
+def test_lora_unlearning_uses_adapter_free_reference(target_model, tofu_dir, tmp_path):
+    """With LoRA no reference copy is made: the reference is the model with its adapter disabled."""
+    out = tmp_path / "lora"
+    rc = unlearn(target_model, tofu_dir, out, "npo", "dv", "data.limit=8", "+model.lora.r=4",
+                 "+model.lora.lora_alpha=8", "train.learning_rate=1e-2")
+    assert rc == 0
+    log = read_jsonl(out / "train_log.jsonl")
+    # at the first step the LoRA model equals its reference, so NPO's loss is exactly -(2/beta) log(1/2)
+    first = read_jsonl(out / "forget_losses.jsonl")[0]
+    assert all(abs(l - 20 * 0.6931472) < 1e-3 for l in first["losses"])
+    assert log[-1]["forget_loss_mean"] < log[0]["forget_loss_mean"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")  # merged and saved as a plain model
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint(target_model, tofu_dir, tmp_path):
+    out = tmp_path / "resumable"
+    common = ["weighting=dv_global", "train.save_strategy=steps", "train.save_steps=2", "train.num_train_epochs=2"]
+    assert unlearn(target_model, tofu_dir, out, "npo", "dv_global", *common, "train.max_steps=2") == 0
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "weighting_state.pt").exists()
+    assert unlearn(target_model, tofu_dir, out, "npo", "dv_global", *common, "resume=true") == 0
+    steps = [r["step"] for r in read_jsonl(out / "train_log.jsonl")]
+    assert steps == list(range(1, 9))  # 2 steps before the interruption, 6 after resuming
+
+
+@pytest.mark.slow
+def test_periodic_eval_during_unlearning(target_model, tofu_dir, tmp_path):
+    out = tmp_path / "periodic"
+    rc = unlearn(target_model, tofu_dir, out, "simnpo", "group", "data.limit=8", "eval.every_n_steps=1",
+                 "+eval.limit=4", "+eval.max_new_tokens=4", "+eval.batch_size=8")
+    assert rc == 0
+    for step in (1, 2):
+        summary = json.loads((out / "eval" / f"step-{step}" / "TOFU_SUMMARY.json").read_text())
+        assert summary["model_utility"] is not None and summary["forget_quality"] is None
+
+
+@pytest.mark.slow
+def test_eval_and_summarize_cli(target_model, tofu_dir, tmp_path, capsys):
+    base = [str(ROOT / "configs" / "eval" / "tofu.yaml"), *cpu_overrides(target_model), f"data.source={tofu_dir}",
+            "split=forget01", "eval.limit=6", "eval.max_new_tokens=8"]
+    assert main(["eval", *base, f"output_dir={tmp_path / 'retain'}"]) == 0
+    ref = tmp_path / "retain" / "TOFU_EVAL.json"
+    assert main(["eval", *base, f"output_dir={tmp_path / 'e'}", f"eval.retain_logs_path={ref}"]) == 0
+    summary = json.loads((tmp_path / "e" / "TOFU_SUMMARY.json").read_text())
+    assert summary["forget_quality"] == pytest.approx(1.0) and "balance_prob_std" in summary
+    capsys.readouterr()
+    out = tmp_path / "resummary.json"
+    assert main(["summarize", str(tmp_path / "e" / "TOFU_EVAL.json"), "--reference", str(ref), "--out", str(out)]) == 0
+    assert "forget_quality" in capsys.readouterr().out
+    again = json.loads(out.read_text())
+    assert again["forget_quality"] == pytest.approx(summary["forget_quality"])
+    assert again["model_utility"] == pytest.approx(summary["model_utility"])

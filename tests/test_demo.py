@@ -44,3 +44,8 @@ def test_demo_quick(tmp_path, capsys):
         assert f"({png})" in report
     info = json.loads((out / "demo_info.json").read_text())
     assert info["total_time_s"] < 180
+
+    # the report can be rebuilt from the run folders through the CLI
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["report", *(str(runs / n) for n in names), "--out", str(rebuilt)]) == 0
+    assert (rebuilt / "report.md").read_text().count("| npo_") == 4

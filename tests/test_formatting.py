@@ -1,0 +1,84 @@
+"""QA formatting (SPEC section 4): prompt/answer split, EOS, chat templates, truncation, padding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from baldro.data.formatting import IGNORE_INDEX, QAFormatter, collate_encoded, pad_batch
+from baldro.errors import BaldroError
+from baldro.tiny import train_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["Question: Who wrote the book?\nAnswer: Ana Lee wrote it.", "system user assistant", "hello world"] * 20
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def test_plain_template_labels_only_answer_and_eos(tokenizer):
+    f = QAFormatter(tokenizer, use_chat_template=False)
+    enc = f.encode("Who wrote the book?", "Ana Lee wrote it.")
+    prompt = tokenizer("Question: Who wrote the book?\nAnswer: ")["input_ids"]
+    assert enc.input_ids[: len(prompt)] == prompt and enc.prompt_len == len(prompt)
+    assert enc.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert enc.input_ids[-1] == tokenizer.eos_token_id and enc.labels[-1] == tokenizer.eos_token_id
+    answer = [t for t in enc.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(answer, skip_special_tokens=True) == "Ana Lee wrote it."
+    assert enc.input_ids[0] == tokenizer.bos_token_id
+
+
+def test_chat_template_with_system_prompt(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    f = QAFormatter(tokenizer, system_prompt="Be brief.")
+    assert f.use_chat_template
+    assert f.prompt_text("Q?") == "<|bos|>system\nBe brief.<|eos|>\n<|bos|>user\nQ?<|eos|>\n<|bos|>assistant\n"
+    enc = f.encode("Q?", "A.")
+    scored = tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX])
+    # the answer, the template's end-of-turn token and the newline after it are scored
+    assert scored.startswith("A.<|eos|>")
+    # few-shot history becomes earlier turns
+    assert "user\nq1<|eos|>\n<|bos|>assistant\na1<|eos|>" in f.prompt_text("Q?", history=[("q1", "a1")])
+
+
+def test_use_chat_template_without_one_is_an_error(tokenizer):
+    with pytest.raises(BaldroError, match="has no chat template"):
+        QAFormatter(tokenizer, use_chat_template=True)
+    with pytest.raises(BaldroError, match="must contain"):
+        QAFormatter(tokenizer, prompt_template="Q: ")
+
+
+def test_truncation_never_silently_drops_answers(tokenizer):
+    short = QAFormatter(tokenizer, use_chat_template=False).encode("Who?", "Ana.")
+    limit = len(short.input_ids)  # the short pair fits exactly
+    f = QAFormatter(tokenizer, use_chat_template=False, max_length=limit)
+    with pytest.warns(UserWarning, match="1 of 2 QA answers were truncated"):
+        out = f.encode_many(["Who?", "Who?"], ["Ana Lee wrote it. " * 10, "Ana."])
+    assert len(out[0].input_ids) == limit and any(t != IGNORE_INDEX for t in out[0].labels)
+    f = QAFormatter(tokenizer, use_chat_template=False, max_length=short.prompt_len)
+    with pytest.raises(BaldroError, match=f"lose their whole answer at max_length={short.prompt_len}"):
+        f.encode_many(["Who?"], ["Ana."])
+
+
+def test_padding_masks_positions_not_token_ids():
+    # the pad id (2) also occurs inside the sequence: it must stay visible to attention
+    ids, mask = pad_batch([[5, 2, 7], [9]], pad_value=2)
+    assert ids.tolist() == [[5, 2, 7], [9, 2, 2]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[5, 2, 7], [9]], pad_value=2, side="left")
+    assert ids.tolist() == [[5, 2, 7], [2, 2, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_collate_pads_labels_with_ignore_index(tokenizer):
+    f = QAFormatter(tokenizer, use_chat_template=False)
+    batch = collate_encoded([f.encode("Who?", "Ana Lee."), f.encode("Who wrote the book?", "Ana.")], 0)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert batch["labels"].dtype == torch.long
