@@ -157,6 +157,18 @@ def _fresh_logs(run_dir: Path, resuming: bool, *names: str) -> None:
             (run_dir / name).unlink(missing_ok=True)
 
 
+def _train_and_save(trainer, cfg, tokenizer, run_dir: Path, resume: str | None, info: dict) -> Path:
+    """Train (or resume), then save the final model and `run_info.json` from the main process."""
+    _console_callbacks(trainer, cfg)
+    start = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.time() - start
+    if trainer.is_world_process_zero():
+        save_model(trainer.model, tokenizer, run_dir / "model", merge_lora=bool(get(cfg, "model.merge_lora", True)))
+        write_json_atomic(run_dir / "run_info.json", {**info, "train_time_s": elapsed, "status": "done"})
+    return run_dir
+
+
 def run_finetune(cfg: DictConfig, extra_callbacks=()) -> Path:
     """Supervised fine-tuning on QA pairs with answer-only loss (target: `full`, retain: `retainYY`)."""
     run_dir = _prepare_run_dir(cfg)
@@ -177,21 +189,12 @@ def run_finetune(cfg: DictConfig, extra_callbacks=()) -> Path:
         data_collator=QACollator(tokenizer.pad_token_id),
         callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), *extra_callbacks],
     )
-    _console_callbacks(trainer, cfg)
-    start = time.time()
-    trainer.train(resume_from_checkpoint=resume)
-    elapsed = time.time() - start
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, run_dir / "model", merge_lora=bool(get(cfg, "model.merge_lora", True)))
-        write_json_atomic(run_dir / "run_info.json", {
-            "name": get(cfg, "name", "finetune"),
-            "kind": "finetune",
-            "train_split": get(cfg, "data.train_split"),
-            "n_train": len(dataset),
-            "train_time_s": elapsed,
-            "status": "done",
-        })
-    return run_dir
+    return _train_and_save(trainer, cfg, tokenizer, run_dir, resume, {
+        "name": get(cfg, "name", "finetune"),
+        "kind": "finetune",
+        "train_split": get(cfg, "data.train_split"),
+        "n_train": len(dataset),
+    })
 
 
 def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
@@ -263,23 +266,14 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
         ref_model=ref_model,
         forget_log_path=run_dir / "forget_losses.jsonl",
     )
-    _console_callbacks(trainer, cfg)
-    start = time.time()
-    trainer.train(resume_from_checkpoint=resume)
-    elapsed = time.time() - start
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, run_dir / "model", merge_lora=bool(get(cfg, "model.merge_lora", True)))
-        write_json_atomic(run_dir / "run_info.json", {
-            "name": get(cfg, "name") or f"{objective.name}_{weighting_name}",
-            "kind": "unlearn",
-            "objective": objective.name,
-            "objective_args": {**objective.defaults, **objective_args},
-            "weighting": weighting_name,
-            "weighting_args": to_container(get(cfg, "weighting.args", {})),
-            "retain_loss": retain_loss.name,
-            "forget_split": get(cfg, "data.forget_split"),
-            "n_forget": len(forget_enc),
-            "train_time_s": elapsed,
-            "status": "done",
-        })
-    return run_dir
+    return _train_and_save(trainer, cfg, tokenizer, run_dir, resume, {
+        "name": get(cfg, "name") or f"{objective.name}_{weighting_name}",
+        "kind": "unlearn",
+        "objective": objective.name,
+        "objective_args": {**objective.defaults, **objective_args},
+        "weighting": weighting_name,
+        "weighting_args": to_container(get(cfg, "weighting.args", {})),
+        "retain_loss": retain_loss.name,
+        "forget_split": get(cfg, "data.forget_split"),
+        "n_forget": len(forget_enc),
+    })

@@ -19,9 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shlex
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 
 from baldro.balance import balance_from_eval_logs
 from baldro.errors import BaldroError
-from baldro.io import read_jsonl, write_text_atomic
+from baldro.io import read_jsonl, write_bytes_atomic, write_text_atomic
 
 DPI = 120
 REFERENCE_NAMES = ("target", "retain")
@@ -168,26 +166,10 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    return _write_bytes_atomic(path, buf.getvalue())
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def _series(rows: Iterable[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ is logged per step (weight statistics, per-sample losses with sample ids).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,7 @@ from baldro.data.formatting import EncodedQA, collate_encoded
 from baldro.errors import BaldroError
 from baldro.io import append_jsonl
 from baldro.objectives import ForgetInputs, Objective, RetainLoss
-from baldro.sequence import TokenLogProbs, token_log_probs
+from baldro.sequence import token_log_probs
 from baldro.weighting import GlobalDVWeighting, GroupWeighting, Weighting, weight_stats
 
 
@@ -280,22 +279,3 @@ def score_nll(model, dataset: Sequence[EncodedQA], pad_token_id: int, batch_size
     finally:
         model.train(was_training)
     return out
-
-
-def check_finite(values: Sequence[float], what: str) -> None:
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise BaldroError(f"{what}: {len(bad)} non-finite values (e.g. sample {bad[0]})")
-
-
-__all__ = [
-    "EncodedDataset",
-    "QACollator",
-    "UnlearnDataset",
-    "UnlearnCollator",
-    "UnlearnTrainer",
-    "JsonlLogCallback",
-    "WeightingStateCallback",
-    "score_nll",
-    "TokenLogProbs",
-]

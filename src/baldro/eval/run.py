@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -79,8 +80,6 @@ def evaluate_model_dir(run_dir: str | Path, data_source, forget_split: str, max_
                   progress=progress)
     info_path = run_dir / "run_info.json"
     if info_path.exists():
-        import json
-
         info = json.loads(info_path.read_text())
         write_json_atomic(info_path, {**info, "eval_time_s": time.time() - start})
     return out
