@@ -205,7 +205,8 @@ class UnlearnTrainer(Trainer):
         ids = inputs["forget_ids"]
         if isinstance(self.weighting, GlobalDVWeighting):
             all_ids, all_losses = self._gather(ids, losses.detach())
-            self.weighting.observe(all_ids, all_losses)
+            keep = all_ids >= 0  # drop the padding added to gather uneven last batches
+            self.weighting.observe(all_ids[keep], all_losses[keep])
         weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach())
 
         retain_rows = None
