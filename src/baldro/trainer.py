@@ -207,7 +207,9 @@ class UnlearnTrainer(Trainer):
             all_ids, all_losses = self._gather(ids, losses.detach())
             keep = all_ids >= 0  # drop the padding added to gather uneven last batches
             self.weighting.observe(all_ids[keep], all_losses[keep])
-        weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach())
+            weighted = self.weighting.tilt(losses, ids)
+        else:
+            weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach())
 
         retain_rows = None
         if isinstance(self.weighting, GroupWeighting) and self.weighting.shrink_retain:

@@ -169,6 +169,10 @@ class GlobalDVWeighting(Weighting):
         if ids is None:
             raise BaldroError("dv_global needs sample ids")
         self.observe(ids, losses)
+        return self.tilt(losses, ids)
+
+    def tilt(self, losses: torch.Tensor, ids: torch.Tensor) -> Weighted:
+        """Weight a batch by the current global state (without updating it)."""
         n, b = self.running.numel(), losses.numel()
         w = (n * self.global_weights()[ids.long().cpu()] / b).to(losses.device, losses.dtype)
         return Weighted((w * losses).sum(), w)
