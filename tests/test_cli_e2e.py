@@ -57,8 +57,13 @@ def unlearn(target_model, tofu_dir, out, objective, weighting, *extra):
 @pytest.mark.slow
 def test_finetune_then_unlearn_npo_dv(target_model, tofu_dir, tmp_path):
     out = tmp_path / "npo_dv"
-    rc = unlearn(target_model, tofu_dir, out, "npo", "dv", "train.num_train_epochs=4", "balance.every_n_steps=4")
+    rc = unlearn(target_model, tofu_dir, out, "npo", "dv", "train.num_train_epochs=4", "balance.every_n_steps=4",
+                 "eval.at_end=true", "+eval.limit=6", "eval.max_new_tokens=8")
     assert rc == 0
+    summary = json.loads((out / "eval" / "TOFU_SUMMARY.json").read_text())
+    assert summary["model_utility"] is not None and "balance_prob_std" in summary
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "| npo_dv" in (tmp_path / "report" / "report.md").read_text()
     for name in ("config.yaml", "train_log.jsonl", "forget_losses.jsonl", "run_info.json", "balance.jsonl",
                  "model/model.safetensors"):
         assert (out / name).exists(), name

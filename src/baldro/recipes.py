@@ -197,6 +197,11 @@ def run_finetune(cfg: DictConfig, extra_callbacks=()) -> Path:
     })
 
 
+def make_reference_model(model):
+    """A frozen copy of the model before unlearning (pi_ref)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
     """Unlearning with a forget objective under a weighting plus a retain loss."""
     objective = get_objective(get(cfg, "objective.name", "npo"))
@@ -224,9 +229,8 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
         refusal_enc = formatter.encode_many([r["question"] for r in forget_rows], picks, "refusal")
 
     needs_ref = objective.needs_reference or retain_loss.needs_reference
-    ref_model = None
-    if needs_ref and not get(cfg, "model.lora"):
-        ref_model = copy.deepcopy(model)
+    # With LoRA the reference is the same model with its adapter disabled: no copy.
+    ref_model = make_reference_model(model) if needs_ref and not get(cfg, "model.lora") else None
 
     resume = _resume_checkpoint(cfg, run_dir)
     if resume:
@@ -266,7 +270,7 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
         ref_model=ref_model,
         forget_log_path=run_dir / "forget_losses.jsonl",
     )
-    return _train_and_save(trainer, cfg, tokenizer, run_dir, resume, {
+    _train_and_save(trainer, cfg, tokenizer, run_dir, resume, {
         "name": get(cfg, "name") or f"{objective.name}_{weighting_name}",
         "kind": "unlearn",
         "objective": objective.name,
@@ -277,3 +281,8 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
         "forget_split": get(cfg, "data.forget_split"),
         "n_forget": len(forget_enc),
     })
+    if get(cfg, "eval.at_end", False) and trainer.is_world_process_zero():
+        from baldro.eval.run import evaluate_final_model
+
+        evaluate_final_model(trainer.model, tokenizer, formatter, run_dir, cfg)
+    return run_dir

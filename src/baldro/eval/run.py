@@ -78,11 +78,28 @@ def evaluate_model_dir(run_dir: str | Path, data_source, forget_split: str, max_
     evaluate_tofu(model, tokenizer, QAFormatter(tokenizer, max_length=max_length), data_source,
                   forget_split=forget_split, out_dir=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
                   progress=progress)
-    info_path = run_dir / "run_info.json"
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
-        write_json_atomic(info_path, {**info, "eval_time_s": time.time() - start})
+    _record_eval_time(run_dir, time.time() - start)
     return out
+
+
+def _record_eval_time(run_dir: str | Path, seconds: float) -> None:
+    info_path = Path(run_dir) / "run_info.json"
+    if info_path.exists():
+        write_json_atomic(info_path, {**json.loads(info_path.read_text()), "eval_time_s": seconds})
+
+
+def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, cfg) -> dict:
+    """`eval.at_end`: evaluate the unlearned model into RUN_DIR/eval/, with balance metrics when the
+    retain (and target) model's logs are given (`eval.retain_logs_path`, `eval.target_logs_path`)."""
+    from baldro.recipes import get
+
+    settings = eval_settings(cfg)
+    out = Path(run_dir) / "eval"
+    start = time.time()
+    eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, **settings)
+    summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], get(cfg, "eval.target_logs_path"))
+    _record_eval_time(run_dir, time.time() - start)
+    return summary
 
 
 def run_eval(cfg) -> Path:
