@@ -263,3 +263,18 @@ def test_balance_tracker_in_a_real_trainer(tmp_path):
     assert [r["step"] for r in rows] == [0, 2, 4, 5]
     assert rows[0]["nll"] != rows[-1]["nll"]  # scored the model as it trains
     assert modes == [(False, True)] * 4 and trainer.model.training
+
+
+def test_spread_at_mean_forgetting():
+    from baldro.balance import spread_at_mean_forgetting
+
+    rows = [
+        {"step": 0, "prob": [0.9, 0.9]},
+        {"step": 5, "prob": [0.4, 0.1]},  # mean 0.25 < 0.3, std 0.15
+        {"step": 9, "prob": [0.05, 0.09]},  # mean 0.07 < 0.1, std 0.02
+    ]
+    lo, hi = spread_at_mean_forgetting(rows, levels=(0.3, 0.1))
+    assert (lo["step"], lo["prob_mean"], lo["prob_std"]) == (5, pytest.approx(0.25), pytest.approx(0.15))
+    assert (hi["step"], hi["prob_mean"], hi["prob_std"]) == (9, pytest.approx(0.07), pytest.approx(0.02))
+    never = spread_at_mean_forgetting(rows, levels=(0.01,))[0]
+    assert never["step"] is None and never["prob_std"] is None

@@ -48,4 +48,6 @@ def test_demo_quick(tmp_path, capsys):
     # the report can be rebuilt from the run folders through the CLI
     rebuilt = tmp_path / "rebuilt"
     assert main(["report", *(str(runs / n) for n in names), "--out", str(rebuilt)]) == 0
-    assert (rebuilt / "report.md").read_text().count("| npo_") == 4
+    rebuilt_md = (rebuilt / "report.md").read_text()
+    assert rebuilt_md.count("| npo_") == 8  # results table + spread-at-equal-forgetting table
+    assert "Spread at equal mean forgetting" in rebuilt_md

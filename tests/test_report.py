@@ -89,7 +89,8 @@ def runs(tmp_path):
 
 
 def _row(md, label):
-    lines = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
+    results = md.split("## Results", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in results.splitlines() if line.startswith(f"| {label} |")]
     assert len(lines) == 1, (label, lines)
     return [c.strip() for c in lines[0].strip("|").split("|")]
 
@@ -198,7 +199,9 @@ def test_report_main_detects_references_and_rebuilds(runs):
     dirs = [runs["retain"], *runs["methods"], runs["target"]]
     md = report_main(dirs, out).read_text()
     assert "| target (reference) |" in md and "| retain (reference) |" in md
-    assert md.count("| npo_") == 3
+    results = md.split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert results.count("| npo_") == 3
+    assert md.count("| npo_") == 6  # also one row each in the spread-at-equal-forgetting table
     # the rebuild command lists every run; running it again gives the same report
     cmd = re.search(r"^baldro report (.+) --out (.+)$", md, re.M).group(1).split()
     assert report_main(cmd, out).read_text() == md

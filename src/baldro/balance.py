@@ -284,6 +284,26 @@ def trajectory_spread(balance_rows: Sequence[Mapping[str, Any]]) -> list[dict[st
     return out
 
 
+SPREAD_LEVELS = (0.3, 0.1)
+
+
+def spread_at_mean_forgetting(
+    balance_rows: Sequence[Mapping[str, Any]], levels: Sequence[float] = SPREAD_LEVELS
+) -> list[dict[str, Any]]:
+    """Spread at equal mean forgetting: for each level, the first scoring step whose mean answer
+    probability is below it, with that step's mean, std and IQR (None entries when never reached).
+
+    Methods compared at the same level have forgotten the same amount on average, so a lower std
+    there means more even forgetting (SPEC section 6: lower spread at equal mean forgetting).
+    """
+    spread = [s for s in trajectory_spread(balance_rows) if s["prob_mean"] is not None]
+    out = []
+    for level in levels:
+        hit = next((s for s in spread if s["prob_mean"] < level), None)
+        out.append({"level": level, **(hit or {"step": None, "prob_mean": None, "prob_std": None, "prob_iqr": None})})
+    return out
+
+
 # ----------------------------------------------------------------------------- callback
 ScoreFn = Callable[[Any], tuple[Sequence[int], Sequence[float]]]
 

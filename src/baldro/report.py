@@ -436,6 +436,30 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _spread_table(methods: list[tuple[str, RunRecord]]) -> list[str]:
+    """Markdown rows: per-sample probability spread when each method's mean first drops below a level."""
+    from baldro.balance import SPREAD_LEVELS, spread_at_mean_forgetting
+
+    with_balance = [(label, run) for label, run in methods if run.balance]
+    if not with_balance:
+        return []
+    head = " | ".join(f"mean < {lvl:g}: step, mean, std" for lvl in SPREAD_LEVELS)
+    md = [
+        "Spread at equal mean forgetting: the per-sample probability's std at the first scoring step where "
+        "the method's mean answer probability falls below each level (lower std = more even forgetting).",
+        "",
+        f"| Method | {head} |",
+        "| --- |" + " ---: |" * len(SPREAD_LEVELS),
+    ]
+    for label, run in with_balance:
+        cells = []
+        for s in spread_at_mean_forgetting(run.balance):
+            cells.append("not reached" if s["step"] is None else
+                         f"{s['step']}, {format_value(s['prob_mean'])}, **{format_value(s['prob_std'])}**")
+        md.append(f"| {_md_cell(label)} | " + " | ".join(cells) + " |")
+    return md + [""]
+
+
 def build_report(
     run_dirs: Sequence[str | Path | RunRecord],
     out_dir: str | Path,
@@ -603,6 +627,7 @@ def build_report(
         ]
     else:
         md += ["No run has a balance.jsonl, so there is no spread plot.", ""]
+    md += _spread_table(labelled)
 
     md += ["## Effective DRO weights", ""]
     if plots["dro_weights"]:
