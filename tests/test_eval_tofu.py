@@ -16,7 +16,7 @@ TOFU = DATA / "tofu"
 REFERENCE_LOGS = DATA / "reference_logs"
 pytestmark = pytest.mark.skipif(not TOFU.is_dir(), reason=f"TOFU data not found at {TOFU}")
 
-from baldro.data.formatting import QAFormatter  # noqa: E402
+from baldro.data.formatting import EncodedQA, QAFormatter  # noqa: E402
 from baldro.errors import BaldroError  # noqa: E402
 from baldro.eval import engine  # noqa: E402
 from baldro.eval.tofu import (  # noqa: E402
@@ -217,6 +217,41 @@ def test_engine_outputs_match_a_direct_forward(tiny, encoded):
     mu, sd = vocab_logprob_moments(scored)
     torch.testing.assert_close(s.vocab_mean, mu.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.vocab_std, sd.double(), rtol=1e-3, atol=1e-5)
+
+
+def test_shared_prompt_scores_equal_separate_scores(tiny):
+    """Each prompt encoded once (KV cache shared by its answers) gives the scores of scoring every
+    prompt + answer on its own: prompts of different lengths, different numbers of answers per
+    prompt, one-token answers, several prompts in a batch and a prompt split over batches."""
+    model, tok, fmt = tiny
+    rows = _rows("forget10_perturbed", 2) + _rows("real_authors_perturbed", 2)
+    prompts = [fmt.encode_prompt(r["question"]) for r in rows]
+    assert len({len(p) for p in prompts}) > 1
+    conts = []
+    for i, r in enumerate(rows):
+        answers = [r["answer"], *r["perturbed_answer"][: 2 + i]]
+        cs = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
+        conts.append(cs + [[cs[0][0]]])  # and a one-token continuation
+    pad = tok.pad_token_id
+    for batch_size in (3, 8, 64):
+        shared = engine.score_continuations(model, prompts, conts, batch_size, pad)
+        assert shared is not None and [len(s) for s in shared] == [len(c) for c in conts]
+        for p, cs, scores in zip(prompts, conts, shared):
+            sep = engine.score_sequences(model, [EncodedQA(p + c, [-100] * len(p) + c, len(p)) for c in cs], 1, pad)
+            for x, y, c in zip(scores, sep, cs):
+                assert x.n_tokens == y.n_tokens == len(c) and x.targets.tolist() == c
+                assert x.avg_loss == pytest.approx(y.avg_loss, rel=1e-5)
+                assert torch.equal(x.argmax, y.argmax)
+                for f, g in zip(_fields(x), _fields(y)):
+                    torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-6)
+    # the EncodedQA entry point: grouped by prompt tokens, lone answers scored the ordinary way
+    qs = [r["question"] for r in rows for _ in range(3)][:-2]
+    ans = [a for r in rows for a in (r["answer"], *r["perturbed_answer"][:2])][:-2]
+    enc = fmt.encode_many(qs, ans)
+    a = engine.score_sequences_shared_prompts(model, enc, 4, pad)
+    b = engine.score_sequences(model, enc, 4, pad)
+    for x, y in zip(a, b):
+        assert x.avg_loss == pytest.approx(y.avg_loss, rel=1e-5) and torch.equal(x.targets, y.targets)
 
 
 def test_left_padded_batched_generation_equals_one_by_one(tiny):

@@ -10,6 +10,10 @@ Two entry points serve every evaluation (TOFU, MUSE):
   the LM head is only applied from the first scored position on (`logits_to_keep`) when the model
   supports it.
 - `generate` does greedy decoding with left padding and the KV cache and returns the new text only.
+- `score_continuations` gives the numbers of `score_sequences` for many answers of one prompt with
+  the prompt run once: its KV cache is shared by the answers (`score_sequences_shared_prompts` groups
+  EncodedQA sequences by prompt tokens and falls back to `score_sequences` for lone answers and for
+  models whose cache is not a full-attention DynamicCache).
 
 Both sort the inputs by length (less padding) and return results in input order; `sort_by_length=False`
 keeps the input order (the unoptimised baseline of `benchmarks/eval_tofu.py`). Attention masks mark
@@ -230,6 +234,231 @@ def score_sequences(
             for i, r in zip(idx, _score_batch(model, [encoded[i] for i in idx], pad_token_id, want, keep_ok)):
                 results[i] = r
             bar.update(len(idx))
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------- shared-prompt scoring
+def _prompt_cache_supported(cache) -> bool:
+    """A cache whose batch rows can be selected and that keeps every prompt position: a DynamicCache
+    of full-attention layers (a sliding-window layer would drop keys of long prompts)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return False
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(type(la) is DynamicLayer for la in layers)
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes a cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _continuation_stats(rows: torch.Tensor, targets: torch.Tensor, want: frozenset) -> dict[str, torch.Tensor]:
+    """_vocab_chunk_stats over the [n, V] logits `rows`, in chunks; results on the CPU."""
+    chunk = max(1, CHUNK_ELEMENTS // rows.shape[-1])
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, rows.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        for k, v in _vocab_chunk_stats(rows[sl], targets[sl], want).items():
+            parts.setdefault(k, []).append(v.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@dataclass
+class _EncodedPrompts:
+    """A batch of prompts run once, LEFT padded: what their continuations attend to."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [G, heads, P, d]
+    attn: torch.Tensor  # [G, P] 1 on real prompt positions (CPU)
+    lengths: torch.Tensor  # [G] real prompt lengths (CPU)
+    last_logits: torch.Tensor  # [G, V] logits of the last prompt position: predict the first answer token
+
+
+def _encode_prompts(
+    model, prompts: Sequence[Sequence[int]], pad_token_id: int, keep_ok: bool
+) -> _EncodedPrompts | None:
+    """Run the prompts with `use_cache=True`; None when the cache cannot be shared."""
+    device = model_device(model)
+    ids, attn = pad_batch(prompts, pad_token_id, side="left")  # the last prompt position is the last column
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    kwargs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": pos.to(device),
+              "use_cache": True}
+    if keep_ok:
+        kwargs["logits_to_keep"] = 1
+    out = model(**kwargs)
+    cache = _output_cache(out)
+    if not _prompt_cache_supported(cache):
+        return None
+    layers = [(la.keys, la.values) for la in cache.layers]
+    return _EncodedPrompts(layers, attn, attn.sum(1), out.logits[:, -1])
+
+
+def _score_continuation_batch(
+    model, prompts: _EncodedPrompts, owner: Sequence[int], conts: Sequence[Sequence[int]], pad_token_id: int,
+    want: frozenset, cache_kwarg: str,
+) -> list[SequenceScore]:
+    """Score continuation i of prompt row owner[i] against the prompts' cached keys/values."""
+    from transformers.cache_utils import DynamicCache
+
+    device = model_device(model)
+    sel = torch.tensor(owner, dtype=torch.long)
+    lengths = [len(c) for c in conts]
+    width = max(lengths) - 1  # a continuation's last token predicts nothing that is scored
+    cont_logits = None
+    if width > 0:
+        ids, c_attn = pad_batch([list(c[:-1]) or [pad_token_id] for c in conts], pad_token_id, side="right")
+        c_attn[torch.tensor(lengths) <= 1] = 0  # a one-token continuation has no position of its own here
+        attn = torch.cat([prompts.attn[sel], c_attn[:, :width]], dim=1)  # prompt + answer positions
+        pos = prompts.lengths[sel, None] + torch.arange(width)[None, :]  # continue after the real prompt
+        sel_d = sel.to(device)
+        cache = DynamicCache(ddp_cache_data=[(k[sel_d], v[sel_d]) for k, v in prompts.layers])
+        cont_logits = model(
+            input_ids=ids[:, :width].to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+            use_cache=True, **{cache_kwarg: cache},
+        ).logits  # [N, width, V]
+        del cache
+    rows, targets = [], []
+    for i, c in enumerate(conts):
+        rows.append(prompts.last_logits[owner[i] : owner[i] + 1])
+        if len(c) > 1:
+            rows.append(cont_logits[i, : len(c) - 1])
+        targets.extend(c)
+    tgt = torch.tensor(targets, dtype=torch.long)
+    stats = _continuation_stats(torch.cat(rows), tgt.to(device), want)
+    results = []
+    pos_ = 0
+    for n in lengths:
+        sl = slice(pos_, pos_ + n)
+        pos_ += n
+        results.append(
+            SequenceScore(
+                avg_loss=float(-stats["token_logp"][sl].sum() / n),
+                n_tokens=n,
+                targets=tgt[sl].clone(),
+                token_logp=stats["token_logp"][sl].clone() if "logp" in want else None,
+                argmax=stats["argmax"][sl].clone() if "argmax" in want else None,
+                vocab_mean=stats["vocab_mean"][sl].clone() if "vocab_stats" in want else None,
+                vocab_std=stats["vocab_std"][sl].clone() if "vocab_stats" in want else None,
+            )
+        )
+    return results
+
+
+def score_continuations(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+    pad_token_id: int,
+    want: Iterable[str] = WANT_ALL,
+    desc: str = "scoring",
+    progress: bool | None = None,
+) -> list[list[SequenceScore]] | None:
+    """Score every continuation of every prompt, each prompt run through the model ONCE.
+
+    `continuations[g]` are non-empty token-id continuations of `prompt_ids[g]` (every token scored);
+    the result `[g][j]` is the SequenceScore of `prompt_ids[g] + continuations[g][j]`, the numbers of
+    `score_sequences` on that sequence with labels -100 on the prompt. Up to `batch_size` prompts (of
+    similar lengths) run left padded with `use_cache=True`; the logits of their last position give
+    each continuation's first token. Their continuations, sorted by length, then run in batches of
+    up to `batch_size` (right padded, without their last token) against the cached keys/values
+    selected for each continuation: attention masks cover the real prompt and answer positions,
+    position ids continue after each real prompt length. Returns None when the model's cache cannot
+    be shared (not a full-attention DynamicCache): the caller then uses `score_sequences`.
+    """
+    want = frozenset(want)
+    unknown = want - _VALID_WANT
+    if unknown:
+        raise BaldroError(f"unknown score field(s) {sorted(unknown)}: use any of {list(WANT_ALL)}")
+    if pad_token_id is None:
+        raise BaldroError("pad_token_id is None: set tokenizer.pad_token (e.g. to the EOS token)")
+    if batch_size < 1:
+        raise BaldroError(f"batch_size must be >= 1, got {batch_size}")
+    if len(prompt_ids) != len(continuations):
+        raise BaldroError(f"{len(prompt_ids)} prompts but {len(continuations)} lists of continuations")
+    if any(len(p) == 0 for p in prompt_ids) or any(len(c) == 0 for cs in continuations for c in cs):
+        raise BaldroError("cannot score continuations of an empty prompt, or empty continuations")
+    results: list[list[SequenceScore | None]] = [[None] * len(cs) for cs in continuations]
+    keep_ok = _supports_logits_to_keep(model)
+    cache_kwarg = _cache_kwarg(model)
+    chunks = length_batches([len(p) for p in prompt_ids], batch_size)
+    total = sum(len(cs) for cs in continuations)
+    with eval_mode(model), torch.inference_mode(), _progress(total, desc, progress) as bar:
+        for chunk in chunks:
+            chunk = [g for g in chunk if continuations[g]]
+            if not chunk:
+                continue
+            encoded = _encode_prompts(model, [prompt_ids[g] for g in chunk], pad_token_id, keep_ok)
+            if encoded is None:
+                return None
+            items = [(row, j) for row, g in enumerate(chunk) for j in range(len(continuations[g]))]
+            lens = [len(continuations[chunk[row]][j]) for row, j in items]
+            for idx in length_batches(lens, batch_size):
+                batch = [items[i] for i in idx]
+                scores = _score_continuation_batch(
+                    model, encoded, [row for row, _ in batch], [continuations[chunk[row]][j] for row, j in batch],
+                    pad_token_id, want, cache_kwarg,
+                )
+                for (row, j), s in zip(batch, scores):
+                    results[chunk[row]][j] = s
+                bar.update(len(batch))
+            del encoded
+    return results  # type: ignore[return-value]
+
+
+def _is_prompt_plus_answer(e: EncodedQA) -> bool:
+    """Labels -100 on exactly the first `prompt_len` tokens and the token ids after them (an answer)."""
+    p = e.prompt_len
+    return 0 < p < len(e.input_ids) and all(x == IGNORE_INDEX for x in e.labels[:p]) \
+        and list(e.labels[p:]) == list(e.input_ids[p:])
+
+
+def score_sequences_shared_prompts(
+    model,
+    encoded: Sequence[EncodedQA],
+    batch_size: int,
+    pad_token_id: int,
+    want: Iterable[str] = WANT_ALL,
+    desc: str = "scoring",
+    progress: bool | None = None,
+) -> list[SequenceScore]:
+    """`score_sequences` (length-sorted), with the sequences that share a prompt (the same
+    `input_ids[:prompt_len]`, answers scored from `prompt_len` on) scored by `score_continuations`:
+    their prompt is encoded once. Other sequences, and every sequence of a model whose cache cannot be
+    shared, go through `score_sequences`. Results in input order."""
+    want = frozenset(want)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(encoded):
+        if _is_prompt_plus_answer(e):
+            groups.setdefault(tuple(e.input_ids[: e.prompt_len]), []).append(i)
+    shared = [(k, v) for k, v in groups.items() if len(v) > 1]  # a lone answer gains nothing from the cache
+    results: list[SequenceScore | None] = [None] * len(encoded)
+    if shared:
+        scored = score_continuations(
+            model, [list(k) for k, _ in shared],
+            [[encoded[i].input_ids[encoded[i].prompt_len :] for i in v] for _, v in shared],
+            batch_size, pad_token_id, want=want, desc=desc, progress=progress,
+        )
+        if scored is not None:
+            for (_, v), rs in zip(shared, scored):
+                for i, r in zip(v, rs):
+                    results[i] = r
+    rest = [i for i, r in enumerate(results) if r is None]
+    if rest:
+        for i, r in zip(rest, score_sequences(
+            model, [encoded[i] for i in rest], batch_size, pad_token_id, want=want, desc=desc, progress=progress,
+        )):
+            results[i] = r
     return results  # type: ignore[return-value]
 
 

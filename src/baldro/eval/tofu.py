@@ -237,19 +237,26 @@ class _Timer:
 
 def _score_groups(
     model, sources: dict[str, list[EncodedQA]], calls: list[tuple[str, tuple[str, ...], frozenset]], timer: _Timer,
-    batch_size: int, pad_token_id: int, sort_by_length: bool, progress: bool | None,
+    batch_size: int, pad_token_id: int, sort_by_length: bool, progress: bool | None, share_prompts: bool = False,
 ) -> list[dict[str, list[engine.SequenceScore]]]:
-    """Run each call (group, sources, want) as ONE score_sequences over its concatenated sources."""
+    """Run each call (group, sources, want) as ONE scoring call over its concatenated sources:
+    `score_sequences`, or with `share_prompts` `score_sequences_shared_prompts` (the answers of one
+    question, e.g. its paraphrased and perturbed answers, scored against one encoding of its prompt)."""
     results = []
     for group, names, want in calls:
         encoded = [e for n in names for e in sources[n]]
-        scores = timer.run(
-            group, names, len(encoded),
-            lambda: engine.score_sequences(
-                model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})",
-                sort_by_length=sort_by_length, progress=progress,
-            ),
-        )
+        if share_prompts:
+            def fn(encoded=encoded, want=want, group=group):
+                return engine.score_sequences_shared_prompts(
+                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})", progress=progress,
+                )
+        else:
+            def fn(encoded=encoded, want=want, group=group):
+                return engine.score_sequences(
+                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})",
+                    sort_by_length=sort_by_length, progress=progress,
+                )
+        scores = timer.run(group, names, len(encoded), fn)
         split, pos = {}, 0
         for n in names:
             split[n] = scores[pos : pos + len(sources[n])]
@@ -291,7 +298,11 @@ def score_tofu(
         g = "+".join(sorted(set().union(*(groups[n] for n in names))))
         calls.append((g, tuple(names), w))
     merged: dict[str, list[engine.SequenceScore]] = {}
-    for split in _score_groups(model, sources, calls, timer, batch_size, pad_token_id, sort_by_length, progress):
+    # Shared forward also means each question's prompt is encoded once for all of its answers.
+    splits = _score_groups(
+        model, sources, calls, timer, batch_size, pad_token_id, sort_by_length, progress, share_prompts=True,
+    )
+    for split in splits:
         merged.update(split)
     return {metric: {s: merged[s] for s in need.sources} for metric, need in plan.items()}
 
