@@ -201,6 +201,16 @@ def _score_batch(model, batch: Sequence[EncodedQA], pad_token_id: int, want: fro
     return results
 
 
+def _check_score_args(want: Iterable[str], pad_token_id: int | None) -> frozenset:
+    want = frozenset(want)
+    unknown = want - _VALID_WANT
+    if unknown:
+        raise BaldroError(f"unknown score field(s) {sorted(unknown)}: use any of {list(WANT_ALL)}")
+    if pad_token_id is None:
+        raise BaldroError("pad_token_id is None: set tokenizer.pad_token (e.g. to the EOS token)")
+    return want
+
+
 def score_sequences(
     model,
     encoded: Sequence[EncodedQA],
@@ -220,12 +230,7 @@ def score_sequences(
         sort_by_length: batch sequences of similar length together (less padding).
         progress: show a tqdm bar (None: only on a terminal).
     """
-    want = frozenset(want)
-    unknown = want - _VALID_WANT
-    if unknown:
-        raise BaldroError(f"unknown score field(s) {sorted(unknown)}: use any of {list(WANT_ALL)}")
-    if pad_token_id is None:
-        raise BaldroError("pad_token_id is None: set tokenizer.pad_token (e.g. to the EOS token)")
+    want = _check_score_args(want, pad_token_id)
     results: list[SequenceScore | None] = [None] * len(encoded)
     keep_ok = _supports_logits_to_keep(model)
     batches = length_batches([len(e.input_ids) for e in encoded], batch_size, sort_by_length)
@@ -376,12 +381,7 @@ def score_continuations(
     position ids continue after each real prompt length. Returns None when the model's cache cannot
     be shared (not a full-attention DynamicCache): the caller then uses `score_sequences`.
     """
-    want = frozenset(want)
-    unknown = want - _VALID_WANT
-    if unknown:
-        raise BaldroError(f"unknown score field(s) {sorted(unknown)}: use any of {list(WANT_ALL)}")
-    if pad_token_id is None:
-        raise BaldroError("pad_token_id is None: set tokenizer.pad_token (e.g. to the EOS token)")
+    want = _check_score_args(want, pad_token_id)
     if batch_size < 1:
         raise BaldroError(f"batch_size must be >= 1, got {batch_size}")
     if len(prompt_ids) != len(continuations):
