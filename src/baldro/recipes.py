@@ -29,7 +29,6 @@ from baldro.trainer import (
     UnlearnDataset,
     UnlearnTrainer,
     WeightingStateCallback,
-    score_nll,
 )
 from baldro.weighting import make_weighting
 
@@ -244,10 +243,15 @@ def run_unlearn(cfg: DictConfig, extra_callbacks=()) -> Path:
     if every > 0:
         from baldro.balance import BalanceTracker
 
-        pad = tokenizer.pad_token_id
-        bs = int(get(cfg, "balance.batch_size", 16))
-        callbacks.append(BalanceTracker(lambda m: (list(range(len(forget_enc))), score_nll(m, forget_enc, pad, bs)),
-                                        run_dir / "balance.jsonl", every_n_steps=every))
+        from baldro.eval.engine import score_sequences
+
+        pad, bs = tokenizer.pad_token_id, int(get(cfg, "balance.batch_size", 16))
+
+        def forget_nll(m):
+            scores = score_sequences(m, forget_enc, bs, pad, want=(), desc="balance", progress=False)
+            return list(range(len(forget_enc))), [s.avg_loss for s in scores]
+
+        callbacks.append(BalanceTracker(forget_nll, run_dir / "balance.jsonl", every_n_steps=every))
     every_eval = int(get(cfg, "eval.every_n_steps", 0) or 0)
     if every_eval > 0:
         from baldro.eval.run import PeriodicEvalCallback, eval_settings

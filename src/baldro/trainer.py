@@ -264,21 +264,3 @@ class UnlearnTrainer(Trainer):
             logs["weight_nonzero"] = round(logs["weight_nonzero"], 3)
             self._accum = {}
         super().log(logs, start_time)
-
-
-@torch.inference_mode()
-def score_nll(model, dataset: Sequence[EncodedQA], pad_token_id: int, batch_size: int = 16) -> list[float]:
-    """Mean token NLL of every item (eval mode, restored afterwards): for balance tracking."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[float] = []
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collate_encoded(dataset[start : start + batch_size], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.extend(token_log_probs(logits, batch["labels"]).nll.float().tolist())
-    finally:
-        model.train(was_training)
-    return out
