@@ -254,8 +254,8 @@ def test_shared_prompt_scores_equal_separate_scores(tiny):
         assert x.avg_loss == pytest.approx(y.avg_loss, rel=1e-5) and torch.equal(x.targets, y.targets)
 
 
-def test_left_padded_batched_generation_equals_one_by_one(tiny):
-    model, tok, fmt = tiny
+def test_left_padded_batched_generation_equals_one_by_one(memorising):
+    model, tok, fmt = memorising
     rows = _rows("real_authors_perturbed", 3) + _rows("forget10_perturbed", 3)
     prompts = [fmt.encode_prompt(r["question"]) for r in rows]
     assert len({len(p) for p in prompts}) > 2  # really padded
@@ -263,7 +263,7 @@ def test_left_padded_batched_generation_equals_one_by_one(tiny):
     unsorted = engine.generate(model, tok, prompts, 12, batch_size=4, sort_by_length=False)
     single = [engine.generate(model, tok, [p], 12, batch_size=1)[0] for p in prompts]
     assert batched == single == unsorted
-    assert any(g for g in single)
+    assert len(set(single)) > 3  # the prompts give different texts
 
 
 def test_generation_stops_at_eos(tiny):
@@ -280,6 +280,100 @@ def test_generation_stops_at_eos(tiny):
         finally:
             handle.remove()
     assert gens == ["", ""]
+
+
+# ------------------------------------------------------------- drafted and continuous generation
+EOS = 7  # token ids in the hand cases below are arbitrary
+
+
+@pytest.mark.parametrize(
+    "draft, argmax, margin, budget, expect, finished",
+    [
+        ([1, 2, 3, EOS], [1, 2, 3, EOS], [5.0] * 4, 10, [1, 2, 3, EOS], True),  # memorised: no decoding
+        ([1, 2, 3, EOS], [1, 9, 4, 4], [5.0] * 4, 10, [1, 9], False),  # 9 is greedy; what follows it is not known
+        ([1, 2, 3, EOS], [1, 2, 3, EOS], [5.0, 5.0, 1e-4, 5.0], 10, [1, 2], False),  # a near tie is left to decoding
+        ([1, 2, 3, EOS], [1, 2, 3, EOS], [5.0] * 4, 2, [1, 2], True),  # the budget ends the generation
+        ([1, 2, 3, 4], [1, EOS, 3, 4], [5.0] * 4, 10, [1, EOS], True),  # an early EOS ends it too
+        ([1, 2], [1, 2], [5.0] * 2, 10, [1, 2], False),  # draft used up without EOS: decoding goes on
+        ([1, 2], [3, 2], [1e-4, 5.0], 10, [], False),
+    ],
+)
+def test_greedy_prefix_hand_cases(draft, argmax, margin, budget, expect, finished):
+    pre = engine.greedy_prefix(draft, torch.tensor(argmax), torch.tensor(margin, dtype=torch.float64), [EOS], budget,
+                               min_margin=1e-3)
+    assert (pre.tokens, pre.finished) == (expect, finished)
+
+
+@pytest.fixture(scope="module")
+def memorising(tiny):
+    """A copy of the tiny model trained until it reproduces the first forget and retain answers."""
+    import copy
+
+    from baldro.data.formatting import collate_encoded
+
+    model, tok, fmt = tiny
+    model = copy.deepcopy(model).train()
+    rows = _rows("forget10_perturbed", LIMIT) + _rows("retain_perturbed", LIMIT)
+    batch = collate_encoded(fmt.encode_many([r["question"] for r in rows], [r["answer"] for r in rows]),
+                            tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(150):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tok, fmt
+
+
+def _generation_prompts(fmt, n: int) -> list[list[int]]:
+    rows = _rows("forget10_perturbed", n) + _rows("world_facts_perturbed", n)
+    return [fmt.encode_prompt(r["question"]) for r in rows]
+
+
+def test_continuous_batching_equals_fixed_batches(memorising):
+    """Rows that stop leave the batch and waiting prompts take their places: same texts as
+    model.generate on fixed batches and as one prompt at a time."""
+    model, tok, fmt = memorising
+    prompts = _generation_prompts(fmt, 8)
+    continuous = engine.generate(model, tok, prompts, 24, batch_size=3)
+    fixed = engine.generate(model, tok, prompts, 24, batch_size=5, sort_by_length=False)
+    single = [engine.generate(model, tok, [p], 24, batch_size=1, sort_by_length=False)[0] for p in prompts]
+    lengths = [len(tok(g, add_special_tokens=False)["input_ids"]) for g in single]
+    assert len(set(lengths)) >= 4, f"rows should stop at different lengths to exercise refills: {lengths}"
+    assert continuous == fixed == single
+
+
+def test_generation_resumes_after_a_known_prefix(memorising):
+    model, tok, fmt = memorising
+    prompts = _generation_prompts(fmt, 3)
+    cfg = engine.greedy_config(model, tok, 10)
+    full = engine.generate(model, tok, prompts, 10, batch_size=4)
+    with torch.inference_mode():
+        tokens = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 generation_config=cfg)[0, len(p):].tolist() for p in prompts]
+    prefixes = [engine.GreedyPrefix(t[:k], False) for t, k in zip(tokens, [0, 3, 9, 1, 5, 2])]
+    assert engine.generate(model, tok, prompts, 10, batch_size=4, prefixes=prefixes) == full
+    # a finished prefix is the whole generation: the model is not asked
+    done = [engine.GreedyPrefix(tok("Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], True)]
+    assert engine.generate(model, tok, prompts[:1], 10, batch_size=1, prefixes=done) == ["Paris"]
+    with pytest.raises(BaldroError, match="EOS"):
+        engine.generate(model, tok, prompts[:1], 10, 1, prefixes=[engine.GreedyPrefix([5, tok.eos_token_id], False)])
+
+
+def test_drafted_generation_equals_plain_generation(memorising):
+    """The optimised evaluator takes the greedy tokens the teacher-forced pass already determines
+    (the model reproduces the answers it memorised) and gives the naive evaluator's generations."""
+    model, tok, fmt = memorising
+    kw = dict(forget_split="forget10", batch_size=4, max_new_tokens=40, limit=LIMIT, progress=False)
+    fast_t: dict = {}
+    slow_t: dict = {}
+    fast, _ = evaluate_tofu(model, tok, fmt, TOFU, timings=fast_t, **kw)
+    slow, _ = evaluate_tofu(model, tok, fmt, TOFU, shared_forward=False, sort_by_length=False, timings=slow_t, **kw)
+    assert diff_eval_logs(fast, slow) == []
+    rouge = [v["rougeL_recall"] for v in fast["forget_Q_A_ROUGE"]["value_by_index"].values()]
+    assert sum(r == 1.0 for r in rouge) >= 3, f"the model should reproduce most forget answers: {rouge}"
+    assert fast_t["rouge"]["seconds"] < slow_t["rouge"]["seconds"]
 
 
 # ------------------------------------------------------------------------------- reference handling

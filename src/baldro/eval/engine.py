@@ -56,6 +56,7 @@ class SequenceScore:
     targets: torch.Tensor  # [n] label token ids
     token_logp: torch.Tensor | None = None  # [n] log p(label)
     argmax: torch.Tensor | None = None  # [n] teacher-forced argmax of the logits
+    argmax_margin: torch.Tensor | None = None  # [n] top-1 minus top-2 logit (how sure the argmax is)
     vocab_mean: torch.Tensor | None = None  # [n] E_{v~p}[log p(v)]
     vocab_std: torch.Tensor | None = None  # [n] sqrt(Var_{v~p}[log p(v)])
 
@@ -71,6 +72,14 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype of the model's floating-point weights (float32 when it has none)."""
+    for p in getattr(model, "parameters", lambda: iter(()))():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 @contextlib.contextmanager
@@ -135,7 +144,12 @@ def _vocab_chunk_stats(logits: torch.Tensor, targets: torch.Tensor, want: frozen
     lsm = torch.log_softmax(lg, dim=-1)
     out = {"token_logp": lsm.gather(1, targets[:, None]).squeeze(1)}
     if "argmax" in want:
-        out["argmax"] = lg.argmax(-1)
+        out["argmax"] = lg.argmax(-1)  # the first maximum on ties, as greedy decoding picks
+        if lg.shape[-1] > 1:
+            top = lg.topk(2, dim=-1).values
+            out["argmax_margin"] = top[:, 0] - top[:, 1]
+        else:
+            out["argmax_margin"] = torch.full((lg.shape[0],), torch.inf, dtype=lg.dtype, device=lg.device)
     if "vocab_stats" in want:
         p = lsm.exp()
         mu = (p * lsm).sum(-1)
@@ -172,7 +186,7 @@ def _score_batch(model, batch: Sequence[EncodedQA], pad_token_id: int, want: fro
         for k, v in stats.items():
             parts.setdefault(k, []).append(v.cpu())
     del logits
-    empty = {"argmax": torch.zeros(0, dtype=torch.long)}
+    empty = {"argmax": torch.zeros(0, dtype=torch.long)}  # other fields default to float64
     flat = {k: torch.cat(v) for k, v in parts.items()}
     counts = mask.sum(1).tolist()
     results = []
@@ -194,6 +208,7 @@ def _score_batch(model, batch: Sequence[EncodedQA], pad_token_id: int, want: fro
                 targets=targets[sl].clone(),
                 token_logp=field("token_logp", "logp"),
                 argmax=field("argmax", "argmax"),
+                argmax_margin=field("argmax_margin", "argmax"),
                 vocab_mean=field("vocab_mean", "vocab_stats"),
                 vocab_std=field("vocab_std", "vocab_stats"),
             )
@@ -225,7 +240,8 @@ def score_sequences(
 
     Args:
         encoded: sequences with labels -100 on unscored (prompt) positions.
-        want: any of "logp" (per-token log-probs), "argmax" (teacher-forced predictions) and
+        want: any of "logp" (per-token log-probs), "argmax" (teacher-forced predictions and their
+            top-1/top-2 logit margin) and
             "vocab_stats" (vocabulary mean/std of the log-probs); `avg_loss` is always computed.
         sort_by_length: batch sequences of similar length together (less padding).
         progress: show a tqdm bar (None: only on a terminal).
@@ -352,6 +368,7 @@ def _score_continuation_batch(
                 targets=tgt[sl].clone(),
                 token_logp=stats["token_logp"][sl].clone() if "logp" in want else None,
                 argmax=stats["argmax"][sl].clone() if "argmax" in want else None,
+                argmax_margin=stats["argmax_margin"][sl].clone() if "argmax" in want else None,
                 vocab_mean=stats["vocab_mean"][sl].clone() if "vocab_stats" in want else None,
                 vocab_std=stats["vocab_std"][sl].clone() if "vocab_stats" in want else None,
             )
@@ -416,7 +433,7 @@ def score_continuations(
     return results  # type: ignore[return-value]
 
 
-def _is_prompt_plus_answer(e: EncodedQA) -> bool:
+def is_prompt_plus_answer(e: EncodedQA) -> bool:
     """Labels -100 on exactly the first `prompt_len` tokens and the token ids after them (an answer)."""
     p = e.prompt_len
     return 0 < p < len(e.input_ids) and all(x == IGNORE_INDEX for x in e.labels[:p]) \
@@ -439,7 +456,7 @@ def score_sequences_shared_prompts(
     want = frozenset(want)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, e in enumerate(encoded):
-        if _is_prompt_plus_answer(e):
+        if is_prompt_plus_answer(e):
             groups.setdefault(tuple(e.input_ids[: e.prompt_len]), []).append(i)
     shared = [(k, v) for k, v in groups.items() if len(v) > 1]  # a lone answer gains nothing from the cache
     results: list[SequenceScore | None] = [None] * len(encoded)
@@ -518,6 +535,175 @@ def _generation_config(model, cfg) -> Iterator[None]:
                     delattr(t, "generation_config")
 
 
+# Teacher-forced and incremental (KV-cache) logits of the same text differ by float rounding. A draft
+# token is only taken as the greedy choice when its logit leads the runner-up by more than this.
+_DRAFT_MARGIN = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.25, torch.bfloat16: 0.5}
+
+
+def draft_min_margin(dtype: torch.dtype) -> float:
+    """The top-1/top-2 logit margin under which a teacher-forced argmax is not trusted to be the
+    token greedy decoding picks (logits of `dtype`)."""
+    return _DRAFT_MARGIN.get(dtype, 0.5)
+
+
+@dataclass
+class GreedyPrefix:
+    """The first tokens of a greedy generation, known without decoding. `finished`: they are the
+    whole generation (they end with EOS, or fill the token budget)."""
+
+    tokens: list[int]
+    finished: bool
+
+
+def greedy_prefix(
+    draft: Sequence[int],
+    argmax: torch.Tensor,
+    margin: torch.Tensor,
+    eos_ids: Iterable[int],
+    max_new_tokens: int,
+    min_margin: float,
+) -> GreedyPrefix:
+    """The prefix of the greedy generation that a teacher-forced pass over prompt + `draft` already
+    determines (speculative decoding with the draft, e.g. the reference answer, as the guess).
+
+    `argmax[j]` / `margin[j]` are the teacher-forced argmax and its top-1/top-2 margin at the position
+    that predicts `draft[j]` (after prompt + draft[:j]). Greedy decoding emits argmax[0]; while the
+    emitted token equals the draft token, the next prediction is argmax[j + 1] as well. It stops at
+    the first mismatch (that token is still known), at EOS (finished), at the budget (finished), or
+    where the margin is too small to rule out that rounding changes the choice (that token is left
+    to the decoder)."""
+    eos = set(eos_ids)
+    out: list[int] = []
+    n = min(len(draft), len(argmax), max_new_tokens)
+    for j in range(n):
+        if not float(margin[j]) > min_margin:
+            return GreedyPrefix(out, False)
+        tok = int(argmax[j])
+        out.append(tok)
+        if tok in eos:
+            return GreedyPrefix(out, True)
+        if tok != draft[j]:
+            break
+    return GreedyPrefix(out, len(out) >= max_new_tokens)
+
+
+def _cut_at_eos(row: Sequence[int], eos: set) -> list[int]:
+    return list(row[: next((j for j, t in enumerate(row) if t in eos), len(row))])
+
+
+def _static_greedy(
+    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, sort_by_length: bool, bar,
+) -> list[list[int]]:
+    """`model.generate` on fixed batches: a batch runs until its last row stops."""
+    eos = set(cfg.eos_token_id or [])
+    device = model_device(model)
+    new_tokens: list[list[int] | None] = [None] * len(inputs)
+    for idx in length_batches([len(p) for p in inputs], batch_size, sort_by_length):
+        ids, attn = pad_batch([inputs[i] for i in idx], cfg.pad_token_id, side="left")
+        cfg.max_new_tokens = max(budgets[i] for i in idx)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
+        for i, row in zip(idx, out[:, ids.shape[1] :].cpu().tolist()):
+            new_tokens[i] = _cut_at_eos(row[: budgets[i]], eos)
+        bar.update(len(idx))
+    return new_tokens  # type: ignore[return-value]
+
+
+def _left_pad_columns(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if x.shape[dim] >= width:
+        return x
+    shape = list(x.shape)
+    shape[dim] = width - x.shape[dim]
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _continuous_greedy(
+    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, bar,
+) -> list[list[int]] | None:
+    """Greedy decoding with continuous batching: a row leaves the batch as soon as it stops (EOS or
+    budget) and waiting inputs take the free places, so the batch stays full instead of running
+    until its longest row is done. Rows sit LEFT padded in one KV cache; each row has its own
+    position ids and attention mask (the numbers of a fixed batch, up to float rounding). Returns
+    None, before decoding anything, when the model's cache is not a full-attention DynamicCache."""
+    from transformers.cache_utils import DynamicCache
+
+    device = model_device(model)
+    eos = set(cfg.eos_token_id or [])
+    keep_ok = _supports_logits_to_keep(model)
+    cache_kwarg = _cache_kwarg(model)
+    refill_at = max(1, batch_size // 4)  # each refill costs a prefill and a copy of the cache
+    queue = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))[::-1]  # pop() takes the longest
+    out: list[list[int]] = [[] for _ in inputs]
+    rows: list[int] = []  # input index of every batch row
+    cache = None
+    attn = torch.zeros((0, 0), dtype=torch.long, device=device)  # [B, L] 1 on real positions
+    pos = torch.zeros(0, dtype=torch.long, device=device)  # position id of each row's next input
+    last = torch.zeros(0, dtype=torch.long, device=device)  # each row's newest token: its next input
+    while queue or rows:
+        free = batch_size - len(rows)
+        if queue and (not rows or free >= refill_at):
+            new = [queue.pop() for _ in range(min(free, len(queue)))]
+            ids, a = pad_batch([inputs[i] for i in new], cfg.pad_token_id, side="left")
+            a = a.to(device)
+            kwargs = {"input_ids": ids.to(device), "attention_mask": a,
+                      "position_ids": (a.cumsum(1) - 1).clamp(min=0), "use_cache": True}
+            if keep_ok:
+                kwargs["logits_to_keep"] = 1
+            o = model(**kwargs)
+            fresh = _output_cache(o)
+            if not _prompt_cache_supported(fresh):
+                if cache is None:
+                    return None
+                raise RuntimeError("the model returned a different cache type during decoding")
+            width = max(attn.shape[1], a.shape[1])
+            layers = [
+                (torch.cat([_left_pad_columns(k0, width, 2), _left_pad_columns(la.keys, width, 2)]),
+                 torch.cat([_left_pad_columns(v0, width, 2), _left_pad_columns(la.values, width, 2)]))
+                for (k0, v0), la in zip(
+                    [(la.keys, la.values) for la in cache.layers] if cache is not None
+                    else [(la.keys[:0], la.values[:0]) for la in fresh.layers],
+                    fresh.layers,
+                )
+            ]
+            cache = DynamicCache(ddp_cache_data=layers)
+            attn = torch.cat([_left_pad_columns(attn, width, 1), _left_pad_columns(a, width, 1)])
+            pos = torch.cat([pos, a.sum(1)])
+            step_rows = list(range(len(rows), len(rows) + len(new)))  # rows that got a token
+            rows += new
+            last = torch.cat([last, o.logits[:, -1].argmax(-1)])
+        else:
+            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
+            o = model(input_ids=last[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
+                      **{cache_kwarg: cache})
+            cache = _output_cache(o)
+            pos = pos + 1
+            last = o.logits[:, -1].argmax(-1)
+            step_rows = list(range(len(rows)))
+        tokens = last.tolist()
+        done = []
+        for b in step_rows:
+            i, t = rows[b], tokens[b]
+            if t in eos:
+                done.append(b)
+                continue
+            out[i].append(t)
+            if len(out[i]) >= budgets[i]:
+                done.append(b)
+        if done:
+            keep = [b for b in range(len(rows)) if b not in set(done)]
+            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            first = 0
+            if keep:  # drop leading columns that no remaining row attends to
+                first = int(attn[sel].any(0).to(torch.int8).argmax())
+            for la in cache.layers:
+                la.keys, la.values = la.keys[sel, :, first:], la.values[sel, :, first:]
+            attn, pos, last = attn[sel, first:], pos[sel], last[sel]
+            rows = [rows[b] for b in keep]
+            if not rows:  # start the next batch afresh rather than padded to this one's width
+                cache, attn = None, attn[:, :0]
+            bar.update(len(done))
+    return out
+
+
 def generate(
     model,
     tokenizer,
@@ -527,27 +713,46 @@ def generate(
     desc: str = "generating",
     sort_by_length: bool = True,
     progress: bool | None = None,
+    prefixes: Sequence[GreedyPrefix | None] | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
 
     Batched with LEFT padding, an attention mask built from positions and the KV cache; generation
-    stops at EOS (the model's and the tokenizer's EOS ids). Returns the texts in input order.
+    stops at EOS (the model's and the tokenizer's EOS ids). With `sort_by_length` the batch is
+    continuous (`_continuous_greedy`: rows that stop make room for waiting prompts, longest prompts
+    first); without it, or for a model whose cache cannot be batched that way, `model.generate` runs
+    fixed batches (in input order without `sort_by_length`). `prefixes[i]` (from `greedy_prefix`) are
+    tokens known to start the generation of prompt i: decoding resumes after them, and a finished
+    prefix needs no decoding at all. Returns the texts in input order.
     """
     if any(len(p) == 0 for p in prompts_ids):
         raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
+    if prefixes is not None and len(prefixes) != len(prompts_ids):
+        raise BaldroError(f"{len(prefixes)} prefixes for {len(prompts_ids)} prompts")
     cfg = greedy_config(model, tokenizer, max_new_tokens)
     eos = set(cfg.eos_token_id or [])
-    device = model_device(model)
-    texts: list[str | None] = [None] * len(prompts_ids)
-    batches = length_batches([len(p) for p in prompts_ids], batch_size, sort_by_length)
+    known: list[list[int]] = []
+    for i in range(len(prompts_ids)):
+        pre = prefixes[i] if prefixes is not None else None
+        toks = list(pre.tokens[:max_new_tokens]) if pre is not None else []
+        if pre is not None and not pre.finished and len(toks) < max_new_tokens and eos.intersection(toks):
+            raise BaldroError(f"prefix {i} contains EOS but is not marked finished")
+        known.append(toks)
+    todo = [i for i in range(len(prompts_ids))
+            if not (prefixes is not None and prefixes[i] is not None and prefixes[i].finished)
+            and len(known[i]) < max_new_tokens]
     with eval_mode(model), _generation_config(model, cfg), torch.inference_mode(), \
             _progress(len(prompts_ids), desc, progress) as bar:
-        for idx in batches:
-            ids, attn = pad_batch([prompts_ids[i] for i in idx], cfg.pad_token_id, side="left")
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
-            new = out[:, ids.shape[1] :].cpu().tolist()
-            for i, row in zip(idx, new):
-                cut = next((j for j, t in enumerate(row) if t in eos), len(row))  # drop EOS and the padding after it
-                texts[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
-            bar.update(len(idx))
-    return texts  # type: ignore[return-value]
+        bar.update(len(prompts_ids) - len(todo))
+        inputs = [list(prompts_ids[i]) + known[i] for i in todo]
+        budgets = [max_new_tokens - len(known[i]) for i in todo]
+        new = _continuous_greedy(model, cfg, inputs, budgets, batch_size, bar) if sort_by_length and todo else None
+        if new is None:
+            new = _static_greedy(model, cfg, inputs, budgets, batch_size, sort_by_length, bar)
+    for i, toks in zip(todo, new):
+        known[i] = known[i] + toks
+    texts = []
+    for toks in known:
+        toks = toks[: next((j for j, t in enumerate(toks) if t in eos), len(toks))]  # drop EOS and after
+        texts.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+    return texts

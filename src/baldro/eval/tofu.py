@@ -268,10 +268,12 @@ def _score_groups(
 def score_tofu(
     model, sources: dict[str, list[EncodedQA]], plan: dict[str, _MetricNeed], timer: _Timer, *,
     batch_size: int, pad_token_id: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-) -> dict[str, dict[str, list[engine.SequenceScore]]]:
-    """metric -> source -> per-sequence scores. Shared: every source scored once (with the union of
-    the outputs its metrics need), sources needing the same outputs batched together. Naive: one
-    set of passes per metric."""
+    draft_sources: Sequence[str] = (),
+) -> tuple[dict[str, dict[str, list[engine.SequenceScore]]], dict[str, list[engine.SequenceScore]]]:
+    """(metric -> source -> per-sequence scores, draft source -> scores). Shared: every source scored
+    once (with the union of the outputs its metrics need, and the argmax for `draft_sources`),
+    sources needing the same outputs batched together. Naive: one set of passes per metric, and no
+    drafts."""
     if not shared_forward:
         out = {}
         for metric, need in plan.items():
@@ -280,19 +282,22 @@ def score_tofu(
                 batch_size, pad_token_id, sort_by_length, progress,
             )
             out[metric] = split
-        return out
+        return out, {}
     want: dict[str, set] = defaultdict(set)
     groups: dict[str, set] = defaultdict(set)
     for need in plan.values():
         for s in need.sources:
             want[s] |= need.want
             groups[s].add(need.group)
-    # Two calls: texts that only need avg_loss, and texts that need token-level outputs (scored with
-    # the union of those outputs: an argmax or vocab statistics nobody reads costs little).
-    rich = frozenset().union(*want.values())
+    for s in draft_sources:  # the argmax of the reference answers drafts the generations
+        want[s].add("argmax")
+    # Two calls: texts that need token-level log-probs or vocabulary statistics, and the others
+    # (each scored with the union of its texts' outputs: an argmax nobody reads costs little).
+    token_level = {s for s in want if want[s] - {"argmax"}}
     by_want: dict[frozenset, list[str]] = defaultdict(list)
     for s in want:  # plan order: deterministic
-        by_want[rich if want[s] else frozenset()].append(s)
+        same = token_level if s in token_level else set(want) - token_level
+        by_want[frozenset().union(*(want[x] for x in same))].append(s)
     calls = []
     for w, names in by_want.items():
         g = "+".join(sorted(set().union(*(groups[n] for n in names))))
@@ -304,26 +309,56 @@ def score_tofu(
     )
     for split in splits:
         merged.update(split)
-    return {metric: {s: merged[s] for s in need.sources} for metric, need in plan.items()}
+    by_metric = {metric: {s: merged[s] for s in need.sources} for metric, need in plan.items()}
+    return by_metric, {s: merged[s] for s in draft_sources}
+
+
+def _draft_prefixes(
+    texts: _SetTexts, scores: Sequence[engine.SequenceScore], eos_ids: Sequence[int], max_new_tokens: int,
+    min_margin: float,
+) -> list[engine.GreedyPrefix | None]:
+    """What the teacher-forced pass over each reference answer tells of the greedy generation from
+    its prompt (None where the scored text is not exactly the generation prompt + the answer)."""
+    out: list[engine.GreedyPrefix | None] = []
+    for prompt, e, sc in zip(texts.prompts, texts.answer, scores):
+        if sc.argmax is None or not engine.is_prompt_plus_answer(e) or list(e.input_ids[: e.prompt_len]) != prompt:
+            out.append(None)
+            continue
+        draft = e.input_ids[e.prompt_len :]
+        out.append(engine.greedy_prefix(draft, sc.argmax, sc.argmax_margin, eos_ids, max_new_tokens, min_margin))
+    return out
 
 
 def generate_tofu(
     model, tokenizer, texts: dict[str, _SetTexts], sets: list[TofuSet], timer: _Timer, *,
     batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
+    drafts: dict[str, list[engine.SequenceScore]] | None = None,
 ) -> dict[str, list[str]]:
-    """Greedy generations for ROUGE: one call over all sets (shared) or one per set (naive)."""
+    """Greedy generations for ROUGE: one call over all sets (shared) or one per set (naive). With
+    `drafts` (the reference answers' teacher-forced scores, "{set}/answer" -> scores), decoding
+    starts after the tokens those scores already determine (`engine.greedy_prefix`)."""
     keys = [s.key for s in sets]
     chunks = [keys] if shared_forward else [[k] for k in keys]
+    eos_ids = engine.greedy_config(model, tokenizer, max_new_tokens).eos_token_id or []
+    min_margin = engine.draft_min_margin(engine.model_dtype(model))
     out: dict[str, list[str]] = {}
     for ks in chunks:
         prompts = [p for k in ks for p in texts[k].prompts]
-        gens = timer.run(
-            "rouge", [f"{k}/prompt" for k in ks], len(prompts),
-            lambda: engine.generate(
+
+        def run(ks=ks, prompts=prompts):
+            prefixes = None
+            if drafts:
+                prefixes = [
+                    pre for k in ks
+                    for pre in (_draft_prefixes(texts[k], drafts[f"{k}/answer"], eos_ids, max_new_tokens, min_margin)
+                                if f"{k}/answer" in drafts else [None] * len(texts[k].prompts))
+                ]
+            return engine.generate(
                 model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
-                sort_by_length=sort_by_length, progress=progress,
-            ),
-        )
+                sort_by_length=sort_by_length, progress=progress, prefixes=prefixes,
+            )
+
+        gens = timer.run("rouge", [f"{k}/prompt" for k in ks], len(prompts), run)
         pos = 0
         for k in ks:
             out[k] = gens[pos : pos + len(texts[k].prompts)]
@@ -558,9 +593,14 @@ def evaluate_tofu(
     timer = _Timer({k: len(v) for k, v in data.rows.items()})
     plan = _metric_plan(data.sets)
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
-    scores = score_tofu(model, _source_texts(texts), plan, timer, batch_size=batch_size, pad_token_id=pad_id, **common)
+    draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward else []
+    scores, drafts = score_tofu(
+        model, _source_texts(texts), plan, timer, batch_size=batch_size, pad_token_id=pad_id,
+        draft_sources=draft_sources, **common,
+    )
     generations = generate_tofu(
-        model, tokenizer, texts, data.sets, timer, batch_size=batch_size, max_new_tokens=max_new_tokens, **common
+        model, tokenizer, texts, data.sets, timer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        drafts=drafts, **common,
     )
     eval_log = assemble_tofu_eval_log(data, texts, scores, generations, tokenizer)
     if reference_log is None:
