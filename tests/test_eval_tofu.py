@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not TOFU.is_dir(), reason=f"TOFU data not found 
 
 from baldro.data.formatting import EncodedQA, QAFormatter  # noqa: E402
 from baldro.errors import BaldroError  # noqa: E402
-from baldro.eval import engine  # noqa: E402
+from baldro.eval import engine, generation  # noqa: E402
 from baldro.eval.tofu import (  # noqa: E402
     EVAL_FILE,
     SUMMARY_FILE,
@@ -259,9 +259,9 @@ def test_left_padded_batched_generation_equals_one_by_one(memorising):
     rows = _rows("real_authors_perturbed", 3) + _rows("forget10_perturbed", 3)
     prompts = [fmt.encode_prompt(r["question"]) for r in rows]
     assert len({len(p) for p in prompts}) > 2  # really padded
-    batched = engine.generate(model, tok, prompts, 12, batch_size=6)
-    unsorted = engine.generate(model, tok, prompts, 12, batch_size=4, sort_by_length=False)
-    single = [engine.generate(model, tok, [p], 12, batch_size=1)[0] for p in prompts]
+    batched = generation.generate(model, tok, prompts, 12, batch_size=6)
+    unsorted = generation.generate(model, tok, prompts, 12, batch_size=4, sort_by_length=False)
+    single = [generation.generate(model, tok, [p], 12, batch_size=1)[0] for p in prompts]
     assert batched == single == unsorted
     assert len(set(single)) > 3  # the prompts give different texts
 
@@ -276,7 +276,7 @@ def test_generation_stops_at_eos(tiny):
         head = model.lm_head
         handle = head.register_forward_hook(lambda m, i, o: o + bias)
         try:
-            gens = engine.generate(model, tok, [fmt.encode_prompt("Who?"), fmt.encode_prompt("Why not?")], 5, 2)
+            gens = generation.generate(model, tok, [fmt.encode_prompt("Who?"), fmt.encode_prompt("Why not?")], 5, 2)
         finally:
             handle.remove()
     assert gens == ["", ""]
@@ -299,7 +299,7 @@ EOS = 7  # token ids in the hand cases below are arbitrary
     ],
 )
 def test_greedy_prefix_hand_cases(draft, argmax, margin, budget, expect, finished):
-    pre = engine.greedy_prefix(draft, torch.tensor(argmax), torch.tensor(margin, dtype=torch.float64), [EOS], budget,
+    pre = generation.greedy_prefix(draft, torch.tensor(argmax), torch.tensor(margin, dtype=torch.float64), [EOS], budget,
                                min_margin=1e-3)
     assert (pre.tokens, pre.finished) == (expect, finished)
 
@@ -336,29 +336,79 @@ def test_continuous_batching_equals_fixed_batches(memorising):
     model.generate on fixed batches and as one prompt at a time."""
     model, tok, fmt = memorising
     prompts = _generation_prompts(fmt, 8)
-    continuous = engine.generate(model, tok, prompts, 24, batch_size=3)
-    fixed = engine.generate(model, tok, prompts, 24, batch_size=5, sort_by_length=False)
-    single = [engine.generate(model, tok, [p], 24, batch_size=1, sort_by_length=False)[0] for p in prompts]
+    continuous = generation.generate(model, tok, prompts, 24, batch_size=3)
+    fixed = generation.generate(model, tok, prompts, 24, batch_size=5, sort_by_length=False)
+    single = [generation.generate(model, tok, [p], 24, batch_size=1, sort_by_length=False)[0] for p in prompts]
     lengths = [len(tok(g, add_special_tokens=False)["input_ids"]) for g in single]
     assert len(set(lengths)) >= 4, f"rows should stop at different lengths to exercise refills: {lengths}"
     assert continuous == fixed == single
 
 
+@pytest.mark.parametrize(
+    "tokens, k, expect",
+    [
+        ([5, 5, 5], 4, [5, 5, 5, 5]),  # a loop of period 1 continues
+        ([1, 2, 3, 1, 2, 3, 1, 2], 5, [3, 1, 2, 3, 1]),  # period 3, from the latest occurrence of (1, 2)
+        ([9, 1, 2, 4, 1, 2], 3, [4, 1, 2]),  # (1, 2) was followed by 4
+        ([1, 2, 3, 4], 3, []),  # nothing repeats
+        ([7, 1, 2, 8, 3, 1, 2], 2, [8, 3]),  # the longest n-gram wins: (1, 2) -> 8
+        ([1, 2, 3, 1, 2], 0, []),
+    ],
+)
+def test_ngram_drafter_hand_cases(tokens, k, expect):
+    assert generation.NgramDrafter(tokens).draft(k) == expect
+
+
+def test_ngram_drafter_prefers_the_longest_match():
+    d = generation.NgramDrafter([4, 1, 2, 6, 3, 1, 2, 7, 4, 1, 2], min_n=1, max_n=3)
+    assert d.draft(1) == [6]  # (4, 1, 2) was followed by 6; the later (1, 2) by 7
+    d.append(5)
+    assert d.draft(2) == []  # (1, 2, 5), (2, 5) and (5,) never occurred
+
+
+def test_speculative_decoding_equals_plain_greedy(memorising):
+    """Prompt-lookup proposals change how many tokens a forward pass emits, never which: the texts
+    equal model.generate's, with fewer forward passes for a model that loops."""
+    model, tok, fmt = memorising
+    prompts = _generation_prompts(fmt, 8)
+    fixed = generation.generate(model, tok, prompts, 40, batch_size=4, sort_by_length=False)
+    calls = {}
+    for lookahead in (0, 1, 8):
+        n = [0]
+        handle = model.register_forward_hook(lambda m, i, o: n.__setitem__(0, n[0] + 1))
+        try:
+            assert generation.generate(model, tok, prompts, 40, batch_size=4, lookahead=lookahead) == fixed
+        finally:
+            handle.remove()
+        calls[lookahead] = n[0]
+    assert calls[8] < calls[1] < calls[0], calls
+
+
+def test_unbatchable_cache_falls_back_to_model_generate(memorising, monkeypatch):
+    """A model whose cache the continuous decoder cannot merge (e.g. sliding-window layers) is
+    decoded by model.generate on fixed batches, with the same texts."""
+    model, tok, fmt = memorising
+    prompts = _generation_prompts(fmt, 3)
+    expected = generation.generate(model, tok, prompts, 12, batch_size=4)
+    monkeypatch.setattr(generation, "is_batchable_cache", lambda cache: False)
+    assert generation.generate(model, tok, prompts, 12, batch_size=4) == expected
+
+
 def test_generation_resumes_after_a_known_prefix(memorising):
     model, tok, fmt = memorising
     prompts = _generation_prompts(fmt, 3)
-    cfg = engine.greedy_config(model, tok, 10)
-    full = engine.generate(model, tok, prompts, 10, batch_size=4)
+    cfg = generation.greedy_config(model, tok, 10)
+    full = generation.generate(model, tok, prompts, 10, batch_size=4)
     with torch.inference_mode():
         tokens = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                  generation_config=cfg)[0, len(p):].tolist() for p in prompts]
-    prefixes = [engine.GreedyPrefix(t[:k], False) for t, k in zip(tokens, [0, 3, 9, 1, 5, 2])]
-    assert engine.generate(model, tok, prompts, 10, batch_size=4, prefixes=prefixes) == full
+    prefixes = [generation.GreedyPrefix(t[:k], False) for t, k in zip(tokens, [0, 3, 9, 1, 5, 2])]
+    assert generation.generate(model, tok, prompts, 10, batch_size=4, prefixes=prefixes) == full
     # a finished prefix is the whole generation: the model is not asked
-    done = [engine.GreedyPrefix(tok("Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], True)]
-    assert engine.generate(model, tok, prompts[:1], 10, batch_size=1, prefixes=done) == ["Paris"]
+    done = [generation.GreedyPrefix(tok("Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], True)]
+    assert generation.generate(model, tok, prompts[:1], 10, batch_size=1, prefixes=done) == ["Paris"]
     with pytest.raises(BaldroError, match="EOS"):
-        engine.generate(model, tok, prompts[:1], 10, 1, prefixes=[engine.GreedyPrefix([5, tok.eos_token_id], False)])
+        generation.generate(model, tok, prompts[:1], 10, 1, prefixes=[generation.GreedyPrefix([5, tok.eos_token_id], False)])
 
 
 def test_drafted_generation_equals_plain_generation(memorising):

@@ -1,6 +1,6 @@
-"""The shared model-scoring engine: teacher-forced scores and greedy generation (benchmark-independent).
+"""The shared model-scoring engine: teacher-forced scores (benchmark-independent).
 
-Two entry points serve every evaluation (TOFU, MUSE):
+Two entry points serve every evaluation (TOFU, MUSE); greedy generation is in `baldro.eval.generation`.
 
 - `score_sequences` runs ONE teacher-forced forward pass per sequence and derives from it everything
   that needs the log-probabilities of that text: the mean token NLL (`avg_loss`), the per-token
@@ -9,7 +9,6 @@ Two entry points serve every evaluation (TOFU, MUSE):
   positions are processed in float64 chunks, so no [B, T, V] log-softmax is ever materialised, and
   the LM head is only applied from the first scored position on (`logits_to_keep`) when the model
   supports it.
-- `generate` does greedy decoding with left padding and the KV cache and returns the new text only.
 - `score_continuations` gives the numbers of `score_sequences` for many answers of one prompt with
   the prompt run once: its KV cache is shared by the answers (`score_sequences_shared_prompts` groups
   EncodedQA sequences by prompt tokens and falls back to `score_sequences` for lone answers and for
@@ -94,14 +93,14 @@ def eval_mode(model) -> Iterator[None]:
             model.train()
 
 
-def _supports_logits_to_keep(model) -> bool:
+def supports_logits_to_keep(model) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def _progress(total: int, desc: str, progress: bool | None):
+def progress_bar(total: int, desc: str, progress: bool | None):
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=disable, dynamic_ncols=True)
 
@@ -248,9 +247,9 @@ def score_sequences(
     """
     want = _check_score_args(want, pad_token_id)
     results: list[SequenceScore | None] = [None] * len(encoded)
-    keep_ok = _supports_logits_to_keep(model)
+    keep_ok = supports_logits_to_keep(model)
     batches = length_batches([len(e.input_ids) for e in encoded], batch_size, sort_by_length)
-    with eval_mode(model), torch.inference_mode(), _progress(len(encoded), desc, progress) as bar:
+    with eval_mode(model), torch.inference_mode(), progress_bar(len(encoded), desc, progress) as bar:
         for idx in batches:
             for i, r in zip(idx, _score_batch(model, [encoded[i] for i in idx], pad_token_id, want, keep_ok)):
                 results[i] = r
@@ -259,7 +258,7 @@ def score_sequences(
 
 
 # ------------------------------------------------------------------------- shared-prompt scoring
-def _prompt_cache_supported(cache) -> bool:
+def is_batchable_cache(cache) -> bool:
     """A cache whose batch rows can be selected and that keeps every prompt position: a DynamicCache
     of full-attention layers (a sliding-window layer would drop keys of long prompts)."""
     try:
@@ -270,7 +269,7 @@ def _prompt_cache_supported(cache) -> bool:
     return isinstance(cache, DynamicCache) and bool(layers) and all(type(la) is DynamicLayer for la in layers)
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """The forward argument that takes a cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
     try:
         params = inspect.signature(model.forward).parameters
@@ -279,7 +278,7 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(out):
+def output_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
@@ -317,8 +316,8 @@ def _encode_prompts(
     if keep_ok:
         kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
-    cache = _output_cache(out)
-    if not _prompt_cache_supported(cache):
+    cache = output_cache(out)
+    if not is_batchable_cache(cache):
         return None
     layers = [(la.keys, la.values) for la in cache.layers]
     return _EncodedPrompts(layers, attn, attn.sum(1), out.logits[:, -1])
@@ -326,7 +325,7 @@ def _encode_prompts(
 
 def _score_continuation_batch(
     model, prompts: _EncodedPrompts, owner: Sequence[int], conts: Sequence[Sequence[int]], pad_token_id: int,
-    want: frozenset, cache_kwarg: str,
+    want: frozenset, cache_arg: str,
 ) -> list[SequenceScore]:
     """Score continuation i of prompt row owner[i] against the prompts' cached keys/values."""
     from transformers.cache_utils import DynamicCache
@@ -345,7 +344,7 @@ def _score_continuation_batch(
         cache = DynamicCache(ddp_cache_data=[(k[sel_d], v[sel_d]) for k, v in prompts.layers])
         cont_logits = model(
             input_ids=ids[:, :width].to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-            use_cache=True, **{cache_kwarg: cache},
+            use_cache=True, **{cache_arg: cache},
         ).logits  # [N, width, V]
         del cache
     rows, targets = [], []
@@ -406,11 +405,11 @@ def score_continuations(
     if any(len(p) == 0 for p in prompt_ids) or any(len(c) == 0 for cs in continuations for c in cs):
         raise BaldroError("cannot score continuations of an empty prompt, or empty continuations")
     results: list[list[SequenceScore | None]] = [[None] * len(cs) for cs in continuations]
-    keep_ok = _supports_logits_to_keep(model)
-    cache_kwarg = _cache_kwarg(model)
+    keep_ok = supports_logits_to_keep(model)
+    cache_arg = cache_kwarg(model)
     chunks = length_batches([len(p) for p in prompt_ids], batch_size)
     total = sum(len(cs) for cs in continuations)
-    with eval_mode(model), torch.inference_mode(), _progress(total, desc, progress) as bar:
+    with eval_mode(model), torch.inference_mode(), progress_bar(total, desc, progress) as bar:
         for chunk in chunks:
             chunk = [g for g in chunk if continuations[g]]
             if not chunk:
@@ -424,7 +423,7 @@ def score_continuations(
                 batch = [items[i] for i in idx]
                 scores = _score_continuation_batch(
                     model, encoded, [row for row, _ in batch], [continuations[chunk[row]][j] for row, j in batch],
-                    pad_token_id, want, cache_kwarg,
+                    pad_token_id, want, cache_arg,
                 )
                 for (row, j), s in zip(batch, scores):
                     results[chunk[row]][j] = s
@@ -477,282 +476,3 @@ def score_sequences_shared_prompts(
         )):
             results[i] = r
     return results  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------- generation
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        if src is None:
-            continue
-        for i in [src] if isinstance(src, int) else list(src):
-            if i not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def greedy_config(model, tokenizer, max_new_tokens: int):
-    """A pure greedy GenerationConfig: pad and EOS set (the model's and the tokenizer's EOS ids),
-    nothing inherited from the checkpoint's sampling defaults."""
-    from transformers import GenerationConfig
-
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-    if pad is None:
-        raise BaldroError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
-    return GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=int(max_new_tokens),
-        pad_token_id=pad,
-        eos_token_id=eos or None,
-        bos_token_id=tokenizer.bos_token_id,
-        use_cache=True,
-    )
-
-
-@contextlib.contextmanager
-def _generation_config(model, cfg) -> Iterator[None]:
-    """Make `cfg` the model's generation config for the call: `generate` fills every unset field
-    from `model.generation_config` (a checkpoint's temperature, top_p, max_length, ...), which would
-    warn about sampling flags in greedy mode; with `cfg` in its place the defaults are neutral.
-    Wrappers (PEFT) generate through their base model, so its config is swapped too."""
-    targets = [model]
-    base = getattr(model, "get_base_model", None)
-    if callable(base):
-        targets.append(base())
-    saved = [(t, getattr(t, "generation_config", None)) for t in targets]
-    try:
-        for t in targets:
-            t.generation_config = cfg
-        yield
-    finally:
-        for t, old in reversed(saved):
-            if old is not None:
-                t.generation_config = old
-            else:
-                with contextlib.suppress(AttributeError):
-                    delattr(t, "generation_config")
-
-
-# Teacher-forced and incremental (KV-cache) logits of the same text differ by float rounding. A draft
-# token is only taken as the greedy choice when its logit leads the runner-up by more than this.
-_DRAFT_MARGIN = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.25, torch.bfloat16: 0.5}
-
-
-def draft_min_margin(dtype: torch.dtype) -> float:
-    """The top-1/top-2 logit margin under which a teacher-forced argmax is not trusted to be the
-    token greedy decoding picks (logits of `dtype`)."""
-    return _DRAFT_MARGIN.get(dtype, 0.5)
-
-
-@dataclass
-class GreedyPrefix:
-    """The first tokens of a greedy generation, known without decoding. `finished`: they are the
-    whole generation (they end with EOS, or fill the token budget)."""
-
-    tokens: list[int]
-    finished: bool
-
-
-def greedy_prefix(
-    draft: Sequence[int],
-    argmax: torch.Tensor,
-    margin: torch.Tensor,
-    eos_ids: Iterable[int],
-    max_new_tokens: int,
-    min_margin: float,
-) -> GreedyPrefix:
-    """The prefix of the greedy generation that a teacher-forced pass over prompt + `draft` already
-    determines (speculative decoding with the draft, e.g. the reference answer, as the guess).
-
-    `argmax[j]` / `margin[j]` are the teacher-forced argmax and its top-1/top-2 margin at the position
-    that predicts `draft[j]` (after prompt + draft[:j]). Greedy decoding emits argmax[0]; while the
-    emitted token equals the draft token, the next prediction is argmax[j + 1] as well. It stops at
-    the first mismatch (that token is still known), at EOS (finished), at the budget (finished), or
-    where the margin is too small to rule out that rounding changes the choice (that token is left
-    to the decoder)."""
-    eos = set(eos_ids)
-    out: list[int] = []
-    n = min(len(draft), len(argmax), max_new_tokens)
-    for j in range(n):
-        if not float(margin[j]) > min_margin:
-            return GreedyPrefix(out, False)
-        tok = int(argmax[j])
-        out.append(tok)
-        if tok in eos:
-            return GreedyPrefix(out, True)
-        if tok != draft[j]:
-            break
-    return GreedyPrefix(out, len(out) >= max_new_tokens)
-
-
-def _cut_at_eos(row: Sequence[int], eos: set) -> list[int]:
-    return list(row[: next((j for j, t in enumerate(row) if t in eos), len(row))])
-
-
-def _static_greedy(
-    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, sort_by_length: bool, bar,
-) -> list[list[int]]:
-    """`model.generate` on fixed batches: a batch runs until its last row stops."""
-    eos = set(cfg.eos_token_id or [])
-    device = model_device(model)
-    new_tokens: list[list[int] | None] = [None] * len(inputs)
-    for idx in length_batches([len(p) for p in inputs], batch_size, sort_by_length):
-        ids, attn = pad_batch([inputs[i] for i in idx], cfg.pad_token_id, side="left")
-        cfg.max_new_tokens = max(budgets[i] for i in idx)
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
-        for i, row in zip(idx, out[:, ids.shape[1] :].cpu().tolist()):
-            new_tokens[i] = _cut_at_eos(row[: budgets[i]], eos)
-        bar.update(len(idx))
-    return new_tokens  # type: ignore[return-value]
-
-
-def _left_pad_columns(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    if x.shape[dim] >= width:
-        return x
-    shape = list(x.shape)
-    shape[dim] = width - x.shape[dim]
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _continuous_greedy(
-    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, bar,
-) -> list[list[int]] | None:
-    """Greedy decoding with continuous batching: a row leaves the batch as soon as it stops (EOS or
-    budget) and waiting inputs take the free places, so the batch stays full instead of running
-    until its longest row is done. Rows sit LEFT padded in one KV cache; each row has its own
-    position ids and attention mask (the numbers of a fixed batch, up to float rounding). Returns
-    None, before decoding anything, when the model's cache is not a full-attention DynamicCache."""
-    from transformers.cache_utils import DynamicCache
-
-    device = model_device(model)
-    eos = set(cfg.eos_token_id or [])
-    keep_ok = _supports_logits_to_keep(model)
-    cache_kwarg = _cache_kwarg(model)
-    refill_at = max(1, batch_size // 4)  # each refill costs a prefill and a copy of the cache
-    queue = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))[::-1]  # pop() takes the longest
-    out: list[list[int]] = [[] for _ in inputs]
-    rows: list[int] = []  # input index of every batch row
-    cache = None
-    attn = torch.zeros((0, 0), dtype=torch.long, device=device)  # [B, L] 1 on real positions
-    pos = torch.zeros(0, dtype=torch.long, device=device)  # position id of each row's next input
-    last = torch.zeros(0, dtype=torch.long, device=device)  # each row's newest token: its next input
-    while queue or rows:
-        free = batch_size - len(rows)
-        if queue and (not rows or free >= refill_at):
-            new = [queue.pop() for _ in range(min(free, len(queue)))]
-            ids, a = pad_batch([inputs[i] for i in new], cfg.pad_token_id, side="left")
-            a = a.to(device)
-            kwargs = {"input_ids": ids.to(device), "attention_mask": a,
-                      "position_ids": (a.cumsum(1) - 1).clamp(min=0), "use_cache": True}
-            if keep_ok:
-                kwargs["logits_to_keep"] = 1
-            o = model(**kwargs)
-            fresh = _output_cache(o)
-            if not _prompt_cache_supported(fresh):
-                if cache is None:
-                    return None
-                raise RuntimeError("the model returned a different cache type during decoding")
-            width = max(attn.shape[1], a.shape[1])
-            layers = [
-                (torch.cat([_left_pad_columns(k0, width, 2), _left_pad_columns(la.keys, width, 2)]),
-                 torch.cat([_left_pad_columns(v0, width, 2), _left_pad_columns(la.values, width, 2)]))
-                for (k0, v0), la in zip(
-                    [(la.keys, la.values) for la in cache.layers] if cache is not None
-                    else [(la.keys[:0], la.values[:0]) for la in fresh.layers],
-                    fresh.layers,
-                )
-            ]
-            cache = DynamicCache(ddp_cache_data=layers)
-            attn = torch.cat([_left_pad_columns(attn, width, 1), _left_pad_columns(a, width, 1)])
-            pos = torch.cat([pos, a.sum(1)])
-            step_rows = list(range(len(rows), len(rows) + len(new)))  # rows that got a token
-            rows += new
-            last = torch.cat([last, o.logits[:, -1].argmax(-1)])
-        else:
-            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
-            o = model(input_ids=last[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
-                      **{cache_kwarg: cache})
-            cache = _output_cache(o)
-            pos = pos + 1
-            last = o.logits[:, -1].argmax(-1)
-            step_rows = list(range(len(rows)))
-        tokens = last.tolist()
-        done = []
-        for b in step_rows:
-            i, t = rows[b], tokens[b]
-            if t in eos:
-                done.append(b)
-                continue
-            out[i].append(t)
-            if len(out[i]) >= budgets[i]:
-                done.append(b)
-        if done:
-            keep = [b for b in range(len(rows)) if b not in set(done)]
-            sel = torch.tensor(keep, dtype=torch.long, device=device)
-            first = 0
-            if keep:  # drop leading columns that no remaining row attends to
-                first = int(attn[sel].any(0).to(torch.int8).argmax())
-            for la in cache.layers:
-                la.keys, la.values = la.keys[sel, :, first:], la.values[sel, :, first:]
-            attn, pos, last = attn[sel, first:], pos[sel], last[sel]
-            rows = [rows[b] for b in keep]
-            if not rows:  # start the next batch afresh rather than padded to this one's width
-                cache, attn = None, attn[:, :0]
-            bar.update(len(done))
-    return out
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts_ids: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int,
-    desc: str = "generating",
-    sort_by_length: bool = True,
-    progress: bool | None = None,
-    prefixes: Sequence[GreedyPrefix | None] | None = None,
-) -> list[str]:
-    """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
-
-    Batched with LEFT padding, an attention mask built from positions and the KV cache; generation
-    stops at EOS (the model's and the tokenizer's EOS ids). With `sort_by_length` the batch is
-    continuous (`_continuous_greedy`: rows that stop make room for waiting prompts, longest prompts
-    first); without it, or for a model whose cache cannot be batched that way, `model.generate` runs
-    fixed batches (in input order without `sort_by_length`). `prefixes[i]` (from `greedy_prefix`) are
-    tokens known to start the generation of prompt i: decoding resumes after them, and a finished
-    prefix needs no decoding at all. Returns the texts in input order.
-    """
-    if any(len(p) == 0 for p in prompts_ids):
-        raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
-    if prefixes is not None and len(prefixes) != len(prompts_ids):
-        raise BaldroError(f"{len(prefixes)} prefixes for {len(prompts_ids)} prompts")
-    cfg = greedy_config(model, tokenizer, max_new_tokens)
-    eos = set(cfg.eos_token_id or [])
-    known: list[list[int]] = []
-    for i in range(len(prompts_ids)):
-        pre = prefixes[i] if prefixes is not None else None
-        toks = list(pre.tokens[:max_new_tokens]) if pre is not None else []
-        if pre is not None and not pre.finished and len(toks) < max_new_tokens and eos.intersection(toks):
-            raise BaldroError(f"prefix {i} contains EOS but is not marked finished")
-        known.append(toks)
-    todo = [i for i in range(len(prompts_ids))
-            if not (prefixes is not None and prefixes[i] is not None and prefixes[i].finished)
-            and len(known[i]) < max_new_tokens]
-    with eval_mode(model), _generation_config(model, cfg), torch.inference_mode(), \
-            _progress(len(prompts_ids), desc, progress) as bar:
-        bar.update(len(prompts_ids) - len(todo))
-        inputs = [list(prompts_ids[i]) + known[i] for i in todo]
-        budgets = [max_new_tokens - len(known[i]) for i in todo]
-        new = _continuous_greedy(model, cfg, inputs, budgets, batch_size, bar) if sort_by_length and todo else None
-        if new is None:
-            new = _static_greedy(model, cfg, inputs, budgets, batch_size, sort_by_length, bar)
-    for i, toks in zip(todo, new):
-        known[i] = known[i] + toks
-    texts = []
-    for toks in known:
-        toks = toks[: next((j for j, t in enumerate(toks) if t in eos), len(toks))]  # drop EOS and after
-        texts.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
-    return texts

@@ -46,7 +46,7 @@ import numpy as np
 from baldro.data.formatting import IGNORE_INDEX, EncodedQA, QAFormatter
 from baldro.data.tofu import holdout_split_for, load_split, retain_split_for
 from baldro.errors import BaldroError
-from baldro.eval import engine, metrics
+from baldro.eval import engine, generation, metrics
 from baldro.eval.summarize import summarize_tofu
 from baldro.io import write_json_atomic
 
@@ -316,16 +316,16 @@ def score_tofu(
 def _draft_prefixes(
     texts: _SetTexts, scores: Sequence[engine.SequenceScore], eos_ids: Sequence[int], max_new_tokens: int,
     min_margin: float,
-) -> list[engine.GreedyPrefix | None]:
+) -> list[generation.GreedyPrefix | None]:
     """What the teacher-forced pass over each reference answer tells of the greedy generation from
     its prompt (None where the scored text is not exactly the generation prompt + the answer)."""
-    out: list[engine.GreedyPrefix | None] = []
+    out: list[generation.GreedyPrefix | None] = []
     for prompt, e, sc in zip(texts.prompts, texts.answer, scores):
         if sc.argmax is None or not engine.is_prompt_plus_answer(e) or list(e.input_ids[: e.prompt_len]) != prompt:
             out.append(None)
             continue
         draft = e.input_ids[e.prompt_len :]
-        out.append(engine.greedy_prefix(draft, sc.argmax, sc.argmax_margin, eos_ids, max_new_tokens, min_margin))
+        out.append(generation.greedy_prefix(draft, sc.argmax, sc.argmax_margin, eos_ids, max_new_tokens, min_margin))
     return out
 
 
@@ -336,11 +336,11 @@ def generate_tofu(
 ) -> dict[str, list[str]]:
     """Greedy generations for ROUGE: one call over all sets (shared) or one per set (naive). With
     `drafts` (the reference answers' teacher-forced scores, "{set}/answer" -> scores), decoding
-    starts after the tokens those scores already determine (`engine.greedy_prefix`)."""
+    starts after the tokens those scores already determine (`generation.greedy_prefix`)."""
     keys = [s.key for s in sets]
     chunks = [keys] if shared_forward else [[k] for k in keys]
-    eos_ids = engine.greedy_config(model, tokenizer, max_new_tokens).eos_token_id or []
-    min_margin = engine.draft_min_margin(engine.model_dtype(model))
+    eos_ids = generation.greedy_config(model, tokenizer, max_new_tokens).eos_token_id or []
+    min_margin = generation.draft_min_margin(engine.model_dtype(model))
     out: dict[str, list[str]] = {}
     for ks in chunks:
         prompts = [p for k in ks for p in texts[k].prompts]
@@ -353,7 +353,7 @@ def generate_tofu(
                     for pre in (_draft_prefixes(texts[k], drafts[f"{k}/answer"], eos_ids, max_new_tokens, min_margin)
                                 if f"{k}/answer" in drafts else [None] * len(texts[k].prompts))
                 ]
-            return engine.generate(
+            return generation.generate(
                 model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
                 sort_by_length=sort_by_length, progress=progress, prefixes=prefixes,
             )

@@ -1,0 +1,434 @@
+"""Greedy generation for the evaluators: exact greedy decoding, made cheap in three ways.
+
+- Drafts from a teacher-forced pass (`greedy_prefix`): an evaluator that already scored prompt +
+  reference answer knows the teacher-forced argmax at every answer position. Greedy decoding
+  reproduces the reference as long as that argmax equals the next reference token, so those tokens
+  (and an EOS right after them) need no decoding; a model that memorised an answer costs nothing.
+- Continuous batching (`_continuous_greedy`): a row leaves the batch when it stops and a waiting
+  prompt takes its place, instead of a fixed batch running until its longest row is done.
+- Prompt-lookup speculation (`NgramDrafter`): each row proposes the tokens that followed the latest
+  earlier occurrence of its last n tokens (a repetition loop, common in over-forgotten models,
+  proposes its own continuation); one forward pass checks all proposals and keeps the tokens greedy
+  decoding would have produced.
+
+Every shortcut returns the tokens of plain greedy decoding: a token is only emitted when it is the
+argmax of the model's logits in its true context. The logits come from differently shaped passes
+(a full sequence instead of one token at a time, other batch neighbours), which changes float
+rounding only; `greedy_prefix` also refuses teacher-forced argmaxes whose lead over the runner-up
+is within rounding (`draft_min_margin`). `sort_by_length=False` gives `model.generate` on fixed
+batches in input order: the unoptimised baseline of `benchmarks/eval_tofu.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from baldro.data.formatting import pad_batch
+from baldro.errors import BaldroError
+from baldro.eval.engine import (
+    cache_kwarg,
+    eval_mode,
+    is_batchable_cache,
+    length_batches,
+    model_device,
+    output_cache,
+    progress_bar,
+    supports_logits_to_keep,
+)
+
+LOOKAHEAD = 8  # most tokens a row proposes per decoding step (prompt lookup)
+
+
+# ------------------------------------------------------------------------------------- config
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if src is None:
+            continue
+        for i in [src] if isinstance(src, int) else list(src):
+            if i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def greedy_config(model, tokenizer, max_new_tokens: int):
+    """A pure greedy GenerationConfig: pad and EOS set (the model's and the tokenizer's EOS ids),
+    nothing inherited from the checkpoint's sampling defaults."""
+    from transformers import GenerationConfig
+
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    if pad is None:
+        raise BaldroError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=int(max_new_tokens),
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=True,
+    )
+
+
+@contextlib.contextmanager
+def _generation_config(model, cfg) -> Iterator[None]:
+    """Make `cfg` the model's generation config for the call: `generate` fills every unset field
+    from `model.generation_config` (a checkpoint's temperature, top_p, max_length, ...), which would
+    warn about sampling flags in greedy mode; with `cfg` in its place the defaults are neutral.
+    Wrappers (PEFT) generate through their base model, so its config is swapped too."""
+    targets = [model]
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        targets.append(base())
+    saved = [(t, getattr(t, "generation_config", None)) for t in targets]
+    try:
+        for t in targets:
+            t.generation_config = cfg
+        yield
+    finally:
+        for t, old in reversed(saved):
+            if old is not None:
+                t.generation_config = old
+            else:
+                with contextlib.suppress(AttributeError):
+                    delattr(t, "generation_config")
+
+
+# ------------------------------------------------------------------------------------- drafts
+# Teacher-forced and incremental (KV-cache) logits of the same text differ by float rounding. A draft
+# token is only taken as the greedy choice when its logit leads the runner-up by more than this.
+_DRAFT_MARGIN = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.25, torch.bfloat16: 0.5}
+
+
+def draft_min_margin(dtype: torch.dtype) -> float:
+    """The top-1/top-2 logit margin under which a teacher-forced argmax is not trusted to be the
+    token greedy decoding picks (logits of `dtype`)."""
+    return _DRAFT_MARGIN.get(dtype, 0.5)
+
+
+@dataclass
+class GreedyPrefix:
+    """The first tokens of a greedy generation, known without decoding. `finished`: they are the
+    whole generation (they end with EOS, or fill the token budget)."""
+
+    tokens: list[int]
+    finished: bool
+
+
+def greedy_prefix(
+    draft: Sequence[int],
+    argmax: torch.Tensor,
+    margin: torch.Tensor,
+    eos_ids: Iterable[int],
+    max_new_tokens: int,
+    min_margin: float,
+) -> GreedyPrefix:
+    """The prefix of the greedy generation that a teacher-forced pass over prompt + `draft` already
+    determines (speculative decoding with the draft, e.g. the reference answer, as the guess).
+
+    `argmax[j]` / `margin[j]` are the teacher-forced argmax and its top-1/top-2 margin at the position
+    that predicts `draft[j]` (after prompt + draft[:j]). Greedy decoding emits argmax[0]; while the
+    emitted token equals the draft token, the next prediction is argmax[j + 1] as well. It stops at
+    the first mismatch (that token is still known), at EOS (finished), at the budget (finished), or
+    where the margin is too small to rule out that rounding changes the choice (that token is left
+    to the decoder)."""
+    eos = set(eos_ids)
+    out: list[int] = []
+    n = min(len(draft), len(argmax), max_new_tokens)
+    for j in range(n):
+        if not float(margin[j]) > min_margin:
+            return GreedyPrefix(out, False)
+        tok = int(argmax[j])
+        out.append(tok)
+        if tok in eos:
+            return GreedyPrefix(out, True)
+        if tok != draft[j]:
+            break
+    return GreedyPrefix(out, len(out) >= max_new_tokens)
+
+
+class NgramDrafter:
+    """Prompt-lookup proposals for one growing token sequence.
+
+    `draft(k)` finds the latest EARLIER occurrence of the sequence's last n tokens (n from `max_n`
+    down to `min_n`) and proposes the k tokens that followed it, continued periodically past the
+    end of the sequence (a loop "a b a b" proposes "a b a b ..."). An index of n-gram -> position
+    after its latest occurrence keeps each call O(max_n)."""
+
+    def __init__(self, tokens: Iterable[int] = (), min_n: int = 2, max_n: int = 3):
+        if not 1 <= min_n <= max_n:
+            raise BaldroError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self._after: dict[tuple[int, ...], int] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        n_tok = len(self.tokens)
+        for n in range(self.min_n, min(self.max_n, n_tok) + 1):  # n-grams ending at the current last token
+            self._after[tuple(self.tokens[n_tok - n :])] = n_tok  # become "earlier" once a token follows
+        self.tokens.append(int(token))
+
+    def draft(self, k: int) -> list[int]:
+        n_tok = len(self.tokens)
+        for n in range(min(self.max_n, n_tok), self.min_n - 1, -1):
+            start = self._after.get(tuple(self.tokens[n_tok - n :]))
+            if start is not None:
+                period = n_tok - start
+                out: list[int] = []
+                for j in range(k):
+                    out.append(self.tokens[start + j] if start + j < n_tok else out[j - period])
+                return out
+        return []
+
+
+# ------------------------------------------------------------------------------------- decoding
+def _cut_at_eos(row: Sequence[int], eos: set) -> list[int]:
+    return list(row[: next((j for j, t in enumerate(row) if t in eos), len(row))])
+
+
+def _static_greedy(
+    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, sort_by_length: bool, bar,
+) -> list[list[int]]:
+    """`model.generate` on fixed batches: a batch runs until its last row stops."""
+    eos = set(cfg.eos_token_id or [])
+    device = model_device(model)
+    new_tokens: list[list[int] | None] = [None] * len(inputs)
+    for idx in length_batches([len(p) for p in inputs], batch_size, sort_by_length):
+        ids, attn = pad_batch([inputs[i] for i in idx], cfg.pad_token_id, side="left")
+        cfg.max_new_tokens = max(budgets[i] for i in idx)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
+        for i, row in zip(idx, out[:, ids.shape[1] :].cpu().tolist()):
+            new_tokens[i] = _cut_at_eos(row[: budgets[i]], eos)
+        bar.update(len(idx))
+    return new_tokens  # type: ignore[return-value]
+
+
+class _Batch:
+    """The rows being decoded: one KV cache whose columns are key/value positions; a row's real
+    positions are marked in `attn` and need not be contiguous (rejected proposals leave holes)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rows: list[int] = []  # input index of every batch row
+        self.cache = None
+        self.attn = torch.zeros((0, 0), dtype=torch.long, device=device)  # [B, W] 1 on real positions
+        self.pos = torch.zeros(0, dtype=torch.long, device=device)  # position id of each row's next input
+        self.last: list[int] = []  # each row's newest token: emitted, not yet in the cache
+
+    def add(self, rows: list[int], fresh_cache, attn: torch.Tensor, first_tokens: list[int]) -> None:
+        from transformers.cache_utils import DynamicCache
+
+        width = max(self.attn.shape[1], attn.shape[1])
+        old = [(la.keys, la.values) for la in self.cache.layers] if self.cache is not None else None
+        layers = []
+        for i, la in enumerate(fresh_cache.layers):
+            k, v = _left_pad(la.keys, width, 2), _left_pad(la.values, width, 2)
+            if old is not None:
+                k, v = torch.cat([_left_pad(old[i][0], width, 2), k]), torch.cat([_left_pad(old[i][1], width, 2), v])
+            layers.append((k, v))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.attn = torch.cat([_left_pad(self.attn, width, 1), _left_pad(attn, width, 1)])
+        self.pos = torch.cat([self.pos, attn.sum(1)])
+        self.rows += rows
+        self.last += first_tokens
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep the rows at these batch positions, and drop the cache columns no row uses."""
+        if not keep:
+            self.__init__(self.device)
+            return
+        sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for la in self.cache.layers:
+            la.keys, la.values = la.keys[sel], la.values[sel]
+        self.attn, self.pos = self.attn[sel], self.pos[sel]
+        self.rows = [self.rows[b] for b in keep]
+        self.last = [self.last[b] for b in keep]
+        self.compact()
+
+    def compact(self) -> None:
+        """Move every row's real positions to the right end (order kept), left padding the rest, and
+        cut the width to the longest row."""
+        real = self.attn.bool()
+        width = int(real.sum(1).max())
+        if width == real.shape[1] and bool(real[:, real.shape[1] - width :].all()):
+            return
+        idx = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, real.shape[1] - width :]
+        self.attn = self.attn.gather(1, idx)
+        for la in self.cache.layers:
+            g = idx[:, None, :, None].expand(-1, la.keys.shape[1], -1, la.keys.shape[3])
+            la.keys, la.values = la.keys.gather(2, g), la.values.gather(2, g)
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if x.shape[dim] >= width:
+        return x
+    shape = list(x.shape)
+    shape[dim] = width - x.shape[dim]
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _continuous_greedy(
+    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, bar,
+    lookahead: int = LOOKAHEAD,
+) -> list[list[int]] | None:
+    """Greedy decoding with continuous batching and prompt-lookup speculation (module docstring).
+
+    Rows sit LEFT padded in one KV cache with their own position ids and attention masks. Each step
+    feeds every row its newest token and up to `lookahead` proposed tokens; a proposed token is kept
+    while it equals the argmax before it, and each row emits the argmaxes up to its first rejected
+    proposal (at least one token per step). Returns None, before decoding anything, when the model's
+    cache is not a full-attention DynamicCache (the caller then uses `model.generate`)."""
+    device = model_device(model)
+    eos = set(cfg.eos_token_id or [])
+    keep_ok = supports_logits_to_keep(model)
+    cache_arg = cache_kwarg(model)
+    refill_at = max(1, batch_size // 4)  # each refill costs a prefill and a copy of the cache
+    queue = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # pop() takes the longest prompt
+    out: list[list[int]] = [[] for _ in inputs]
+    drafters: dict[int, NgramDrafter] = {}
+    batch = _Batch(device)
+    while queue or batch.rows:
+        free = batch_size - len(batch.rows)
+        if queue and (not batch.rows or free >= refill_at):
+            new = [queue.pop() for _ in range(min(free, len(queue)))]
+            ids, a = pad_batch([inputs[i] for i in new], cfg.pad_token_id, side="left")
+            a = a.to(device)
+            kwargs = {"input_ids": ids.to(device), "attention_mask": a,
+                      "position_ids": (a.cumsum(1) - 1).clamp(min=0), "use_cache": True}
+            if keep_ok:
+                kwargs["logits_to_keep"] = 1
+            o = model(**kwargs)
+            fresh = output_cache(o)
+            if not is_batchable_cache(fresh):
+                if batch.cache is None and not any(out):
+                    return None
+                raise RuntimeError("the model returned a different cache type during decoding")
+            first = o.logits[:, -1].argmax(-1).tolist()
+            for i in new:
+                drafters[i] = NgramDrafter(inputs[i])
+            start = len(batch.rows)
+            batch.add(new, fresh, a, first)
+            emitted = {start + j: [t] for j, t in enumerate(first)}
+        else:
+            emitted = _speculative_step(model, batch, drafters, out, budgets, lookahead, cache_arg, cfg.pad_token_id)
+        done = []
+        for b, toks in emitted.items():
+            i = batch.rows[b]
+            for t in toks:
+                if t in eos:
+                    done.append(b)
+                    break
+                out[i].append(t)
+                drafters[i].append(t)
+                if len(out[i]) >= budgets[i]:
+                    done.append(b)
+                    break
+        if done:
+            gone = set(done)
+            for b in done:
+                drafters.pop(batch.rows[b], None)
+            batch.keep([b for b in range(len(batch.rows)) if b not in gone])
+            bar.update(len(done))
+    return out
+
+
+def _speculative_step(
+    model, batch: _Batch, drafters: dict[int, NgramDrafter], out: list[list[int]], budgets: Sequence[int],
+    lookahead: int, cache_arg: str, pad_token_id: int,
+) -> dict[int, list[int]]:
+    """One forward pass over every row's newest token and its proposals; returns the tokens each
+    row emits (batch position -> tokens) and leaves the cache holding exactly the accepted inputs."""
+    device = batch.device
+    proposals = []
+    for b, i in enumerate(batch.rows):
+        room = budgets[i] - len(out[i]) - 1  # the step emits at most 1 + len(proposal) tokens
+        proposals.append(drafters[i].draft(min(lookahead, room)) if room > 0 else [])
+    width = 1 + max(len(p) for p in proposals)
+    ids = torch.full((len(proposals), width), pad_token_id, dtype=torch.long)
+    step_attn = torch.zeros((len(proposals), width), dtype=torch.long)
+    for b, p in enumerate(proposals):
+        ids[b, : 1 + len(p)] = torch.tensor([batch.last[b], *p])
+        step_attn[b, : 1 + len(p)] = 1
+    step_attn = step_attn.to(device)
+    attn = torch.cat([batch.attn, step_attn], dim=1)
+    pos = batch.pos[:, None] + torch.arange(width, device=device)[None, :]
+    o = model(input_ids=ids.to(device), attention_mask=attn, position_ids=pos, use_cache=True,
+              **{cache_arg: batch.cache})
+    batch.cache = output_cache(o)
+    greedy = o.logits.argmax(-1).tolist()  # [B, width]: the argmax after each input
+    emitted: dict[int, list[int]] = {}
+    accepted = torch.zeros(len(proposals), dtype=torch.long)
+    for b, p in enumerate(proposals):
+        j = 0  # inputs 0..j hold the true sequence
+        while j < len(p) and p[j] == greedy[b][j]:
+            j += 1
+        emitted[b] = greedy[b][: j + 1]
+        accepted[b] = j + 1
+        batch.last[b] = greedy[b][j]
+    keep = torch.arange(width)[None, :] < accepted[:, None]  # rejected proposals leave masked holes
+    batch.attn = torch.cat([batch.attn, keep.to(device=device, dtype=torch.long)], dim=1)
+    batch.pos = batch.pos + accepted.to(device)
+    if width > 1 and batch.attn.shape[1] > 2 * int(batch.attn.sum(1).max()):
+        batch.compact()
+    return emitted
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generating",
+    sort_by_length: bool = True,
+    progress: bool | None = None,
+    prefixes: Sequence[GreedyPrefix | None] | None = None,
+    lookahead: int = LOOKAHEAD,
+) -> list[str]:
+    """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
+
+    Batched with LEFT padding, attention masks, per-row position ids and the KV cache; generation
+    stops at EOS (the model's and the tokenizer's EOS ids). With `sort_by_length`, decoding is
+    continuous and speculative (`_continuous_greedy`; `lookahead=0` turns speculation off); without
+    it, or for a model whose cache cannot be batched that way, `model.generate` runs fixed batches
+    (in input order without `sort_by_length`). `prefixes[i]` (from `greedy_prefix`) are tokens
+    known to start the generation of prompt i: decoding resumes after them, and a finished prefix
+    needs no decoding at all. Returns the texts in input order.
+    """
+    if any(len(p) == 0 for p in prompts_ids):
+        raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
+    if prefixes is not None and len(prefixes) != len(prompts_ids):
+        raise BaldroError(f"{len(prefixes)} prefixes for {len(prompts_ids)} prompts")
+    if lookahead < 0:
+        raise BaldroError(f"lookahead must be >= 0, got {lookahead}")
+    cfg = greedy_config(model, tokenizer, max_new_tokens)
+    eos = set(cfg.eos_token_id or [])
+    known: list[list[int]] = []
+    todo: list[int] = []
+    for i in range(len(prompts_ids)):
+        pre = prefixes[i] if prefixes is not None else None
+        toks = list(pre.tokens[:max_new_tokens]) if pre is not None else []
+        if pre is not None and not pre.finished and len(toks) < max_new_tokens and eos.intersection(toks):
+            raise BaldroError(f"prefix {i} contains EOS but is not marked finished")
+        known.append(toks)
+        if not (pre is not None and pre.finished) and len(toks) < max_new_tokens:
+            todo.append(i)
+    with eval_mode(model), _generation_config(model, cfg), torch.inference_mode(), \
+            progress_bar(len(prompts_ids), desc, progress) as bar:
+        bar.update(len(prompts_ids) - len(todo))
+        inputs = [list(prompts_ids[i]) + known[i] for i in todo]
+        budgets = [max_new_tokens - len(known[i]) for i in todo]
+        new = _continuous_greedy(model, cfg, inputs, budgets, batch_size, bar, lookahead) \
+            if sort_by_length and todo else None
+        if new is None:
+            new = _static_greedy(model, cfg, inputs, budgets, batch_size, sort_by_length, bar)
+    for i, toks in zip(todo, new):
+        known[i] = known[i] + toks
+    return [tokenizer.decode(_cut_at_eos(toks, eos), skip_special_tokens=True).strip() for toks in known]
