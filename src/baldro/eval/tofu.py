@@ -2,12 +2,14 @@
 
 Three layers, each replaceable on its own:
 
-1. model scoring (`baldro.eval.engine`): teacher-forced passes and greedy generation. With
+1. model scoring (`baldro.eval.engine`) and greedy generation (`baldro.eval.generation`). With
    `shared_forward=True` every text is run through the model once, whatever number of metrics
-   read it (the forget answers serve Q_A_Prob, EM, ES and the four MIA attacks), and texts of all
-   sets that need the same outputs go through one length-sorted call. With `shared_forward=False`
-   every metric runs its own passes, as an unoptimised tool does (the benchmark's baseline); the
-   numbers are the same.
+   read it (the forget answers serve Q_A_Prob, EM, ES and the four MIA attacks), texts of all
+   sets that need the same outputs go through one length-sorted call, and the teacher-forced
+   argmax over each reference answer drafts the generation from its question (the tokens a model
+   reproduces from the reference are not decoded again). With `shared_forward=False` every metric
+   runs its own passes, as an unoptimised tool does (the benchmark's baseline); the numbers are
+   the same.
 2. per-sample assembly (`assemble_tofu_eval_log`): OpenUnlearning's keys and per-sample fields.
 3. aggregation (`baldro.eval.summarize.summarize_tofu`): the summary, forget quality, model
    utility and privleak, from the per-sample log (and the retain model's log).
@@ -580,8 +582,10 @@ def evaluate_tofu(
         retain_logs_path: the retain model's TOFU_EVAL.json on the same forget split; needed for
             forget quality (None otherwise) and used as the privleak reference.
         limit: evaluate only the first `limit` rows of every set (quick runs, tests).
-        shared_forward: one forward pass per text for all metrics (False: per-metric passes).
-        sort_by_length: length-sorted batches (False: input order).
+        shared_forward: one forward pass per text for all metrics, which also drafts the
+            generations (False: per-metric passes).
+        sort_by_length: length-sorted batches and continuous, speculative generation (False: input
+            order and `model.generate` on fixed batches).
         timings: if a dict is given, it is filled with {group: {rows, sequences, seconds}}.
     """
     data = load_tofu_eval_data(data_source, forget_split, limit)
