@@ -384,6 +384,13 @@ def test_speculative_decoding_equals_plain_greedy(memorising):
     assert calls[8] < calls[1] < calls[0], calls
 
 
+def test_speculation_is_off_by_default_for_large_models_on_cpu(tiny, monkeypatch):
+    model, _, _ = tiny
+    assert generation.default_lookahead(model) == generation.LOOKAHEAD
+    monkeypatch.setattr(generation, "CPU_SPECULATION_MAX_PARAMS", 1000)
+    assert generation.default_lookahead(model) == 0
+
+
 def test_unbatchable_cache_falls_back_to_model_generate(memorising, monkeypatch):
     """A model whose cache the continuous decoder cannot merge (e.g. sliding-window layers) is
     decoded by model.generate on fixed batches, with the same texts."""

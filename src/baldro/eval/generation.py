@@ -41,6 +41,11 @@ from baldro.eval.engine import (
 )
 
 LOOKAHEAD = 8  # most tokens a row proposes per decoding step (prompt lookup)
+# On a CPU, a forward pass of a model this large costs in proportion to the tokens it reads, so
+# checking proposals costs about what decoding them would (SmolLM2-135M: 28.0 s with proposals,
+# 26.4 s without); smaller models and GPUs spend most of a pass on fixed costs, which proposals share.
+CPU_SPECULATION_MAX_PARAMS = 20_000_000
+PROBE_EVERY = 8  # decoding steps between tries of rows whose last proposal was rejected
 
 
 # ------------------------------------------------------------------------------------- config
@@ -158,12 +163,22 @@ class NgramDrafter:
     `draft(k)` finds the latest EARLIER occurrence of the sequence's last n tokens (n from `max_n`
     down to `min_n`) and proposes the k tokens that followed it, continued periodically past the
     end of the sequence (a loop "a b a b" proposes "a b a b ..."). An index of n-gram -> position
-    after its latest occurrence keeps each call O(max_n)."""
+    after its latest occurrence keeps each call O(max_n).
 
-    def __init__(self, tokens: Iterable[int] = (), min_n: int = 2, max_n: int = 3):
+    `propose(room)` adapts how many tokens to propose to how many were accepted (`accepted`): it
+    doubles after a fully accepted proposal (up to `lookahead`) and falls to the accepted count
+    otherwise; at zero, a token is only tried when the caller probes (every few steps, for all
+    rows at once, so that probes widen few passes). A row that does not repeat itself thus soon
+    costs nothing, and one caught in a loop proposes `lookahead` tokens a step."""
+
+    def __init__(
+        self, tokens: Iterable[int] = (), min_n: int = 2, max_n: int = 3, lookahead: int = LOOKAHEAD,
+    ):
         if not 1 <= min_n <= max_n:
             raise BaldroError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.min_n, self.max_n = min_n, max_n
+        self.lookahead = lookahead
+        self.length = min(2, lookahead)  # tokens the next proposal may have
         self.tokens: list[int] = []
         self._after: dict[tuple[int, ...], int] = {}
         for t in tokens:
@@ -186,6 +201,16 @@ class NgramDrafter:
                     out.append(self.tokens[start + j] if start + j < n_tok else out[j - period])
                 return out
         return []
+
+    def propose(self, room: int, probe: bool = False) -> list[int]:
+        """Up to `room` proposed tokens; with `probe`, at least one is tried even after rejections."""
+        k = max(self.length, 1) if probe and self.lookahead > 0 else self.length
+        return self.draft(min(k, room)) if k > 0 and room > 0 else []
+
+    def accepted(self, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        self.length = min(2 * proposed, self.lookahead) if accepted == proposed else accepted
 
 
 # ------------------------------------------------------------------------------------- decoding
@@ -294,6 +319,7 @@ def _continuous_greedy(
     out: list[list[int]] = [[] for _ in inputs]
     drafters: dict[int, NgramDrafter] = {}
     batch = _Batch(device)
+    steps = 0
     while queue or batch.rows:
         free = batch_size - len(batch.rows)
         if queue and (not batch.rows or free >= refill_at):
@@ -312,12 +338,15 @@ def _continuous_greedy(
                 raise RuntimeError("the model returned a different cache type during decoding")
             first = o.logits[:, -1].argmax(-1).tolist()
             for i in new:
-                drafters[i] = NgramDrafter(inputs[i])
+                drafters[i] = NgramDrafter(inputs[i], lookahead=lookahead)
             start = len(batch.rows)
             batch.add(new, fresh, a, first)
             emitted = {start + j: [t] for j, t in enumerate(first)}
         else:
-            emitted = _speculative_step(model, batch, drafters, out, budgets, lookahead, cache_arg, cfg.pad_token_id)
+            steps += 1
+            emitted = _speculative_step(
+                model, batch, drafters, out, budgets, cache_arg, cfg.pad_token_id, probe=steps % PROBE_EVERY == 0,
+            )
         done = []
         for b, toks in emitted.items():
             i = batch.rows[b]
@@ -341,15 +370,14 @@ def _continuous_greedy(
 
 def _speculative_step(
     model, batch: _Batch, drafters: dict[int, NgramDrafter], out: list[list[int]], budgets: Sequence[int],
-    lookahead: int, cache_arg: str, pad_token_id: int,
+    cache_arg: str, pad_token_id: int, probe: bool,
 ) -> dict[int, list[int]]:
     """One forward pass over every row's newest token and its proposals; returns the tokens each
     row emits (batch position -> tokens) and leaves the cache holding exactly the accepted inputs."""
     device = batch.device
     proposals = []
     for b, i in enumerate(batch.rows):
-        room = budgets[i] - len(out[i]) - 1  # the step emits at most 1 + len(proposal) tokens
-        proposals.append(drafters[i].draft(min(lookahead, room)) if room > 0 else [])
+        proposals.append(drafters[i].propose(budgets[i] - len(out[i]) - 1, probe))  # emits <= 1 + len(proposal)
     width = 1 + max(len(p) for p in proposals)
     ids = torch.full((len(proposals), width), pad_token_id, dtype=torch.long)
     step_attn = torch.zeros((len(proposals), width), dtype=torch.long)
@@ -371,6 +399,7 @@ def _speculative_step(
             j += 1
         emitted[b] = greedy[b][: j + 1]
         accepted[b] = j + 1
+        drafters[batch.rows[b]].accepted(len(p), j)
         batch.last[b] = greedy[b][j]
     keep = torch.arange(width)[None, :] < accepted[:, None]  # rejected proposals leave masked holes
     batch.attn = torch.cat([batch.attn, keep.to(device=device, dtype=torch.long)], dim=1)
@@ -378,6 +407,15 @@ def _speculative_step(
     if width > 1 and batch.attn.shape[1] > 2 * int(batch.attn.sum(1).max()):
         batch.compact()
     return emitted
+
+
+def default_lookahead(model) -> int:
+    """LOOKAHEAD, or 0 (no speculation) for a model of over CPU_SPECULATION_MAX_PARAMS on a CPU."""
+    if model_device(model).type == "cpu":
+        n = sum(p.numel() for p in model.parameters())
+        if n > CPU_SPECULATION_MAX_PARAMS:
+            return 0
+    return LOOKAHEAD
 
 
 def generate(
@@ -390,13 +428,14 @@ def generate(
     sort_by_length: bool = True,
     progress: bool | None = None,
     prefixes: Sequence[GreedyPrefix | None] | None = None,
-    lookahead: int = LOOKAHEAD,
+    lookahead: int | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
 
     Batched with LEFT padding, attention masks, per-row position ids and the KV cache; generation
     stops at EOS (the model's and the tokenizer's EOS ids). With `sort_by_length`, decoding is
-    continuous and speculative (`_continuous_greedy`; `lookahead=0` turns speculation off); without
+    continuous and speculative (`_continuous_greedy`; `lookahead` proposed tokens at most, 0 for no
+    speculation, None for `default_lookahead`); without
     it, or for a model whose cache cannot be batched that way, `model.generate` runs fixed batches
     (in input order without `sort_by_length`). `prefixes[i]` (from `greedy_prefix`) are tokens
     known to start the generation of prompt i: decoding resumes after them, and a finished prefix
@@ -406,6 +445,8 @@ def generate(
         raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
     if prefixes is not None and len(prefixes) != len(prompts_ids):
         raise BaldroError(f"{len(prefixes)} prefixes for {len(prompts_ids)} prompts")
+    if lookahead is None:
+        lookahead = default_lookahead(model)
     if lookahead < 0:
         raise BaldroError(f"lookahead must be >= 0, got {lookahead}")
     cfg = greedy_config(model, tokenizer, max_new_tokens)
