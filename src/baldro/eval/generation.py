@@ -241,6 +241,10 @@ class _Batch:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        device = self.device
         self.rows: list[int] = []  # input index of every batch row
         self.cache = None
         self.attn = torch.zeros((0, 0), dtype=torch.long, device=device)  # [B, W] 1 on real positions
@@ -266,8 +270,8 @@ class _Batch:
 
     def keep(self, keep: list[int]) -> None:
         """Keep the rows at these batch positions, and drop the cache columns no row uses."""
-        if not keep:
-            self.__init__(self.device)
+        if not keep:  # the next rows start afresh rather than padded to this batch's width
+            self.reset()
             return
         sel = torch.tensor(keep, dtype=torch.long, device=self.device)
         for la in self.cache.layers:
@@ -279,10 +283,10 @@ class _Batch:
 
     def compact(self) -> None:
         """Move every row's real positions to the right end (order kept), left padding the rest, and
-        cut the width to the longest row."""
+        cut the width to the longest row (a no-op when that does not make the cache narrower)."""
         real = self.attn.bool()
         width = int(real.sum(1).max())
-        if width == real.shape[1] and bool(real[:, real.shape[1] - width :].all()):
+        if width == real.shape[1]:
             return
         idx = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, real.shape[1] - width :]
         self.attn = self.attn.gather(1, idx)
