@@ -49,7 +49,8 @@ PROBE_EVERY = 8  # decoding steps between tries of rows whose last proposal was 
 
 
 # ------------------------------------------------------------------------------------- config
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
+    """The EOS ids greedy generation stops at: the model's generation config's, then the tokenizer's."""
     ids: list[int] = []
     for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
         if src is None:
@@ -65,7 +66,7 @@ def greedy_config(model, tokenizer, max_new_tokens: int):
     nothing inherited from the checkpoint's sampling defaults."""
     from transformers import GenerationConfig
 
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     if pad is None:
         raise BaldroError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")

@@ -341,7 +341,7 @@ def generate_tofu(
     starts after the tokens those scores already determine (`generation.greedy_prefix`)."""
     keys = [s.key for s in sets]
     chunks = [keys] if shared_forward else [[k] for k in keys]
-    eos_ids = generation.greedy_config(model, tokenizer, max_new_tokens).eos_token_id or []
+    eos_ids = generation.eos_ids(model, tokenizer)
     min_margin = generation.draft_min_margin(engine.model_dtype(model))
     out: dict[str, list[str]] = {}
     for ks in chunks:
