@@ -1,4 +1,5 @@
-"""Load any Hugging Face causal LM and its tokenizer by hub id or local path, optionally with LoRA."""
+"""Load any Hugging Face causal LM and its tokenizer by hub id, local path, GGUF file or packaged model
+(`baldro.model_sources`), optionally with LoRA."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from baldro.errors import BaldroError
+from baldro.model_sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def _looks_local(path: str) -> bool:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(path)
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise BaldroError(f"tokenizer path {path} does not exist: set model.tokenizer or model.path")
     try:
@@ -63,6 +66,7 @@ def load_model(
     """`AutoModelForCausalLM` on `device` (or left for accelerate to place when `device="accelerate"`)."""
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model_path(path)
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise BaldroError(f"model path {path} does not exist: set model.path to a folder or a hub id")
     dev = None if device == "accelerate" else resolve_device(device)

@@ -121,6 +121,11 @@ def forget_quality(unlearned_tr, retain_tr) -> float:
     return float(scipy.stats.ks_2samp(_as_float64(unlearned_tr), _as_float64(retain_tr)).pvalue)
 
 
+def ks_statistic(unlearned_tr, retain_tr) -> float:
+    """The KS statistic D behind forget quality: the largest gap between the two empirical CDFs."""
+    return float(scipy.stats.ks_2samp(_as_float64(unlearned_tr), _as_float64(retain_tr)).statistic)
+
+
 def harmonic_mean(values: Iterable[float]) -> float:
     """Harmonic mean; 0 if any value is 0."""
     return float(scipy.stats.hmean(_as_float64(list(values))))

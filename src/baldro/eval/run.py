@@ -118,8 +118,10 @@ def run_eval(cfg) -> Path:
     eval_log, summary = evaluate_tofu(model, tokenizer, build_formatter(cfg, tokenizer), out_dir=out, **settings)
     if settings["retain_logs_path"] or get(cfg, "eval.target_logs_path"):
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], get(cfg, "eval.target_logs_path"))
+    seconds = time.time() - start
+    write_json_atomic(out / "eval_info.json", {"model_path": str(get(cfg, "model.path")), "eval_time_s": seconds})
     print(format_table(summary))
-    print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({time.time() - start:.1f} s)")
+    print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({seconds:.1f} s)")
     return out
 
 

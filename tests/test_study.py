@@ -1,0 +1,45 @@
+"""The SmolLM2 TOFU study script, in its seconds-long smoke form on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("tofu_smollm2", ROOT / "experiments" / "tofu_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tofu_smollm2"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_every_stage_and_skips_finished_cells(tiny_model_dir, tofu_dir, tmp_path, capsys):
+    study = _study()
+    args = ["--smoke", "--model", str(tiny_model_dir), "--data", str(tofu_dir), "--results", str(tmp_path / "res"),
+            "--work", str(tmp_path / "work"), "--jobs", "2"]
+    assert study.main(args) == 0
+    cells = tmp_path / "res" / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == ["npo_dv_seed0", "npo_mean_seed0", "retain", "target"]
+    for name in ("npo_dv_seed0", "npo_mean_seed0"):
+        assert not (tmp_path / "work" / "cells" / name / "model").exists()  # models are not kept
+        summary = json.loads((cells / name / "eval" / "TOFU_SUMMARY.json").read_text())
+        assert summary["forget_quality"] is not None and "balance_prob_std" in summary
+        assert (cells / name / "balance.jsonl").read_text().count("\n") >= 2
+        assert not list((cells / name).rglob("*.safetensors"))
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "| npo_dv | 0 |" in table and "| retain | - | 1 |" in table
+    assert (tmp_path / "res" / "seeds.png").stat().st_size > 0
+    assert (tmp_path / "res" / "report" / "report.md").is_file()
+    capsys.readouterr()
+
+    assert study.main(args) == 0  # everything is done: nothing runs again
+    assert "8 job(s) already done, 0 to run" in capsys.readouterr().out
