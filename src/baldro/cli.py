@@ -1,4 +1,4 @@
-"""`baldro` command line: finetune, unlearn, eval, summarize, report, demo.
+"""`baldro` command line: finetune, unlearn, eval, show-config, summarize, report, demo.
 
 Recipes are YAML files plus `key=value` overrides, e.g.
     baldro unlearn configs/unlearn/tofu.yaml objective=simnpo weighting=dv split=forget05 train.learning_rate=2e-5
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
     _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
     _recipe_parser(sub, "eval", "evaluate a model on TOFU")
+    _recipe_parser(sub, "show-config", "print a recipe as resolved (groups, overrides, every default)")
 
     s = sub.add_parser("summarize", help="recompute every aggregate of a per-sample eval log")
     s.add_argument("eval_json", help="TOFU_EVAL.json or MUSE_EVAL.json (ours or OpenUnlearning's)")
@@ -49,11 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.command in ("finetune", "unlearn", "eval"):
+    if args.command in ("finetune", "unlearn", "eval", "show-config"):
         from baldro.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        if args.command == "finetune":
+        if args.command == "show-config":
+            from baldro.config import as_recipe, dump_config
+
+            print(dump_config(as_recipe(cfg)), end="")
+        elif args.command == "finetune":
             from baldro.recipes import run_finetune
 
             print(f"baldro: fine-tuned model in {run_finetune(cfg) / 'model'}")
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
 
             print(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
         else:
-            from baldro.eval.run import run_eval
+            from baldro.recipes import run_eval
 
             run_eval(cfg)
     elif args.command == "summarize":

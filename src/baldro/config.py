@@ -5,18 +5,24 @@ A recipe may start with a `defaults` list naming config-group choices, e.g.
 `<configs>/objective/npo.yaml` is found in the recipe's folder or any folder above it and merged at
 the root (so it says where its keys go). On the command line, `objective=simnpo` picks another
 group file and `objective.args.beta=0.2` sets one value; later overrides win.
+
+Every piece is merged onto the schema (`baldro.schema.Recipe`): an unknown key or a value of the
+wrong type is a one-line error naming the key, where it came from, and the closest valid key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from baldro.errors import BaldroError
+from baldro.schema import Recipe
 
 
 def _load_yaml(path: Path) -> dict:
@@ -63,27 +69,78 @@ def _split_overrides(recipe: Path, overrides: Sequence[str]) -> tuple[dict[str, 
     return groups, values
 
 
+def _schema_error(e: OmegaConfBaseException, where: str) -> BaldroError:
+    """One line: the key, what is wrong with it, where it came from, and the closest valid key."""
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    problem = (str(getattr(e, "msg", None) or e)).splitlines()[0]
+    owner = getattr(e, "object_type", None)
+    hint = ""
+    if isinstance(e, ConfigKeyError) and owner is not None and dataclasses.is_dataclass(owner):
+        names = [f.name for f in dataclasses.fields(owner)]
+        prefix = key.rsplit(".", 1)[0] + "." if "." in str(key) else ""
+        name = str(getattr(e, "key", key))
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        if close:
+            hint = f": did you mean {prefix}{close[0]}?"
+        elif "args" in names:
+            hint = f": the {prefix[:-1]}'s own arguments go under {prefix}args (e.g. {prefix}args.{name})"
+        else:
+            hint = f": valid keys here are {', '.join(names)}"
+        problem = f"unknown key {key!r}"
+    elif key not in problem:
+        problem = f"{key}: {problem}"
+    return BaldroError(f"{where}: {problem}{hint}")
+
+
+def _merge(cfg: DictConfig, piece, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, piece)
+    except OmegaConfBaseException as e:
+        raise _schema_error(e, where) from None
+
+
 def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose a recipe with its group defaults and the command-line overrides; resolve interpolations."""
+    """Compose a recipe with its group defaults and the command-line overrides on the schema;
+    resolve interpolations. The result is typed: `as_recipe(cfg)` gives the `Recipe` object."""
     recipe = Path(recipe)
     raw = _load_yaml(recipe)
     group_choices, value_overrides = _split_overrides(recipe, overrides)
     defaults = raw.pop("defaults", []) or []
-    merged = OmegaConf.create()
+    cfg = OmegaConf.structured(Recipe)
     for entry in defaults:
         if not (isinstance(entry, dict) and len(entry) == 1):
             raise BaldroError(f"{recipe}: each defaults entry must be {{group: choice}}, got {entry!r}")
         (group, choice), = entry.items()
         choice = group_choices.pop(group, choice)
-        merged = OmegaConf.merge(merged, _load_yaml(_group_file(recipe, group, str(choice))))
+        path = _group_file(recipe, group, str(choice))
+        cfg = _merge(cfg, _load_yaml(path), str(path))
     for group, choice in group_choices.items():  # a group the recipe did not list
-        merged = OmegaConf.merge(merged, _load_yaml(_group_file(recipe, group, choice)))
+        path = _group_file(recipe, group, choice)
+        cfg = _merge(cfg, _load_yaml(path), str(path))
+    cfg = _merge(cfg, raw, str(recipe))
     try:
-        cfg = OmegaConf.merge(merged, OmegaConf.create(raw), OmegaConf.from_dotlist(value_overrides))
+        dotlist = OmegaConf.from_dotlist(value_overrides)
+    except OmegaConfBaseException as e:
+        raise BaldroError(f"bad override: {str(e).splitlines()[0]}") from None
+    cfg = _merge(cfg, dotlist, "command-line override")
+    try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise BaldroError(f"bad config {recipe}: {e}".splitlines()[0]) from None
+        raise _schema_error(e, str(recipe)) from None
     return cfg
+
+
+def as_recipe(cfg: Recipe | DictConfig | dict) -> Recipe:
+    """The typed `Recipe` of a loaded config, a plain dict (the demo's) or a `Recipe` itself."""
+    if isinstance(cfg, Recipe):
+        return cfg
+    if not (isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is Recipe):
+        cfg = _merge(OmegaConf.structured(Recipe), cfg, "recipe")
+    try:
+        OmegaConf.resolve(cfg)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _schema_error(e, "recipe") from None
 
 
 def to_container(cfg: DictConfig | dict | None) -> dict:
@@ -94,5 +151,5 @@ def to_container(cfg: DictConfig | dict | None) -> dict:
     return dict(cfg)
 
 
-def dump_config(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def dump_config(cfg: Recipe | DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg) if isinstance(cfg, Recipe) else cfg, resolve=True)

@@ -66,12 +66,12 @@ BATCH_SIZE, UNLEARN_BATCH_SIZE = 16, 8
 
 
 # ----------------------------------------------------------------------------- recipes
-def _train_args(epochs: int, lr: float, batch_size: int, seed: int, warmup: float) -> dict:
+def _train_args(epochs: int, lr: float, batch_size: int, warmup: float) -> dict:
     return {
         "num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
         "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear", "warmup_steps": warmup,
         "weight_decay": 0.0, "optim": "adamw_torch_fused", "use_cpu": True, "logging_steps": 1,
-        "save_strategy": "no", "seed": seed, "disable_tqdm": True,
+        "save_strategy": "no", "disable_tqdm": True,
     }
 
 
@@ -90,7 +90,7 @@ def finetune_cfg(name: str, split: str, data_dir: Path, base: Path, runs: Path, 
     cfg = _base_cfg(data_dir, base, runs / name, seed)
     cfg.update(name=name, log_to_console=False)
     cfg["data"].update(train_split=split, extra_train_splits=["world"])
-    cfg["train"] = _train_args(p.finetune_epochs, p.finetune_lr, BATCH_SIZE, seed, warmup=0.05)
+    cfg["train"] = _train_args(p.finetune_epochs, p.finetune_lr, BATCH_SIZE, warmup=0.05)
     return cfg
 
 
@@ -98,7 +98,7 @@ def unlearn_cfg(method, data_dir: Path, runs: Path, p: DemoPreset, seed: int) ->
     name, objective, weighting, wargs = method
     cfg = _base_cfg(data_dir, runs / "target" / "model", runs / name, seed)
     cfg.update(name=name, log_to_console=False, objective=objective, weighting={"name": weighting, "args": wargs},
-               train=_train_args(p.unlearn_epochs, p.unlearn_lr, UNLEARN_BATCH_SIZE, seed, warmup=0),
+               train=_train_args(p.unlearn_epochs, p.unlearn_lr, UNLEARN_BATCH_SIZE, warmup=0),
                balance={"every_n_steps": 1, "batch_size": 64})
     return cfg
 

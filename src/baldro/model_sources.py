@@ -87,10 +87,8 @@ def materialise_gguf(gguf: str | Path, out_dir: str | Path, expected_sha256: str
     gguf, out_dir = Path(gguf), Path(out_dir)
     if (out_dir / "model.safetensors").exists() and (out_dir / "config.json").exists():
         return out_dir
-    try:
-        import gguf as _  # noqa: F401  transformers' GGUF reader needs it
-    except ImportError:
-        raise BaldroError("reading GGUF files needs the gguf package: pip install gguf") from None
+    if importlib.util.find_spec("gguf") is None:  # transformers' GGUF reader needs it
+        raise BaldroError("reading GGUF files needs the gguf package: pip install gguf")
     log.info("de-quantising %s into %s (once)", gguf, out_dir)
     kw = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)

@@ -8,6 +8,7 @@ vector, so every weighting wraps every objective. A new objective is one decorat
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,10 +39,12 @@ class Objective:
     defaults: dict = field(default_factory=dict)
 
     def check_args(self, hparams: dict) -> None:
-        unknown = set(hparams) - set(self.defaults)
+        unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
+            close = difflib.get_close_matches(unknown[0], list(self.defaults), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise BaldroError(
-                f"objective {self.name!r} has no hyperparameter(s) {sorted(unknown)}: it takes {sorted(self.defaults)}"
+                f"objective {self.name!r} has no hyperparameter(s) {unknown}{hint}: it takes {sorted(self.defaults)}"
             )
 
     def __call__(self, inputs: ForgetInputs, **hparams) -> torch.Tensor:
@@ -49,7 +52,7 @@ class Objective:
         if self.needs_reference and inputs.forget_ref_logp is None:
             raise BaldroError(f"objective {self.name!r} needs the reference model's log-probs")
         if self.needs_refusal and inputs.refusal is None:
-            raise BaldroError(f"objective {self.name!r} needs refusal answers (unlearn.refusal_file)")
+            raise BaldroError(f"objective {self.name!r} needs refusal answers (data.refusal_file)")
         return self.fn(inputs, **{**self.defaults, **hparams})
 
 

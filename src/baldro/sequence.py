@@ -55,9 +55,3 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> TokenLogProbs
     # cross_entropy is the fused log-softmax + gather: far less memory than log_softmax on [B, T, V].
     ce = F.cross_entropy(logits.float().transpose(1, 2), safe_labels, reduction="none")
     return TokenLogProbs(token_logp=(-ce).masked_fill(~mask, 0.0), mask=mask)
-
-
-def forward_log_probs(model, batch: dict[str, torch.Tensor]) -> TokenLogProbs:
-    """Run `model` on a batch with `input_ids`, `attention_mask`, `labels` and score the labels."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return token_log_probs(out.logits, batch["labels"])

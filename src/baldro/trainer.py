@@ -23,7 +23,7 @@ from baldro.errors import BaldroError
 from baldro.io import append_jsonl
 from baldro.objectives import ForgetInputs, Objective, RetainLoss
 from baldro.sequence import token_log_probs
-from baldro.weighting import GlobalDVWeighting, GroupWeighting, Weighting, weight_stats
+from baldro.weighting import Weighting, weight_stats
 
 
 # --------------------------------------------------------------------------- data
@@ -203,18 +203,8 @@ class UnlearnTrainer(Trainer):
 
         losses = self.objective(x, **self.objective_args)
         ids = inputs["forget_ids"]
-        if isinstance(self.weighting, GlobalDVWeighting):
-            all_ids, all_losses = self._gather(ids, losses.detach())
-            keep = all_ids >= 0  # drop the padding added to gather uneven last batches
-            self.weighting.observe(all_ids[keep], all_losses[keep])
-            weighted = self.weighting.tilt(losses, ids)
-        else:
-            weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach())
-
-        retain_rows = None
-        if isinstance(self.weighting, GroupWeighting) and self.weighting.shrink_retain:
-            k = len(weighted.selected)
-            retain_rows = torch.randperm(len(ids), device=ids.device)[:k]
+        weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach(), gather=self._gather_samples)
+        retain_rows = self.weighting.retain_rows(weighted, len(inputs["retain_input_ids"]), ids.device)
         retain = batch_part(inputs, "retain", retain_rows)
         retain_logits, retain_lp = self._forward(model, retain)
         ref_logits = None
@@ -233,6 +223,12 @@ class UnlearnTrainer(Trainer):
             return list(tensors)
         return [self.accelerator.gather(self.accelerator.pad_across_processes(t, pad_index=-1)) for t in tensors]
 
+    def _gather_samples(self, ids: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+        """`ids` and per-sample `values` of every process, without the padding of uneven batches."""
+        all_ids, *all_values = self._gather(ids, *values)
+        keep = all_ids >= 0
+        return [all_ids[keep], *(v[keep] for v in all_values)]
+
     def _record(self, loss, weighted, losses, retain_value, ids) -> None:
         if not torch.isfinite(loss.detach()):
             raise BaldroError(
@@ -248,14 +244,13 @@ class UnlearnTrainer(Trainer):
         for k, v in stats.items():
             self._accum.setdefault(k, []).append(float(v))
         if self.forget_log_path is not None:
-            all_ids, all_losses, all_weights = self._gather(ids, losses.detach().float(), weighted.weights.float())
+            all_ids, all_losses, all_weights = self._gather_samples(ids, losses.detach().float(), weighted.weights.float())
             if self.is_world_process_zero():
-                keep = all_ids >= 0
                 append_jsonl(self.forget_log_path, {
                     "step": self.state.global_step + 1,
-                    "ids": all_ids[keep].tolist(),
-                    "losses": all_losses[keep].tolist(),
-                    "weights": all_weights[keep].tolist(),
+                    "ids": all_ids.tolist(),
+                    "losses": all_losses.tolist(),
+                    "weights": all_weights.tolist(),
                 })
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

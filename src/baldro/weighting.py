@@ -8,8 +8,11 @@ softmax(-l/sigma), `dv_global` a Gibbs tilt over running losses of the whole for
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -79,20 +82,35 @@ def _check_sigma(sigma: float) -> None:
 
 
 # ------------------------------------------------------------------ configured weightings
+# gather(ids, *values) -> the same tensors concatenated over every process (identity on one process).
+Gather = Callable[..., Sequence[torch.Tensor]]
+
+
 class Weighting:
-    """A configured weighting: `weighting(losses, ids=..., nll=...) -> Weighted`."""
+    """A configured weighting: `weighting(losses, ids=..., nll=..., gather=...) -> Weighted`.
+
+    The trainer calls every weighting the same way; what a weighting needs beyond the losses it
+    takes from the keyword arguments (`ids`: forget-sample ids, `nll`: per-sample mean NLL, `gather`:
+    the batch of every process), and it may shape the rest of the step through the hooks below. A
+    new weighting is one subclass registered in `WEIGHTINGS`; the trainer does not change.
+    """
 
     name = "base"
-    stateful = False
+    stateful = False  # True: has state_dict() / load_state_dict(), saved with every checkpoint
 
-    def __call__(self, losses: torch.Tensor, *, ids: torch.Tensor | None = None, nll: torch.Tensor | None = None) -> Weighted:
+    def __call__(self, losses: torch.Tensor, *, ids: torch.Tensor | None = None, nll: torch.Tensor | None = None,
+                 gather: Gather | None = None) -> Weighted:
         raise NotImplementedError
+
+    def retain_rows(self, weighted: Weighted, n_retain: int, device: torch.device) -> torch.Tensor | None:
+        """Rows of the step's retain batch to use (None: all of them)."""
+        return None
 
 
 class MeanWeighting(Weighting):
     name = "mean"
 
-    def __call__(self, losses, *, ids=None, nll=None):
+    def __call__(self, losses, *, ids=None, nll=None, gather=None):
         return mean(losses)
 
 
@@ -107,12 +125,18 @@ class GroupWeighting(Weighting):
             raise BaldroError(f"group hardness must be 'loss' or 'nll', got {hardness!r}")
         self.ratio, self.hardness, self.shrink_retain = ratio, hardness, shrink_retain
 
-    def __call__(self, losses, *, ids=None, nll=None):
+    def __call__(self, losses, *, ids=None, nll=None, gather=None):
         if self.hardness == "nll":
             if nll is None:
                 raise BaldroError("group hardness 'nll' needs the per-sample NLL")
             return group(losses, self.ratio, hardness=-nll)
         return group(losses, self.ratio)
+
+    def retain_rows(self, weighted, n_retain, device):
+        """With `shrink_retain` (the released code), k random retain samples, k = the number kept."""
+        if not self.shrink_retain:
+            return None
+        return torch.randperm(n_retain, device=device)[: len(weighted.selected)]
 
 
 class DVWeighting(Weighting):
@@ -122,14 +146,14 @@ class DVWeighting(Weighting):
         _check_sigma(sigma)
         self.sigma = sigma
 
-    def __call__(self, losses, *, ids=None, nll=None):
+    def __call__(self, losses, *, ids=None, nll=None, gather=None):
         return dv(losses, self.sigma)
 
 
 class DVSoftminWeighting(DVWeighting):
     name = "dv_softmin"
 
-    def __call__(self, losses, *, ids=None, nll=None):
+    def __call__(self, losses, *, ids=None, nll=None, gather=None):
         return dv_softmin(losses, self.sigma)
 
 
@@ -165,10 +189,12 @@ class GlobalDVWeighting(Weighting):
         fill = self.running[seen].mean() if seen.any() else torch.tensor(0.0)
         return torch.softmax(torch.where(seen, self.running, fill) / self.sigma, 0)
 
-    def __call__(self, losses, *, ids=None, nll=None):
+    def __call__(self, losses, *, ids=None, nll=None, gather=None):
+        """Observe the losses of every process's batch, then tilt this process's batch."""
         if ids is None:
             raise BaldroError("dv_global needs sample ids")
-        self.observe(ids, losses)
+        all_ids, all_losses = gather(ids, losses.detach()) if gather is not None else (ids, losses.detach())
+        self.observe(all_ids, all_losses)
         return self.tilt(losses, ids)
 
     def tilt(self, losses: torch.Tensor, ids: torch.Tensor) -> Weighted:
@@ -198,7 +224,13 @@ def make_weighting(name: str, n_samples: int | None = None, **args) -> Weighting
     if name not in WEIGHTINGS:
         raise BaldroError(f"unknown weighting {name!r}: use one of {sorted(WEIGHTINGS)}")
     cls = WEIGHTINGS[name]
-    if cls is GlobalDVWeighting:
+    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "n_samples")]
+    for key in args:
+        if key not in params:
+            close = difflib.get_close_matches(key, params, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"it takes {params or 'no arguments'}"
+            raise BaldroError(f"bad arguments for weighting {name!r}: it has no argument {key!r}, {hint}")
+    if "n_samples" in inspect.signature(cls.__init__).parameters:
         args = {"n_samples": n_samples or 0, **args}
     try:
         return cls(**args)

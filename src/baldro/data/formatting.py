@@ -17,6 +17,9 @@ from baldro.errors import BaldroError
 
 IGNORE_INDEX = -100
 PLAIN_PROMPT = "Question: {question}\nAnswer: "
+# Llama-3 chat templates print a date into the system turn; pinned as OpenUnlearning pins it, so that
+# the same recipe gives the same tokens on every day.
+DATE_STRING = "10 Apr 2025"
 
 
 @dataclass
@@ -59,6 +62,7 @@ class QAFormatter:
         prompt_template: plain template with a `{question}` field, used without a chat template.
         answer_suffix: text appended after the answer in the plain template (e.g. an end tag).
         max_length: maximum number of tokens of the full sequence.
+        date_string: the date that chat templates which print one (Llama-3) are given.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class QAFormatter:
         prompt_template: str = PLAIN_PROMPT,
         answer_suffix: str = "",
         max_length: int = 512,
+        date_string: str = DATE_STRING,
     ):
         if "{question}" not in prompt_template:
             raise BaldroError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
@@ -81,6 +86,7 @@ class QAFormatter:
         self.prompt_template = prompt_template
         self.answer_suffix = answer_suffix
         self.max_length = max_length
+        self.date_string = date_string
 
     # ----------------------------------------------------------------- text
     def _messages(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict]:
@@ -93,7 +99,8 @@ class QAFormatter:
         """The text a model is asked to continue (few-shot `history` becomes earlier turns)."""
         if self.use_chat_template:
             return self.tokenizer.apply_chat_template(
-                self._messages(question, history), tokenize=False, add_generation_prompt=True
+                self._messages(question, history), tokenize=False, add_generation_prompt=True,
+                date_string=self.date_string,
             )
         text = self.system_prompt + "\n" if self.system_prompt else ""
         for q, a in history:
@@ -103,7 +110,7 @@ class QAFormatter:
     def full_text(self, question: str, answer: str, history: Sequence[tuple[str, str]] = ()) -> str:
         if self.use_chat_template:
             msgs = self._messages(question, history) + [{"role": "assistant", "content": answer}]
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False)
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, date_string=self.date_string)
         return self.prompt_text(question, history) + answer + self.answer_suffix
 
     # ---------------------------------------------------------------- tokens
@@ -112,13 +119,27 @@ class QAFormatter:
         return self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
 
     def encode(self, question: str, answer: str, history: Sequence[tuple[str, str]] = ()) -> EncodedQA:
-        """Token ids of prompt+answer (+EOS) with labels -100 on the prompt; not truncated."""
-        prompt_ids = self._ids(self.prompt_text(question, history))
-        full_ids = self._ids(self.full_text(question, answer, history))
+        """Token ids of prompt+answer (+EOS) with labels -100 on the prompt; not truncated.
+
+        The label boundary is exact: when the whole text's tokens start with the prompt's (the usual
+        case), they are kept; when they do not (a prompt ending with a space, which BPE merges into
+        the first answer token), the rest of the text is tokenised on its own and appended to the
+        prompt's tokens, so training, scoring and generation all see the prompt as generation does.
+        A template whose full text does not even start with its prompt text is split at the longest
+        common token prefix.
+        """
+        prompt, full = self.prompt_text(question, history), self.full_text(question, answer, history)
+        prompt_ids, full_ids = self._ids(prompt), self._ids(full)
+        prompt_len = len(prompt_ids)
+        if full_ids[:prompt_len] != prompt_ids:
+            if full.startswith(prompt):
+                full_ids = prompt_ids + self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            else:
+                prompt_len = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
+                                  min(len(prompt_ids), len(full_ids)))
         eos = self.tokenizer.eos_token_id
         if eos is not None and (not full_ids or full_ids[-1] != eos):
             full_ids = full_ids + [eos]
-        prompt_len = min(len(prompt_ids), len(full_ids))
         labels = [IGNORE_INDEX] * prompt_len + full_ids[prompt_len:]
         return EncodedQA(full_ids, labels, prompt_len)
 

@@ -77,7 +77,7 @@ def load_refusals(source: str | Path, refusal_file: str | Path | None = None) ->
     """Refusal answers for `idk`/`dpo` (TOFU's `idontknow.jsonl` is plain text, one answer per line)."""
     path = Path(refusal_file) if refusal_file else Path(source) / "idontknow.jsonl"
     if not path.exists():
-        raise BaldroError(f"refusal answers file {path} not found: set unlearn.refusal_file")
+        raise BaldroError(f"refusal answers file {path} not found: set data.refusal_file")
     answers = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not answers:
         raise BaldroError(f"refusal answers file {path} is empty")

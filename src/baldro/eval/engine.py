@@ -12,7 +12,8 @@ Two entry points serve every evaluation (TOFU, MUSE); greedy generation is in `b
 - `score_continuations` gives the numbers of `score_sequences` for many answers of one prompt with
   the prompt run once: its KV cache is shared by the answers (`score_sequences_shared_prompts` groups
   EncodedQA sequences by prompt tokens and falls back to `score_sequences` for lone answers and for
-  models whose cache is not a full-attention DynamicCache).
+  models whose cache is not a full-attention DynamicCache; `baldro.eval.kv_cache` reads and builds
+  the caches).
 
 Both sort the inputs by length (less padding) and return results in input order; `sort_by_length=False`
 keeps the input order (the unoptimised baseline of `benchmarks/eval_tofu.py`). Attention masks mark
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 
 from baldro.data.formatting import IGNORE_INDEX, EncodedQA, pad_batch
 from baldro.errors import BaldroError
+from baldro.eval.kv_cache import cache_from_layers, cache_kwarg, cache_layers, output_cache
+from baldro.eval.metrics import logprob_moments
 
 WANT_ALL = ("logp", "argmax", "vocab_stats")
 _VALID_WANT = frozenset(WANT_ALL)
@@ -138,7 +141,8 @@ def pad_aligned(
 
 # -------------------------------------------------------------------------------- teacher forcing
 def _vocab_chunk_stats(logits: torch.Tensor, targets: torch.Tensor, want: frozenset) -> dict[str, torch.Tensor]:
-    """Per-row statistics of a [rows, V] chunk of logits, computed in float64."""
+    """Per-row statistics of a [rows, V] chunk of logits, computed in float64 (the vocabulary
+    moments by `metrics.logprob_moments`, the definition Min-K%++ uses)."""
     lg = logits.double()
     lsm = torch.log_softmax(lg, dim=-1)
     out = {"token_logp": lsm.gather(1, targets[:, None]).squeeze(1)}
@@ -150,11 +154,7 @@ def _vocab_chunk_stats(logits: torch.Tensor, targets: torch.Tensor, want: frozen
         else:
             out["argmax_margin"] = torch.full((lg.shape[0],), torch.inf, dtype=lg.dtype, device=lg.device)
     if "vocab_stats" in want:
-        p = lsm.exp()
-        mu = (p * lsm).sum(-1)
-        var = (p * lsm.square()).sum(-1) - mu.square()
-        out["vocab_mean"] = mu
-        out["vocab_std"] = var.clamp(min=0).sqrt()  # as metrics.vocab_logprob_moments; Min-K%++ clamps
+        out["vocab_mean"], out["vocab_std"] = logprob_moments(lsm)
     return out
 
 
@@ -258,31 +258,6 @@ def score_sequences(
 
 
 # ------------------------------------------------------------------------- shared-prompt scoring
-def is_batchable_cache(cache) -> bool:
-    """A cache whose batch rows can be selected and that keeps every prompt position: a DynamicCache
-    of full-attention layers (a sliding-window layer would drop keys of long prompts)."""
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:  # pragma: no cover - older transformers
-        return False
-    layers = getattr(cache, "layers", None)
-    return isinstance(cache, DynamicCache) and bool(layers) and all(type(la) is DynamicLayer for la in layers)
-
-
-def cache_kwarg(model) -> str:
-    """The forward argument that takes a cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
 def _continuation_stats(rows: torch.Tensor, targets: torch.Tensor, want: frozenset) -> dict[str, torch.Tensor]:
     """_vocab_chunk_stats over the [n, V] logits `rows`, in chunks; results on the CPU."""
     chunk = max(1, CHUNK_ELEMENTS // rows.shape[-1])
@@ -316,10 +291,9 @@ def _encode_prompts(
     if keep_ok:
         kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
-    cache = output_cache(out)
-    if not is_batchable_cache(cache):
+    layers = cache_layers(output_cache(out))
+    if layers is None:
         return None
-    layers = [(la.keys, la.values) for la in cache.layers]
     return _EncodedPrompts(layers, attn, attn.sum(1), out.logits[:, -1])
 
 
@@ -328,8 +302,6 @@ def _score_continuation_batch(
     want: frozenset, cache_arg: str,
 ) -> list[SequenceScore]:
     """Score continuation i of prompt row owner[i] against the prompts' cached keys/values."""
-    from transformers.cache_utils import DynamicCache
-
     device = model_device(model)
     sel = torch.tensor(owner, dtype=torch.long)
     lengths = [len(c) for c in conts]
@@ -341,7 +313,7 @@ def _score_continuation_batch(
         attn = torch.cat([prompts.attn[sel], c_attn[:, :width]], dim=1)  # prompt + answer positions
         pos = prompts.lengths[sel, None] + torch.arange(width)[None, :]  # continue after the real prompt
         sel_d = sel.to(device)
-        cache = DynamicCache(ddp_cache_data=[(k[sel_d], v[sel_d]) for k, v in prompts.layers])
+        cache = cache_from_layers([(k[sel_d], v[sel_d]) for k, v in prompts.layers])
         cont_logits = model(
             input_ids=ids[:, :width].to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
             use_cache=True, **{cache_arg: cache},

@@ -29,15 +29,14 @@ import torch
 
 from baldro.data.formatting import pad_batch
 from baldro.errors import BaldroError
-from baldro.eval.engine import (
+from baldro.eval.engine import eval_mode, length_batches, model_device, progress_bar, supports_logits_to_keep
+from baldro.eval.kv_cache import (
+    cache_from_layers,
     cache_kwarg,
-    eval_mode,
+    cache_layers,
     is_batchable_cache,
-    length_batches,
-    model_device,
     output_cache,
-    progress_bar,
-    supports_logits_to_keep,
+    select_rows,
 )
 
 LOOKAHEAD = 8  # most tokens a row proposes per decoding step (prompt lookup)
@@ -253,17 +252,15 @@ class _Batch:
         self.last: list[int] = []  # each row's newest token: emitted, not yet in the cache
 
     def add(self, rows: list[int], fresh_cache, attn: torch.Tensor, first_tokens: list[int]) -> None:
-        from transformers.cache_utils import DynamicCache
-
         width = max(self.attn.shape[1], attn.shape[1])
-        old = [(la.keys, la.values) for la in self.cache.layers] if self.cache is not None else None
+        old = cache_layers(self.cache) if self.cache is not None else None
         layers = []
-        for i, la in enumerate(fresh_cache.layers):
-            k, v = _left_pad(la.keys, width, 2), _left_pad(la.values, width, 2)
+        for i, (fk, fv) in enumerate(cache_layers(fresh_cache)):
+            k, v = _left_pad(fk, width, 2), _left_pad(fv, width, 2)
             if old is not None:
                 k, v = torch.cat([_left_pad(old[i][0], width, 2), k]), torch.cat([_left_pad(old[i][1], width, 2), v])
             layers.append((k, v))
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = cache_from_layers(layers)
         self.attn = torch.cat([_left_pad(self.attn, width, 1), _left_pad(attn, width, 1)])
         self.pos = torch.cat([self.pos, attn.sum(1)])
         self.rows += rows
@@ -275,8 +272,7 @@ class _Batch:
             self.reset()
             return
         sel = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for la in self.cache.layers:
-            la.keys, la.values = la.keys[sel], la.values[sel]
+        select_rows(self.cache, sel)
         self.attn, self.pos = self.attn[sel], self.pos[sel]
         self.rows = [self.rows[b] for b in keep]
         self.last = [self.last[b] for b in keep]
@@ -291,9 +287,11 @@ class _Batch:
             return
         idx = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, real.shape[1] - width :]
         self.attn = self.attn.gather(1, idx)
-        for la in self.cache.layers:
-            g = idx[:, None, :, None].expand(-1, la.keys.shape[1], -1, la.keys.shape[3])
-            la.keys, la.values = la.keys.gather(2, g), la.values.gather(2, g)
+        layers = []
+        for k, v in cache_layers(self.cache):
+            g = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            layers.append((k.gather(2, g), v.gather(2, g)))
+        self.cache = cache_from_layers(layers)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -215,15 +215,20 @@ def min_k(token_logp, mask, k: float = 0.4) -> np.ndarray:
     return np.array([_bottom_k_mean_negated(lp[i][m[i]], k) for i in range(lp.shape[0])])
 
 
-def vocab_logprob_moments(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu, sigma) of log p_v under p = softmax(logits) over the last axis, for Min-K%++:
-    mu = sum_v p_v log p_v, sigma^2 = sum_v p_v (log p_v)^2 - mu^2. Align them like the token
-    log-probs (the distribution that predicts each label)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def logprob_moments(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) of log p_v under p over the last axis of the log-probs `logp` (any leading shape,
+    e.g. a [rows, V] chunk), for Min-K%++: mu = sum_v p_v log p_v, sigma^2 = sum_v p_v (log p_v)^2
+    - mu^2, the variance clamped at 0 against rounding. Computed in the dtype of `logp`."""
     p = logp.exp()
     mu = (p * logp).sum(-1)
     var = (p * logp.square()).sum(-1) - mu.square()
     return mu, var.clamp(min=0).sqrt()
+
+
+def vocab_logprob_moments(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprob_moments` of p = softmax(logits) over the last axis, in float32. Align them like the
+    token log-probs (the distribution that predicts each label)."""
+    return logprob_moments(torch.log_softmax(logits.float(), dim=-1))
 
 
 def min_k_plus_plus(token_logp, mu, sigma, mask, k: float = 0.4) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""The `baldro eval` recipe and the evaluate-every-N-steps callback used during unlearning."""
+"""Evaluation around `evaluate_tofu`: into a folder with balance metrics, re-summarising against
+reference logs, and the evaluate-every-N-steps callback used during unlearning. Knows nothing of
+recipes: `baldro.recipes` turns a recipe into the keyword arguments used here."""
 
 from __future__ import annotations
 
@@ -12,26 +14,9 @@ from transformers import TrainerCallback
 from baldro.errors import BaldroError
 from baldro.eval.summarize import format_table
 from baldro.eval.tofu import evaluate_tofu
-from baldro.io import write_json_atomic, write_text_atomic
+from baldro.io import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def eval_settings(cfg) -> dict:
-    """The `eval` section of a recipe as evaluate_tofu keyword arguments."""
-    from baldro.recipes import get
-
-    benchmark = get(cfg, "eval.benchmark", "tofu")
-    if benchmark != "tofu":
-        raise BaldroError(f"unknown eval.benchmark {benchmark!r}: use tofu")
-    return {
-        "data_source": get(cfg, "data.source", "locuslab/TOFU"),
-        "forget_split": get(cfg, "data.forget_split", "forget10"),
-        "retain_logs_path": get(cfg, "eval.retain_logs_path"),
-        "batch_size": int(get(cfg, "eval.batch_size", 16)),
-        "max_new_tokens": int(get(cfg, "eval.max_new_tokens", 200)),
-        "limit": get(cfg, "eval.limit"),
-    }
 
 
 def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=None, target_logs_path=None) -> dict:
@@ -88,38 +73,28 @@ def _record_eval_time(run_dir: str | Path, seconds: float) -> None:
         write_json_atomic(info_path, {**json.loads(info_path.read_text()), "eval_time_s": seconds})
 
 
-def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, cfg) -> dict:
+def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: dict,
+                         target_logs_path=None) -> dict:
     """`eval.at_end`: evaluate the unlearned model into RUN_DIR/eval/, with balance metrics when the
-    retain (and target) model's logs are given (`eval.retain_logs_path`, `eval.target_logs_path`)."""
-    from baldro.recipes import get
-
-    settings = eval_settings(cfg)
+    retain (and target) model's logs are given (`settings["retain_logs_path"]`, `target_logs_path`)."""
     out = Path(run_dir) / "eval"
     start = time.time()
     eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, **settings)
-    summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], get(cfg, "eval.target_logs_path"))
+    summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     _record_eval_time(run_dir, time.time() - start)
     return summary
 
 
-def run_eval(cfg) -> Path:
-    """Evaluate `model.path` on TOFU; writes TOFU_EVAL.json / TOFU_SUMMARY.json to `output_dir`."""
-    from baldro.config import dump_config
-    from baldro.recipes import build_formatter, get, load_model_and_tokenizer
-
-    out = get(cfg, "output_dir")
-    if not out:
-        raise BaldroError("output_dir is not set: give output_dir=PATH")
-    settings = eval_settings(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg)
-    out = Path(out)
-    write_text_atomic(out / "config.yaml", dump_config(cfg))
+def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
+                  model_path: str | None = None) -> Path:
+    """`baldro eval`: evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when
+    reference logs are given, eval_info.json with the time) and print the summary table."""
     start = time.time()
-    eval_log, summary = evaluate_tofu(model, tokenizer, build_formatter(cfg, tokenizer), out_dir=out, **settings)
-    if settings["retain_logs_path"] or get(cfg, "eval.target_logs_path"):
-        summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], get(cfg, "eval.target_logs_path"))
+    eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, **settings)
+    if settings["retain_logs_path"] or target_logs_path:
+        summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     seconds = time.time() - start
-    write_json_atomic(out / "eval_info.json", {"model_path": str(get(cfg, "model.path")), "eval_time_s": seconds})
+    write_json_atomic(out / "eval_info.json", {"model_path": model_path, "eval_time_s": seconds})
     print(format_table(summary))
     print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({seconds:.1f} s)")
     return out

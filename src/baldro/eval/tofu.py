@@ -1,18 +1,11 @@
 """TOFU evaluation, written in OpenUnlearning's `TOFU_EVAL.json` / `TOFU_SUMMARY.json` layout.
 
-Three layers, each replaceable on its own:
-
-1. model scoring (`baldro.eval.engine`) and greedy generation (`baldro.eval.generation`). With
-   `shared_forward=True` every text is run through the model once, whatever number of metrics
-   read it (the forget answers serve Q_A_Prob, EM, ES and the four MIA attacks), texts of all
-   sets that need the same outputs go through one length-sorted call, and the teacher-forced
-   argmax over each reference answer drafts the generation from its question (the tokens a model
-   reproduces from the reference are not decoded again). With `shared_forward=False` every metric
-   runs its own passes, as an unoptimised tool does (the benchmark's baseline); the numbers are
-   the same.
-2. per-sample assembly (`assemble_tofu_eval_log`): OpenUnlearning's keys and per-sample fields.
-3. aggregation (`baldro.eval.summarize.summarize_tofu`): the summary, forget quality, model
-   utility and privleak, from the per-sample log (and the retain model's log).
+What is TOFU's lives here: its sets (`tofu_sets`), their rows (`load_tofu_eval_data`) and encoded
+texts, the metric plan, the per-sample assembly (`assemble_tofu_eval_log`) and the retain model's
+log (`load_retain_log`, `restrict_log`). Scoring, generation, timing, the benchmark-independent log
+entries and the JSON files come from `baldro.eval.suite` (whose docstring describes the layers and
+`shared_forward`); aggregation from `baldro.eval.summarize.summarize_tofu`. With
+`shared_forward=True` the forget answers are run once for Q_A_Prob, EM, ES and the four MIA attacks.
 
 Sets and keys (as in OpenUnlearning's TOFU_EVAL.json):
 
@@ -35,27 +28,51 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from baldro.data.formatting import IGNORE_INDEX, EncodedQA, QAFormatter
+from baldro.data.formatting import EncodedQA, QAFormatter
 from baldro.data.tofu import holdout_split_for, load_split, retain_split_for
 from baldro.errors import BaldroError
-from baldro.eval import engine, generation, metrics
+from baldro.eval import metrics
+from baldro.eval.suite import (
+    MIA_ATTACKS,
+    MetricNeed,
+    Scores,
+    StageTimer,
+    avg_losses,
+    by_index,
+    diff_eval_logs,
+    finite_mean,
+    generate_sets,
+    json_number,
+    label_texts,
+    memorization_entry,
+    mia_entry,
+    pad_token_id,
+    prob_entry,
+    score_entry,
+    score_metrics,
+    with_headline,
+    write_eval_files,
+)
 from baldro.eval.summarize import summarize_tofu
-from baldro.io import write_json_atomic
+
+__all__ = [  # diff_eval_logs is re-exported from baldro.eval.suite
+    "EVAL_FILE", "HEADLINE", "MIA_K", "SUMMARY_FILE", "TofuEvalData", "TofuSet", "assemble_tofu_eval_log",
+    "diff_eval_logs", "evaluate_tofu", "generate_tofu", "load_retain_log", "load_tofu_eval_data", "restrict_log",
+    "score_tofu", "tofu_sets",
+]
 
 logger = logging.getLogger(__name__)
 
 EVAL_FILE = "TOFU_EVAL.json"
 SUMMARY_FILE = "TOFU_SUMMARY.json"
+HEADLINE = ("forget_quality", "model_utility", "privleak")  # model-level keys of the summary, copied into the log
 MIA_K = 0.4  # OpenUnlearning's TOFU Min-K% / Min-K%++ fraction
 
 
@@ -182,275 +199,58 @@ def _source_texts(texts: dict[str, _SetTexts]) -> dict[str, list[EncodedQA]]:
 
 
 # -------------------------------------------------------------------------------------- scoring
-@dataclass(frozen=True)
-class _MetricNeed:
-    group: str  # timing group of the benchmark
-    sources: tuple[str, ...]
-    want: frozenset
-
-
-def _metric_plan(sets: list[TofuSet]) -> dict[str, _MetricNeed]:
+def _metric_plan(sets: list[TofuSet]) -> dict[str, MetricNeed]:
     """Which texts every metric reads and which model outputs it needs (truth ratio and normalised
     probability derive from the probability metrics, as OpenUnlearning's pre_compute does)."""
-    plan: dict[str, _MetricNeed] = {}
+    plan: dict[str, MetricNeed] = {}
     none: frozenset = frozenset()
     for s in sets:
-        plan[f"{s.prefix}Q_A_Prob"] = _MetricNeed("probability", (f"{s.key}/answer",), none)
+        plan[f"{s.prefix}Q_A_Prob"] = MetricNeed("probability", (f"{s.key}/answer",), none)
         if s.paraphrase:
-            plan[f"{s.prefix}Q_A_PARA_Prob"] = _MetricNeed("probability", (f"{s.key}/para",), none)
-        plan[f"{s.prefix}Q_A_PERT_Prob"] = _MetricNeed("probability", (f"{s.key}/pert",), none)
-    plan["exact_memorization"] = _MetricNeed("memorization", ("forget/answer",), frozenset({"argmax"}))
-    plan["extraction_strength"] = _MetricNeed("memorization", ("forget/answer",), frozenset({"argmax"}))
+            plan[f"{s.prefix}Q_A_PARA_Prob"] = MetricNeed("probability", (f"{s.key}/para",), none)
+        plan[f"{s.prefix}Q_A_PERT_Prob"] = MetricNeed("probability", (f"{s.key}/pert",), none)
+    plan["exact_memorization"] = MetricNeed("memorization", ("forget/answer",), frozenset({"argmax"}))
+    plan["extraction_strength"] = MetricNeed("memorization", ("forget/answer",), frozenset({"argmax"}))
     mia = ("forget/answer", "holdout/answer")
-    plan["mia_loss"] = _MetricNeed("mia", mia, none)
-    plan["mia_zlib"] = _MetricNeed("mia", mia, none)
-    plan["mia_min_k"] = _MetricNeed("mia", mia, frozenset({"logp"}))
-    plan["mia_min_k_plus_plus"] = _MetricNeed("mia", mia, frozenset({"logp", "vocab_stats"}))
+    plan["mia_loss"] = MetricNeed("mia", mia, none)
+    plan["mia_zlib"] = MetricNeed("mia", mia, none)
+    plan["mia_min_k"] = MetricNeed("mia", mia, frozenset({"logp"}))
+    plan["mia_min_k_plus_plus"] = MetricNeed("mia", mia, frozenset({"logp", "vocab_stats"}))
     return plan
 
 
-class _Timer:
-    """Accumulates seconds, sequences and distinct dataset rows per timing group."""
-
-    def __init__(self, n_rows: dict[str, int]):
-        self.n_rows = n_rows
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.sequences: dict[str, int] = defaultdict(int)
-        self.sets: dict[str, set] = defaultdict(set)
-
-    def run(self, group: str, sources: Sequence[str], n_sequences: int, fn: Callable):
-        t0 = time.perf_counter()
-        out = fn()
-        self.seconds[group] += time.perf_counter() - t0
-        self.sequences[group] += n_sequences
-        self.sets[group].update(s.split("/")[0] for s in sources)
-        return out
-
-    def result(self) -> dict[str, dict]:
-        return {
-            g: {
-                "rows": sum(self.n_rows[k] for k in self.sets[g]),
-                "sequences": self.sequences[g],
-                "seconds": self.seconds[g],
-            }
-            for g in self.seconds
-        }
-
-
-def _score_groups(
-    model, sources: dict[str, list[EncodedQA]], calls: list[tuple[str, tuple[str, ...], frozenset]], timer: _Timer,
-    batch_size: int, pad_token_id: int, sort_by_length: bool, progress: bool | None, share_prompts: bool = False,
-) -> list[dict[str, list[engine.SequenceScore]]]:
-    """Run each call (group, sources, want) as ONE scoring call over its concatenated sources:
-    `score_sequences`, or with `share_prompts` `score_sequences_shared_prompts` (the answers of one
-    question, e.g. its paraphrased and perturbed answers, scored against one encoding of its prompt)."""
-    results = []
-    for group, names, want in calls:
-        encoded = [e for n in names for e in sources[n]]
-        if share_prompts:
-            def fn(encoded=encoded, want=want, group=group):
-                return engine.score_sequences_shared_prompts(
-                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})", progress=progress,
-                )
-        else:
-            def fn(encoded=encoded, want=want, group=group):
-                return engine.score_sequences(
-                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})",
-                    sort_by_length=sort_by_length, progress=progress,
-                )
-        scores = timer.run(group, names, len(encoded), fn)
-        split, pos = {}, 0
-        for n in names:
-            split[n] = scores[pos : pos + len(sources[n])]
-            pos += len(sources[n])
-        results.append(split)
-    return results
-
-
-def score_tofu(
-    model, sources: dict[str, list[EncodedQA]], plan: dict[str, _MetricNeed], timer: _Timer, *,
-    batch_size: int, pad_token_id: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    draft_sources: Sequence[str] = (),
-) -> tuple[dict[str, dict[str, list[engine.SequenceScore]]], dict[str, list[engine.SequenceScore]]]:
-    """(metric -> source -> per-sequence scores, draft source -> scores). Shared: every source scored
-    once (with the union of the outputs its metrics need, and the argmax for `draft_sources`),
-    sources needing the same outputs batched together. Naive: one set of passes per metric, and no
-    drafts."""
-    if not shared_forward:
-        out = {}
-        for metric, need in plan.items():
-            (split,) = _score_groups(
-                model, sources, [(need.group, need.sources, need.want)], timer,
-                batch_size, pad_token_id, sort_by_length, progress,
-            )
-            out[metric] = split
-        return out, {}
-    want: dict[str, set] = defaultdict(set)
-    groups: dict[str, set] = defaultdict(set)
-    for need in plan.values():
-        for s in need.sources:
-            want[s] |= need.want
-            groups[s].add(need.group)
-    for s in draft_sources:  # the argmax of the reference answers drafts the generations
-        want[s].add("argmax")
-    # Two calls: texts that need token-level log-probs or vocabulary statistics, and the others
-    # (each scored with the union of its texts' outputs: an argmax nobody reads costs little).
-    token_level = {s for s in want if want[s] - {"argmax"}}
-    by_want: dict[frozenset, list[str]] = defaultdict(list)
-    for s in want:  # plan order: deterministic
-        same = token_level if s in token_level else set(want) - token_level
-        by_want[frozenset().union(*(want[x] for x in same))].append(s)
-    calls = []
-    for w, names in by_want.items():
-        g = "+".join(sorted(set().union(*(groups[n] for n in names))))
-        calls.append((g, tuple(names), w))
-    merged: dict[str, list[engine.SequenceScore]] = {}
-    # Shared forward also means each question's prompt is encoded once for all of its answers.
-    splits = _score_groups(
-        model, sources, calls, timer, batch_size, pad_token_id, sort_by_length, progress, share_prompts=True,
-    )
-    for split in splits:
-        merged.update(split)
-    by_metric = {metric: {s: merged[s] for s in need.sources} for metric, need in plan.items()}
-    return by_metric, {s: merged[s] for s in draft_sources}
-
-
-def _draft_prefixes(
-    texts: _SetTexts, scores: Sequence[engine.SequenceScore], eos_ids: Sequence[int], max_new_tokens: int,
-    min_margin: float,
-) -> list[generation.GreedyPrefix | None]:
-    """What the teacher-forced pass over each reference answer tells of the greedy generation from
-    its prompt (None where the scored text is not exactly the generation prompt + the answer)."""
-    out: list[generation.GreedyPrefix | None] = []
-    for prompt, e, sc in zip(texts.prompts, texts.answer, scores):
-        if sc.argmax is None or not engine.is_prompt_plus_answer(e) or list(e.input_ids[: e.prompt_len]) != prompt:
-            out.append(None)
-            continue
-        draft = e.input_ids[e.prompt_len :]
-        out.append(generation.greedy_prefix(draft, sc.argmax, sc.argmax_margin, eos_ids, max_new_tokens, min_margin))
-    return out
+score_tofu = score_metrics  # TOFU scores through the generic planner, with `_metric_plan`
 
 
 def generate_tofu(
-    model, tokenizer, texts: dict[str, _SetTexts], sets: list[TofuSet], timer: _Timer, *,
+    model, tokenizer, texts: dict[str, _SetTexts], sets: list[TofuSet], timer: StageTimer, *,
     batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: dict[str, list[engine.SequenceScore]] | None = None,
+    drafts: dict[str, Scores] | None = None,
 ) -> dict[str, list[str]]:
-    """Greedy generations for ROUGE: one call over all sets (shared) or one per set (naive). With
-    `drafts` (the reference answers' teacher-forced scores, "{set}/answer" -> scores), decoding
-    starts after the tokens those scores already determine (`generation.greedy_prefix`)."""
+    """Greedy generations for ROUGE (`suite.generate_sets`, timed as "rouge"). `drafts`: the
+    reference answers' teacher-forced scores ("{set}/answer" -> scores) that start the decoding."""
     keys = [s.key for s in sets]
-    chunks = [keys] if shared_forward else [[k] for k in keys]
-    eos_ids = generation.eos_ids(model, tokenizer)
-    min_margin = generation.draft_min_margin(engine.model_dtype(model))
-    out: dict[str, list[str]] = {}
-    for ks in chunks:
-        prompts = [p for k in ks for p in texts[k].prompts]
-
-        def run(ks=ks, prompts=prompts):
-            prefixes = None
-            if drafts:
-                prefixes = [
-                    pre for k in ks
-                    for pre in (_draft_prefixes(texts[k], drafts[f"{k}/answer"], eos_ids, max_new_tokens, min_margin)
-                                if f"{k}/answer" in drafts else [None] * len(texts[k].prompts))
-                ]
-            return generation.generate(
-                model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
-                sort_by_length=sort_by_length, progress=progress, prefixes=prefixes,
-            )
-
-        gens = timer.run("rouge", [f"{k}/prompt" for k in ks], len(prompts), run)
-        pos = 0
-        for k in ks:
-            out[k] = gens[pos : pos + len(texts[k].prompts)]
-            pos += len(texts[k].prompts)
-    return out
+    by_set = {k: (texts[k].answer, drafts[f"{k}/answer"]) for k in keys if f"{k}/answer" in (drafts or {})}
+    return generate_sets(
+        model, tokenizer, {k: texts[k].prompts for k in keys}, timer, group="rouge", batch_size=batch_size,
+        max_new_tokens=max_new_tokens, shared_forward=shared_forward, sort_by_length=sort_by_length,
+        progress=progress, drafts=by_set,
+    )
 
 
 # ------------------------------------------------------------------------------------- assembly
-def _f(x) -> float | None:
-    """A JSON number (None for NaN/inf, as OpenUnlearning writes a missing score)."""
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _mean(values) -> float | None:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return float(np.mean(vals)) if vals else None
-
-
-def _by_index(entries: Sequence[dict]) -> dict[str, dict]:
-    return {str(i): e for i, e in enumerate(entries)}
-
-
-def _avg_losses(scores: Sequence[engine.SequenceScore]) -> np.ndarray:
-    return np.array([s.avg_loss for s in scores], dtype=np.float64)
-
-
-def _prob_entry(scores: Sequence[engine.SequenceScore]) -> tuple[dict, np.ndarray]:
-    loss = _avg_losses(scores)
+def _pert_entry(scores: Scores, k: int) -> tuple[dict, np.ndarray]:
+    """The perturbed answers' entry (K probabilities per question) and their [N, K] average losses."""
+    loss = avg_losses(scores).reshape(-1, k)
     prob = metrics.probability(loss)
-    entries = [{"prob": _f(p), "avg_loss": _f(a)} for p, a in zip(prob, loss)]
-    return {"agg_value": _mean(prob), "value_by_index": _by_index(entries)}, loss
-
-
-def _pert_entry(scores: Sequence[engine.SequenceScore], k: int) -> tuple[dict, np.ndarray]:
-    loss = _avg_losses(scores).reshape(-1, k)
-    prob = metrics.probability(loss)
-    entries = [{"prob": [_f(v) for v in p], "avg_loss": [_f(v) for v in a]} for p, a in zip(prob, loss)]
-    return {"agg_value": _mean(prob.mean(axis=1)), "value_by_index": _by_index(entries)}, loss
-
-
-def _score_entry(values, agg: float | None = None) -> dict:
-    vals = [_f(v) for v in values]
-    return {"agg_value": _mean(vals) if agg is None else agg, "value_by_index": _by_index([{"score": v} for v in vals])}
-
-
-def _label_texts(tokenizer, encoded: Sequence[EncodedQA]) -> list[str]:
-    """The scored text of each sequence (labels, special tokens skipped): what ZLib compresses."""
-    return [tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX], skip_special_tokens=True) for e in encoded]
-
-
-def _mia_entry(name: str, scores: dict[str, list[engine.SequenceScore]], label_texts: dict[str, list[str]]) -> dict:
-    parts = {}
-    for side in ("forget", "holdout"):
-        sc = scores[f"{side}/answer"]
-        if name == "mia_loss":
-            v = metrics.mia_loss(_avg_losses(sc))
-        elif name == "mia_zlib":
-            v = metrics.mia_zlib(_avg_losses(sc), label_texts[side])
-        else:
-            lp, mask = engine.pad_aligned(sc, "token_logp")
-            mask = metrics.without_last_position(mask)
-            if name == "mia_min_k":
-                v = metrics.min_k(lp, mask, k=MIA_K)
-            else:
-                mu, _ = engine.pad_aligned(sc, "vocab_mean")
-                sd, _ = engine.pad_aligned(sc, "vocab_std", pad_value=1.0)
-                v = metrics.min_k_plus_plus(lp, mu, sd, mask, k=MIA_K)
-        parts[side] = v
-    auc = metrics.mia_auc(parts["forget"], parts["holdout"])
-    return {
-        "forget": _score_entry(parts["forget"]),
-        "holdout": _score_entry(parts["holdout"]),
-        "auc": auc,
-        "agg_value": auc,
-    }
-
-
-def _memorization(name: str, scores: Sequence[engine.SequenceScore]) -> dict:
-    pred, mask = engine.pad_aligned(scores, "argmax", pad_value=-1)
-    target, _ = engine.pad_aligned(scores, "targets", pad_value=-1)
-    mask = metrics.without_last_position(mask)
-    fn = metrics.exact_memorization if name == "exact_memorization" else metrics.extraction_strength
-    return _score_entry(fn(pred, target, mask).tolist())
+    entries = [{"prob": [json_number(v) for v in p], "avg_loss": [json_number(v) for v in a]} for p, a in zip(prob, loss)]
+    return {"agg_value": finite_mean(prob.mean(axis=1)), "value_by_index": by_index(entries)}, loss
 
 
 def assemble_tofu_eval_log(
     data: TofuEvalData,
     texts: dict[str, _SetTexts],
-    scores: dict[str, dict[str, list[engine.SequenceScore]]],
+    scores: dict[str, dict[str, Scores]],
     generations: dict[str, list[str]],
     tokenizer,
 ) -> dict:
@@ -460,32 +260,33 @@ def assemble_tofu_eval_log(
     for s in data.sets:
         t = texts[s.key]
         p = s.prefix
-        log[f"{p}Q_A_Prob"], answer_loss = _prob_entry(scores[f"{p}Q_A_Prob"][f"{s.key}/answer"])
+        log[f"{p}Q_A_Prob"], answer_loss = prob_entry(scores[f"{p}Q_A_Prob"][f"{s.key}/answer"])
         if s.paraphrase:
-            log[f"{p}Q_A_PARA_Prob"], correct_loss = _prob_entry(scores[f"{p}Q_A_PARA_Prob"][f"{s.key}/para"])
+            log[f"{p}Q_A_PARA_Prob"], correct_loss = prob_entry(scores[f"{p}Q_A_PARA_Prob"][f"{s.key}/para"])
         else:
             correct_loss = answer_loss
         log[f"{p}Q_A_PERT_Prob"], pert_loss = _pert_entry(scores[f"{p}Q_A_PERT_Prob"][f"{s.key}/pert"], t.k)
         tr = metrics.truth_ratio(correct_loss, pert_loss)
         agg = metrics.truth_ratio_closer_to_1(tr) if s.forget_like else metrics.truth_ratio_true_better(tr)
-        log[s.truth_ratio_key] = _score_entry(tr, agg=agg)
+        log[s.truth_ratio_key] = score_entry(tr, agg=agg)
         if not s.paraphrase:
             norm = metrics.normalised_probability(answer_loss, pert_loss)
             log[f"{p}Q_A_Prob_normalised"] = {
-                "agg_value": _mean(norm),
-                "value_by_index": _by_index([{"prob": _f(v)} for v in norm]),
+                "agg_value": finite_mean(norm),
+                "value_by_index": by_index([{"prob": json_number(v)} for v in norm]),
             }
         rouge = metrics.rouge(generations[s.key], t.ground_truths)
         entries = [
             {**r, "input": i, "ground_truth": g, "generation": gen}
             for r, i, g, gen in zip(rouge, t.inputs, t.ground_truths, generations[s.key])
         ]
-        log[f"{p}Q_A_ROUGE"] = {"agg_value": _mean(r["rougeL_recall"] for r in rouge), "value_by_index": _by_index(entries)}
+        log[f"{p}Q_A_ROUGE"] = {"agg_value": finite_mean(r["rougeL_recall"] for r in rouge), "value_by_index": by_index(entries)}
     for name in ("exact_memorization", "extraction_strength"):
-        log[name] = _memorization(name, scores[name]["forget/answer"])
-    label_texts = {side: _label_texts(tokenizer, texts[side].answer) for side in ("forget", "holdout")}
-    for name in ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"):
-        log[name] = _mia_entry(name, scores[name], label_texts)
+        log[name] = memorization_entry(name, scores[name]["forget/answer"])
+    sides = ("forget", "holdout")
+    side_texts = {side: label_texts(tokenizer, texts[side].answer) for side in sides}
+    for name in MIA_ATTACKS:
+        log[name] = mia_entry(name, {side: scores[name][f"{side}/answer"] for side in sides}, side_texts, k=MIA_K)
     return log
 
 
@@ -522,8 +323,6 @@ def load_retain_log(path, data: TofuEvalData | None = None) -> dict:
             )
     return log
 
-
-HEADLINE = ("forget_quality", "model_utility", "privleak")
 
 
 def restrict_log(log: dict, n_rows: dict[str, int]) -> dict:
@@ -590,11 +389,9 @@ def evaluate_tofu(
     """
     data = load_tofu_eval_data(data_source, forget_split, limit)
     reference_log = load_retain_log(retain_logs_path, data) if retain_logs_path else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise BaldroError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
+    pad_id = pad_token_id(tokenizer)
     texts = _encode(formatter, data)
-    timer = _Timer({k: len(v) for k, v in data.rows.items()})
+    timer = StageTimer({k: len(v) for k, v in data.rows.items()})
     plan = _metric_plan(data.sets)
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
     draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward else []
@@ -618,34 +415,10 @@ def evaluate_tofu(
     for key, note in getattr(summary, "notes", {}).items():
         if key != "forget_quality" or reference_log is not None:
             logger.info("%s: %s", key, note)
-    for key in HEADLINE:
-        eval_log[key] = {"agg_value": summary.get(key)}
-    eval_log = dict(sorted(eval_log.items()))
+    eval_log = with_headline(eval_log, summary, HEADLINE)
     if timings is not None:
         timings.update(timer.result())
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        write_json_atomic(out_dir / EVAL_FILE, eval_log, indent=4)
-        write_json_atomic(out_dir / SUMMARY_FILE, dict(summary), indent=4)
+        write_eval_files(out_dir, {EVAL_FILE: eval_log, SUMMARY_FILE: dict(summary)})
     return eval_log, summary
 
-
-def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7, path: str = "") -> list[str]:
-    """Where two eval logs differ: numbers beyond the tolerance, other values, missing keys.
-
-    Used to check that the optimised evaluation (shared forward pass, length-sorted batches) gives
-    the numbers of the naive one: batch composition only changes float rounding."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}/{k}: only in the {'first' if k in a else 'second'} log" for k in sorted(set(a) ^ set(b))]
-        for k in a:
-            if k in b:
-                out += diff_eval_logs(a[k], b[k], rtol, atol, f"{path}/{k}")
-        return out
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} vs {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff_eval_logs(x, y, rtol, atol, f"{path}[{i}]")]
-    num = (int, float)
-    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
-        return [] if math.isclose(a, b, rel_tol=rtol, abs_tol=atol) else [f"{path}: {a!r} vs {b!r}"]
-    return [] if a == b else [f"{path}: {a!r:.80} vs {b!r:.80}"]

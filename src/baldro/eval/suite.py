@@ -1,0 +1,342 @@
+"""Benchmark-independent parts of an evaluator: what TOFU uses and a MUSE evaluator would reuse.
+
+An evaluator (`baldro.eval.tofu`) builds its items (named lists of encoded texts and generation
+prompts) and a metric plan, then runs three layers, each replaceable on its own:
+
+1. model outputs: `score_metrics` scores the texts through `baldro.eval.engine` and
+   `generate_sets` decodes greedily through `baldro.eval.generation`, timed per stage by a
+   `StageTimer`. With `shared_forward=True` every text is run through the model once, whatever
+   number of metrics read it, texts that need the same outputs go through one length-sorted call,
+   each question's prompt is encoded once for all of its answers, and the teacher-forced argmax over
+   a reference answer drafts the generation from its question (the tokens a model reproduces from
+   the reference are not decoded again). With `shared_forward=False` every metric runs its own
+   passes, as an unoptimised tool does (the benchmark's baseline); the numbers are the same.
+2. per-sample assembly: the benchmark's keys, built from the entry helpers here (`prob_entry`,
+   `score_entry`, `memorization_entry`, `mia_entry`) in OpenUnlearning's layout.
+3. aggregation (`baldro.eval.summarize`), then `with_headline` and `write_eval_files`.
+
+`diff_eval_logs` compares two logs (the optimised against the naive evaluation, a run against a
+published log).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from baldro.data.formatting import IGNORE_INDEX, EncodedQA
+from baldro.errors import BaldroError
+from baldro.eval import engine, generation, metrics
+from baldro.io import write_json_atomic
+
+Scores = list[engine.SequenceScore]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads scoring batches: the tokenizer's pad token, else its EOS token."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise BaldroError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
+    return pad_id
+
+
+# ---------------------------------------------------------------------------------------- timing
+class StageTimer:
+    """Accumulates seconds, sequences and distinct dataset rows per timing group.
+
+    `n_rows` maps a set (the part of a source name before "/") to its number of rows."""
+
+    def __init__(self, n_rows: dict[str, int]):
+        self.n_rows = n_rows
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sequences: dict[str, int] = defaultdict(int)
+        self.sets: dict[str, set] = defaultdict(set)
+
+    def run(self, group: str, sources: Sequence[str], n_sequences: int, fn: Callable):
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[group] += time.perf_counter() - t0
+        self.sequences[group] += n_sequences
+        self.sets[group].update(s.split("/")[0] for s in sources)
+        return out
+
+    def result(self) -> dict[str, dict]:
+        return {
+            g: {
+                "rows": sum(self.n_rows[k] for k in self.sets[g]),
+                "sequences": self.sequences[g],
+                "seconds": self.seconds[g],
+            }
+            for g in self.seconds
+        }
+
+
+# --------------------------------------------------------------------------------------- scoring
+@dataclass(frozen=True)
+class MetricNeed:
+    """What one metric reads: its timing group, the text sources ("{set}/{texts}") and the model
+    outputs it needs beyond `avg_loss` (a subset of `engine.WANT_ALL`)."""
+
+    group: str
+    sources: tuple[str, ...]
+    want: frozenset
+
+
+def score_groups(
+    model, sources: dict[str, list[EncodedQA]], calls: list[tuple[str, tuple[str, ...], frozenset]],
+    timer: StageTimer, batch_size: int, pad_token_id: int, sort_by_length: bool, progress: bool | None,
+    share_prompts: bool = False,
+) -> list[dict[str, Scores]]:
+    """Run each call (group, sources, want) as ONE scoring call over its concatenated sources:
+    `score_sequences`, or with `share_prompts` `score_sequences_shared_prompts` (the answers of one
+    question, e.g. its paraphrased and perturbed answers, scored against one encoding of its prompt)."""
+    results = []
+    for group, names, want in calls:
+        encoded = [e for n in names for e in sources[n]]
+        if share_prompts:
+            def fn(encoded=encoded, want=want, group=group):
+                return engine.score_sequences_shared_prompts(
+                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})", progress=progress,
+                )
+        else:
+            def fn(encoded=encoded, want=want, group=group):
+                return engine.score_sequences(
+                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})",
+                    sort_by_length=sort_by_length, progress=progress,
+                )
+        scores = timer.run(group, names, len(encoded), fn)
+        split, pos = {}, 0
+        for n in names:
+            split[n] = scores[pos : pos + len(sources[n])]
+            pos += len(sources[n])
+        results.append(split)
+    return results
+
+
+def score_metrics(
+    model, sources: dict[str, list[EncodedQA]], plan: dict[str, MetricNeed], timer: StageTimer, *,
+    batch_size: int, pad_token_id: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
+    draft_sources: Sequence[str] = (),
+) -> tuple[dict[str, dict[str, Scores]], dict[str, Scores]]:
+    """(metric -> source -> per-sequence scores, draft source -> scores). Shared: every source scored
+    once (with the union of the outputs its metrics need, and the argmax for `draft_sources`),
+    sources needing the same outputs batched together. Naive: one set of passes per metric, and no
+    drafts."""
+    if not shared_forward:
+        out = {}
+        for metric, need in plan.items():
+            (split,) = score_groups(
+                model, sources, [(need.group, need.sources, need.want)], timer,
+                batch_size, pad_token_id, sort_by_length, progress,
+            )
+            out[metric] = split
+        return out, {}
+    want: dict[str, set] = defaultdict(set)
+    groups: dict[str, set] = defaultdict(set)
+    for need in plan.values():
+        for s in need.sources:
+            want[s] |= need.want
+            groups[s].add(need.group)
+    for s in draft_sources:  # the argmax of the reference answers drafts the generations
+        want[s].add("argmax")
+    # Two calls: texts that need token-level log-probs or vocabulary statistics, and the others
+    # (each scored with the union of its texts' outputs: an argmax nobody reads costs little).
+    token_level = {s for s in want if want[s] - {"argmax"}}
+    by_want: dict[frozenset, list[str]] = defaultdict(list)
+    for s in want:  # plan order: deterministic
+        same = token_level if s in token_level else set(want) - token_level
+        by_want[frozenset().union(*(want[x] for x in same))].append(s)
+    calls = []
+    for w, names in by_want.items():
+        g = "+".join(sorted(set().union(*(groups[n] for n in names))))
+        calls.append((g, tuple(names), w))
+    merged: dict[str, Scores] = {}
+    # Shared forward also means each question's prompt is encoded once for all of its answers.
+    splits = score_groups(
+        model, sources, calls, timer, batch_size, pad_token_id, sort_by_length, progress, share_prompts=True,
+    )
+    for split in splits:
+        merged.update(split)
+    by_metric = {metric: {s: merged[s] for s in need.sources} for metric, need in plan.items()}
+    return by_metric, {s: merged[s] for s in draft_sources}
+
+
+# ------------------------------------------------------------------------------------ generation
+def draft_prefixes(
+    prompts: Sequence[Sequence[int]], references: Sequence[EncodedQA], scores: Sequence[engine.SequenceScore],
+    eos_ids: Sequence[int], max_new_tokens: int, min_margin: float,
+) -> list[generation.GreedyPrefix | None]:
+    """What the teacher-forced pass over each reference (prompt + answer) tells of the greedy
+    generation from its prompt (None where the scored text is not exactly the prompt + an answer)."""
+    out: list[generation.GreedyPrefix | None] = []
+    for prompt, e, sc in zip(prompts, references, scores):
+        if sc.argmax is None or not engine.is_prompt_plus_answer(e) or list(e.input_ids[: e.prompt_len]) != prompt:
+            out.append(None)
+            continue
+        draft = e.input_ids[e.prompt_len :]
+        out.append(generation.greedy_prefix(draft, sc.argmax, sc.argmax_margin, eos_ids, max_new_tokens, min_margin))
+    return out
+
+
+def generate_sets(
+    model, tokenizer, prompts: dict[str, list[list[int]]], timer: StageTimer, *, group: str,
+    batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
+    drafts: Mapping[str, tuple[Sequence[EncodedQA], Scores]] | None = None,
+) -> dict[str, list[str]]:
+    """Greedy generations from every set's prompts (set -> texts): one call over all sets (shared)
+    or one per set (naive), timed as `group`. With `drafts` (set -> its reference texts, prompt +
+    answer in prompt order, and their teacher-forced scores), decoding starts after the tokens those
+    scores already determine (`generation.greedy_prefix`)."""
+    keys = list(prompts)
+    chunks = [keys] if shared_forward else [[k] for k in keys]
+    eos_ids = generation.eos_ids(model, tokenizer)
+    min_margin = generation.draft_min_margin(engine.model_dtype(model))
+    out: dict[str, list[str]] = {}
+    for ks in chunks:
+        flat = [p for k in ks for p in prompts[k]]
+
+        def run(ks=ks, flat=flat):
+            prefixes = None
+            if drafts:
+                prefixes = [
+                    pre for k in ks
+                    for pre in (draft_prefixes(prompts[k], *drafts[k], eos_ids, max_new_tokens, min_margin)
+                                if k in drafts else [None] * len(prompts[k]))
+                ]
+            return generation.generate(
+                model, tokenizer, flat, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
+                sort_by_length=sort_by_length, progress=progress, prefixes=prefixes,
+            )
+
+        gens = timer.run(group, [f"{k}/prompt" for k in ks], len(flat), run)
+        pos = 0
+        for k in ks:
+            out[k] = gens[pos : pos + len(prompts[k])]
+            pos += len(prompts[k])
+    return out
+
+
+# ------------------------------------------------------------------------------- log entries
+def json_number(x) -> float | None:
+    """A JSON number (None for NaN/inf, as OpenUnlearning writes a missing score)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def finite_mean(values) -> float | None:
+    """The mean of the finite values (None when there are none)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(vals)) if vals else None
+
+
+def by_index(entries: Sequence[dict]) -> dict[str, dict]:
+    """OpenUnlearning's `value_by_index`: per-sample entries keyed "0", "1", ..."""
+    return {str(i): e for i, e in enumerate(entries)}
+
+
+def avg_losses(scores: Sequence[engine.SequenceScore]) -> np.ndarray:
+    return np.array([s.avg_loss for s in scores], dtype=np.float64)
+
+
+def prob_entry(scores: Sequence[engine.SequenceScore]) -> tuple[dict, np.ndarray]:
+    """A probability metric's entry (per-sample prob and avg_loss) and the average losses."""
+    loss = avg_losses(scores)
+    prob = metrics.probability(loss)
+    entries = [{"prob": json_number(p), "avg_loss": json_number(a)} for p, a in zip(prob, loss)]
+    return {"agg_value": finite_mean(prob), "value_by_index": by_index(entries)}, loss
+
+
+def score_entry(values, agg: float | None = None) -> dict:
+    """An entry of per-sample scores; the aggregate is their mean unless `agg` is given."""
+    vals = [json_number(v) for v in values]
+    return {"agg_value": finite_mean(vals) if agg is None else agg, "value_by_index": by_index([{"score": v} for v in vals])}
+
+
+def label_texts(tokenizer, encoded: Sequence[EncodedQA]) -> list[str]:
+    """The scored text of each sequence (labels, special tokens skipped): what ZLib compresses."""
+    return [tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX], skip_special_tokens=True) for e in encoded]
+
+
+MIA_ATTACKS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
+
+
+def mia_entry(name: str, scores: Mapping[str, Scores], texts: Mapping[str, list[str]], k: float) -> dict:
+    """A membership-inference entry: attack `name` (one of MIA_ATTACKS) on the "forget" (members)
+    and "holdout" sides (their scores and label texts), and its AUC; `k` is the Min-K% fraction."""
+    parts = {}
+    for side in ("forget", "holdout"):
+        sc = scores[side]
+        if name == "mia_loss":
+            v = metrics.mia_loss(avg_losses(sc))
+        elif name == "mia_zlib":
+            v = metrics.mia_zlib(avg_losses(sc), texts[side])
+        else:
+            lp, mask = engine.pad_aligned(sc, "token_logp")
+            mask = metrics.without_last_position(mask)
+            if name == "mia_min_k":
+                v = metrics.min_k(lp, mask, k=k)
+            else:
+                mu, _ = engine.pad_aligned(sc, "vocab_mean")
+                sd, _ = engine.pad_aligned(sc, "vocab_std", pad_value=1.0)
+                v = metrics.min_k_plus_plus(lp, mu, sd, mask, k=k)
+        parts[side] = v
+    auc = metrics.mia_auc(parts["forget"], parts["holdout"])
+    return {
+        "forget": score_entry(parts["forget"]),
+        "holdout": score_entry(parts["holdout"]),
+        "auc": auc,
+        "agg_value": auc,
+    }
+
+
+def memorization_entry(name: str, scores: Sequence[engine.SequenceScore]) -> dict:
+    """exact_memorization or extraction_strength from the teacher-forced argmax."""
+    pred, mask = engine.pad_aligned(scores, "argmax", pad_value=-1)
+    target, _ = engine.pad_aligned(scores, "targets", pad_value=-1)
+    mask = metrics.without_last_position(mask)
+    fn = metrics.exact_memorization if name == "exact_memorization" else metrics.extraction_strength
+    return score_entry(fn(pred, target, mask).tolist())
+
+
+# ----------------------------------------------------------------------------------- the log
+def with_headline(eval_log: dict, summary: Mapping, keys: Sequence[str]) -> dict:
+    """The eval log with the summary's model-level `keys` as {"agg_value": ...} entries, keys sorted
+    (OpenUnlearning's layout)."""
+    log = dict(eval_log)
+    for key in keys:
+        log[key] = {"agg_value": summary.get(key)}
+    return dict(sorted(log.items()))
+
+
+def write_eval_files(out_dir, files: Mapping[str, dict]) -> None:
+    """Write each {file name: JSON object} into `out_dir`, atomically (a reader never sees half a file)."""
+    out_dir = Path(out_dir)
+    for name, obj in files.items():
+        write_json_atomic(out_dir / name, obj, indent=4)
+
+
+def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7, path: str = "") -> list[str]:
+    """Where two eval logs differ: numbers beyond the tolerance, other values, missing keys.
+
+    Used to check that the optimised evaluation (shared forward pass, length-sorted batches) gives
+    the numbers of the naive one: batch composition only changes float rounding."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}/{k}: only in the {'first' if k in a else 'second'} log" for k in sorted(set(a) ^ set(b))]
+        for k in a:
+            if k in b:
+                out += diff_eval_logs(a[k], b[k], rtol, atol, f"{path}/{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff_eval_logs(x, y, rtol, atol, f"{path}[{i}]")]
+    num = (int, float)
+    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
+        return [] if math.isclose(a, b, rel_tol=rtol, abs_tol=atol) else [f"{path}: {a!r} vs {b!r}"]
+    return [] if a == b else [f"{path}: {a!r:.80} vs {b!r:.80}"]

@@ -1,0 +1,151 @@
+"""The evaluator's structure: the generic suite, the one vocabulary-moment formula, the isolated
+reliance on transformers cache internals, and no import of recipes/config from the eval modules."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from baldro.eval import engine, kv_cache, metrics, suite, tofu
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "baldro"
+TRANSFORMERS = f"transformers {transformers.__version__}"
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def test_cache_internals_hold_for_the_installed_transformers():
+    """kv_cache.cache_layers / cache_from_layers read and build DynamicCache internals that
+    transformers does not promise to keep: a change there must fail here, not skew evaluations."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :5], use_cache=True)
+        layers = kv_cache.cache_layers(kv_cache.output_cache(out))
+        assert layers is not None, (
+            f"{TRANSFORMERS}: a Llama forward pass with use_cache=True no longer gives a DynamicCache of "
+            "DynamicLayer with .layers/.keys/.values: update baldro.eval.kv_cache.cache_layers"
+        )
+        cfg = model.config
+        shape = (2, cfg.num_key_value_heads, 5, cfg.hidden_size // cfg.num_attention_heads)
+        assert len(layers) == cfg.num_hidden_layers and all(k.shape == v.shape == shape for k, v in layers), (
+            f"{TRANSFORMERS}: cached keys/values are no longer [batch, kv_heads, positions, head_dim] per layer "
+            f"(got {[tuple(k.shape) for k, _ in layers]}): update baldro.eval.kv_cache"
+        )
+
+        cache = kv_cache.cache_from_layers(layers)
+        rebuilt = kv_cache.cache_layers(cache)
+        assert rebuilt is not None and all(torch.equal(a, b) for (a, _), (b, _) in zip(layers, rebuilt)), (
+            f"{TRANSFORMERS}: DynamicCache(ddp_cache_data=...) no longer holds the given keys/values: "
+            "update baldro.eval.kv_cache.cache_from_layers"
+        )
+        step = model(input_ids=ids[:, 5:], use_cache=True, **{kv_cache.cache_kwarg(model): cache}).logits
+        torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5, msg=lambda m: (
+            f"{TRANSFORMERS}: a forward pass on a cache from kv_cache.cache_from_layers no longer continues "
+            f"the cached sequence: {m}"
+        ))
+
+        cache = kv_cache.cache_from_layers(layers)
+        kv_cache.select_rows(cache, torch.tensor([1]))
+        step = model(input_ids=ids[1:, 5:], use_cache=True, **{kv_cache.cache_kwarg(model): cache}).logits
+        torch.testing.assert_close(step[:, -1], full[1:, -1], rtol=1e-5, atol=1e-5, msg=lambda m: (
+            f"{TRANSFORMERS}: Cache.batch_select_indices no longer keeps the selected rows: {m}"
+        ))
+
+
+def test_caches_that_drop_positions_are_not_batchable():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=3, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 64, (2, 6)), use_cache=True)
+    assert kv_cache.cache_layers(kv_cache.output_cache(out)) is None, (
+        f"{TRANSFORMERS}: a sliding-window cache was taken for a full-attention one by kv_cache.cache_layers"
+    )
+    assert kv_cache.cache_layers(None) is None and not kv_cache.is_batchable_cache(object())
+
+
+def test_cache_internals_are_read_in_kv_cache_only():
+    internals = ("cache_utils", "DynamicCache(", "DynamicLayer", "ddp_cache_data", "key_cache", "value_cache",
+                 "_seen_tokens", ".crop(", "reorder_cache", "batch_select_indices", "la.keys")
+    offenders = [
+        f"{path.relative_to(SRC)}: {word}"
+        for path in SRC.rglob("*.py") if path.name != "kv_cache.py"
+        for word in internals if word in path.read_text(encoding="utf-8")
+    ]
+    assert not offenders, f"transformers cache internals outside baldro/eval/kv_cache.py: {offenders}"
+
+
+def test_vocab_moments_have_one_definition():
+    """The engine's float64 chunk statistics are metrics.logprob_moments, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=g, dtype=torch.float64) * 4
+    targets = torch.randint(0, 50, (7,), generator=g)
+    stats = engine._vocab_chunk_stats(logits, targets, frozenset({"vocab_stats"}))
+    mu, sd = metrics.logprob_moments(torch.log_softmax(logits, dim=-1))
+    assert torch.equal(stats["vocab_mean"], mu) and torch.equal(stats["vocab_std"], sd)
+    mu32, sd32 = metrics.vocab_logprob_moments(logits.float()[None])
+    ref_mu, ref_sd = metrics.logprob_moments(torch.log_softmax(logits.float()[None], dim=-1))
+    assert mu32.dtype == torch.float32 and torch.equal(mu32, ref_mu) and torch.equal(sd32, ref_sd)
+
+
+def _baldro_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n.startswith("baldro")}
+
+
+@pytest.mark.parametrize("module", ["suite", "engine", "generation", "metrics", "kv_cache"])
+def test_generic_eval_modules_know_no_benchmark(module):
+    imported = _baldro_imports(SRC / "eval" / f"{module}.py")
+    specific = {n for n in imported if n.startswith(("baldro.eval.tofu", "baldro.data.tofu", "baldro.eval.summarize"))}
+    assert not specific, f"baldro.eval.{module} imports benchmark-specific modules: {sorted(specific)}"
+
+
+def test_eval_modules_import_neither_recipes_nor_config():
+    code = (
+        "import sys, importlib, pkgutil, baldro.eval\n"
+        "for m in pkgutil.iter_modules(baldro.eval.__path__): importlib.import_module('baldro.eval.' + m.name)\n"
+        "print(sorted(m for m in sys.modules if m in ('baldro.recipes', 'baldro.config')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"importing baldro.eval loads {out.stdout.strip()}"
+
+
+def test_tofu_keeps_its_public_names():
+    for name in ("evaluate_tofu", "diff_eval_logs", "load_tofu_eval_data", "tofu_sets", "score_tofu", "generate_tofu",
+                 "assemble_tofu_eval_log", "load_retain_log", "restrict_log", "EVAL_FILE", "SUMMARY_FILE",
+                 "HEADLINE", "TofuSet", "TofuEvalData"):
+        assert hasattr(tofu, name), name
+    assert tofu.diff_eval_logs is suite.diff_eval_logs
+    assert list(inspect.signature(tofu.evaluate_tofu).parameters) == [
+        "model", "tokenizer", "formatter", "data_source", "forget_split", "out_dir", "retain_logs_path", "batch_size",
+        "max_new_tokens", "limit", "shared_forward", "sort_by_length", "timings", "progress",
+    ]
