@@ -143,13 +143,5 @@ def as_recipe(cfg: Recipe | DictConfig | dict) -> Recipe:
         raise _schema_error(e, "recipe") from None
 
 
-def to_container(cfg: DictConfig | dict | None) -> dict:
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
-
-
 def dump_config(cfg: Recipe | DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg) if isinstance(cfg, Recipe) else cfg, resolve=True)
