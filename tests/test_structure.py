@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from baldro.cli import main

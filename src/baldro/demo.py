@@ -41,15 +41,16 @@ class DemoPreset:
     unlearn_epochs: int
     unlearn_lr: float
     eval_max_new_tokens: int
+    n_seeds: int  # unlearning runs per method (seed, seed+1, ...), sharing the two fine-tunes
 
 
 PRESETS = {
     "quick": DemoPreset(n_people=20, questions_per_person=10, n_world_questions=20, model_preset="test",
                         vocab_size=512, finetune_epochs=12, finetune_lr=3e-3, unlearn_epochs=2, unlearn_lr=1e-3,
-                        eval_max_new_tokens=32),
+                        eval_max_new_tokens=32, n_seeds=2),
     "default": DemoPreset(n_people=40, questions_per_person=10, n_world_questions=40, model_preset="demo",
                           vocab_size=1024, finetune_epochs=30, finetune_lr=2e-3, unlearn_epochs=8, unlearn_lr=5e-4,
-                          eval_max_new_tokens=48),
+                          eval_max_new_tokens=48, n_seeds=3),
 }
 
 NPO = {"name": "npo", "args": {"beta": 0.1}, "retain_loss": "nll", "gamma": 1.0, "alpha": 1.0}
@@ -94,9 +95,14 @@ def finetune_cfg(name: str, split: str, data_dir: Path, base: Path, runs: Path, 
     return cfg
 
 
-def unlearn_cfg(method, data_dir: Path, runs: Path, p: DemoPreset, seed: int) -> dict:
+def run_folder(name: str, seed: int, first_seed: int) -> str:
+    """`npo_dv` for the first seed, `npo_dv_seed1` etc. for the others (all runs are named `npo_dv`)."""
+    return name if seed == first_seed else f"{name}_seed{seed}"
+
+
+def unlearn_cfg(method, data_dir: Path, runs: Path, p: DemoPreset, seed: int, first_seed: int) -> dict:
     name, objective, weighting, wargs = method
-    cfg = _base_cfg(data_dir, runs / "target" / "model", runs / name, seed)
+    cfg = _base_cfg(data_dir, runs / "target" / "model", runs / run_folder(name, seed, first_seed), seed)
     cfg.update(name=name, log_to_console=False, objective=objective, weighting={"name": weighting, "args": wargs},
                train=_train_args(p.unlearn_epochs, p.unlearn_lr, UNLEARN_BATCH_SIZE, warmup=0),
                balance={"every_n_steps": 1, "batch_size": 64})
@@ -211,6 +217,19 @@ def _tokenizer_corpus(data_dir: Path) -> list[str]:
     return texts
 
 
+def cpu_name() -> str:
+    """The processor's model name (float kernels, and so single-seed numbers, differ between CPU kinds)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
@@ -234,7 +253,8 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
     def stage(name: str, detail: str) -> None:
         tqdm.write(f"[{time.time() - start:6.1f}s] {name}: {detail}")
 
-    print(f"baldro demo ({preset} preset, seed {seed}, {workers} workers) -> {out}", flush=True)
+    print(f"baldro demo ({preset} preset, seeds {seed}..{seed + p.n_seeds - 1}, {workers} workers, {cpu_name()}) "
+          f"-> {out}", flush=True)
     data_dir = out / "data"
     counts = generate(data_dir, SyntheticConfig(n_people=p.n_people, questions_per_person=p.questions_per_person,
                                                 n_world_questions=p.n_world_questions, seed=seed))
@@ -260,22 +280,25 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
         stage(f"{name} model", f"forget ROUGE-L recall {s['forget_Q_A_ROUGE']:.3f}, model utility "
               f"{s['model_utility']:.3f}, forget quality {_fmt(s.get('forget_quality'))}")
 
-    def unlearned(name: str, s: dict) -> None:
-        stage(f"unlearn {name}", f"forget quality {_fmt(s.get('forget_quality'))}, model utility "
+    def unlearned(job: str, s: dict) -> None:
+        stage(f"unlearn {job}", f"forget quality {_fmt(s.get('forget_quality'))}, model utility "
               f"{s['model_utility']:.3f}, forget ROUGE {s['forget_Q_A_ROUGE']:.3f}, "
               f"prob spread (std) {_fmt(s.get('balance_prob_std'))}")
 
+    seeds = [seed + k for k in range(p.n_seeds)]
+    folders = [runs / run_folder(m[0], s, seed) for s in seeds for m in METHODS]
     _run_jobs(
-        [(m[0], _job_unlearn, (unlearn_cfg(m, data_dir, runs, p, seed), str(data_dir), p.eval_max_new_tokens,
-                               str(retain_eval), str(target_eval)))
-         for m in METHODS],
+        [(run_folder(m[0], s, seed), _job_unlearn,
+          (unlearn_cfg(m, data_dir, runs, p, s, seed), str(data_dir), p.eval_max_new_tokens, str(retain_eval),
+           str(target_eval)))
+         for s in seeds for m in METHODS],
         workers,
         unlearned,
     )
-    report = build_report([runs / "target", runs / "retain", *(runs / m[0] for m in METHODS)], out / "report",
-                          retain_run=runs / "retain", target_run=runs / "target")
+    report = build_report([runs / "target", runs / "retain", *folders], out / "report",
+                          retain_run=runs / "retain", target_run=runs / "target", by_seed=True)
     total = time.time() - start
-    write_json_atomic(out / "demo_info.json", {"preset": preset, "seed": seed, "workers": workers,
+    write_json_atomic(out / "demo_info.json", {"preset": preset, "seed": seed, "seeds": seeds, "workers": workers, "cpu": cpu_name(),
                                               "total_time_s": total, "n_params": n_params, "counts": counts})
     stage("report", str(report))
     print(f"baldro demo: done in {total:.0f} s; open {report}", flush=True)

@@ -180,6 +180,7 @@ def run_finetune(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     return _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
         "name": recipe.name or "finetune",
         "kind": "finetune",
+        "seed": recipe.seed,
         "train_split": recipe.data.train_split,
         "n_train": len(dataset),
     })
@@ -263,6 +264,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
         "name": recipe.name or f"{objective.name}_{recipe.weighting.name}",
         "kind": "unlearn",
+        "seed": recipe.seed,
         "objective": objective.name,
         "objective_args": {**objective.defaults, **objective_args},
         "weighting": recipe.weighting.name,

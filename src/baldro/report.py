@@ -29,6 +29,8 @@ import numpy as np
 
 from baldro.balance import balance_from_eval_logs
 from baldro.errors import BaldroError
+from baldro.eval import metrics
+from baldro.eval.summarize import truth_ratios
 from baldro.io import read_jsonl, write_bytes_atomic, write_text_atomic
 
 DPI = 120
@@ -90,6 +92,12 @@ def load_run(run_dir: str | Path) -> RunRecord:
         )
     info = _read_json(info_path) if info_path.is_file() else {}
     summary = _read_json(summary_path) if summary_path.is_file() else {}
+    if isinstance(info, dict) and "seed" not in info and (path / "config.yaml").is_file():
+        import yaml
+
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        if isinstance(config, dict) and isinstance(config.get("seed"), int):
+            info = {**info, "seed": config["seed"]}
     if not isinstance(info, dict):
         raise BaldroError(f"{info_path} must hold a JSON object; re-run the step that writes it")
     if not isinstance(summary, dict):
@@ -154,6 +162,52 @@ COLUMNS: list[tuple[str, str, Any]] = [
     ("Over-forgotten", "balance_frac_over_forgotten", format_value),
     ("Train time (s)", "train_time_s", lambda v: format_value(v, 1)),
 ]
+
+
+# Runs that share a name (the same method under several seeds) are also summarised as mean ± std.
+SEED_COLUMNS: list[tuple[str, str, Any]] = [
+    ("Forget quality", "forget_quality", format_fq),
+    ("KS D", "_ks_d", format_value),
+    ("Model utility", "model_utility", format_value),
+    ("Forget TR", "forget_truth_ratio", format_value),
+    ("Forget prob", "forget_Q_A_Prob", format_value),
+    ("Forget ROUGE-L", "forget_Q_A_ROUGE", format_value),
+    ("Prob std at mean < 0.3", "_spread_0.3", format_value),
+    ("Prob std at mean < 0.1", "_spread_0.1", format_value),
+    ("Prob std (end)", "balance_prob_std", format_value),
+    ("Remembered", "balance_frac_remembered", format_value),
+    ("Over-forgotten", "balance_frac_over_forgotten", format_value),
+    ("Train time (s)", "train_time_s", lambda v: format_value(v, 1)),
+]
+
+
+def mean_std(values: Iterable[Any], fmt=format_value) -> str:
+    """"mean ± sample std" of the finite values (the value alone for one, "n/a" for none)."""
+    vals = [v for v in (_num(x) for x in values) if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return fmt(vals[0])
+    return f"{fmt(float(np.mean(vals)))} ± {fmt(float(np.std(vals, ddof=1)))}"
+
+
+def seed_groups(labelled: Sequence[tuple[str, RunRecord]]) -> dict[str, list[int]]:
+    """Method name -> positions of its runs (in order), for runs that share a run_info name."""
+    groups: dict[str, list[int]] = {}
+    for i, (_, run) in enumerate(labelled):
+        groups.setdefault(run.name, []).append(i)
+    return groups
+
+
+def seed_table(names: Sequence[str], seeds: Sequence[Sequence[Any]], values: Sequence[Sequence[dict]]) -> list[str]:
+    """Markdown table: per method, the number of runs (seeds) and mean ± std of every SEED_COLUMNS value."""
+    md = ["| Method | Seeds | " + " | ".join(h for h, _, _ in SEED_COLUMNS) + " |",
+          "| --- | ---: |" + " ---: |" * len(SEED_COLUMNS)]
+    for name, seed_list, vals in zip(names, seeds, values):
+        cells = [mean_std((v.get(key) for v in vals), fmt) for _, key, fmt in SEED_COLUMNS]
+        label = ",".join(str(x) for x in seed_list) if seed_list and None not in seed_list else str(len(vals))
+        md.append(f"| {_md_cell(name)} | {label} | " + " | ".join(cells) + " |")
+    return md
 
 
 # ----------------------------------------------------------------------------- plotting helpers
@@ -382,6 +436,33 @@ def _plot_dro_weights(methods: list[tuple[str, RunRecord]], path: Path) -> Path 
     return _save(fig, path)
 
 
+def _plot_seeds(groups: dict[str, list[int]], values: list[dict[str, Any]], path: Path) -> Path | None:
+    fig = _new_figure(12, 4.5)
+    ax_fq, ax_spread = fig.subplots(1, 2)
+    colours = _palette(len(groups))
+    for i, (name, ix) in enumerate(groups.items()):
+        vals = [values[j] for j in ix]
+        fq = np.array([_num(v.get("forget_quality")) or np.nan for v in vals], dtype=float)
+        mu = np.array([_num(v.get("model_utility")) or np.nan for v in vals], dtype=float)
+        ok = np.isfinite(fq) & np.isfinite(mu) & (fq > 0)
+        ax_fq.scatter(mu[ok], fq[ok], color=colours[i], alpha=0.35, s=18)
+        if ok.any():
+            ax_fq.scatter([mu[ok].mean()], [np.exp(np.log(fq[ok]).mean())], color=colours[i], s=70,
+                          edgecolor="black", label=name)
+        spread = [v for v in (_num(x.get("_spread_0.3")) for x in vals) if v is not None]
+        ax_spread.scatter([i] * len(spread), spread, color=colours[i])
+        if spread:
+            ax_spread.hlines(float(np.mean(spread)), i - 0.3, i + 0.3, color="black")
+    ax_fq.set_yscale("log")
+    ax_fq.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
+    ax_fq.set(xlabel="model utility", ylabel="forget quality (log)", title="Every seed and the mean per method")
+    ax_fq.legend(fontsize=7, ncol=2)
+    ax_spread.set_xticks(range(len(groups)), list(groups), rotation=45, ha="right", fontsize=8)
+    ax_spread.set(ylabel="std of per-sample answer probability",
+                  title="Spread when the mean answer probability first falls below 0.3")
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- report
 def _as_run(run: str | Path | RunRecord) -> RunRecord:
     return run if isinstance(run, RunRecord) else load_run(run)
@@ -432,6 +513,19 @@ def _labels(runs: list[RunRecord]) -> list[str]:
     return out
 
 
+def _ks_and_spread(run: RunRecord, retain_tr) -> dict[str, Any]:
+    """The KS statistic D behind forget quality, and the spread at equal mean forgetting."""
+    from baldro.balance import spread_at_mean_forgetting
+
+    out: dict[str, Any] = {}
+    if retain_tr is not None and run.eval_log is not None:
+        tr = truth_ratios(run.load_eval_log(), "forget_truth_ratio")
+        out["_ks_d"] = metrics.ks_statistic(tr, retain_tr) if tr is not None and len(tr) else None
+    for spread in spread_at_mean_forgetting(run.balance) if run.balance else []:
+        out[f"_spread_{spread['level']:g}"] = spread["prob_std"]
+    return out
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -465,8 +559,12 @@ def build_report(
     out_dir: str | Path,
     retain_run: str | Path | RunRecord | None = None,
     target_run: str | Path | RunRecord | None = None,
+    by_seed: bool | None = None,
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNG plots; return the path of report.md.
+
+    Runs that share a name are one method under several seeds: ``by_seed`` (default: when a name
+    repeats) adds their mean ± std table and plot, and the per-sample plots show each method's first run.
 
     ``run_dirs`` are the methods to compare (runs among them named "target" / "retain" are used as
     the references when ``target_run`` / ``retain_run`` are not given). Balance metrics missing from
@@ -495,6 +593,7 @@ def build_report(
     method_labels = _labels(methods)
     rows += [(label, "method", r) for label, r in zip(method_labels, methods)]
 
+    retain_tr = truth_ratios(ref_logs["retain"], "forget_truth_ratio") if ref_logs["retain"] is not None else None
     values: list[dict[str, Any]] = []
     notes: list[str] = []
     for label, kind, run in rows:
@@ -514,6 +613,7 @@ def build_report(
         if kind == "retain" and _num(v.get("forget_quality")) is None:
             v["forget_quality"] = 1.0  # KS test of the retain model against itself
             v["_fq_by_definition"] = True
+        v.update(_ks_and_spread(run, retain_tr))
         values.append(v)
 
     # ---- plots
@@ -531,6 +631,13 @@ def build_report(
         arr = arr[np.isfinite(arr)]
         retain_median = float(np.median(arr)) if arr.size else None
     labelled = list(zip(method_labels, methods))
+    groups = seed_groups(labelled)
+    has_seeds = any(len(ix) > 1 for ix in groups.values()) if by_seed is None else by_seed
+    if has_seeds:  # one run per method (its first seed) in the per-sample plots, to keep them readable
+        labelled = [(name, labelled[ix[0]][1]) for name, ix in groups.items()]
+    n_refs = len(rows) - len(methods)
+    method_values = values[n_refs:]
+    plots["seeds"] = _plot_seeds(groups, method_values, out / "seeds.png") if has_seeds else None
     plots["trajectories"] = _plot_trajectories(labelled, out / "trajectories.png", retain_median)
     plots["spread"] = _plot_spread(labelled, out / "spread.png")
     plots["dro_weights"] = _plot_dro_weights(labelled, out / "dro_weights.png")
@@ -578,6 +685,27 @@ def build_report(
     ]
     if notes:
         md += ["Notes:", ""] + [f"- {_md_cell(n)}" for n in notes] + [""]
+
+    if has_seeds:
+        names = list(groups)
+        md += ["## Mean ± std over seeds", ""]
+        md += seed_table(names, [[methods[i].info.get("seed") for i in groups[n]] for n in names],
+                         [[method_values[i] for i in groups[n]] for n in names])
+        md += [
+            "",
+            "Runs with the same name are one method under several seeds: mean ± sample standard deviation. "
+            "*KS D* is the KS statistic behind forget quality (the largest gap between the two truth-ratio "
+            "distributions). *Prob std at mean < x*: the std of the per-sample answer probability at the "
+            "first scoring step where the method's mean probability falls below x (spread at equal mean "
+            "forgetting; lower = more even).",
+            "",
+        ]
+        if plots["seeds"]:
+            md += ["![every seed](seeds.png)", "",
+                   "**How to read this.** Left: forget quality against model utility, every seed (faint) and "
+                   "the mean of each method (outlined). Right: the spread at equal mean forgetting of every "
+                   "seed, the bar its mean; methods whose points overlap cannot be told apart at this number "
+                   "of seeds.", ""]
 
     md += ["## Forget quality vs model utility", ""]
     if plots["fq_vs_mu"]:
