@@ -6,8 +6,30 @@ import json
 
 import pytest
 
+from pathlib import Path
+
 from baldro.cli import main
 from baldro.demo import METHODS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    """Every markdown table of a text, as its lines."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _seed_table(markdown: str) -> list[str]:
+    found = [t for t in _tables(markdown) if t[0].startswith("| Method | Seeds |")]
+    assert len(found) == 1, "expected exactly one mean ± std over seeds table"
+    return found[0]
 
 
 @pytest.mark.slow
@@ -44,6 +66,14 @@ def test_demo_quick(tmp_path, capsys):
         assert f"({png})" in report
     info = json.loads((out / "demo_info.json").read_text())
     assert info["total_time_s"] < 180
+
+    # the README's demo table has the rows and columns this report writes
+    ours, readme = _seed_table(report), _seed_table(README.read_text(encoding="utf-8"))
+    assert readme[0] == ours[0] and readme[1] == ours[1]
+    assert [r.split("|")[1].strip() for r in readme[2:]] == [r.split("|")[1].strip() for r in ours[2:]]
+    assert [r.split("|")[1].strip() for r in ours[2:]] == [m[0] for m in METHODS]
+    for row in readme[2:]:
+        assert row.split("|")[2].strip() == "0,1,2"  # the default demo's three seeds
 
     # the report can be rebuilt from the run folders through the CLI
     rebuilt = tmp_path / "rebuilt"
