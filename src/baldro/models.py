@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from baldro.errors import BaldroError
+from baldro.io import apply_umask_tree
 from baldro.model_sources import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,94 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device(device: str | None) -> None:
+    """`model.device` names a device this machine has (checked before any weights load)."""
+    if device in (None, "auto", "accelerate"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BaldroError(f"model.device={device!r} is not a device: use cpu, cuda, cuda:N, mps, auto or accelerate") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BaldroError(f"model.device={device} but this machine has no usable CUDA device: use model.device=cpu "
+                              "(and train.use_cpu=true) or run on a GPU machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BaldroError(f"model.device={device} but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise BaldroError(f"model.device={device} but MPS is not available here: use model.device=cpu")
+    elif dev.type != "cpu":
+        raise BaldroError(f"model.device={device!r} is not supported: use cpu, cuda, cuda:N, mps, auto or accelerate")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_safetensors(path: str | Path) -> None:
+    """A `.safetensors` file is whole: its header parses and its tensors end where the file ends."""
+    import json
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        raise BaldroError(f"{path} is not a valid safetensors file (damaged or cut short): save or copy the "
+                          "model again") from None
+    if 8 + n + end != size:
+        raise BaldroError(f"{path} is truncated ({size} bytes, its header says {8 + n + end}): the copy or save was "
+                          "interrupted; save or copy the model again")
+
+
+def check_model_source(path: str | None, tokenizer: str | None = None) -> None:
+    """A local model folder holds a config, whole weights and a tokenizer (checked before loading;
+    hub ids, GGUF files and packaged models are checked when they load)."""
+    if not path:
+        raise BaldroError("model.path is not set: give a hub id or a local folder (model.path=...)")
+    path = str(path)
+    if path.startswith("package:") or path.endswith(".gguf"):
+        return
+    if _looks_local(path):
+        folder = Path(path).expanduser()
+        if not folder.exists():
+            raise BaldroError(f"model path {path} does not exist: set model.path to a folder or a hub id")
+        if not folder.is_dir():
+            raise BaldroError(f"model path {path} is a file: set model.path to the folder that holds config.json")
+        if not (folder / "config.json").is_file():
+            raise BaldroError(f"model folder {path} has no config.json: set model.path to a folder saved by "
+                              "save_pretrained (or a hub id)")
+        if not any((folder / name).is_file() for name in WEIGHT_FILES):
+            raise BaldroError(f"model folder {path} has no weights ({', '.join(WEIGHT_FILES)}): set model.path to a "
+                              "complete model folder")
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors(weights)
+    tok = str(tokenizer or path)
+    if tok.startswith("package:") or tok.endswith(".gguf") or not _looks_local(tok):
+        return
+    tok_folder = Path(tok).expanduser()
+    if not tok_folder.is_dir():
+        raise BaldroError(f"tokenizer path {tok} does not exist: set model.tokenizer or model.path")
+    if not any((tok_folder / name).is_file() for name in TOKENIZER_FILES):
+        key = "model.tokenizer" if tokenizer else "model.path"
+        raise BaldroError(f"{tok} has no tokenizer ({', '.join(TOKENIZER_FILES)}): set model.tokenizer to a folder "
+                          f"or hub id that has one (now {key}={tok})")
+
+
+def count_nonfinite(model) -> int:
+    """How many parameters of `model` are NaN or inf (a diverged run's model)."""
+    with torch.no_grad():
+        return int(sum((~torch.isfinite(p)).sum().item() for p in model.parameters() if p.is_floating_point()))
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -45,7 +134,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path,
                                             trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError, TypeError, KeyError) as e:
         raise BaldroError(f"could not load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         # Safe: attention masks are built from sequence lengths, never from the pad id (SPEC section 4).
@@ -62,8 +151,10 @@ def load_model(
     lora: dict | None = None,
     gradient_checkpointing: bool = False,
     device_map_for_training: bool = True,
+    seed: int = 0,
 ):
-    """`AutoModelForCausalLM` on `device` (or left for accelerate to place when `device="accelerate"`)."""
+    """`AutoModelForCausalLM` on `device` (or left for accelerate to place when `device="accelerate"`);
+    a LoRA adapter is initialised from `seed` alone."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(path)
@@ -76,28 +167,41 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
-    except OSError as e:
-        raise BaldroError(f"could not load a causal LM from {path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
+        raise BaldroError(f"could not load a causal LM from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ": check that the folder holds a complete saved model") from None
+    except Exception as e:  # safetensors' own error type for damaged files
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise BaldroError(f"could not load a causal LM from {path!r}: damaged weights ({e}): save or copy the model "
+                          "again") from None
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if lora:
-        model = apply_lora(model, lora)
+        model = apply_lora(model, lora, seed=seed)
     if dev is not None:
         model.to(dev)
     return model
 
 
-def apply_lora(model, lora: dict):
-    """Wrap `model` with a peft LoRA adapter; `lora` holds LoraConfig fields (r, lora_alpha, ...)."""
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def apply_lora(model, lora: dict, seed: int = 0):
+    """Wrap `model` with a peft LoRA adapter; `lora` holds LoraConfig fields (r, lora_alpha, ...). The
+    adapter's random initialisation depends on `seed` only (the global generators are left as they were)."""
     from peft import LoraConfig, get_peft_model
 
-    args = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **dict(lora)}
+    args = {**LORA_DEFAULTS, **dict(lora)}
     try:
         config = LoraConfig(task_type="CAUSAL_LM", **args)
-    except TypeError as e:
-        raise BaldroError(f"bad model.lora settings: {e}") from None
-    model = get_peft_model(model, config)
+    except (TypeError, ValueError) as e:
+        raise BaldroError(f"bad model.lora settings: {str(e).splitlines()[0]}") from None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA: %d trainable parameters", trainable)
     return model
@@ -116,6 +220,7 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) 
         to_save = model.merge_and_unload() if merge_lora and hasattr(model, "merge_and_unload") else model
         to_save.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        apply_umask_tree(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
