@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=None, target_logs_path=None) -> dict:
     """Add the balance metrics (SPEC section 6) to a TOFU summary and rewrite TOFU_SUMMARY.json."""
     from baldro.balance import balance_from_eval_logs
-    from baldro.eval.summarize import load_eval_log
+    from baldro.eval.summarize import load_eval_log, note_non_finite
 
     retain = load_eval_log(retain_logs_path) if retain_logs_path else None
     target = load_eval_log(target_logs_path) if target_logs_path else None
@@ -30,8 +30,42 @@ def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=N
     note = balance.pop("balance_note", None)
     if note:
         log.info("balance: %s", note)
-    summary = {**summary, **balance}
-    write_json_atomic(Path(out_dir) / "TOFU_SUMMARY.json", summary)
+    notes = dict(getattr(summary, "notes", {}))
+    summary = _with_notes({**summary, **balance}, notes)
+    note_non_finite(eval_log, summary)
+    write_json_atomic(Path(out_dir) / "TOFU_SUMMARY.json", dict(summary))
+    return summary
+
+
+def _with_notes(values: dict, notes: dict) -> dict:
+    """A summary dict that keeps the notes saying why a metric is n/a (printed by `format_table`)."""
+    from baldro.eval.summarize import Summary
+
+    out = Summary("tofu")
+    out.update(values)
+    out.notes = dict(notes)
+    return out
+
+
+def _weights_note(model) -> str | None:
+    """A note when the model's weights are not all finite (every score it gives is then NaN)."""
+    from baldro.models import count_nonfinite
+
+    bad = count_nonfinite(model)
+    if not bad:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    note = (f"{bad} of {total} model weights are NaN or inf (a diverged training run?): metrics computed from "
+            "its outputs are n/a or meaningless")
+    log.warning("%s", note)
+    return note
+
+
+def _add_weights_note(summary, note: str | None):
+    if note is None:
+        return summary
+    summary = _with_notes(dict(summary), dict(getattr(summary, "notes", {})))
+    summary.notes = {"model": note, **summary.notes}
     return summary
 
 
@@ -79,8 +113,9 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
     retain (and target) model's logs are given (`settings["retain_logs_path"]`, `target_logs_path`)."""
     out = Path(run_dir) / "eval"
     start = time.time()
+    note = _weights_note(model)
     eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, **settings)
-    summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
+    summary = _add_weights_note(add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path), note)
     _record_eval_time(run_dir, time.time() - start)
     return summary
 
@@ -90,11 +125,15 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
     """`baldro eval`: evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when
     reference logs are given, eval_info.json with the time) and print the summary table."""
     start = time.time()
+    note = _weights_note(model)
     eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, **settings)
     if settings["retain_logs_path"] or target_logs_path:
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
+    summary = _add_weights_note(summary, note)
     seconds = time.time() - start
-    write_json_atomic(out / "eval_info.json", {"model_path": model_path, "eval_time_s": seconds})
+    notes = {k: v for k, v in getattr(summary, "notes", {}).items() if k == "model" or summary.get(k) is None}
+    write_json_atomic(out / "eval_info.json", {"model_path": model_path, "eval_time_s": seconds,
+                                               **({"notes": notes} if notes else {})})
     print(format_table(summary))
     print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({seconds:.1f} s)")
     return out

@@ -322,7 +322,40 @@ def summarize_tofu(eval_log: dict, reference_log: dict | None = None) -> Summary
         if key not in out:
             out.put(key, aggs[key])
     _note_disagreements(eval_log, out)
+    note_non_finite(eval_log, out)
     return out
+
+
+def non_finite_entries(log: dict) -> list[str]:
+    """Metrics whose per-sample entries exist but hold no finite number (NaN scores: a model whose
+    outputs are not finite, e.g. one whose training diverged)."""
+    bad = []
+    for key, entry in log.items():
+        rows = _rows(log, key)
+        if not rows:
+            continue
+        numbers = [v for r in rows.values() for f, v in r.items() if f not in ("generation", "ground_truth", "input")]
+        if numbers and all(_is_missing(v) or (isinstance(v, float) and not math.isfinite(v)) for v in numbers):
+            bad.append(key)
+    return bad
+
+
+def note_non_finite(log: dict, out: Summary) -> None:
+    """Say why metrics are n/a when the per-sample values behind them are NaN."""
+    bad = sorted(non_finite_entries(log))
+    if not bad:
+        return
+    why = (f"the per-sample values of {', '.join(bad[:4])}{' and others' if len(bad) > 4 else ''} are all NaN: the "
+           "model's outputs are not finite (a diverged training run?)")
+    sources = {
+        "forget_quality": [k for k in bad if k.startswith("forget_")],
+        "model_utility": [k for k in bad if k.startswith(("retain_", "ra_", "wf_"))],
+        "privleak": [k for k in bad if k.startswith("mia_")],
+    }
+    for key, value in out.items():
+        if value is None and (sources.get(key, True) if key not in out.notes else sources.get(key)):
+            if "are all NaN" not in out.notes.get(key, ""):
+                out.notes[key] = f"{out.notes[key]}; {why}" if key in out.notes else why
 
 
 def _tofu_set_order(key: str) -> tuple[int, str]:
@@ -384,6 +417,14 @@ def check_eval_log(log: Any, what: str = "eval log") -> dict:
             f"{what} is not an eval log: no metric has per-sample values "
             '({"metric": {"agg_value": ..., "value_by_index": {"0": {...}}}})'
         )
+    for key, entry in log.items():
+        for sub, e in [(key, entry)] + [(f"{key}.{k}", v) for k, v in (entry.items() if isinstance(entry, dict) else ())]:
+            vbi = e.get("value_by_index") if isinstance(e, dict) else None
+            if vbi is not None and not isinstance(vbi, dict):
+                raise BaldroError(
+                    f"{what}: {sub}.value_by_index is a {type(vbi).__name__}, not an object keyed by sample index "
+                    '({"0": {...}, "1": {...}}): convert it, e.g. {str(i): row for i, row in enumerate(rows)}'
+                )
     return log
 
 
@@ -446,11 +487,47 @@ def load_eval_log(path: str | Path, what: str = "eval log") -> dict:
     return check_eval_log(log, f"{what} {path}")
 
 
+# The entries whose samples a reference log is compared on (the forget set, then MUSE's forget set).
+_SAMPLE_ENTRIES = ("forget_Q_A_PARA_Prob", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
+                   "forget_knowmem_ROUGE", "forget_verbmem_ROUGE")
+
+
+def _samples(log: dict, key: str) -> dict[str, Any] | None:
+    """Sample index -> what identifies the sample (its ground-truth answer where logged)."""
+    rows = _rows(log, key)
+    if rows is None:
+        return None
+    return {i: r.get("ground_truth") for i, r in rows.items()}
+
+
+def check_same_samples(eval_log: dict, reference_log: dict) -> None:
+    """The reference log scores the same samples as the eval log (same indices and, where both logs
+    have them, the same ground-truth answers); else a BaldroError saying how many differ."""
+    for key in _SAMPLE_ENTRIES:
+        mine, ref = _samples(eval_log, key), _samples(reference_log, key)
+        if mine is None or ref is None:
+            continue
+        differ = len(set(mine) ^ set(ref))
+        differ += sum(1 for i in set(mine) & set(ref)
+                      if mine[i] is not None and ref[i] is not None and mine[i] != ref[i])
+        if differ:
+            raise BaldroError(
+                f"the reference log's samples do not match the eval log's: {differ} of {len(set(mine) | set(ref))} "
+                f"sample ids differ in {key} (this log {len(mine)}, the reference {len(ref)}): use the reference "
+                "model's log of the same split and limit"
+            )
+        return
+
+
 def run_summarize(eval_json: str | Path, reference: str | Path | None = None, out: str | Path | None = None) -> Summary:
     """`baldro summarize EVAL_JSON [--reference REF] [--out OUT]`: print the table, write the
     summary JSON atomically to `out` (same layout as OpenUnlearning's *_SUMMARY.json)."""
+    if out is not None and Path(out).is_dir():
+        raise BaldroError(f"--out {out} is a folder: give a file path, e.g. {Path(out) / 'SUMMARY.json'}")
     log = load_eval_log(eval_json, "eval log")
     ref = load_eval_log(reference, "reference log") if reference is not None else None
+    if ref is not None:
+        check_same_samples(log, ref)
     summary = summarize(log, ref)
     print(format_table(summary))
     if out is not None:
