@@ -312,7 +312,8 @@ class BalanceTracker(TrainerCallback):
     """Records every forget sample's NLL and answer probability during unlearning.
 
     ``score_fn(model) -> (ids, nll)`` scores the whole forget set (the trainer provides it). It is
-    called at train begin (step 0, or the resumed step), every ``every_n_steps`` optimizer steps and
+    called at train begin (step 0, or a resumed step that is a multiple of ``every_n_steps``, so that a
+    resumed run writes the rows an uninterrupted one writes), every ``every_n_steps`` optimizer steps and
     at train end (unless that step was just recorded), with the model in eval mode under
     ``torch.inference_mode``; the model's previous train/eval mode is restored afterwards, also when
     ``score_fn`` raises. Every process calls ``score_fn`` (distributed models may need all ranks for
@@ -367,7 +368,8 @@ class BalanceTracker(TrainerCallback):
 
     # -- TrainerCallback hooks
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record(model, state.global_step, state.is_world_process_zero)
+        if state.global_step % self.every_n_steps == 0:
+            self.record(model, state.global_step, state.is_world_process_zero)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step

@@ -25,7 +25,8 @@ def _recipe_parser(sub, name: str, help: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baldro", description="Balanced LLM unlearning (BalDRO).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--debug", "-v", "--verbose", dest="debug", action="store_true",
+                        help="debug logging, and full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
     _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
@@ -84,20 +85,39 @@ def run(args: argparse.Namespace) -> None:
         run_demo(args.out, seed=args.seed, preset=args.preset or ("quick" if args.quick else "default"))
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 a problem with the input, the files or the run (one line on stderr naming
+    it and the fix); 1 an internal error (one line; `--debug` shows the traceback); 130 interrupted."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         run(args)
     except BaldroError as e:
-        if args.verbose:
+        if args.debug:
             raise
-        print(f"baldro {args.command}: error: {e}", file=sys.stderr)
+        print(f"baldro {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system: permissions, a full disk, a path that is a file
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"baldro {args.command}: error: {_one_line(e.strerror or e)}{where}: check the path, its permissions and "
+              "free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"baldro {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"baldro {args.command}: internal error: {type(e).__name__}: {_one_line(e)[:500]} (rerun with --debug "
+              "for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

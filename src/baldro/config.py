@@ -92,9 +92,33 @@ def _schema_error(e: OmegaConfBaseException, where: str) -> BaldroError:
     return BaldroError(f"{where}: {problem}{hint}")
 
 
+def _resume_section(value) -> dict:
+    """`resume: true | false | PATH` (the short forms) as the `resume` section."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "null", "none", ""):
+        value = value.strip().lower() in ("true", "yes")
+    if value is None or value is False:
+        return {"enabled": False, "checkpoint": None}
+    if value is True:
+        return {"enabled": True, "checkpoint": None}
+    if isinstance(value, (str, Path)):
+        return {"enabled": True, "checkpoint": str(value)}
+    raise BaldroError(f"resume={value!r}: use resume=true, resume=false, resume=CHECKPOINT_FOLDER or resume.force=true")
+
+
+def _normalise(piece):
+    """A recipe piece with the short `resume` forms turned into the `resume` section."""
+    if isinstance(piece, DictConfig):
+        if "resume" not in piece or isinstance(piece._get_node("resume"), DictConfig):
+            return piece
+        piece = OmegaConf.to_container(piece, resolve=False)
+    if isinstance(piece, dict) and "resume" in piece and not isinstance(piece["resume"], (dict, DictConfig)):
+        piece = {**piece, "resume": _resume_section(piece["resume"])}
+    return piece
+
+
 def _merge(cfg: DictConfig, piece, where: str) -> DictConfig:
     try:
-        return OmegaConf.merge(cfg, piece)
+        return OmegaConf.merge(cfg, _normalise(piece))
     except OmegaConfBaseException as e:
         raise _schema_error(e, where) from None
 
@@ -118,11 +142,23 @@ def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> DictConfig
         path = _group_file(recipe, group, choice)
         cfg = _merge(cfg, _load_yaml(path), str(path))
     cfg = _merge(cfg, raw, str(recipe))
-    try:
-        dotlist = OmegaConf.from_dotlist(value_overrides)
-    except OmegaConfBaseException as e:
-        raise BaldroError(f"bad override: {str(e).splitlines()[0]}") from None
-    cfg = _merge(cfg, dotlist, "command-line override")
+    # In order; `resume=true` / `resume=PATH` (short forms of the resume section) are merged on their own.
+    batch: list[str] = []
+    for item in [*value_overrides, None]:
+        key, _, value = (item or "").partition("=")
+        if item is not None and key.strip() != "resume":
+            batch.append(item)
+            continue
+        if batch:
+            try:
+                dotlist = OmegaConf.from_dotlist(batch)
+            except OmegaConfBaseException as e:
+                raise BaldroError(f"bad override: {str(e).splitlines()[0]}") from None
+            cfg = _merge(cfg, dotlist, "command-line override")
+            batch = []
+        if item is not None:
+            piece = {"resume": _resume_section(yaml.safe_load(value) if value.strip() else None)}
+            cfg = _merge(cfg, piece, "command-line override")
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:

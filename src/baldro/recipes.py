@@ -3,35 +3,54 @@
 Every run writes into its own folder: `config.yaml` (resolved), `train_log.jsonl` (per step),
 `forget_losses.jsonl` (per-sample forget losses with sample ids), `run_info.json`, and the final model
 in `model/` (safetensors); checkpoints for resuming go to `checkpoints/`.
+
+Before any weights load, the recipe is validated (`baldro.schema.validate`), the data files are read,
+and the run folder is claimed: a lock keeps a second run out; a non-empty folder is refused unless the
+run resumes it (`resume=true`) or replaces it (`overwrite=true`); a resume picks the newest complete
+checkpoint, refuses a recipe that trains something else (`resume.force=true` overrides), and cuts the
+logs back to the checkpoint's step, so that the resumed run writes what an uninterrupted one writes.
+A non-finite loss or gradient marks the run failed in `run_info.json` and keeps its checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
+import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig
 
 from baldro.config import as_recipe, dump_config
 from baldro.data.formatting import QAFormatter
 from baldro.data.tofu import load_refusals, load_split
 from baldro.errors import BaldroError
-from baldro.io import write_json_atomic, write_text_atomic
+from baldro.io import RunLock, truncate_jsonl, write_json_atomic, write_text_atomic
 from baldro.models import load_model, load_tokenizer, save_model
 from baldro.objectives import get_objective, get_retain_loss
-from baldro.schema import DataConfig, EvalConfig, FormatConfig, ModelConfig, Recipe
+from baldro.schema import DataConfig, EvalConfig, FormatConfig, ModelConfig, Recipe, validate, validate_model
 from baldro.trainer import (
+    CHECKPOINT_MARKER,
+    STAGING,
     EncodedDataset,
+    FinetuneTrainer,
     JsonlLogCallback,
+    NonFiniteError,
     QACollator,
     UnlearnCollator,
     UnlearnDataset,
     UnlearnTrainer,
-    WeightingStateCallback,
+    checkpoint_step,
+    complete_checkpoints,
+    is_complete_checkpoint,
+    restore_weighting_state,
 )
 from baldro.weighting import make_weighting
 
@@ -53,7 +72,7 @@ def build_formatter(format: FormatConfig, data: DataConfig, tokenizer) -> QAForm
     )
 
 
-def load_model_and_tokenizer(m: ModelConfig, device: str | None = None):
+def load_model_and_tokenizer(m: ModelConfig, device: str | None = None, seed: int = 0):
     if not m.path:
         raise BaldroError("model.path is not set: give a hub id or a local folder (model.path=...)")
     model = load_model(
@@ -64,6 +83,7 @@ def load_model_and_tokenizer(m: ModelConfig, device: str | None = None):
         trust_remote_code=m.trust_remote_code,
         lora=m.lora,
         gradient_checkpointing=m.gradient_checkpointing,
+        seed=seed,
     )
     tokenizer = load_tokenizer(m.tokenizer or m.path, m.trust_remote_code)
     return model, tokenizer
@@ -98,29 +118,169 @@ def _training_args(recipe: Recipe, run_dir: Path):
     try:
         return TrainingArguments(output_dir=str(run_dir / "checkpoints"), **args)
     except (TypeError, ValueError) as e:
-        raise BaldroError(f"bad train settings: {str(e).splitlines()[0]}") from None
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        named = [f"train.{k}" if k in train else f"train.extra.{k}" for k, v in {**train, **extra}.items()
+                 if isinstance(v, str) and len(v) > 1 and v in message]
+        raise BaldroError(f"bad train settings{' (' + ', '.join(named) + ')' if named else ''}: {message}") from None
 
 
-def _prepare_run_dir(recipe: Recipe) -> Path:
-    if not recipe.output_dir:
-        raise BaldroError("output_dir is not set: give output_dir=PATH")
-    run_dir = Path(recipe.output_dir)
+# ----------------------------------------------------------------------------- run folders
+RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
+               "checkpoints", "eval")
+# Recipe keys that do not change what a run trains: a resume may change them.
+RESUME_FREE_KEYS = (
+    "name", "output_dir", "resume", "overwrite", "log_to_console", "eval", "balance",
+    "model.base", "model.tofu_target", "model.device", "model.attn_implementation", "model.merge_lora",
+    "model.gradient_checkpointing", "train.num_train_epochs", "train.max_steps", "train.logging_steps",
+    "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.disable_tqdm", "train.report_to",
+    "train.dataloader_num_workers", "train.use_cpu",
+)
+_UNSET = object()
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _recipe_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def training_differences(saved: dict, current: dict) -> list[str]:
+    """`key (old -> new)` for every recipe key that changes what a run trains (see RESUME_FREE_KEYS)."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS):
+            continue
+        old, new = a.get(key, _UNSET), b.get(key, _UNSET)
+        if old != new:
+            show = lambda v: "unset" if v is _UNSET else repr(v)  # noqa: E731
+            diffs.append(f"{key} ({show(old)} -> {show(new)})")
+    return diffs
+
+
+def _saved_recipe(checkpoint: Path | None, run_dir: Path) -> tuple[dict | None, str]:
+    """The recipe that wrote a checkpoint (its marker), else the run folder's config.yaml."""
+    if checkpoint is not None and (checkpoint / CHECKPOINT_MARKER).is_file():
+        try:
+            recipe = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("recipe")
+        except (OSError, ValueError):
+            recipe = None
+        if isinstance(recipe, dict):
+            return recipe, str(checkpoint)
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        try:
+            recipe = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            recipe = None
+        if isinstance(recipe, dict):
+            return recipe, str(config)
+    return None, ""
+
+
+def _resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `resume=PATH`, or with `resume=true` the newest complete one."""
+    r = recipe.resume
+    if r.checkpoint:
+        ckpt = Path(r.checkpoint).expanduser()
+        if not is_complete_checkpoint(ckpt):
+            raise BaldroError(f"resume={r.checkpoint}: the checkpoint is incomplete (stopped while it was saved?): "
+                              "pass resume=true to use the newest complete one")
+        return ckpt
+    if not r.enabled:
+        return None
+    root = run_dir / "checkpoints"
+    complete = complete_checkpoints(root)
+    skipped = sorted(p.name for p in root.glob("checkpoint-*") if p.is_dir() and p not in complete)
+    skipped += [f"{STAGING}/{p.name}" for p in (root / STAGING).glob("checkpoint-*")]
+    if skipped:
+        log.warning("resume: skipping incomplete checkpoint(s) %s in %s", ", ".join(skipped), root)
+    if not complete:
+        log.warning("resume=true but no complete checkpoint in %s: starting from scratch", root)
+        return None
+    return complete[-1]
+
+
+def _remove_outputs(run_dir: Path) -> None:
+    """Delete what a run writes (not other files a user keeps in the folder)."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _truncate_logs(run_dir: Path, step: int) -> None:
+    """Cut the logs back to a checkpoint's step: the resumed run writes the later rows again."""
+    dropped = truncate_jsonl(run_dir / "train_log.jsonl", lambda r: r.get("step", 0) <= step)
+    dropped += truncate_jsonl(run_dir / "forget_losses.jsonl", lambda r: r.get("step", 0) <= step)
+    # BalanceTracker records the resumed step itself when it is one of its steps
+    dropped += truncate_jsonl(run_dir / "balance.jsonl", lambda r: r.get("step", 0) < step)
+    if dropped:
+        log.info("resume: dropped %d log row(s) written after step %d", dropped, step)
+
+
+def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
+    """Check the folder against the recipe (main process, under the run lock); returns the checkpoint
+    to resume from. A non-empty folder is refused unless it holds this run and the recipe resumes it,
+    or the recipe says overwrite=true."""
+    checkpoint = _resume_checkpoint(recipe, run_dir)
+    resuming = recipe.resume.enabled or bool(recipe.resume.checkpoint)
+    holds_run = (run_dir / "config.yaml").is_file()
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != RunLock.NAME) if run_dir.is_dir() else []
+    if entries and not recipe.overwrite:
+        if not resuming and holds_run:
+            raise BaldroError(f"output_dir {run_dir} already holds a run: pass resume=true to continue it, "
+                              "overwrite=true to replace it, or choose another output_dir")
+        if not holds_run:
+            raise BaldroError(f"output_dir {run_dir} is not empty ({len(entries)} entries, e.g. {entries[0]}) and holds no "
+                              "baldro run: choose a new or empty folder, or pass overwrite=true")
+    if recipe.overwrite:
+        _remove_outputs(run_dir)
+    elif resuming:
+        saved, source = _saved_recipe(checkpoint, run_dir)
+        if saved is not None and not recipe.resume.force:
+            diffs = training_differences(saved, _recipe_dict(recipe))
+            if diffs:
+                more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+                raise BaldroError(f"resume: the recipe differs from the one in {source} in what it trains: "
+                                  f"{', '.join(diffs[:6])}{more}: resume with the same recipe, or pass "
+                                  "resume.force=true to continue anyway")
+        shutil.rmtree(run_dir / "checkpoints" / STAGING, ignore_errors=True)
+        if checkpoint is not None:
+            step = checkpoint_step(checkpoint) or 0
+            _truncate_logs(run_dir, step)
+            log.info("resuming from %s (step %d)", checkpoint, step)
+        else:
+            _remove_outputs(run_dir)  # nothing to resume: start this run afresh
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_config(recipe))
-    return run_dir
+    return str(checkpoint) if checkpoint is not None else None
 
 
-def _resume_checkpoint(recipe: Recipe, run_dir: Path) -> str | None:
-    resume = recipe.resume
-    if not resume or str(resume).lower() == "false":
-        return None
-    if resume is not True and str(resume).lower() != "true":
-        return str(resume)
-    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not ckpts:
-        log.warning("resume=true but no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
-        return None
-    return str(ckpts[-1])
+@contextlib.contextmanager
+def _run_folder(recipe: Recipe, kind: str):
+    """Lock and claim the run folder; yields (run_dir, checkpoint to resume from or None)."""
+    run_dir = Path(recipe.output_dir).expanduser()
+    if not _is_main_process():  # the main process claims the folder; the others follow it
+        checkpoint = _resume_checkpoint(recipe, run_dir)
+        yield run_dir, str(checkpoint) if checkpoint is not None else None
+        return
+    with RunLock(run_dir, kind):
+        yield run_dir, _claim_run_dir(recipe, run_dir)
 
 
 def _console_callbacks(trainer, recipe: Recipe) -> None:
@@ -138,17 +298,24 @@ def _console_callbacks(trainer, recipe: Recipe) -> None:
             trainer.add_callback(QuietProgress())
 
 
-def _fresh_logs(run_dir: Path, resuming: bool, *names: str) -> None:
-    if not resuming:
-        for name in names:
-            (run_dir / name).unlink(missing_ok=True)
-
-
 def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: str | None, info: dict) -> Path:
-    """Train (or resume), then save the final model and `run_info.json` from the main process."""
+    """Train (or resume), then save the final model and `run_info.json` from the main process. A
+    non-finite loss or gradient marks the run failed (its checkpoints stay) and is a `BaldroError`."""
     _console_callbacks(trainer, recipe)
+    trainer.checkpoint_info = {"recipe": _recipe_dict(recipe)}
     start = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteError as e:
+        ckpts = complete_checkpoints(run_dir / "checkpoints")
+        last = str(ckpts[-1]) if ckpts else None
+        if trainer.is_world_process_zero():
+            write_json_atomic(run_dir / "run_info.json", {
+                **info, "status": "failed", "error": str(e), "failed_step": e.step, "last_checkpoint": last,
+                "train_time_s": time.time() - start})
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (train.save_strategy=no)"
+        raise BaldroError(f"{e}: the run stopped and is marked failed in {run_dir / 'run_info.json'}; {kept}; lower "
+                          "train.learning_rate or use model.dtype=float32") from None
     elapsed = time.time() - start
     if trainer.is_world_process_zero():
         save_model(trainer.model, tokenizer, run_dir / "model", merge_lora=recipe.model.merge_lora)
@@ -159,31 +326,30 @@ def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: s
 def run_finetune(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     """Supervised fine-tuning on QA pairs with answer-only loss (target: `full`, retain: `retainYY`)."""
     recipe = as_recipe(cfg)
-    run_dir = _prepare_run_dir(recipe)
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
-    formatter = build_formatter(recipe.format, recipe.data, tokenizer)
+    validate(recipe, "finetune")
     train_rows = _rows(recipe.data, "train_split")
     for extra in recipe.data.extra_train_splits:
         train_rows += load_split(recipe.data.source, extra)
-    dataset = EncodedDataset(_encode(formatter, train_rows, "training"))
-    resume = _resume_checkpoint(recipe, run_dir)
-    _fresh_logs(run_dir, resume is not None, "train_log.jsonl")
-    from transformers import Trainer
-
-    trainer = Trainer(
-        model=model,
-        args=_training_args(recipe, run_dir),
-        train_dataset=dataset,
-        data_collator=QACollator(tokenizer.pad_token_id),
-        callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), *extra_callbacks],
-    )
-    return _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
-        "name": recipe.name or "finetune",
-        "kind": "finetune",
-        "seed": recipe.seed,
-        "train_split": recipe.data.train_split,
-        "n_train": len(dataset),
-    })
+    validate_model(recipe.model, recipe.train)
+    args = _training_args(recipe, Path(recipe.output_dir).expanduser())
+    with _run_folder(recipe, "finetune") as (run_dir, resume):
+        model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
+        formatter = build_formatter(recipe.format, recipe.data, tokenizer)
+        dataset = EncodedDataset(_encode(formatter, train_rows, "training"))
+        trainer = FinetuneTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=QACollator(tokenizer.pad_token_id),
+            callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), *extra_callbacks],
+        )
+        return _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
+            "name": recipe.name or "finetune",
+            "kind": "finetune",
+            "seed": recipe.seed,
+            "train_split": recipe.data.train_split,
+            "n_train": len(dataset),
+        })
 
 
 def make_reference_model(model):
@@ -194,11 +360,10 @@ def make_reference_model(model):
 def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     """Unlearning with a forget objective under a weighting plus a retain loss."""
     recipe = as_recipe(cfg)
+    validate(recipe, "unlearn")  # names, arguments and ranges, before a (possibly large) model loads
     objective = get_objective(recipe.objective.name)
     objective_args = dict(recipe.objective.args)
-    objective.check_args(objective_args)
     retain_loss = get_retain_loss(recipe.objective.retain_loss)
-    # Validate names and arguments before loading a (possibly large) model.
     forget_rows = _rows(recipe.data, "forget_split")
     weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_rows), **recipe.weighting.args)
     retain_rows = _rows(recipe.data, "retain_split")
@@ -206,77 +371,75 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     if objective.needs_refusal:
         refusals = load_refusals(recipe.data.source, recipe.data.refusal_file)
     eval_kwargs = _eval_kwargs(recipe) if recipe.eval.at_end or recipe.eval.every_n_steps > 0 else None
+    validate_model(recipe.model, recipe.train)
+    args = _training_args(recipe, Path(recipe.output_dir).expanduser())
 
-    run_dir = _prepare_run_dir(recipe)
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
-    formatter = build_formatter(recipe.format, recipe.data, tokenizer)
-    forget_enc = _encode(formatter, forget_rows, "forget")
-    retain_enc = _encode(formatter, retain_rows, "retain")
-    refusal_enc = None
-    if refusals is not None:
-        picks = [refusals[(recipe.seed + i) % len(refusals)] for i in range(len(forget_rows))]
-        refusal_enc = formatter.encode_many([r["question"] for r in forget_rows], picks, "refusal")
+    with _run_folder(recipe, "unlearn") as (run_dir, resume):
+        model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
+        formatter = build_formatter(recipe.format, recipe.data, tokenizer)
+        forget_enc = _encode(formatter, forget_rows, "forget")
+        retain_enc = _encode(formatter, retain_rows, "retain")
+        refusal_enc = None
+        if refusals is not None:
+            picks = [refusals[(recipe.seed + i) % len(refusals)] for i in range(len(forget_rows))]
+            refusal_enc = formatter.encode_many([r["question"] for r in forget_rows], picks, "refusal")
 
-    needs_ref = objective.needs_reference or retain_loss.needs_reference
-    # With LoRA the reference is the same model with its adapter disabled: no copy.
-    ref_model = make_reference_model(model) if needs_ref and not recipe.model.lora else None
+        needs_ref = objective.needs_reference or retain_loss.needs_reference
+        # With LoRA the reference is the same model with its adapter disabled: no copy.
+        ref_model = make_reference_model(model) if needs_ref and not recipe.model.lora else None
+        if resume:
+            restore_weighting_state(weighting, resume)
 
-    resume = _resume_checkpoint(recipe, run_dir)
-    if resume:
-        WeightingStateCallback.restore(weighting, resume)
-    _fresh_logs(run_dir, resume is not None, "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl")
+        callbacks = [JsonlLogCallback(run_dir / "train_log.jsonl")]
+        if recipe.balance.every_n_steps > 0:
+            from baldro.balance import BalanceTracker
+            from baldro.eval.engine import score_sequences
 
-    callbacks = [JsonlLogCallback(run_dir / "train_log.jsonl")]
-    if weighting.stateful:
-        callbacks.append(WeightingStateCallback(weighting))
-    if recipe.balance.every_n_steps > 0:
-        from baldro.balance import BalanceTracker
-        from baldro.eval.engine import score_sequences
+            pad, bs = tokenizer.pad_token_id, recipe.balance.batch_size
 
-        pad, bs = tokenizer.pad_token_id, recipe.balance.batch_size
+            def forget_nll(m):
+                scores = score_sequences(m, forget_enc, bs, pad, want=(), desc="balance", progress=False)
+                return list(range(len(forget_enc))), [s.avg_loss for s in scores]
 
-        def forget_nll(m):
-            scores = score_sequences(m, forget_enc, bs, pad, want=(), desc="balance", progress=False)
-            return list(range(len(forget_enc))), [s.avg_loss for s in scores]
+            callbacks.append(BalanceTracker(forget_nll, run_dir / "balance.jsonl",
+                                            every_n_steps=recipe.balance.every_n_steps))
+        if recipe.eval.every_n_steps > 0:
+            from baldro.eval.run import PeriodicEvalCallback
 
-        callbacks.append(BalanceTracker(forget_nll, run_dir / "balance.jsonl", every_n_steps=recipe.balance.every_n_steps))
-    if recipe.eval.every_n_steps > 0:
-        from baldro.eval.run import PeriodicEvalCallback
+            callbacks.append(PeriodicEvalCallback(tokenizer, formatter, run_dir, recipe.eval.every_n_steps, eval_kwargs))
+        callbacks.extend(extra_callbacks)
 
-        callbacks.append(PeriodicEvalCallback(tokenizer, formatter, run_dir, recipe.eval.every_n_steps, eval_kwargs))
-    callbacks.extend(extra_callbacks)
+        trainer = UnlearnTrainer(
+            model=model,
+            args=args,
+            train_dataset=UnlearnDataset(forget_enc, retain_enc, refusal_enc, seed=recipe.seed),
+            data_collator=UnlearnCollator(tokenizer.pad_token_id),
+            callbacks=callbacks,
+            objective=objective,
+            objective_args=objective_args,
+            weighting=weighting,
+            retain_loss=retain_loss,
+            gamma=recipe.objective.gamma,
+            alpha=recipe.objective.alpha,
+            ref_model=ref_model,
+            forget_log_path=run_dir / "forget_losses.jsonl",
+        )
+        _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
+            "name": recipe.name or f"{objective.name}_{recipe.weighting.name}",
+            "kind": "unlearn",
+            "seed": recipe.seed,
+            "objective": objective.name,
+            "objective_args": {**objective.defaults, **objective_args},
+            "weighting": recipe.weighting.name,
+            "weighting_args": dict(recipe.weighting.args),
+            "retain_loss": retain_loss.name,
+            "forget_split": recipe.data.forget_split,
+            "n_forget": len(forget_enc),
+        })
+        if recipe.eval.at_end and trainer.is_world_process_zero():
+            from baldro.eval.run import evaluate_final_model
 
-    trainer = UnlearnTrainer(
-        model=model,
-        args=_training_args(recipe, run_dir),
-        train_dataset=UnlearnDataset(forget_enc, retain_enc, refusal_enc, seed=recipe.seed),
-        data_collator=UnlearnCollator(tokenizer.pad_token_id),
-        callbacks=callbacks,
-        objective=objective,
-        objective_args=objective_args,
-        weighting=weighting,
-        retain_loss=retain_loss,
-        gamma=recipe.objective.gamma,
-        alpha=recipe.objective.alpha,
-        ref_model=ref_model,
-        forget_log_path=run_dir / "forget_losses.jsonl",
-    )
-    _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
-        "name": recipe.name or f"{objective.name}_{recipe.weighting.name}",
-        "kind": "unlearn",
-        "seed": recipe.seed,
-        "objective": objective.name,
-        "objective_args": {**objective.defaults, **objective_args},
-        "weighting": recipe.weighting.name,
-        "weighting_args": dict(recipe.weighting.args),
-        "retain_loss": retain_loss.name,
-        "forget_split": recipe.data.forget_split,
-        "n_forget": len(forget_enc),
-    })
-    if recipe.eval.at_end and trainer.is_world_process_zero():
-        from baldro.eval.run import evaluate_final_model
-
-        evaluate_final_model(trainer.model, tokenizer, formatter, run_dir, eval_kwargs, recipe.eval.target_logs_path)
+            evaluate_final_model(trainer.model, tokenizer, formatter, run_dir, eval_kwargs, recipe.eval.target_logs_path)
     return run_dir
 
 
@@ -301,11 +464,16 @@ def run_eval(cfg: Recipe | DictConfig | dict) -> Path:
     from baldro.eval.run import evaluate_into
 
     recipe = as_recipe(cfg)
-    if not recipe.output_dir:
-        raise BaldroError("output_dir is not set: give output_dir=PATH")
+    validate(recipe, "eval")
     kwargs = _eval_kwargs(recipe)
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
-    out = Path(recipe.output_dir)
-    write_text_atomic(out / "config.yaml", dump_config(recipe))
-    return evaluate_into(model, tokenizer, build_formatter(recipe.format, recipe.data, tokenizer), out, kwargs,
-                         recipe.eval.target_logs_path, model_path=recipe.model.path)
+    validate_model(recipe.model)
+    out = Path(recipe.output_dir).expanduser()
+    training = [n for n in ("train_log.jsonl", "checkpoints", "forget_losses.jsonl") if (out / n).exists()]
+    if training:
+        raise BaldroError(f"output_dir {out} holds a training run ({training[0]}): evaluate into {out / 'eval'} or "
+                          "another folder, so that its config.yaml stays the run's")
+    with RunLock(out, "eval"):
+        model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
+        write_text_atomic(out / "config.yaml", dump_config(recipe))
+        return evaluate_into(model, tokenizer, build_formatter(recipe.format, recipe.data, tokenizer), out, kwargs,
+                             recipe.eval.target_logs_path, model_path=recipe.model.path)

@@ -6,14 +6,22 @@
 `model` -> `baldro.models`, `data` -> `baldro.data.tofu`, `format` -> `QAFormatter`, `train` ->
 `transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
 `balance` -> `BalanceTracker`, `eval` -> `baldro.eval`.
+
+`validate(recipe, kind)` checks what the types cannot (ranges, names, files, the device) before a run
+loads any weights; every failure is one `BaldroError` line naming the key or file and the fix.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from baldro.data.formatting import DATE_STRING, PLAIN_PROMPT
+from baldro.errors import BaldroError
 
 
 @dataclass
@@ -114,11 +122,21 @@ class EvalConfig:
 
 
 @dataclass
+class ResumeConfig:
+    """`resume=true` and `resume=PATH` on the command line (or in a YAML file) fill this section."""
+
+    enabled: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
+    checkpoint: Optional[str] = None  # or from this checkpoint folder (implies enabled)
+    force: bool = False  # resume even though the recipe changed what the run trains
+
+
+@dataclass
 class Recipe:
     name: Optional[str] = None
     seed: int = 0
     output_dir: Optional[str] = None
-    resume: Any = False  # true: the last checkpoint in output_dir; or a checkpoint folder
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    overwrite: bool = False  # true: replace the run in a non-empty output_dir (its outputs are deleted)
     log_to_console: bool = True  # false: progress bar only, no per-step dicts
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,3 +146,217 @@ class Recipe:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- validation
+KINDS = ("finetune", "unlearn", "eval")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _number(key: str, value, *, low: float | None = None, low_open: bool = False, high: float | None = None,
+            integer: bool = False, hint: str = "") -> None:
+    """`value` is a finite number (an integer if asked) within [low, high] (low excluded if `low_open`)."""
+    if not _is_number(value) or (integer and not float(value).is_integer()):
+        raise BaldroError(f"{key}={value!r} is not {'an integer' if integer else 'a number'}{hint}")
+    if not math.isfinite(value):
+        raise BaldroError(f"{key}={value} must be finite{hint}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise BaldroError(f"{key}={value} must be {'>' if low_open else '>='} {low:g}{hint}")
+    if high is not None and value > high:
+        raise BaldroError(f"{key}={value} must be <= {high:g}{hint}")
+
+
+def _optional_positive_int(key: str, value, hint: str = "") -> None:
+    if value is not None:
+        _number(key, value, low=1, integer=True, hint=hint or f": use null (no limit) or a count >= 1")
+
+
+def check_output_dir(output_dir: str | None) -> Path:
+    """`output_dir` is set, is (or can become) a folder, and this process can write into it."""
+    if not output_dir:
+        raise BaldroError("output_dir is not set: give output_dir=PATH")
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BaldroError(f"output_dir {output_dir} is a file: choose a folder path")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BaldroError(f"output_dir {output_dir}: {existing} is a file, so the folder cannot be made: choose "
+                          "another path")
+    try:  # a real write: permission bits say nothing for root or a read-only file system
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".baldro-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BaldroError(f"output_dir {output_dir} is not writable ({e.strerror} in {existing}): choose a folder "
+                          "you can write to") from None
+    return path
+
+
+def _check_train(t: TrainConfig) -> None:
+    _number("train.learning_rate", t.learning_rate, low=0, low_open=True, hint=" (e.g. train.learning_rate=1e-5)")
+    _number("train.per_device_train_batch_size", t.per_device_train_batch_size, low=1, integer=True)
+    _number("train.gradient_accumulation_steps", t.gradient_accumulation_steps, low=1, integer=True)
+    _number("train.max_steps", t.max_steps, integer=True)
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise BaldroError(f"train.max_steps={t.max_steps} trains nothing: use -1 (train.num_train_epochs decides) or "
+                          "a step count >= 1")
+    _number("train.num_train_epochs", t.num_train_epochs)
+    if t.max_steps == -1 and t.num_train_epochs < 1:
+        raise BaldroError(f"train.num_train_epochs={t.num_train_epochs} must be >= 1 (for part of an epoch set "
+                          "train.max_steps >= 1)")
+    _number("train.weight_decay", t.weight_decay, low=0)
+    _number("train.warmup_steps", t.warmup_steps, low=0, hint=" (a step count, or a fraction of the run below 1)")
+    _number("train.max_grad_norm", t.max_grad_norm, low=0, hint=" (0 turns clipping off)")
+    _number("train.logging_steps", t.logging_steps, low=0, low_open=True)
+    _number("train.save_steps", t.save_steps, low=0, low_open=True)
+    _optional_positive_int("train.save_total_limit", t.save_total_limit, ": use null (keep all) or a count >= 1")
+    _number("train.dataloader_num_workers", t.dataloader_num_workers, low=0, integer=True)
+    strategy = "no" if str(t.save_strategy).lower() == "false" else str(t.save_strategy)
+    if strategy not in SAVE_STRATEGIES:
+        raise BaldroError(f"train.save_strategy={t.save_strategy!r} is not one of {list(SAVE_STRATEGIES)}")
+
+
+def _check_lora(lora) -> None:
+    if lora is None:
+        return
+    if not isinstance(lora, dict):
+        raise BaldroError(f"model.lora must be a mapping of LoraConfig fields (r, lora_alpha, ...) or null, got {lora!r}")
+    import dataclasses
+
+    from peft import LoraConfig
+
+    fields = sorted(f.name for f in dataclasses.fields(LoraConfig))
+    for key in lora:
+        if key not in fields:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            raise BaldroError(f"model.lora.{key} is not a LoraConfig field" + (f": did you mean model.lora.{close[0]}?"
+                                                                               if close else ""))
+    if "r" in lora:
+        _number("model.lora.r", lora["r"], low=1, integer=True, hint=" (the adapter rank, e.g. 8)")
+    if "lora_alpha" in lora:
+        _number("model.lora.lora_alpha", lora["lora_alpha"], low=0, low_open=True)
+    if "lora_dropout" in lora:
+        _number("model.lora.lora_dropout", lora["lora_dropout"], low=0, high=1)
+        if lora["lora_dropout"] >= 1:
+            raise BaldroError(f"model.lora.lora_dropout={lora['lora_dropout']} must be < 1")
+
+
+def _check_model(m: ModelConfig) -> None:
+    from baldro.models import check_device, check_model_source
+
+    if str(m.dtype) not in DTYPES:
+        raise BaldroError(f"model.dtype={m.dtype!r} is not one of {list(DTYPES)}")
+    _check_lora(m.lora)
+    check_device(m.device)
+    check_model_source(m.path, m.tokenizer)
+
+
+def _check_data(d: DataConfig, kind: str, needs_refusal: bool = False) -> None:
+    _number("data.max_length", d.max_length, low=1, integer=True)
+    _optional_positive_int("data.limit", d.limit)
+    source = Path(str(d.source)).expanduser()
+    if str(d.source).startswith((".", "/", "~")) or source.exists():
+        if not source.exists():
+            raise BaldroError(f"data folder {d.source} does not exist: set data.source to a TOFU folder or a hub id")
+        if not source.is_dir():
+            raise BaldroError(f"data.source {d.source} is a file: set data.source to the folder that holds the split "
+                              "files")
+    needed = {"finetune": ("train_split",), "unlearn": ("forget_split", "retain_split"), "eval": ("forget_split",)}
+    for key in needed[kind]:
+        if not getattr(d, key):
+            raise BaldroError(f"data.{key} is not set: name a split (e.g. data.{key}=...) or pick one with split=...")
+    if needs_refusal and d.refusal_file and not Path(d.refusal_file).expanduser().is_file():
+        raise BaldroError(f"data.refusal_file {d.refusal_file} is not a file: set data.refusal_file to the refusal "
+                          "answers (one per line)")
+
+
+def _check_unlearning(recipe: Recipe) -> bool:
+    """Objective, weighting and their arguments; returns whether the objective needs refusal answers."""
+    from baldro.objectives import get_objective, get_retain_loss
+    from baldro.weighting import make_weighting
+
+    o, w = recipe.objective, recipe.weighting
+    objective = get_objective(o.name)
+    args = dict(o.args)
+    objective.check_args(args)
+    for key, value in args.items():
+        _number(f"objective.args.{key}", value)
+        if key == "beta" or key.startswith("beta"):
+            _number(f"objective.args.{key}", value, low=0, low_open=key == "beta")
+    get_retain_loss(o.retain_loss)
+    _number("objective.gamma", o.gamma, low=0, hint=" (the forget-loss weight)")
+    _number("objective.alpha", o.alpha, low=0, hint=" (the retain-loss weight)")
+    wargs = dict(w.args)
+    for key in ("sigma", "ratio"):
+        if key in wargs and _is_number(wargs[key]) and not math.isfinite(wargs[key]):
+            raise BaldroError(f"weighting {key} must be finite, got {wargs[key]}: set weighting.args.{key} to a "
+                              f"{'positive number' if key == 'sigma' else 'fraction in (0, 1]'}")
+        if key in wargs and not _is_number(wargs[key]):
+            raise BaldroError(f"weighting.args.{key}={wargs[key]!r} is not a number")
+    make_weighting(w.name, n_samples=1, **wargs)
+    return objective.needs_refusal
+
+
+def _check_eval(e: EvalConfig, kind: str) -> None:
+    if e.benchmark != "tofu":
+        raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu")
+    _number("eval.batch_size", e.batch_size, low=1, integer=True)
+    _number("eval.max_new_tokens", e.max_new_tokens, low=1, integer=True)
+    _optional_positive_int("eval.limit", e.limit)
+    _number("eval.every_n_steps", e.every_n_steps, low=0, integer=True, hint=" (0: never)")
+    evaluates = kind == "eval" or e.at_end or e.every_n_steps > 0
+    for key in ("retain_logs_path", "target_logs_path"):
+        path = getattr(e, key)
+        if evaluates and path and not Path(path).expanduser().exists():
+            raise BaldroError(f"eval.{key} {path} does not exist: give the reference model's TOFU_EVAL.json (or "
+                              f"leave eval.{key} unset)")
+
+
+def validate(recipe: Recipe, kind: str) -> None:
+    """Check a typed recipe for a `kind` of run before anything heavy happens: ranges, names and
+    arguments, the output folder and the resume checkpoint. The recipes then read the data files
+    (errors name the file's line) and call `validate_model` before any weights load."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    _number("seed", recipe.seed, low=0, high=2**32 - 1, integer=True)
+    check_output_dir(recipe.output_dir)
+    r = recipe.resume
+    if kind != "eval":
+        if r.checkpoint:
+            ckpt = Path(r.checkpoint).expanduser()
+            if not ckpt.is_dir():
+                raise BaldroError(f"resume={r.checkpoint}: no such checkpoint folder: give RUN/checkpoints/checkpoint-N "
+                                  "or resume=true (the newest complete one)")
+        if recipe.overwrite and (r.enabled or r.checkpoint):
+            raise BaldroError("overwrite=true and resume exclude each other: drop one")
+        _check_train(recipe.train)
+        b = recipe.balance
+        _number("balance.every_n_steps", b.every_n_steps, low=0, integer=True, hint=" (0: off)")
+        _number("balance.batch_size", b.batch_size, low=1, integer=True)
+    if "{question}" not in recipe.format.prompt_template:
+        raise BaldroError(f"format.prompt_template must contain '{{question}}', got {recipe.format.prompt_template!r}")
+    needs_refusal = _check_unlearning(recipe) if kind == "unlearn" else False
+    _check_eval(recipe.eval, kind)
+    _check_data(recipe.data, kind, needs_refusal)
+
+
+def validate_model(m: ModelConfig, train: TrainConfig | None = None) -> None:
+    """The `model` section (dtype, LoRA fields, the device, a local model folder's files) and the
+    hardware a training run asks for (`train.bf16` / `train.fp16` need a GPU unless `train.use_cpu`)."""
+    _check_model(m)
+    if train is not None and (train.bf16 or train.fp16) and not train.use_cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            flag = "train.bf16" if train.bf16 else "train.fp16"
+            raise BaldroError(f"{flag}=true needs a GPU and this machine has none: set {flag}=false (and "
+                              "train.use_cpu=true to train on the CPU)")

@@ -4,23 +4,68 @@
 one forward pass per batch part gives per-token log-probs, the objective turns them into B per-sample
 losses, the weighting reduces them, and the loss is `gamma * F(l) + alpha * R`. Everything the DRO did
 is logged per step (weight statistics, per-sample losses with sample ids).
+
+Both trainers (`FinetuneTrainer`, `UnlearnTrainer`) share `RunGuard`: every random choice (the sample
+order, the retain sample paired with a forget sample, the retain rows a weighting keeps) is drawn from
+(seed, epoch, step, process, sample) alone, so a resumed run, and any number of data-loader workers
+or processes, draw exactly what an uninterrupted run draws; a checkpoint is written into
+`checkpoints/.staging/` and renamed to `checkpoint-N` when it is complete; a non-finite loss or
+gradient stops the run (`NonFiniteError`) before the optimizer step, naming the step and the samples.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback
 
 from baldro.data.formatting import EncodedQA, collate_encoded
 from baldro.errors import BaldroError
-from baldro.io import append_jsonl
+from baldro.io import append_jsonl, apply_umask_tree, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Independent streams of derived random numbers (the first entry of every key).
+STREAM_ORDER, STREAM_RETAIN, STREAM_STEP = 0, 1, 2
+
+
+def derived_rng(stream: int, seed: int, *key: int) -> np.random.Generator:
+    """A generator that depends on its key alone (no hidden state): the same key gives the same draws
+    in an uninterrupted run, a resumed run, a data-loader worker or another process."""
+    return np.random.default_rng([int(stream), int(seed), *(int(k) for k in key)])
+
+
+class EpochSampler(Sampler):
+    """A permutation of the dataset per epoch, drawn from (seed, epoch) alone.
+
+    The Trainer calls `set_epoch` before each epoch (also when it resumes in the middle of one). For a
+    dataset with `epoch_aware = True` the indices carry the epoch, `epoch * len(dataset) + i`, so that
+    the dataset's own draws know it too, in every worker process, without shared state.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.n, self.seed, self.epoch = len(dataset), int(seed), 0
+        self.tag = bool(getattr(dataset, "epoch_aware", False))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = derived_rng(STREAM_ORDER, self.seed, self.epoch).permutation(self.n)
+        offset = self.epoch * self.n if self.tag else 0
+        return iter([offset + int(i) for i in order])
 from baldro.objectives import ForgetInputs, Objective, RetainLoss
 from baldro.sequence import token_log_probs
 from baldro.weighting import Weighting, weight_stats
@@ -28,7 +73,7 @@ from baldro.weighting import Weighting, weight_stats
 
 # --------------------------------------------------------------------------- data
 class EncodedDataset(Dataset):
-    """A list of `EncodedQA` (fine-tuning and scoring)."""
+    """A list of `EncodedQA` (fine-tuning): item i is `{"id": i, "qa": items[i]}`."""
 
     def __init__(self, items: Sequence[EncodedQA]):
         self.items = list(items)
@@ -37,22 +82,32 @@ class EncodedDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        return self.items[i]
+        return {"id": int(i), "qa": self.items[i]}
 
 
 @dataclass
 class QACollator:
+    """Pads `EncodedQA` items (or `EncodedDataset` items, whose ids become `sample_ids`)."""
+
     pad_token_id: int
 
-    def __call__(self, batch: Sequence[EncodedQA]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Sequence) -> dict[str, torch.Tensor]:
+        if batch and isinstance(batch[0], dict):
+            out = collate_encoded([b["qa"] for b in batch], self.pad_token_id)
+            out["sample_ids"] = torch.tensor([b["id"] for b in batch], dtype=torch.long)
+            return out
         return collate_encoded(batch, self.pad_token_id)
 
 
 class UnlearnDataset(Dataset):
-    """One item per forget sample, paired with a random retain sample (seeded) and optional refusal.
+    """One item per forget sample, paired with a random retain sample and an optional refusal.
 
-    An epoch is one pass over the forget set (SPEC section 4).
+    An epoch is one pass over the forget set (SPEC section 4). The retain sample of forget sample i in
+    epoch e is drawn from (seed, e, i) alone; index `e * len(self) + i` (from `EpochSampler`) asks
+    for it, a plain index i means epoch 0.
     """
+
+    epoch_aware = True
 
     def __init__(
         self,
@@ -66,13 +121,17 @@ class UnlearnDataset(Dataset):
         if not retain:
             raise BaldroError("the retain set is empty: check data.retain_split")
         self.forget, self.retain, self.refusal = list(forget), list(retain), refusal
-        self.rng = np.random.default_rng(seed)
+        self.seed = int(seed)
 
     def __len__(self):
         return len(self.forget)
 
-    def __getitem__(self, i):
-        item = {"id": i, "forget": self.forget[i], "retain": self.retain[int(self.rng.integers(len(self.retain)))]}
+    def retain_index(self, epoch: int, i: int) -> int:
+        return int(derived_rng(STREAM_RETAIN, self.seed, epoch, i).integers(len(self.retain)))
+
+    def __getitem__(self, index):
+        epoch, i = divmod(int(index), len(self.forget))
+        item = {"id": i, "forget": self.forget[i], "retain": self.retain[self.retain_index(epoch, i)]}
         if self.refusal is not None:
             item["refusal"] = self.refusal[i]
         return item
@@ -111,30 +170,196 @@ class JsonlLogCallback(TrainerCallback):
             append_jsonl(self.path, {"step": state.global_step, **logs})
 
 
-class WeightingStateCallback(TrainerCallback):
-    """Saves a stateful weighting (dv_global) with each checkpoint so that resumed runs continue it."""
+WEIGHTING_STATE_FILE = "weighting_state.pt"  # a stateful weighting's state (dv_global), in every checkpoint
 
-    FILE = "weighting_state.pt"
 
-    def __init__(self, weighting: Weighting):
-        self.weighting = weighting
+def restore_weighting_state(weighting: Weighting, checkpoint: str | Path) -> None:
+    """Continue a stateful weighting from a checkpoint (`UnlearnTrainer` saves it with each one)."""
+    path = Path(checkpoint) / WEIGHTING_STATE_FILE
+    if weighting.stateful and path.exists():
+        weighting.load_state_dict(torch.load(path))
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.weighting.state_dict(), folder / self.FILE)
 
-    @classmethod
-    def restore(cls, weighting: Weighting, checkpoint: str | Path) -> None:
-        path = Path(checkpoint) / cls.FILE
-        if path.exists():
-            weighting.load_state_dict(torch.load(path))
+# --------------------------------------------------------------------------- checkpoints
+CHECKPOINT_MARKER = "baldro_checkpoint.json"  # written last: the checkpoint is complete
+STAGING = ".staging"  # checkpoints are written here, then renamed into place
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    name = Path(folder).name
+    head, _, tail = name.rpartition("-")
+    return int(tail) if head == "checkpoint" and tail.isdigit() else None
+
+
+def is_complete_checkpoint(folder: str | Path) -> bool:
+    """Complete: renamed into place with its marker; a checkpoint of an older version counts when
+    it has the files transformers writes (weights, optimizer, trainer_state.json)."""
+    folder = Path(folder)
+    if (folder / CHECKPOINT_MARKER).is_file():
+        return True
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+    return ((folder / "trainer_state.json").is_file() and any((folder / w).exists() for w in weights)
+            and (folder / "optimizer.pt").is_file())
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete `checkpoint-N` folders under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete_checkpoint(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _discard(folder: Path, staging: Path) -> None:
+    """Remove a folder by renaming it into the staging area first (a kill never leaves half of it)."""
+    trash = staging / f".trash-{folder.name}-{os.getpid()}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the guard both trainers share
+class NonFiniteError(BaldroError):
+    """A NaN or inf loss or gradient: the run stops before the optimizer step."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class _FiniteGradients(TrainerCallback):
+    def __init__(self, trainer: "RunGuard"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_gradients()
+
+
+class RunGuard:
+    """Mixed into a `transformers.Trainer`: stateless sampling, staged checkpoints, non-finite checks.
+
+    `checkpoint_info` (a JSON-able dict, e.g. the recipe) is written into each checkpoint's marker file.
+    """
+
+    checkpoint_info: dict = {}
+    ids_key = "sample_ids"  # the batch's sample ids (named in a non-finite error)
+
+    def _guard_init(self) -> None:
+        self._step_ids: list[int] = []
+        self._step_ids_at = -1
+        self._staging_root: Path | None = None
+        self.checkpoint_info = {}
+        self.add_callback(_FiniteGradients(self))
+
+    def describe(self) -> str:
+        """What is being trained, for error messages."""
+        return "fine-tuning (NLL)"
+
+    # ------------------------------------------------------------ sampling
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochSampler(dataset, self.args.seed)
+
+    # ------------------------------------------------------------ non-finite loss and gradients
+    def _note_ids(self, inputs) -> None:
+        if self.state.global_step != self._step_ids_at:
+            self._step_ids, self._step_ids_at = [], self.state.global_step
+        ids = inputs.get(self.ids_key) if isinstance(inputs, dict) else None
+        if ids is not None:
+            self._step_ids += [int(i) for i in ids.tolist()]
+
+    def _non_finite(self, what: str, detail: str = "") -> NonFiniteError:
+        step = self.state.global_step + 1
+        ids = self._step_ids if len(self._step_ids) <= 64 else self._step_ids[:64] + ["..."]
+        return NonFiniteError(f"non-finite {what} at step {step} ({self.describe()}; sample ids "
+                              f"{', '.join(map(str, ids)) or '?'}{'; ' + detail if detail else ''})", step)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self._note_ids(inputs)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not torch.isfinite(loss.detach()).all():
+            raise self._non_finite("loss")
+        return loss
+
+    def _check_gradients(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(n).item() for n in torch._foreach_norm(grads)):
+            raise self._non_finite("gradient")
+
+    # ------------------------------------------------------------ checkpoints: staged, then renamed
+    def _get_output_dir(self, trial):
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _save_extra_state(self, folder: Path) -> None:
+        """Anything beyond what transformers saves (main process, before the checkpoint is renamed)."""
+
+    def _save_checkpoint(self, model, trial):
+        root = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = root / STAGING
+        tmp, final = staging / name, root / name
+        main = self.is_world_process_zero()
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            staging.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if main:
+            self._save_extra_state(tmp)
+            apply_umask_tree(tmp)
+            write_json_atomic(tmp / CHECKPOINT_MARKER, {"step": self.state.global_step, "epoch": self.state.epoch,
+                                                        **self.checkpoint_info})
+        self.accelerator.wait_for_everyone()
+        if main:
+            if final.exists():
+                _discard(final, staging)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            limit = self.args.save_total_limit
+            if limit:
+                for old in complete_checkpoints(root)[:-limit]:
+                    _discard(old, staging)
+        self.accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- fine-tuning
+class FinetuneTrainer(RunGuard, Trainer):
+    """Supervised fine-tuning (the model's own answer-only NLL) with `RunGuard`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._guard_init()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "sample_ids"}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 # --------------------------------------------------------------------------- unlearning
-class UnlearnTrainer(Trainer):
+class UnlearnTrainer(RunGuard, Trainer):
     """`loss = gamma * F(l_1..l_B) + alpha * R` with F a weighting of per-sample forget losses."""
+
+    ids_key = "forget_ids"
 
     def __init__(
         self,
@@ -164,6 +389,19 @@ class UnlearnTrainer(Trainer):
             ref_model.eval().requires_grad_(False)
             self.ref_model = ref_model.to(self.args.device)
         self._accum: dict[str, list[float]] = {}
+        self._guard_init()
+
+    def describe(self) -> str:
+        return f"objective {self.objective.name} under weighting {self.weighting.name}"
+
+    def _save_extra_state(self, folder: Path) -> None:
+        if self.weighting.stateful:
+            torch.save(self.weighting.state_dict(), folder / WEIGHTING_STATE_FILE)
+
+    def _step_seed(self, ids: torch.Tensor) -> int:
+        """A seed from (seed, step, process, the batch's sample ids): a weighting's random choices."""
+        key = (self.state.global_step, self.args.process_index, *ids.tolist())
+        return int(derived_rng(STREAM_STEP, self.args.seed, *key).integers(2**62))
 
     # ------------------------------------------------------------ reference model
     def _is_peft(self) -> bool:
@@ -204,7 +442,11 @@ class UnlearnTrainer(Trainer):
         losses = self.objective(x, **self.objective_args)
         ids = inputs["forget_ids"]
         weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach(), gather=self._gather_samples)
-        retain_rows = self.weighting.retain_rows(weighted, len(inputs["retain_input_ids"]), ids.device)
+        # A weighting may draw random rows (group's shrink_retain): from a generator seeded by the step.
+        devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._step_seed(ids))
+            retain_rows = self.weighting.retain_rows(weighted, len(inputs["retain_input_ids"]), ids.device)
         retain = batch_part(inputs, "retain", retain_rows)
         retain_logits, retain_lp = self._forward(model, retain)
         ref_logits = None
@@ -231,10 +473,7 @@ class UnlearnTrainer(Trainer):
 
     def _record(self, loss, weighted, losses, retain_value, ids) -> None:
         if not torch.isfinite(loss.detach()):
-            raise BaldroError(
-                f"non-finite loss at step {self.state.global_step + 1} (forget {weighted.value.item():.4g}, "
-                f"retain {retain_value.item():.4g}): lower train.learning_rate or use model.dtype=float32"
-            )
+            raise self._non_finite("loss", f"forget loss {weighted.value.item():.4g}, retain loss {retain_value.item():.4g}")
         stats = {
             "forget_loss": weighted.value.item(),
             "forget_loss_mean": losses.detach().mean().item(),
