@@ -103,6 +103,21 @@ def test_kill_at_a_step_boundary_then_resume_is_bit_identical(case, reference_ru
 
 
 @pytest.mark.slow
+def test_the_epoch_reaches_the_sampler_without_the_data_loader(reference_runs, tiny_model_dir, tofu_dir, tmp_path,
+                                                              monkeypatch):
+    """Some data-loader wrappers do not pass `set_epoch` down (a multi-process loader skipping the
+    batches of a resumed epoch): the trainer sets the epoch itself, so a resume is still exact."""
+    from accelerate.data_loader import DataLoaderShard
+
+    monkeypatch.setattr(DataLoaderShard, "set_epoch", lambda self, epoch: None)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run("mean", tiny_model_dir, tofu_dir, out, callbacks=[KillAfterStep(5)])
+    assert resume_cli("mean", tiny_model_dir, tofu_dir, out) == 0  # from checkpoint-4, inside epoch 1
+    assert_same_run(reference_runs["mean"], out)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c != "dv"])  # dv: with a real kill -9 below
 def test_kill_while_a_checkpoint_is_saved_then_resume_is_bit_identical(case, reference_runs, tiny_model_dir, tofu_dir,
                                                                        tmp_path, monkeypatch):

@@ -241,9 +241,15 @@ class NonFiniteError(BaldroError):
         self.step = step
 
 
-class _FiniteGradients(TrainerCallback):
+class _GuardCallback(TrainerCallback):
     def __init__(self, trainer: "RunGuard"):
         self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # The Trainer also passes the epoch down through the data loader, but not through every wrapper
+        # (a multi-process loader that skips the batches of a resumed epoch): set it here as well.
+        if self.trainer._sampler is not None:
+            self.trainer._sampler.set_epoch(int(state.epoch + 1e-6))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._check_gradients()
@@ -262,8 +268,9 @@ class RunGuard:
         self._step_ids: list[int] = []
         self._step_ids_at = -1
         self._staging_root: Path | None = None
+        self._sampler: EpochSampler | None = None
         self.checkpoint_info = {}
-        self.add_callback(_FiniteGradients(self))
+        self.add_callback(_GuardCallback(self))
 
     def describe(self) -> str:
         """What is being trained, for error messages."""
@@ -272,7 +279,8 @@ class RunGuard:
     # ------------------------------------------------------------ sampling
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return EpochSampler(dataset, self.args.seed)
+        self._sampler = EpochSampler(dataset, self.args.seed)
+        return self._sampler
 
     # ------------------------------------------------------------ non-finite loss and gradients
     def _note_ids(self, inputs) -> None:
