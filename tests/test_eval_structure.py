@@ -149,3 +149,21 @@ def test_tofu_keeps_its_public_names():
         "model", "tokenizer", "formatter", "data_source", "forget_split", "out_dir", "retain_logs_path", "batch_size",
         "max_new_tokens", "limit", "shared_forward", "sort_by_length", "timings", "progress",
     ]
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal(caplog, monkeypatch):
+    import logging
+    import sys
+
+    from baldro.eval import engine
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    clock = iter([0.0, 10.0, 31.0, 40.0, 65.0, 70.0])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="baldro.eval.engine"):
+        with engine.progress_bar(30, "scoring (forget)", None) as bar:  # starts at t=0
+            for _ in range(3):
+                bar.update(10)  # t = 10, 31, 40: one line at 31 s (30 s since the start)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["scoring (forget): 20/30 sequences, 31 s", "scoring (forget): 30/30 sequences in 65.0 s"]
+    assert not isinstance(engine.progress_bar(3, "x", False), engine.LogProgress)  # progress=False stays silent
