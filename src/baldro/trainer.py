@@ -305,7 +305,10 @@ class RunGuard:
 
     def _check_gradients(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(n).item() for n in torch._foreach_norm(grads)):
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for norm in torch._foreach_norm(grads) if grads else ():
+            by_device.setdefault(norm.device, []).append(norm.float())
+        if any(not bool(torch.isfinite(torch.stack(norms)).all()) for norms in by_device.values()):  # one sync per device
             raise self._non_finite("gradient")
 
     # ------------------------------------------------------------ checkpoints: staged, then renamed
