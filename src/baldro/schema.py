@@ -173,7 +173,7 @@ def _number(key: str, value, *, low: float | None = None, low_open: bool = False
 
 def _optional_positive_int(key: str, value, hint: str = "") -> None:
     if value is not None:
-        _number(key, value, low=1, integer=True, hint=hint or f": use null (no limit) or a count >= 1")
+        _number(key, value, low=1, integer=True, hint=hint or ": use null (no limit) or a count >= 1")
 
 
 def check_output_dir(output_dir: str | None) -> Path:
