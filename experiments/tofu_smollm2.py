@@ -214,7 +214,7 @@ def build_jobs(args) -> list[Job]:
                 "unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), *model, *common, f"objective={objective}",
                 f"weighting={weighting}", f"seed={seed}", f"name={objective}_{weighting}",
                 f"model.path={target_run / 'model'}", f"output_dir={run}", *UNLEARN,
-                *(smoke["unlearn"] if smoke else [])),
+                *(smoke["unlearn"] if smoke else []), "overwrite=true"),
                 deps=["finetune_target"], done=lambda dest=dest, run=run: is_finished(dest) or (run / "model").is_dir()))
             jobs.append(Job(f"eval_{name}", baldro(
                 "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={run / 'model'}",

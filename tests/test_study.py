@@ -43,3 +43,13 @@ def test_smoke_study_runs_every_stage_and_skips_finished_cells(tiny_model_dir, t
 
     assert study.main(args) == 0  # everything is done: nothing runs again
     assert "8 job(s) already done, 0 to run" in capsys.readouterr().out
+
+    # a cell killed during its evaluation (its results not copied yet) runs again, over its old folder
+    import shutil
+
+    shutil.rmtree(cells / "npo_dv_seed0")
+    (tmp_path / "work" / "cells" / "npo_dv_seed0" / "eval" / "TOFU_SUMMARY.json").unlink()
+    assert study.main(args) == 0
+    out = capsys.readouterr().out
+    assert "6 job(s) already done, 2 to run" in out and "FAILED" not in out
+    assert (cells / "npo_dv_seed0" / "eval" / "TOFU_SUMMARY.json").is_file()
