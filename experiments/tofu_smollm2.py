@@ -10,7 +10,8 @@ method x seed unlearn forget01 from the target (`baldro unlearn`, per-step balan
 evaluate the result (`baldro eval`, forget quality against the retain model's log). Each finished cell
 copies its small result files (config, logs, eval log, summary; no model) into
 `experiments/tofu_smollm2/cells/<cell>/`; a rerun skips every cell that has them. Models and raw run
-folders live under `--work` (default `runs/study_tofu_smollm2`, not committed); a cell's unlearned model
+folders live under `--work` (default `~/.cache/baldro/study_tofu_smollm2`, not committed; an interrupted
+fine-tune resumes from its last epoch checkpoint there); a cell's unlearned model
 is deleted once evaluated unless `--keep-models`. Jobs run as separate processes, `--jobs` at a time,
 each with `--threads` torch threads; progress goes to stdout as timestamped lines, each job's own output
 to `<work>/logs/<job>.log`.
@@ -30,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from baldro.model_sources import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tofu"
@@ -242,7 +245,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="TOFU folder (default: ../shared/data/tofu)")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="committed results folder")
-    p.add_argument("--work", default=str(REPO / "runs" / "study_tofu_smollm2"), help="models and raw runs")
+    p.add_argument("--work", default=str(cache_dir() / "study_tofu_smollm2"),
+                   help="models and raw runs (default: the baldro cache, so that they outlive a fresh checkout)")
     p.add_argument("--model-group", default="smollm2-135m-instruct", help="configs/model/ group")
     p.add_argument("--model", help="override the group's model.base (a folder, hub id or package:NAME)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))

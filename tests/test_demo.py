@@ -81,3 +81,13 @@ def test_demo_quick(tmp_path, capsys):
     rebuilt_md = (rebuilt / "report.md").read_text()
     assert rebuilt_md.count("| npo_") == 8  # results table + spread-at-equal-forgetting table
     assert "Spread at equal mean forgetting" in rebuilt_md
+
+
+def test_demo_refuses_a_used_output_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "keep.txt").write_text("a user's file")
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not empty" in err and "--overwrite" in err and err.count("\n") == 0
+    assert (out / "keep.txt").read_text() == "a user's file"

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny preset for tests (about a minute)")
     d.add_argument("--preset", choices=["quick", "default"], default=None, help="size preset")
+    d.add_argument("--overwrite", action="store_true", help="delete a non-empty --out folder first")
     return parser
 
 
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from baldro.demo import run_demo
 
-        run_demo(args.out, seed=args.seed, preset=args.preset or ("quick" if args.quick else "default"))
+        run_demo(args.out, seed=args.seed, preset=args.preset or ("quick" if args.quick else "default"),
+                 overwrite=args.overwrite)
 
 
 def _one_line(text: str) -> str:

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import queue as queue_lib
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -234,8 +235,9 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
-def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default", workers: int | None = None) -> Path:
-    """Run the demo into `out` and return the report path."""
+def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default", workers: int | None = None,
+             overwrite: bool = False) -> Path:
+    """Run the demo into `out` (a new or empty folder, or any with `overwrite`) and return the report path."""
     from baldro.data.synthetic import SyntheticConfig, generate
     from baldro.eval.run import resummarize
     from baldro.report import build_report
@@ -248,6 +250,11 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
     p = PRESETS[preset]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise BaldroError(f"demo output {out} exists and is not empty: pass --out NEW_FOLDER, or --overwrite "
+                              "to delete it first")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     start = time.time()
 
     def stage(name: str, detail: str) -> None:
