@@ -167,3 +167,15 @@ def test_eval_and_summarize_cli(target_model, tofu_dir, tmp_path, capsys):
     again = json.loads(out.read_text())
     assert again["forget_quality"] == pytest.approx(summary["forget_quality"])
     assert again["model_utility"] == pytest.approx(summary["model_utility"])
+
+
+@pytest.mark.slow
+def test_eval_writes_stage_timings(target_model, tofu_dir, tmp_path, capsys):
+    args = [str(ROOT / "configs" / "eval" / "tofu.yaml"), *cpu_overrides(target_model), f"data.source={tofu_dir}",
+            "split=forget01", "eval.limit=4", "eval.max_new_tokens=4", f"output_dir={tmp_path / 'e'}"]
+    assert main(["eval", *args]) == 0
+    timings = json.loads((tmp_path / "e" / "eval_timings.json").read_text())
+    assert {"rouge"} <= set(timings["stages"]) and timings["total_s"] > 0
+    assert all(t["seconds"] >= 0 and t["sequences"] > 0 for t in timings["stages"].values())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("baldro eval:") and "rouge" in last

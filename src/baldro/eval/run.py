@@ -123,10 +123,12 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
 def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
                   model_path: str | None = None) -> Path:
     """`baldro eval`: evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when
-    reference logs are given, eval_info.json with the time) and print the summary table."""
+    reference logs are given, eval_info.json with the time, eval_timings.json with each stage's rows,
+    sequences and seconds) and print the summary table and the time of every stage."""
     start = time.time()
     note = _weights_note(model)
-    eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, **settings)
+    timings: dict = {}
+    eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, timings=timings, **settings)
     if settings["retain_logs_path"] or target_logs_path:
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     summary = _add_weights_note(summary, note)
@@ -134,8 +136,10 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
     notes = {k: v for k, v in getattr(summary, "notes", {}).items() if k == "model" or summary.get(k) is None}
     write_json_atomic(out / "eval_info.json", {"model_path": model_path, "eval_time_s": seconds,
                                                **({"notes": notes} if notes else {})})
+    write_json_atomic(out / "eval_timings.json", {"total_s": seconds, "stages": timings})
     print(format_table(summary))
-    print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({seconds:.1f} s)")
+    stages = ", ".join(f"{g} {t['seconds']:.1f} s" for g, t in timings.items())
+    print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({seconds:.1f} s: {stages})")
     return out
 
 
