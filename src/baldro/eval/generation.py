@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -218,6 +218,15 @@ def _cut_at_eos(row: Sequence[int], eos: set) -> list[int]:
     return list(row[: next((j for j, t in enumerate(row) if t in eos), len(row))])
 
 
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any of `stop_strings` (cut at each in turn, as
+    OpenUnlearning cuts its generations at its stopwords)."""
+    for s in stop_strings:
+        if s and s in text:
+            text = text.split(s)[0]
+    return text
+
+
 def _static_greedy(
     model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, sort_by_length: bool, bar,
 ) -> list[list[int]]:
@@ -304,15 +313,16 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 def _continuous_greedy(
     model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, bar,
-    lookahead: int = LOOKAHEAD,
+    lookahead: int = LOOKAHEAD, stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]] | None:
     """Greedy decoding with continuous batching and prompt-lookup speculation (module docstring).
 
     Rows sit LEFT padded in one KV cache with their own position ids and attention masks. Each step
     feeds every row its newest token and up to `lookahead` proposed tokens; a proposed token is kept
     while it equals the argmax before it, and each row emits the argmaxes up to its first rejected
-    proposal (at least one token per step). Returns None, before decoding anything, when the model's
-    cache is not a full-attention DynamicCache (the caller then uses `model.generate`)."""
+    proposal (at least one token per step). `stop(i, tokens)`: row i may stop early (its text already
+    holds a stop string). Returns None, before decoding anything, when the model's cache is not a
+    full-attention DynamicCache (the caller then uses `model.generate`)."""
     device = model_device(model)
     eos = set(cfg.eos_token_id or [])
     keep_ok = supports_logits_to_keep(model)
@@ -359,7 +369,7 @@ def _continuous_greedy(
                     break
                 out[i].append(t)
                 drafters[i].append(t)
-                if len(out[i]) >= budgets[i]:
+                if len(out[i]) >= budgets[i] or (stop is not None and stop(i, out[i])):
                     done.append(b)
                     break
         if done:
@@ -432,6 +442,7 @@ def generate(
     progress: bool | None = None,
     prefixes: Sequence[GreedyPrefix | None] | None = None,
     lookahead: int | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> list[str]:
     """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
 
@@ -442,7 +453,9 @@ def generate(
     it, or for a model whose cache cannot be batched that way, `model.generate` runs fixed batches
     (in input order without `sort_by_length`). `prefixes[i]` (from `greedy_prefix`) are tokens
     known to start the generation of prompt i: decoding resumes after them, and a finished prefix
-    needs no decoding at all. Returns the texts in input order.
+    needs no decoding at all. `stop_strings`: each text is cut at the first of them
+    (`cut_at_stop_strings`, before stripping); continuous decoding stops a row once its text holds
+    one, which leaves the cut text unchanged. Returns the texts in input order.
     """
     if any(len(p) == 0 for p in prompts_ids):
         raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
@@ -469,10 +482,16 @@ def generate(
         bar.update(len(prompts_ids) - len(todo))
         inputs = [list(prompts_ids[i]) + known[i] for i in todo]
         budgets = [max_new_tokens - len(known[i]) for i in todo]
-        new = _continuous_greedy(model, cfg, inputs, budgets, batch_size, bar, lookahead) \
+        stop = None
+        if stop_strings:
+            def stop(j: int, toks: list[int]) -> bool:
+                text = tokenizer.decode(known[todo[j]] + toks, skip_special_tokens=True)
+                return any(s and s in text for s in stop_strings)
+        new = _continuous_greedy(model, cfg, inputs, budgets, batch_size, bar, lookahead, stop) \
             if sort_by_length and todo else None
         if new is None:
             new = _static_greedy(model, cfg, inputs, budgets, batch_size, sort_by_length, bar)
     for i, toks in zip(todo, new):
         known[i] = known[i] + toks
-    return [tokenizer.decode(_cut_at_eos(toks, eos), skip_special_tokens=True).strip() for toks in known]
+    texts = [tokenizer.decode(_cut_at_eos(toks, eos), skip_special_tokens=True) for toks in known]
+    return [cut_at_stop_strings(t, stop_strings).strip() for t in texts]
