@@ -3,8 +3,8 @@
 `baldro.config.load_config` merges YAML recipes, config groups and command-line overrides onto
 `Recipe`, so an unknown key or a value of the wrong type is an error, not a silent default.
 `baldro show-config RECIPE [overrides]` prints the result. Sections map to the code that reads them:
-`model` -> `baldro.models`, `data` -> `baldro.data.tofu`, `format` -> `QAFormatter`, `train` ->
-`transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
+`model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse`, `format` -> `QAFormatter`,
+`train` -> `transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
 `balance` -> `BalanceTracker`, `eval` -> `baldro.eval`.
 """
 
@@ -33,14 +33,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "locuslab/TOFU"  # a TOFU folder (one file per config) or a hub dataset id
+    benchmark: str = "tofu"  # tofu: QA pairs; muse: raw text cut into chunks (splits name raw/ corpora)
+    source: str = "locuslab/TOFU"  # a TOFU or MUSE folder (shared/data/...) or a hub dataset id
     forget_split: Optional[str] = None
     retain_split: Optional[str] = None
     holdout_split: Optional[str] = None
     train_split: Optional[str] = None  # fine-tuning
     extra_train_splits: List[str] = field(default_factory=list)
     max_length: int = 512
-    limit: Optional[int] = None  # only the first N rows of every split (quick runs)
+    chunk_length: int = 2048  # muse: tokens per raw-text chunk (unlearning) and per privleak text (MIA)
+    limit: Optional[int] = None  # only the first N rows (muse: chunks) of every split (quick runs)
     refusal_file: Optional[str] = None  # idk/dpo refusal answers; default <source>/idontknow.jsonl
 
 
@@ -106,10 +108,12 @@ class EvalConfig:
     benchmark: str = "tofu"
     at_end: bool = False  # unlearning runs: evaluate the final model into RUN_DIR/eval
     every_n_steps: int = 0  # unlearning runs: evaluate every N steps into RUN_DIR/eval/step-N
-    retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json: forget quality and balance
+    retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json (muse: the retrained model's MUSE_EVAL.json)
     target_logs_path: Optional[str] = None  # the target model's TOFU_EVAL.json: the over-forgotten criterion
     batch_size: int = 16
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # tofu
+    verbmem_max_new_tokens: int = 128  # muse VerbMem continuations
+    knowmem_max_new_tokens: int = 32  # muse KnowMem answers
     limit: Optional[int] = None  # only the first N rows of every set
 
 

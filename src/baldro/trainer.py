@@ -51,28 +51,31 @@ class QACollator:
 class UnlearnDataset(Dataset):
     """One item per forget sample, paired with a random retain sample (seeded) and optional refusal.
 
-    An epoch is one pass over the forget set (SPEC section 4).
+    An epoch is one pass over the forget set (SPEC section 4). `retain=None`: no retain samples (a
+    run without a retain loss, alpha = 0).
     """
 
     def __init__(
         self,
         forget: Sequence[EncodedQA],
-        retain: Sequence[EncodedQA],
+        retain: Sequence[EncodedQA] | None,
         refusal: Sequence[EncodedQA] | None = None,
         seed: int = 0,
     ):
         if not forget:
             raise BaldroError("the forget set is empty: check data.forget_split")
-        if not retain:
+        if retain is not None and not retain:
             raise BaldroError("the retain set is empty: check data.retain_split")
-        self.forget, self.retain, self.refusal = list(forget), list(retain), refusal
+        self.forget, self.retain, self.refusal = list(forget), (list(retain) if retain is not None else None), refusal
         self.rng = np.random.default_rng(seed)
 
     def __len__(self):
         return len(self.forget)
 
     def __getitem__(self, i):
-        item = {"id": i, "forget": self.forget[i], "retain": self.retain[int(self.rng.integers(len(self.retain)))]}
+        item = {"id": i, "forget": self.forget[i]}
+        if self.retain is not None:
+            item["retain"] = self.retain[int(self.rng.integers(len(self.retain)))]
         if self.refusal is not None:
             item["refusal"] = self.refusal[i]
         return item
@@ -204,18 +207,24 @@ class UnlearnTrainer(Trainer):
         losses = self.objective(x, **self.objective_args)
         ids = inputs["forget_ids"]
         weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach(), gather=self._gather_samples)
-        retain_rows = self.weighting.retain_rows(weighted, len(inputs["retain_input_ids"]), ids.device)
+        if "retain_input_ids" in inputs:
+            retain_value = self._retain_value(model, inputs, weighted, ids.device)
+        else:  # no retain set (alpha = 0)
+            retain_value = torch.zeros((), device=weighted.value.device)
+
+        loss = self.gamma * weighted.value + self.alpha * retain_value
+        self._record(loss, weighted, losses, retain_value, ids)
+        return (loss, {"losses": losses}) if return_outputs else loss
+
+    def _retain_value(self, model, inputs, weighted, device) -> torch.Tensor:
+        retain_rows = self.weighting.retain_rows(weighted, len(inputs["retain_input_ids"]), device)
         retain = batch_part(inputs, "retain", retain_rows)
         retain_logits, retain_lp = self._forward(model, retain)
         ref_logits = None
         if self.retain_loss.needs_reference:
             with self._reference(model) as ref:
                 ref_logits = self._forward(ref, retain)[0]
-        retain_value = self.retain_loss.fn(retain_lp, logits=retain_logits, ref_logits=ref_logits, labels=retain["labels"])
-
-        loss = self.gamma * weighted.value + self.alpha * retain_value
-        self._record(loss, weighted, losses, retain_value, ids)
-        return (loss, {"losses": losses}) if return_outputs else loss
+        return self.retain_loss.fn(retain_lp, logits=retain_logits, ref_logits=ref_logits, labels=retain["labels"])
 
     # ------------------------------------------------------------ logging
     def _gather(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
