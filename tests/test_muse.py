@@ -152,6 +152,26 @@ def test_early_stopping_at_stop_strings_keeps_the_texts(tiny_model_dir):
     assert continuous[i] == free[i][:p].strip() and all(f.startswith(c) for f, c in zip(free, continuous))
 
 
+def test_few_shot_prompts_share_their_prefix_encoding(tiny_model_dir):
+    """Prompts with the same in-context examples are grouped; each group's prefix is encoded once and
+    the generations are those of plain `model.generate`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baldro.eval.generation import generate, shared_prefix_groups
+
+    assert shared_prefix_groups([[1] * 70 + [2], [1] * 70 + [3, 4], [5] * 80, [1] * 70], min_len=64) == ([0, 0, -1, 0], [69])
+    assert shared_prefix_groups([[1, 2, 3], [1, 2, 4]], min_len=2) == ([0, 0], [2])
+    assert shared_prefix_groups([[1, 2, 3], [1, 2, 4]], min_len=3) == ([-1, -1], [])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    shots = "Question: Who wrote the book? Answer: Basil Mahfouz Al-Kuwaiti.\n\n" * 6
+    prompts = [tok(shots + f"Question: {q}\nAnswer:")["input_ids"] for q in ("Who?", "Where was she born?", "When?")]
+    prompts += [tok("The author was born in")["input_ids"], tok("Her father")["input_ids"]]
+    assert shared_prefix_groups(prompts)[0] == [0, 0, 0, -1, -1]
+    assert generate(model, tok, prompts, 6, 2, progress=False) == generate(model, tok, prompts, 6, 2, progress=False,
+                                                                           sort_by_length=False)
+
+
 # ------------------------------------------------------------------------------------- loading
 def test_hub_layout_is_read_like_the_folder(monkeypatch):
     import datasets
