@@ -364,12 +364,17 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     objective = get_objective(recipe.objective.name)
     objective_args = dict(recipe.objective.args)
     retain_loss = get_retain_loss(recipe.objective.retain_loss)
-    forget_rows = _rows(recipe.data, "forget_split")
-    weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_rows), **recipe.weighting.args)
-    retain_rows = _rows(recipe.data, "retain_split")
+    muse = _benchmark(recipe.data.benchmark) == "muse"
     refusals = None
-    if objective.needs_refusal:
-        refusals = load_refusals(recipe.data.source, recipe.data.refusal_file)
+    if muse:
+        muse_texts = _muse_texts(recipe, objective)
+        make_weighting(recipe.weighting.name, n_samples=1, **recipe.weighting.args)  # rebuilt for the chunks
+    else:
+        forget_rows = _rows(recipe.data, "forget_split")
+        weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_rows), **recipe.weighting.args)
+        retain_rows = _rows(recipe.data, "retain_split")
+        if objective.needs_refusal:
+            refusals = load_refusals(recipe.data.source, recipe.data.refusal_file)
     eval_kwargs = _eval_kwargs(recipe) if recipe.eval.at_end or recipe.eval.every_n_steps > 0 else None
     validate_model(recipe.model, recipe.train)
     args = _training_args(recipe, Path(recipe.output_dir).expanduser())
@@ -377,9 +382,13 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     with _run_folder(recipe, "unlearn") as (run_dir, resume):
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
         formatter = build_formatter(recipe.format, recipe.data, tokenizer)
-        forget_enc = _encode(formatter, forget_rows, "forget")
-        retain_enc = _encode(formatter, retain_rows, "retain")
         refusal_enc = None
+        if muse:  # raw-text chunks; their indices are the forget sample ids
+            forget_enc, retain_enc = _muse_chunks(recipe, muse_texts, tokenizer, model)
+            weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_enc), **recipe.weighting.args)
+        else:
+            forget_enc = _encode(formatter, forget_rows, "forget")
+            retain_enc = _encode(formatter, retain_rows, "retain")
         if refusals is not None:
             picks = [refusals[(recipe.seed + i) % len(refusals)] for i in range(len(forget_rows))]
             refusal_enc = formatter.encode_many([r["question"] for r in forget_rows], picks, "refusal")
@@ -435,6 +444,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             "retain_loss": retain_loss.name,
             "forget_split": recipe.data.forget_split,
             "n_forget": len(forget_enc),
+            **({"benchmark": "muse", "chunk_length": recipe.data.chunk_length} if muse else {}),
         })
         if recipe.eval.at_end and trainer.is_world_process_zero():
             from baldro.eval.run import evaluate_final_model
@@ -443,12 +453,60 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     return run_dir
 
 
+# ----------------------------------------------------------------------------- MUSE (raw text)
+BENCHMARKS = ("tofu", "muse")
+
+
+def _benchmark(name: str, key: str = "data.benchmark") -> str:
+    if name not in BENCHMARKS:
+        raise BaldroError(f"unknown {key} {name!r}: use one of {', '.join(BENCHMARKS)}")
+    return name
+
+
+def _muse_texts(recipe: Recipe, objective) -> tuple[str, str | None]:
+    """The raw forget corpus and the raw retain corpus (None without a retain loss, alpha = 0)."""
+    from baldro.data.muse import load_unlearn_texts
+
+    if objective.needs_refusal:
+        raise BaldroError(f"objective {objective.name!r} needs questions to refuse, but MUSE unlearns raw text: "
+                          "use ga, graddiff, npo, simnpo, wga or satimp")
+    return load_unlearn_texts(recipe.data.source, recipe.data.forget_split, recipe.data.retain_split,
+                              need_retain=recipe.objective.alpha != 0)
+
+
+def _muse_chunks(recipe: Recipe, texts: tuple[str, str | None], tokenizer, model):
+    """The forget and retain corpora cut into `data.chunk_length`-token chunks (`data.limit`: the first N)."""
+    from baldro.data.muse import chunk_tokens, model_context
+
+    d, context = recipe.data, model_context(model)
+    forget = chunk_tokens(tokenizer, texts[0], d.chunk_length, d.limit, context, what=f"forget ({d.forget_split})")
+    retain = None
+    if texts[1] is not None:
+        retain = chunk_tokens(tokenizer, texts[1], d.chunk_length, d.limit, context, what=f"retain ({d.retain_split})")
+    log.info("MUSE: %d forget and %s retain chunks of up to %d tokens", len(forget),
+             len(retain) if retain is not None else "no", d.chunk_length)
+    return forget, retain
+
+
 # ----------------------------------------------------------------------------- evaluation
 def _eval_kwargs(recipe: Recipe) -> dict:
-    """The recipe's `eval` and `data` sections as `evaluate_tofu` keyword arguments."""
+    """The recipe's `eval` and `data` sections as `evaluate_tofu` / `evaluate_muse` keyword arguments
+    (the MUSE ones with "benchmark": "muse", which `baldro.eval.run` dispatches on)."""
     ev: EvalConfig = recipe.eval
-    if ev.benchmark != "tofu":
-        raise BaldroError(f"unknown eval.benchmark {ev.benchmark!r}: use tofu")
+    if _benchmark(ev.benchmark, "eval.benchmark") != _benchmark(recipe.data.benchmark):
+        raise BaldroError(f"eval.benchmark is {ev.benchmark} but data.benchmark is {recipe.data.benchmark}: set both "
+                          f"to the benchmark of data.source (the configs/*/muse.yaml recipes set muse)")
+    if ev.benchmark == "muse":
+        return {
+            "benchmark": "muse",
+            "data_source": recipe.data.source,
+            "retain_logs_path": ev.retain_logs_path,
+            "batch_size": ev.batch_size,
+            "verbmem_max_new_tokens": ev.verbmem_max_new_tokens,
+            "knowmem_max_new_tokens": ev.knowmem_max_new_tokens,
+            "max_length": recipe.data.chunk_length,
+            "limit": ev.limit,
+        }
     return {
         "data_source": recipe.data.source,
         "forget_split": recipe.data.forget_split or "forget10",
@@ -460,7 +518,8 @@ def _eval_kwargs(recipe: Recipe) -> dict:
 
 
 def run_eval(cfg: Recipe | DictConfig | dict) -> Path:
-    """Evaluate `model.path` on TOFU; writes TOFU_EVAL.json / TOFU_SUMMARY.json to `output_dir`."""
+    """Evaluate `model.path` on TOFU or MUSE (`eval.benchmark`); writes TOFU_EVAL.json /
+    TOFU_SUMMARY.json or MUSE_EVAL.json / MUSE_SUMMARY.json to `output_dir`."""
     from baldro.eval.run import evaluate_into
 
     recipe = as_recipe(cfg)

@@ -2,7 +2,8 @@
 
 `build_report` reads run directories written by the trainers (``run_info.json``,
 ``train_log.jsonl``, ``forget_losses.jsonl``, ``balance.jsonl``, ``eval/TOFU_SUMMARY.json``,
-``eval/TOFU_EVAL.json``; every file but one of run_info.json / eval/ is optional) and writes
+``eval/TOFU_EVAL.json``, or for MUSE runs ``eval/MUSE_SUMMARY.json``; every file but one of run_info.json
+/ eval/ is optional) and writes
 ``report.md`` with a results table and four plots:
 
 - ``fq_vs_mu.png``: forget quality vs model utility, one point per run;
@@ -50,6 +51,7 @@ class RunRecord:
     train_log: list[dict[str, Any]] = field(default_factory=list)
     balance: list[dict[str, Any]] = field(default_factory=list)
     forget_losses: list[dict[str, Any]] = field(default_factory=list)
+    benchmark: str = "tofu"  # "muse" when the run's summary is eval/MUSE_SUMMARY.json
 
     def load_eval_log(self) -> dict[str, Any] | None:
         """The parsed eval/TOFU_EVAL.json (None when the run has none)."""
@@ -85,6 +87,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if not path.is_dir():
         raise BaldroError(f"{path} is a file, not a run directory; pass the folder that holds run_info.json")
     info_path, summary_path = path / "run_info.json", path / "eval" / "TOFU_SUMMARY.json"
+    benchmark = "tofu"
+    if not summary_path.is_file() and (path / "eval" / "MUSE_SUMMARY.json").is_file():
+        summary_path, benchmark = path / "eval" / "MUSE_SUMMARY.json", "muse"
     if not info_path.is_file() and not summary_path.is_file():
         raise BaldroError(
             f"{path} is not a run directory (no run_info.json and no eval/TOFU_SUMMARY.json); "
@@ -112,6 +117,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         train_log=_read_rows(path / "train_log.jsonl"),
         balance=_read_rows(path / "balance.jsonl"),
         forget_losses=_read_rows(path / "forget_losses.jsonl"),
+        benchmark=benchmark,
     )
 
 
@@ -181,6 +187,27 @@ SEED_COLUMNS: list[tuple[str, str, Any]] = [
 ]
 
 
+# MUSE runs (every run of the report a MUSE run): its metrics instead of TOFU's.
+MUSE_COLUMNS: list[tuple[str, str, Any]] = [
+    ("VerbMem (forget)", "forget_verbmem_ROUGE", format_value),
+    ("KnowMem (forget)", "forget_knowmem_ROUGE", format_value),
+    ("KnowMem (retain)", "retain_knowmem_ROUGE", format_value),
+    ("PrivLeak", "privleak", lambda v: format_value(v, 1)),
+    ("Min-K% AUC", "mia_min_k", format_value),
+    ("Exact mem.", "exact_memorization", format_value),
+    ("Extraction", "extraction_strength", format_value),
+    ("Train time (s)", "train_time_s", lambda v: format_value(v, 1)),
+]
+MUSE_NOTE = (
+    "MUSE metrics (OpenUnlearning's definitions): VerbMem = ROUGE-L F1 of the 128-token greedy continuation of "
+    "forget-text prompts; KnowMem = ROUGE-L F1 of few-shot answers to questions on the forget / retain text; "
+    "PrivLeak = relative difference in percent of the Min-K% membership AUC (privleak forget vs holdout) to the "
+    "retrained model's (about 0 is best; the target model is near -100 on News); exact memorisation and "
+    "extraction strength on the VerbMem texts. Lower VerbMem and forget KnowMem = more forgotten; retain "
+    "KnowMem measures utility. \"n/a\" = not available."
+)
+
+
 def mean_std(values: Iterable[Any], fmt=format_value) -> str:
     """"mean ± sample std" of the finite values (the value alone for one, "n/a" for none)."""
     vals = [v for v in (_num(x) for x in values) if v is not None]
@@ -199,12 +226,13 @@ def seed_groups(labelled: Sequence[tuple[str, RunRecord]]) -> dict[str, list[int
     return groups
 
 
-def seed_table(names: Sequence[str], seeds: Sequence[Sequence[Any]], values: Sequence[Sequence[dict]]) -> list[str]:
-    """Markdown table: per method, the number of runs (seeds) and mean ± std of every SEED_COLUMNS value."""
-    md = ["| Method | Seeds | " + " | ".join(h for h, _, _ in SEED_COLUMNS) + " |",
-          "| --- | ---: |" + " ---: |" * len(SEED_COLUMNS)]
+def seed_table(names: Sequence[str], seeds: Sequence[Sequence[Any]], values: Sequence[Sequence[dict]],
+               columns: Sequence[tuple[str, str, Any]] = SEED_COLUMNS) -> list[str]:
+    """Markdown table: per method, the number of runs (seeds) and mean ± std of every column's value."""
+    md = ["| Method | Seeds | " + " | ".join(h for h, _, _ in columns) + " |",
+          "| --- | ---: |" + " ---: |" * len(columns)]
     for name, seed_list, vals in zip(names, seeds, values):
-        cells = [mean_std((v.get(key) for v in vals), fmt) for _, key, fmt in SEED_COLUMNS]
+        cells = [mean_std((v.get(key) for v in vals), fmt) for _, key, fmt in columns]
         label = ",".join(str(x) for x in seed_list) if seed_list and None not in seed_list else str(len(vals))
         md.append(f"| {_md_cell(name)} | {label} | " + " | ".join(cells) + " |")
     return md
@@ -580,6 +608,8 @@ def build_report(
     if out.exists() and not out.is_dir():
         raise BaldroError(f"--out {out} is a file; pass a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
+    is_muse = all(r.benchmark == "muse" for r in [*methods, retain, target] if r is not None)
+    columns = MUSE_COLUMNS if is_muse else COLUMNS
 
     ref_logs = {
         "retain": retain.load_eval_log() if retain is not None else None,
@@ -599,7 +629,7 @@ def build_report(
     for label, kind, run in rows:
         v: dict[str, Any] = dict(run.summary)
         v["train_time_s"] = run.info.get("train_time_s")
-        needs = [k for _, k, _ in COLUMNS if k.startswith("balance_") and _num(v.get(k)) is None]
+        needs = [k for _, k, _ in columns if k.startswith("balance_") and _num(v.get(k)) is None]
         if needs and run.eval_log is not None:
             try:
                 computed = balance_from_eval_logs(run.load_eval_log(), ref_logs["retain"], ref_logs["target"])
@@ -663,15 +693,15 @@ def build_report(
         "",
         "## Results",
         "",
-        "| Method | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
+        "| Method | " + " | ".join(h for h, _, _ in columns) + " |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
     for (label, kind, run), v in zip(rows, values):
-        cells = [fmt(v.get(key)) for _, key, fmt in COLUMNS]
-        if v.get("_fq_by_definition"):
+        cells = [fmt(v.get(key)) for _, key, fmt in columns]
+        if v.get("_fq_by_definition") and not is_muse:
             cells[0] += " (by definition)"
         md.append(f"| {_md_cell(label)} | " + " | ".join(cells) + " |")
-    md += [
+    md += ["", MUSE_NOTE, ""] if is_muse else [
         "",
         "Forget quality is the KS-test p-value between the run's and the retain model's per-sample forget "
         "truth ratios (higher = closer to never having seen the forget set); model utility is the harmonic "
@@ -690,7 +720,8 @@ def build_report(
         names = list(groups)
         md += ["## Mean ± std over seeds", ""]
         md += seed_table(names, [[methods[i].info.get("seed") for i in groups[n]] for n in names],
-                         [[method_values[i] for i in groups[n]] for n in names])
+                         [[method_values[i] for i in groups[n]] for n in names],
+                         MUSE_COLUMNS if is_muse else SEED_COLUMNS)
         md += [
             "",
             "Runs with the same name are one method under several seeds: mean ± sample standard deviation. "

@@ -3,8 +3,8 @@
 `baldro.config.load_config` merges YAML recipes, config groups and command-line overrides onto
 `Recipe`, so an unknown key or a value of the wrong type is an error, not a silent default.
 `baldro show-config RECIPE [overrides]` prints the result. Sections map to the code that reads them:
-`model` -> `baldro.models`, `data` -> `baldro.data.tofu`, `format` -> `QAFormatter`, `train` ->
-`transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
+`model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse`, `format` -> `QAFormatter`,
+`train` -> `transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
 `balance` -> `BalanceTracker`, `eval` -> `baldro.eval`.
 
 `validate(recipe, kind)` checks what the types cannot (ranges, names, files, the device) before a run
@@ -41,14 +41,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "locuslab/TOFU"  # a TOFU folder (one file per config) or a hub dataset id
+    benchmark: str = "tofu"  # tofu: QA pairs; muse: raw text cut into chunks (splits name raw/ corpora)
+    source: str = "locuslab/TOFU"  # a TOFU or MUSE folder (shared/data/...) or a hub dataset id
     forget_split: Optional[str] = None
     retain_split: Optional[str] = None
     holdout_split: Optional[str] = None
     train_split: Optional[str] = None  # fine-tuning
     extra_train_splits: List[str] = field(default_factory=list)
     max_length: int = 512
-    limit: Optional[int] = None  # only the first N rows of every split (quick runs)
+    chunk_length: int = 2048  # muse: tokens per raw-text chunk (unlearning) and per privleak text (MIA)
+    limit: Optional[int] = None  # only the first N rows (muse: chunks) of every split (quick runs)
     refusal_file: Optional[str] = None  # idk/dpo refusal answers; default <source>/idontknow.jsonl
 
 
@@ -114,10 +116,12 @@ class EvalConfig:
     benchmark: str = "tofu"
     at_end: bool = False  # unlearning runs: evaluate the final model into RUN_DIR/eval
     every_n_steps: int = 0  # unlearning runs: evaluate every N steps into RUN_DIR/eval/step-N
-    retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json: forget quality and balance
+    retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json (muse: the retrained model's MUSE_EVAL.json)
     target_logs_path: Optional[str] = None  # the target model's TOFU_EVAL.json: the over-forgotten criterion
     batch_size: int = 16
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # tofu
+    verbmem_max_new_tokens: int = 128  # muse VerbMem continuations
+    knowmem_max_new_tokens: int = 32  # muse KnowMem answers
     limit: Optional[int] = None  # only the first N rows of every set
 
 
@@ -271,7 +275,7 @@ def _check_data(d: DataConfig, kind: str, needs_refusal: bool = False) -> None:
             raise BaldroError(f"data.source {d.source} is a file: set data.source to the folder that holds the split "
                               "files")
     needed = {"finetune": ("train_split",), "unlearn": ("forget_split", "retain_split"), "eval": ("forget_split",)}
-    for key in needed[kind]:
+    for key in needed[kind] if getattr(d, "benchmark", "tofu") == "tofu" else ():  # MUSE checks its own files
         if not getattr(d, key):
             raise BaldroError(f"data.{key} is not set: name a split (e.g. data.{key}=...) or pick one with split=...")
     if needs_refusal and d.refusal_file and not Path(d.refusal_file).expanduser().is_file():
@@ -307,8 +311,8 @@ def _check_unlearning(recipe: Recipe) -> bool:
 
 
 def _check_eval(e: EvalConfig, kind: str) -> None:
-    if e.benchmark != "tofu":
-        raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu")
+    if e.benchmark not in ("tofu", "muse"):
+        raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu or muse")
     _number("eval.batch_size", e.batch_size, low=1, integer=True)
     _number("eval.max_new_tokens", e.max_new_tokens, low=1, integer=True)
     _optional_positive_int("eval.limit", e.limit)
@@ -346,6 +350,9 @@ def validate(recipe: Recipe, kind: str) -> None:
         raise BaldroError(f"format.prompt_template must contain '{{question}}', got {recipe.format.prompt_template!r}")
     needs_refusal = _check_unlearning(recipe) if kind == "unlearn" else False
     _check_eval(recipe.eval, kind)
+    if kind == "eval" and recipe.eval.benchmark != recipe.data.benchmark:
+        raise BaldroError(f"eval.benchmark is {recipe.eval.benchmark} but data.benchmark is {recipe.data.benchmark}: "
+                          "set both to the benchmark of data.source")
     _check_data(recipe.data, kind, needs_refusal)
 
 

@@ -104,7 +104,8 @@ class UnlearnDataset(Dataset):
 
     An epoch is one pass over the forget set (SPEC section 4). The retain sample of forget sample i in
     epoch e is drawn from (seed, e, i) alone; index `e * len(self) + i` (from `EpochSampler`) asks
-    for it, a plain index i means epoch 0.
+    for it, a plain index i means epoch 0. `retain=None`: no retain samples (a run without a retain
+    loss, alpha = 0).
     """
 
     epoch_aware = True
@@ -112,15 +113,15 @@ class UnlearnDataset(Dataset):
     def __init__(
         self,
         forget: Sequence[EncodedQA],
-        retain: Sequence[EncodedQA],
+        retain: Sequence[EncodedQA] | None,
         refusal: Sequence[EncodedQA] | None = None,
         seed: int = 0,
     ):
         if not forget:
             raise BaldroError("the forget set is empty: check data.forget_split")
-        if not retain:
+        if retain is not None and not retain:
             raise BaldroError("the retain set is empty: check data.retain_split")
-        self.forget, self.retain, self.refusal = list(forget), list(retain), refusal
+        self.forget, self.retain, self.refusal = list(forget), (list(retain) if retain is not None else None), refusal
         self.seed = int(seed)
 
     def __len__(self):
@@ -131,7 +132,9 @@ class UnlearnDataset(Dataset):
 
     def __getitem__(self, index):
         epoch, i = divmod(int(index), len(self.forget))
-        item = {"id": i, "forget": self.forget[i], "retain": self.retain[self.retain_index(epoch, i)]}
+        item = {"id": i, "forget": self.forget[i]}
+        if self.retain is not None:
+            item["retain"] = self.retain[self.retain_index(epoch, i)]
         if self.refusal is not None:
             item["refusal"] = self.refusal[i]
         return item
@@ -453,6 +456,16 @@ class UnlearnTrainer(RunGuard, Trainer):
         losses = self.objective(x, **self.objective_args)
         ids = inputs["forget_ids"]
         weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach(), gather=self._gather_samples)
+        if "retain_input_ids" in inputs:
+            retain_value = self._retain_value(model, inputs, weighted, ids)
+        else:  # no retain set (alpha = 0)
+            retain_value = torch.zeros((), device=weighted.value.device)
+
+        loss = self.gamma * weighted.value + self.alpha * retain_value
+        self._record(loss, weighted, losses, retain_value, ids)
+        return (loss, {"losses": losses}) if return_outputs else loss
+
+    def _retain_value(self, model, inputs, weighted, ids) -> torch.Tensor:
         # A weighting may draw random rows (group's shrink_retain): from a generator seeded by the step.
         devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -464,11 +477,7 @@ class UnlearnTrainer(RunGuard, Trainer):
         if self.retain_loss.needs_reference:
             with self._reference(model) as ref:
                 ref_logits = self._forward(ref, retain)[0]
-        retain_value = self.retain_loss.fn(retain_lp, logits=retain_logits, ref_logits=ref_logits, labels=retain["labels"])
-
-        loss = self.gamma * weighted.value + self.alpha * retain_value
-        self._record(loss, weighted, losses, retain_value, ids)
-        return (loss, {"losses": losses}) if return_outputs else loss
+        return self.retain_loss.fn(retain_lp, logits=retain_logits, ref_logits=ref_logits, labels=retain["labels"])
 
     # ------------------------------------------------------------ logging
     def _gather(self, *tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -6,6 +6,9 @@
   (and an EOS right after them) need no decoding; a model that memorised an answer costs nothing.
 - Continuous batching (`_continuous_greedy`): a row leaves the batch when it stops and a waiting
   prompt takes its place, instead of a fixed batch running until its longest row is done.
+- Shared prefixes (`shared_prefix_groups`): prompts that start with the same long run of tokens (the
+  in-context examples of a few-shot prompt) have it encoded once; each row then prefills only its own
+  tokens against a copy of that cache.
 - Prompt-lookup speculation (`NgramDrafter`): each row proposes the tokens that followed the latest
   earlier occurrence of its last n tokens (a repetition loop, common in over-forgotten models,
   proposes its own continuation); one forward pass checks all proposals and keeps the tokens greedy
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -45,6 +48,8 @@ LOOKAHEAD = 8  # most tokens a row proposes per decoding step (prompt lookup)
 # 26.4 s without); smaller models and GPUs spend most of a pass on fixed costs, which proposals share.
 CPU_SPECULATION_MAX_PARAMS = 20_000_000
 PROBE_EVERY = 8  # decoding steps between tries of rows whose last proposal was rejected
+# Prompts that share at least this many leading tokens (few-shot examples) have them encoded once.
+SHARED_PREFIX_MIN = 64
 
 
 # ------------------------------------------------------------------------------------- config
@@ -218,6 +223,15 @@ def _cut_at_eos(row: Sequence[int], eos: set) -> list[int]:
     return list(row[: next((j for j, t in enumerate(row) if t in eos), len(row))])
 
 
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any of `stop_strings` (cut at each in turn, as
+    OpenUnlearning cuts its generations at its stopwords)."""
+    for s in stop_strings:
+        if s and s in text:
+            text = text.split(s)[0]
+    return text
+
+
 def _static_greedy(
     model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, sort_by_length: bool, bar,
 ) -> list[list[int]]:
@@ -302,17 +316,83 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
+def shared_prefix_groups(inputs: Sequence[Sequence[int]], min_len: int = SHARED_PREFIX_MIN) -> tuple[list[int], list[int]]:
+    """(group of each input, -1 for none; prefix length of each group). Inputs sorted by their tokens
+    form a group where neighbours share at least `min_len` leading tokens; the group's prefix is what
+    all of them share, cut so that every input keeps at least one token of its own."""
+    order = sorted(range(len(inputs)), key=lambda i: list(inputs[i]))
+    group = [-1] * len(inputs)
+    lengths: list[int] = []
+
+    def common(a, b) -> int:
+        n = min(len(a), len(b))
+        return next((j for j in range(n) if a[j] != b[j]), n)
+
+    run = [order[0]] if order else []
+    shared = None
+    for prev, cur in zip(order, order[1:] + [None]):
+        lcp = common(inputs[prev], inputs[cur]) if cur is not None else 0
+        if lcp >= min_len:
+            run.append(cur)
+            shared = lcp if shared is None else min(shared, lcp)
+            continue
+        if len(run) > 1 and shared is not None:
+            plen = min([shared] + [len(inputs[i]) - 1 for i in run])
+            if plen >= min_len:
+                for i in run:
+                    group[i] = len(lengths)
+                lengths.append(plen)
+        run, shared = ([cur] if cur is not None else []), None
+    return group, lengths
+
+
+def _prefill(model, rows: Sequence[Sequence[int]], pad_token_id: int, keep_ok: bool, cache_arg: str,
+             prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """Run the rows (LEFT padded) with `use_cache`; with `prefix` (the cached keys/values of tokens
+    that come before every row), only the rows' own tokens run, against a copy of it. Returns (cache,
+    attention mask over the cache's positions, first greedy tokens), or None when the cache cannot
+    be batched."""
+    device = model_device(model)
+    ids, a = pad_batch(rows, pad_token_id, side="left")
+    a = a.to(device)
+    pos = (a.cumsum(1) - 1).clamp(min=0)
+    kwargs = {"input_ids": ids.to(device), "use_cache": True}
+    if prefix is not None:
+        n, p = len(rows), prefix[0][0].shape[2]
+        kwargs[cache_arg] = cache_from_layers([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix])
+        a = torch.cat([torch.ones((n, p), dtype=a.dtype, device=device), a], dim=1)
+        pos = pos + p
+    kwargs.update(attention_mask=a, position_ids=pos)
+    if keep_ok:
+        kwargs["logits_to_keep"] = 1
+    o = model(**kwargs)
+    fresh = output_cache(o)
+    if not is_batchable_cache(fresh):
+        return None
+    return fresh, a, o.logits[:, -1].argmax(-1).tolist()
+
+
+def _encode_prefix(model, tokens: Sequence[int], keep_ok: bool) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    device = model_device(model)
+    kwargs = {"input_ids": torch.tensor([list(tokens)], device=device), "use_cache": True}
+    if keep_ok:
+        kwargs["logits_to_keep"] = 1
+    return cache_layers(output_cache(model(**kwargs)))
+
+
 def _continuous_greedy(
     model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, bar,
-    lookahead: int = LOOKAHEAD,
+    lookahead: int = LOOKAHEAD, stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]] | None:
     """Greedy decoding with continuous batching and prompt-lookup speculation (module docstring).
 
     Rows sit LEFT padded in one KV cache with their own position ids and attention masks. Each step
     feeds every row its newest token and up to `lookahead` proposed tokens; a proposed token is kept
     while it equals the argmax before it, and each row emits the argmaxes up to its first rejected
-    proposal (at least one token per step). Returns None, before decoding anything, when the model's
-    cache is not a full-attention DynamicCache (the caller then uses `model.generate`)."""
+    proposal (at least one token per step). Rows that share a long prefix (`shared_prefix_groups`)
+    prefill only their own tokens. `stop(i, tokens)`: row i may stop early (its text already
+    holds a stop string). Returns None, before decoding anything, when the model's cache is not a
+    full-attention DynamicCache (the caller then uses `model.generate`)."""
     device = model_device(model)
     eos = set(cfg.eos_token_id or [])
     keep_ok = supports_logits_to_keep(model)
@@ -322,29 +402,38 @@ def _continuous_greedy(
     out: list[list[int]] = [[] for _ in inputs]
     drafters: dict[int, NgramDrafter] = {}
     batch = _Batch(device)
+    group, prefix_len = shared_prefix_groups(inputs)
+    waiting = [group.count(g) for g in range(len(prefix_len))]  # rows of each group not started yet
+    prefixes: dict[int, list] = {}  # group -> cached keys/values of its prefix, while rows wait
     steps = 0
     while queue or batch.rows:
         free = batch_size - len(batch.rows)
         if queue and (not batch.rows or free >= refill_at):
             new = [queue.pop() for _ in range(min(free, len(queue)))]
-            ids, a = pad_batch([inputs[i] for i in new], cfg.pad_token_id, side="left")
-            a = a.to(device)
-            kwargs = {"input_ids": ids.to(device), "attention_mask": a,
-                      "position_ids": (a.cumsum(1) - 1).clamp(min=0), "use_cache": True}
-            if keep_ok:
-                kwargs["logits_to_keep"] = 1
-            o = model(**kwargs)
-            fresh = output_cache(o)
-            if not is_batchable_cache(fresh):
-                if batch.cache is None and not any(out):
-                    return None
-                raise RuntimeError("the model returned a different cache type during decoding")
-            first = o.logits[:, -1].argmax(-1).tolist()
+            by_group: dict[int, list[int]] = {}
             for i in new:
-                drafters[i] = NgramDrafter(inputs[i], lookahead=lookahead)
-            start = len(batch.rows)
-            batch.add(new, fresh, a, first)
-            emitted = {start + j: [t] for j, t in enumerate(first)}
+                by_group.setdefault(group[i], []).append(i)
+            emitted = {}
+            for g, rows in by_group.items():
+                if g >= 0 and g not in prefixes:
+                    prefixes[g] = _encode_prefix(model, inputs[rows[0]][: prefix_len[g]], keep_ok)
+                prefix = prefixes.get(g)
+                cut = prefix_len[g] if prefix is not None else 0
+                filled = _prefill(model, [inputs[i][cut:] for i in rows], cfg.pad_token_id, keep_ok, cache_arg, prefix)
+                if filled is None:
+                    if batch.cache is None and not any(out):
+                        return None
+                    raise RuntimeError("the model returned a different cache type during decoding")
+                fresh, a, first = filled
+                for i in rows:
+                    drafters[i] = NgramDrafter(inputs[i], lookahead=lookahead)
+                start = len(batch.rows)
+                batch.add(rows, fresh, a, first)
+                emitted.update({start + j: [t] for j, t in enumerate(first)})
+                if g >= 0:
+                    waiting[g] -= len(rows)
+                    if waiting[g] == 0:
+                        prefixes.pop(g, None)
         else:
             steps += 1
             emitted = _speculative_step(
@@ -359,7 +448,7 @@ def _continuous_greedy(
                     break
                 out[i].append(t)
                 drafters[i].append(t)
-                if len(out[i]) >= budgets[i]:
+                if len(out[i]) >= budgets[i] or (stop is not None and stop(i, out[i])):
                     done.append(b)
                     break
         if done:
@@ -432,6 +521,7 @@ def generate(
     progress: bool | None = None,
     prefixes: Sequence[GreedyPrefix | None] | None = None,
     lookahead: int | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> list[str]:
     """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
 
@@ -442,7 +532,9 @@ def generate(
     it, or for a model whose cache cannot be batched that way, `model.generate` runs fixed batches
     (in input order without `sort_by_length`). `prefixes[i]` (from `greedy_prefix`) are tokens
     known to start the generation of prompt i: decoding resumes after them, and a finished prefix
-    needs no decoding at all. Returns the texts in input order.
+    needs no decoding at all. `stop_strings`: each text is cut at the first of them
+    (`cut_at_stop_strings`, before stripping); continuous decoding stops a row once its text holds
+    one, which leaves the cut text unchanged. Returns the texts in input order.
     """
     if any(len(p) == 0 for p in prompts_ids):
         raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
@@ -469,10 +561,16 @@ def generate(
         bar.update(len(prompts_ids) - len(todo))
         inputs = [list(prompts_ids[i]) + known[i] for i in todo]
         budgets = [max_new_tokens - len(known[i]) for i in todo]
-        new = _continuous_greedy(model, cfg, inputs, budgets, batch_size, bar, lookahead) \
+        stop = None
+        if stop_strings:
+            def stop(j: int, toks: list[int]) -> bool:
+                text = tokenizer.decode(known[todo[j]] + toks, skip_special_tokens=True)
+                return any(s and s in text for s in stop_strings)
+        new = _continuous_greedy(model, cfg, inputs, budgets, batch_size, bar, lookahead, stop) \
             if sort_by_length and todo else None
         if new is None:
             new = _static_greedy(model, cfg, inputs, budgets, batch_size, sort_by_length, bar)
     for i, toks in zip(todo, new):
         known[i] = known[i] + toks
-    return [tokenizer.decode(_cut_at_eos(toks, eos), skip_special_tokens=True).strip() for toks in known]
+    texts = [tokenizer.decode(_cut_at_eos(toks, eos), skip_special_tokens=True) for toks in known]
+    return [cut_at_stop_strings(t, stop_strings).strip() for t in texts]

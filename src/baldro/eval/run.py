@@ -1,6 +1,7 @@
-"""Evaluation around `evaluate_tofu`: into a folder with balance metrics, re-summarising against
-reference logs, and the evaluate-every-N-steps callback used during unlearning. Knows nothing of
-recipes: `baldro.recipes` turns a recipe into the keyword arguments used here."""
+"""Evaluation around `evaluate_tofu` and `evaluate_muse`: into a folder with balance metrics (TOFU),
+re-summarising against reference logs, and the evaluate-every-N-steps callback used during
+unlearning. Knows nothing of recipes: `baldro.recipes` turns a recipe into the keyword arguments used
+here (`settings`; `settings["benchmark"]` = "muse" picks the MUSE evaluator, TOFU otherwise)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from baldro.eval.tofu import evaluate_tofu
 from baldro.io import write_json_atomic
 
 log = logging.getLogger(__name__)
+
+
+def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> tuple[dict, dict, str]:
+    """Run the benchmark's evaluator; returns (eval_log, summary, benchmark)."""
+    settings = dict(settings)
+    benchmark = settings.pop("benchmark", "tofu")
+    if benchmark == "muse":
+        from baldro.eval.muse import evaluate_muse
+
+        return (*evaluate_muse(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra), benchmark)
+    return (*evaluate_tofu(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra), benchmark)
 
 
 def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=None, target_logs_path=None) -> dict:
@@ -114,8 +126,10 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
     out = Path(run_dir) / "eval"
     start = time.time()
     note = _weights_note(model)
-    eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, **settings)
-    summary = _add_weights_note(add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path), note)
+    eval_log, summary, benchmark = _evaluate(model, tokenizer, formatter, out, settings)
+    if benchmark == "tofu":
+        summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
+    summary = _add_weights_note(summary, note)
     _record_eval_time(run_dir, time.time() - start)
     return summary
 
@@ -123,13 +137,14 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
 def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
                   model_path: str | None = None) -> Path:
     """`baldro eval`: evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when
-    reference logs are given, eval_info.json with the time, eval_timings.json with each stage's rows,
-    sequences and seconds) and print the summary table and the time of every stage."""
+    reference logs are given, or MUSE_EVAL.json, MUSE_SUMMARY.json; eval_info.json with the time,
+    eval_timings.json with each stage's rows, sequences and seconds) and print the summary table and
+    the time of every stage."""
     start = time.time()
     note = _weights_note(model)
     timings: dict = {}
-    eval_log, summary = evaluate_tofu(model, tokenizer, formatter, out_dir=out, timings=timings, **settings)
-    if settings["retain_logs_path"] or target_logs_path:
+    eval_log, summary, benchmark = _evaluate(model, tokenizer, formatter, out, settings, timings=timings)
+    if benchmark == "tofu" and (settings["retain_logs_path"] or target_logs_path):
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     summary = _add_weights_note(summary, note)
     seconds = time.time() - start
@@ -139,12 +154,12 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
     write_json_atomic(out / "eval_timings.json", {"total_s": seconds, "stages": timings})
     print(format_table(summary))
     stages = ", ".join(f"{g} {t['seconds']:.1f} s" for g, t in timings.items())
-    print(f"baldro eval: {out / 'TOFU_SUMMARY.json'} ({seconds:.1f} s: {stages})")
+    print(f"baldro eval: {out / f'{benchmark.upper()}_SUMMARY.json'} ({seconds:.1f} s: {stages})")
     return out
 
 
 class PeriodicEvalCallback(TrainerCallback):
-    """Runs the TOFU evaluation every N optimizer steps into `RUN_DIR/eval/step-N/` (single process)."""
+    """Runs the evaluation every N optimizer steps into `RUN_DIR/eval/step-N/` (single process)."""
 
     def __init__(self, tokenizer, formatter, run_dir: str | Path, every_n_steps: int, settings: dict):
         self.tokenizer, self.formatter = tokenizer, formatter
@@ -156,8 +171,7 @@ class PeriodicEvalCallback(TrainerCallback):
         if args.world_size > 1:
             raise BaldroError("eval.every_n_steps runs in a single process: unset it for multi-GPU runs")
         was_training = model.training
-        _, summary = evaluate_tofu(model, self.tokenizer, self.formatter, progress=False,
-                                   out_dir=self.run_dir / "eval" / f"step-{state.global_step}", **self.settings)
+        _, summary, _ = _evaluate(model, self.tokenizer, self.formatter,
+                                  self.run_dir / "eval" / f"step-{state.global_step}", self.settings, progress=False)
         model.train(was_training)
-        log.info("step %d: forget_quality=%s model_utility=%s", state.global_step,
-                 summary.get("forget_quality"), summary.get("model_utility"))
+        log.info("step %d: %s", state.global_step, " ".join(f"{k}={v}" for k, v in list(summary.items())[:3]))

@@ -187,12 +187,13 @@ def draft_prefixes(
 def generate_sets(
     model, tokenizer, prompts: dict[str, list[list[int]]], timer: StageTimer, *, group: str,
     batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: Mapping[str, tuple[Sequence[EncodedQA], Scores]] | None = None,
+    drafts: Mapping[str, tuple[Sequence[EncodedQA], Scores]] | None = None, stop_strings: Sequence[str] = (),
 ) -> dict[str, list[str]]:
     """Greedy generations from every set's prompts (set -> texts): one call over all sets (shared)
     or one per set (naive), timed as `group`. With `drafts` (set -> its reference texts, prompt +
     answer in prompt order, and their teacher-forced scores), decoding starts after the tokens those
-    scores already determine (`generation.greedy_prefix`)."""
+    scores already determine (`generation.greedy_prefix`). `stop_strings` cut every text at the
+    first of them (`generation.generate`)."""
     keys = list(prompts)
     chunks = [keys] if shared_forward else [[k] for k in keys]
     eos_ids = generation.eos_ids(model, tokenizer)
@@ -211,7 +212,7 @@ def generate_sets(
                 ]
             return generation.generate(
                 model, tokenizer, flat, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
-                sort_by_length=sort_by_length, progress=progress, prefixes=prefixes,
+                sort_by_length=sort_by_length, progress=progress, prefixes=prefixes, stop_strings=stop_strings,
             )
 
         gens = timer.run(group, [f"{k}/prompt" for k in ks], len(flat), run)
