@@ -50,7 +50,6 @@ from baldro.trainer import (
     checkpoint_step,
     complete_checkpoints,
     is_complete_checkpoint,
-    restore_weighting_state,
 )
 from baldro.weighting import make_weighting
 
@@ -396,8 +395,6 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         needs_ref = objective.needs_reference or retain_loss.needs_reference
         # With LoRA the reference is the same model with its adapter disabled: no copy.
         ref_model = make_reference_model(model) if needs_ref and not recipe.model.lora else None
-        if resume:
-            restore_weighting_state(weighting, resume)
 
         callbacks = [JsonlLogCallback(run_dir / "train_log.jsonl")]
         if recipe.balance.every_n_steps > 0:
@@ -431,8 +428,11 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             gamma=recipe.objective.gamma,
             alpha=recipe.objective.alpha,
             ref_model=ref_model,
+            ref_cache=recipe.objective.ref_cache,
             forget_log_path=run_dir / "forget_losses.jsonl",
         )
+        if resume:
+            trainer.restore_extra_state(resume)
         _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
             "name": recipe.name or f"{objective.name}_{recipe.weighting.name}",
             "kind": "unlearn",

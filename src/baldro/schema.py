@@ -97,6 +97,7 @@ class ObjectiveConfig:
     retain_loss: str = "nll"
     gamma: float = 1.0  # forget-loss weight
     alpha: float = 1.0  # retain-loss weight
+    ref_cache: bool = True  # reuse each forget sample's reference log-prob after its first batch
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -67,8 +68,9 @@ class EpochSampler(Sampler):
         offset = self.epoch * self.n if self.tag else 0
         return iter([offset + int(i) for i in order])
 from baldro.objectives import ForgetInputs, Objective, RetainLoss
+from baldro.reference import ReferenceCache
 from baldro.sequence import token_log_probs
-from baldro.weighting import Weighting, weight_stats
+from baldro.weighting import WEIGHT_STATS, Weighting, weight_stat_tensor
 
 
 # --------------------------------------------------------------------------- data
@@ -159,6 +161,12 @@ def batch_part(inputs: dict[str, torch.Tensor], part: str, rows: torch.Tensor | 
     if rows is not None:
         out = {k: v[rows] for k, v in out.items()}
     return out
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Some rows of a right-padded batch, without the columns that are padding in all of them."""
+    width = int(batch["attention_mask"][rows].sum(-1).max())
+    return {k: v[rows, :width] for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -299,11 +307,15 @@ class RunGuard:
         return NonFiniteError(f"non-finite {what} at step {step} ({self.describe()}; sample ids "
                               f"{', '.join(map(str, ids)) or '?'}{'; ' + detail if detail else ''})", step)
 
+    def _loss_detail(self) -> str:
+        """The parts of a non-finite loss, for its error message."""
+        return ""
+
     def training_step(self, model, inputs, *args, **kwargs):
         self._note_ids(inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if not torch.isfinite(loss.detach()).all():
-            raise self._non_finite("loss")
+        if not torch.isfinite(loss.detach()).all():  # the step's one sync besides the gradient check
+            raise self._non_finite("loss", self._loss_detail())
         return loss
 
     def _check_gradients(self) -> None:
@@ -323,6 +335,9 @@ class RunGuard:
     def _save_extra_state(self, folder: Path) -> None:
         """Anything beyond what transformers saves (main process, before the checkpoint is renamed)."""
 
+    def _save_process_state(self, folder: Path) -> None:
+        """Every process's own state beyond what transformers saves (before the checkpoint is renamed)."""
+
     def _save_checkpoint(self, model, trial):
         root = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
@@ -338,6 +353,7 @@ class RunGuard:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
+        self._save_process_state(tmp)
         if main:
             self._save_extra_state(tmp)
             apply_umask_tree(tmp)
@@ -371,7 +387,11 @@ class FinetuneTrainer(RunGuard, Trainer):
 
 # --------------------------------------------------------------------------- unlearning
 class UnlearnTrainer(RunGuard, Trainer):
-    """`loss = gamma * F(l_1..l_B) + alpha * R` with F a weighting of per-sample forget losses."""
+    """`loss = gamma * F(l_1..l_B) + alpha * R` with F a weighting of per-sample forget losses.
+
+    `ref_cache` (default on): the reference model's logp_ref of each forget and refusal sample is
+    computed once and reused in later epochs (`baldro.reference`); saved with every checkpoint.
+    """
 
     ids_key = "forget_ids"
 
@@ -385,6 +405,7 @@ class UnlearnTrainer(RunGuard, Trainer):
         gamma: float = 1.0,
         alpha: float = 1.0,
         ref_model=None,
+        ref_cache: bool = True,
         forget_log_path: str | Path | None = None,
         **kwargs,
     ):
@@ -402,7 +423,10 @@ class UnlearnTrainer(RunGuard, Trainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
             self.ref_model = ref_model.to(self.args.device)
-        self._accum: dict[str, list[float]] = {}
+        n_forget = len(getattr(self.train_dataset, "forget", ()))
+        self.ref_cache = ReferenceCache(n_forget) if ref_cache and objective.needs_reference and n_forget else None
+        self._accum: list[torch.Tensor] = []  # per step: [forget, forget mean, retain, *WEIGHT_STATS]
+        self._last_parts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._guard_init()
 
     def describe(self) -> str:
@@ -411,6 +435,16 @@ class UnlearnTrainer(RunGuard, Trainer):
     def _save_extra_state(self, folder: Path) -> None:
         if self.weighting.stateful:
             torch.save(self.weighting.state_dict(), folder / WEIGHTING_STATE_FILE)
+
+    def _save_process_state(self, folder: Path) -> None:
+        if self.ref_cache is not None:
+            self.ref_cache.save(folder, self.args.process_index)
+
+    def restore_extra_state(self, checkpoint: str | Path) -> None:
+        """Continue from a checkpoint: the weighting's state and the reference log-prob cache."""
+        restore_weighting_state(self.weighting, checkpoint)
+        if self.ref_cache is not None and self.ref_cache.load(checkpoint):
+            log.info("resume: %d cached reference log-prob(s) from %s", self.ref_cache.n_known(), checkpoint)
 
     def _step_seed(self, ids: torch.Tensor) -> int:
         """A seed from (seed, step, process, the batch's sample ids): a weighting's random choices."""
@@ -432,37 +466,64 @@ class UnlearnTrainer(RunGuard, Trainer):
                 with unwrapped.disable_adapter():
                     yield unwrapped
 
+    def _reference_logp(self, model, part: str, batch: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """logp_ref of a batch part: from the cache, or one reference forward pass (then cached)."""
+        if self.ref_cache is not None:
+            cached = self.ref_cache.lookup(part, ids, device=ids.device)
+            if cached is not None:
+                return cached
+        with self._reference(model) as ref:
+            logp = self._forward(ref, batch)[1].logp
+        if self.ref_cache is not None:
+            self.ref_cache.store(part, ids, logp)
+        return logp
+
     @staticmethod
     def _forward(model, batch: dict[str, torch.Tensor]):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits, token_log_probs(out.logits, batch["labels"])
 
     # ------------------------------------------------------------ the loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget = batch_part(inputs, "forget")
-        _, forget_lp = self._forward(model, forget)
-        x = ForgetInputs(forget_lp)
-        refusal = batch_part(inputs, "refusal") if self.objective.needs_refusal else None
-        if refusal is not None:
-            if not refusal:
-                raise BaldroError(f"objective {self.objective.name!r} needs refusal answers: none in the batch")
-            _, x.refusal = self._forward(model, refusal)
-        if self.objective.needs_reference:
-            with self._reference(model) as ref:
-                x.forget_ref_logp = self._forward(ref, forget)[1].logp
-                if refusal is not None:
-                    x.refusal_ref_logp = self._forward(ref, refusal)[1].logp
+    def _forget_losses(self, model, parts: dict, ref_logp: dict, rows: torch.Tensor | None = None):
+        """Per-sample forget losses and mean NLLs of the batch (or of its `rows`)."""
+        if rows is not None:
+            parts = {k: select_rows(v, rows) for k, v in parts.items()}
+            ref_logp = {k: v[rows] for k, v in ref_logp.items()}
+        _, forget_lp = self._forward(model, parts["forget"])
+        x = ForgetInputs(forget_lp, forget_ref_logp=ref_logp.get("forget"), refusal_ref_logp=ref_logp.get("refusal"))
+        if "refusal" in parts:
+            _, x.refusal = self._forward(model, parts["refusal"])
+        return self.objective(x, **self.objective_args), forget_lp.nll
 
-        losses = self.objective(x, **self.objective_args)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["forget_ids"]
-        weighted = self.weighting(losses, ids=ids, nll=forget_lp.nll.detach(), gather=self._gather_samples)
+        parts = {"forget": batch_part(inputs, "forget")}
+        if self.objective.needs_refusal:
+            parts["refusal"] = batch_part(inputs, "refusal")
+            if not parts["refusal"]:
+                raise BaldroError(f"objective {self.objective.name!r} needs refusal answers: none in the batch")
+        ref_logp = {}
+        if self.objective.needs_reference:
+            ref_logp = {part: self._reference_logp(model, part, batch, ids) for part, batch in parts.items()}
+
+        if self.weighting.preselect is None:  # one forward pass with autograd over the batch
+            losses, nll = self._forget_losses(model, parts, ref_logp)
+            extra = {}
+        else:  # score the batch, then train the rows the weighting selects
+            with torch.set_grad_enabled(self.weighting.preselect == "grad"):
+                scores, nll = self._forget_losses(model, parts, ref_logp)
+            rows = self.weighting.select(scores.detach(), nll=nll.detach())
+            chosen, _ = self._forget_losses(model, parts, ref_logp, rows)
+            losses = scores.detach().index_put((rows,), chosen)  # gradients through the chosen rows only
+            extra = {"rows": rows}
+        weighted = self.weighting(losses, ids=ids, nll=nll.detach(), gather=self._gather_samples, **extra)
         if "retain_input_ids" in inputs:
             retain_value = self._retain_value(model, inputs, weighted, ids)
         else:  # no retain set (alpha = 0)
             retain_value = torch.zeros((), device=weighted.value.device)
 
         loss = self.gamma * weighted.value + self.alpha * retain_value
-        self._record(loss, weighted, losses, retain_value, ids)
+        self._record(weighted, losses, retain_value, ids)
         return (loss, {"losses": losses}) if return_outputs else loss
 
     def _retain_value(self, model, inputs, weighted, ids) -> torch.Tensor:
@@ -491,30 +552,33 @@ class UnlearnTrainer(RunGuard, Trainer):
         keep = all_ids >= 0
         return [all_ids[keep], *(v[keep] for v in all_values)]
 
-    def _record(self, loss, weighted, losses, retain_value, ids) -> None:
-        if not torch.isfinite(loss.detach()):
-            raise self._non_finite("loss", f"forget loss {weighted.value.item():.4g}, retain loss {retain_value.item():.4g}")
-        stats = {
-            "forget_loss": weighted.value.item(),
-            "forget_loss_mean": losses.detach().mean().item(),
-            "retain_loss": retain_value.item(),
-            **weight_stats(weighted.weights),
-        }
-        for k, v in stats.items():
-            self._accum.setdefault(k, []).append(float(v))
+    def _record(self, weighted, losses, retain_value, ids) -> None:
+        """Keep the step's statistics on the device (read at logging steps) and log per-sample losses."""
+        self._last_parts = (weighted.value.detach(), retain_value.detach())
+        self._accum.append(torch.cat([
+            torch.stack([weighted.value.detach(), losses.detach().mean(), retain_value.detach()]).float(),
+            weight_stat_tensor(weighted.weights),
+        ]))
         if self.forget_log_path is not None:
             all_ids, all_losses, all_weights = self._gather_samples(ids, losses.detach().float(), weighted.weights.float())
+            row = {"step": self.state.global_step + 1, "ids": all_ids.tolist(), "losses": all_losses.tolist(),
+                   "weights": all_weights.tolist()}
+            if not all(math.isfinite(v) for v in row["losses"] + [float(v) for v in self._last_parts]):
+                raise self._non_finite("loss", self._loss_detail())  # before a NaN reaches the log
             if self.is_world_process_zero():
-                append_jsonl(self.forget_log_path, {
-                    "step": self.state.global_step + 1,
-                    "ids": all_ids.tolist(),
-                    "losses": all_losses.tolist(),
-                    "weights": all_weights.tolist(),
-                })
+                append_jsonl(self.forget_log_path, row)
+
+    def _loss_detail(self) -> str:
+        if self._last_parts is None:
+            return ""
+        forget, retain = (float(v) for v in self._last_parts)
+        return f"forget loss {forget:.4g}, retain loss {retain:.4g}"
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._accum:
-            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._accum.items()}}
+            names = ("forget_loss", "forget_loss_mean", "retain_loss", *WEIGHT_STATS)
+            means = torch.stack(self._accum).mean(0).tolist()  # one copy to the CPU per logging step
+            logs = {**logs, **dict(zip(names, means))}
             logs["weight_nonzero"] = round(logs["weight_nonzero"], 3)
-            self._accum = {}
+            self._accum = []
         super().log(logs, start_time)
