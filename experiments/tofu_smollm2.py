@@ -54,10 +54,14 @@ UNLEARN = [
     "train.gradient_accumulation_steps=2", "train.warmup_steps=0.1", "train.weight_decay=0.01",
     "train.lr_scheduler_type=linear", "train.save_strategy=no", "train.logging_steps=1",
     "balance.every_n_steps=2",
+    # The cells ran at commit 05ec6e1 (experiments/RESULTS.md); these keep its arithmetic on the current
+    # code: no reference log-prob cache, group's one-pass selection (both change float rounding only).
+    "objective.ref_cache=false",
 ]
+ONE_PASS_GROUP = ["weighting.args.selection=onepass"]
 EVAL = ["split=forget01", "eval.batch_size=16", "eval.max_new_tokens=80"]
 COMMON = ["model.dtype=float32", "model.device=cpu", "train.use_cpu=true", "train.bf16=false", "train.disable_tqdm=true",
-          "log_to_console=false"]
+          "log_to_console=false", "train.optim=adamw_torch"]  # the optimizer of commit 05ec6e1 (unfused)
 # Files a finished cell keeps (relative to its run folder); models are never copied.
 KEEP = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl",
         "eval/config.yaml", "eval/eval_info.json", "eval/TOFU_EVAL.json", "eval/TOFU_SUMMARY.json")
@@ -217,6 +221,7 @@ def build_jobs(args) -> list[Job]:
                 "unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), *model, *common, f"objective={objective}",
                 f"weighting={weighting}", f"seed={seed}", f"name={objective}_{weighting}",
                 f"model.path={target_run / 'model'}", f"output_dir={run}", *UNLEARN,
+                *(ONE_PASS_GROUP if weighting == "group" else []),
                 *(smoke["unlearn"] if smoke else []), "overwrite=true"),
                 deps=["finetune_target"], done=lambda dest=dest, run=run: is_finished(dest) or (run / "model").is_dir()))
             jobs.append(Job(f"eval_{name}", baldro(

@@ -75,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0.0  # a count, or a fraction of the run when below 1
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"  # fused AdamW kernels (CPU and CUDA in torch >= 2.4)
     max_grad_norm: float = 1.0
     logging_steps: float = 1
     save_strategy: str = "no"  # no, epoch, steps: checkpoints make resume possible
