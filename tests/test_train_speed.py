@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from test_resume import Killed, KillAfterStep, base
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = ROOT / "configs" / "unlearn" / "tofu.yaml"
+DEVICE = os.environ.get("BALDRO_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs the trainer tests on cuda
 
 
 # ------------------------------------------------------------------ the cache on its own
@@ -59,7 +61,7 @@ def _trainer(model_dir, weighting, ref_cache=True, objective="npo", batch=None):
     retain = [qa(12) for _ in range(8)]
     from baldro.trainer import UnlearnDataset
 
-    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none", per_device_train_batch_size=4,
+    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=DEVICE == "cpu", report_to="none", per_device_train_batch_size=4,
                              remove_unused_columns=False, learning_rate=1e-3, disable_tqdm=True)
     trainer = UnlearnTrainer(model=model, args=args, train_dataset=UnlearnDataset(forget, retain, seed=0),
                              data_collator=UnlearnCollator(0), objective=get_objective(objective),
@@ -67,7 +69,7 @@ def _trainer(model_dir, weighting, ref_cache=True, objective="npo", batch=None):
                              ref_cache=ref_cache)
     collate = UnlearnCollator(0)
     batch = collate([trainer.train_dataset[i] for i in (batch or [0, 5, 2, 7])])
-    return trainer, batch
+    return trainer, {k: v.to(trainer.args.device) for k, v in batch.items()}
 
 
 def _grads(trainer, batch):
@@ -88,9 +90,9 @@ def test_cached_reference_logp_is_bitwise_the_fresh_one(tiny_model_dir):
     fresh = trainer._forward(trainer.ref_model, forget)[1].logp
     assert torch.equal(first, fresh) and torch.equal(again, fresh)
     # the same samples in another batch (another padding width): equal up to float rounding
-    other = UnlearnCollator(0)([trainer.train_dataset[i] for i in (5, 2)])
+    other = {k: v.to(trainer.args.device) for k, v in UnlearnCollator(0)([trainer.train_dataset[i] for i in (5, 2)]).items()}
     fresh_other = trainer._forward(trainer.ref_model, batch_part(other, "forget"))[1].logp
-    torch.testing.assert_close(trainer.ref_cache.lookup("forget", other["forget_ids"]), fresh_other,
+    torch.testing.assert_close(trainer.ref_cache.lookup("forget", other["forget_ids"], fresh_other.device), fresh_other,
                                rtol=1e-6, atol=1e-5)
 
 

@@ -511,8 +511,8 @@ class UnlearnTrainer(RunGuard, Trainer):
             extra = {}
         else:  # score the batch, then train the rows the weighting selects
             with torch.set_grad_enabled(self.weighting.preselect == "grad"):
-                scores, nll = self._forget_losses(model, parts, ref_logp)
-            rows = self.weighting.select(scores.detach(), nll=nll.detach())
+                scores, nll = (t.detach() for t in self._forget_losses(model, parts, ref_logp))  # graph freed here
+            rows = self.weighting.select(scores, nll=nll)
             chosen, _ = self._forget_losses(model, parts, ref_logp, rows)
             losses = scores.detach().index_put((rows,), chosen)  # gradients through the chosen rows only
             extra = {"rows": rows}
