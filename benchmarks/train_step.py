@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2", help="smollm2, tiny, or a Hugging Face folder")
     p.add_argument("--random-init", action="store_true", help="build the model from its config.json alone")
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
-    p.add_argument("--weightings", default="", help="comma-separated subset of the weighting rows (default all)")
+    p.add_argument("--weightings", default="", help="';'-separated subset of the weighting rows (default all)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         else:
             model_path = _materialise(args.model)
         objectives = [o for o in args.objectives.split(",") if o]
-        configs = [(o, w) for o, w in _configs(objectives) if not args.weightings or w in args.weightings.split(",")]
+        configs = [(o, w) for o, w in _configs(objectives) if not args.weightings or w in args.weightings.split(";")]
         rows: dict = {}
         t_start = time.time()
         for rnd in range(args.rounds):
