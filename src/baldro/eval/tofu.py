@@ -23,13 +23,14 @@ confirm it: ra_Truth_Ratio = P(perturbed) / ra_Q_A_Prob). `forgetXX_perturbed` h
 question/answer pairs as `forgetXX` in the same order, so one pass over its answers serves the
 forget-set probability, memorisation and MIA metrics.
 
-`compat="openunlearning"` reproduces OpenUnlearning's evaluator, quirks included (SPEC section 4 says
-why baldro's default differs): attention masks `input_ids != pad_token_id` (which hide the EOS-valued
-template tokens inside each sequence), right-padded teacher-forced passes without position ids,
-left-padded generation with positions `cumsum(mask) - 1`, batches of `batch_size` in dataset order,
-the text split at the prompt's token count, and ROUGE against the decoded full conversation with
-the decoded prompt removed (`openunlearning_rouge_texts`). The fast paths that this mask invalidates
-(shared prompts, drafted generations, continuous batching) are off in that mode.
+`evaluate_tofu_openunlearning` (`eval.compat=openunlearning`) reproduces OpenUnlearning's evaluator,
+quirks included (SPEC section 4 says why baldro's default differs): attention masks
+`input_ids != pad_token_id` (which hide the EOS-valued template tokens inside each sequence),
+right-padded teacher-forced passes without position ids, left-padded generation with positions
+`cumsum(mask) - 1`, batches of `batch_size` in dataset order, the text split at the prompt's token
+count, and ROUGE against the decoded full conversation with the decoded prompt removed
+(`openunlearning_rouge_texts`). The fast paths that this mask invalidates (shared prompts, drafted
+generations, continuous batching) are off in that mode.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ from baldro.eval.summarize import summarize_tofu
 
 __all__ = [  # diff_eval_logs is re-exported from baldro.eval.suite
     "EVAL_FILE", "HEADLINE", "MIA_K", "SUMMARY_FILE", "TofuEvalData", "TofuSet", "assemble_tofu_eval_log",
-    "diff_eval_logs", "evaluate_tofu", "generate_tofu", "load_retain_log", "load_tofu_eval_data",
-    "openunlearning_rouge_texts", "restrict_log", "score_tofu", "tofu_sets",
+    "diff_eval_logs", "evaluate_tofu", "evaluate_tofu_openunlearning", "generate_tofu", "load_retain_log",
+    "load_tofu_eval_data", "openunlearning_rouge_texts", "restrict_log", "score_tofu", "tofu_sets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -394,7 +395,6 @@ def evaluate_tofu(
     sort_by_length: bool = True,
     timings: dict | None = None,
     progress: bool | None = None,
-    compat: str = "none",
 ) -> tuple[dict, dict]:
     """Evaluate `model` on TOFU; returns (eval_log, summary) in OpenUnlearning's layout.
 
@@ -409,9 +409,31 @@ def evaluate_tofu(
         sort_by_length: length-sorted batches and continuous, speculative generation (False: input
             order and `model.generate` on fixed batches).
         timings: if a dict is given, it is filled with {group: {rows, sequences, seconds}}.
-        compat: "none" (baldro's evaluator) or "openunlearning" (OpenUnlearning's, quirks included:
-            module docstring); the latter scores and decodes in dataset order, without the shortcuts.
+
+    `evaluate_tofu_openunlearning` takes the same arguments and reproduces OpenUnlearning's evaluator.
     """
+    return _evaluate_tofu(
+        model, tokenizer, formatter, data_source, forget_split=forget_split, out_dir=out_dir,
+        retain_logs_path=retain_logs_path, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+        shared_forward=shared_forward, sort_by_length=sort_by_length, timings=timings, progress=progress,
+    )
+
+
+def evaluate_tofu_openunlearning(model, tokenizer, formatter: QAFormatter, data_source, **kwargs) -> tuple[dict, dict]:
+    """`evaluate_tofu` as OpenUnlearning's evaluator computes it, quirks included (`eval.compat=openunlearning`,
+    module docstring): same arguments, `batch_size` 32 by default (OpenUnlearning's); texts are scored
+    and decoded in dataset order whatever `sort_by_length` says, without the shortcuts its mask breaks."""
+    kwargs.setdefault("batch_size", 32)
+    return _evaluate_tofu(model, tokenizer, formatter, data_source, compat="openunlearning", **kwargs)
+
+
+def _evaluate_tofu(
+    model, tokenizer, formatter: QAFormatter, data_source, forget_split: str = "forget10", out_dir=None,
+    retain_logs_path=None, batch_size: int = 16, max_new_tokens: int = 200, limit: int | None = None,
+    shared_forward: bool = True, sort_by_length: bool = True, timings: dict | None = None,
+    progress: bool | None = None, compat: str = "none",
+) -> tuple[dict, dict]:
+    """`evaluate_tofu` (compat "none") or `evaluate_tofu_openunlearning` (compat "openunlearning")."""
     check_compat(compat)
     data = load_tofu_eval_data(data_source, forget_split, limit)
     reference_log = load_retain_log(retain_logs_path, data) if retain_logs_path else None
