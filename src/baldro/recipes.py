@@ -489,6 +489,10 @@ def _muse_chunks(recipe: Recipe, texts: tuple[str, str | None], tokenizer, model
 
 
 # ----------------------------------------------------------------------------- evaluation
+DEFAULT_EVAL_BATCH = 16  # eval.batch_size=null
+OPENUNLEARNING_EVAL_BATCH = 32  # eval.batch_size=null with eval.compat=openunlearning (OpenUnlearning's TOFU batch)
+
+
 def _eval_kwargs(recipe: Recipe) -> dict:
     """The recipe's `eval` and `data` sections as `evaluate_tofu` / `evaluate_muse` keyword arguments
     (the MUSE ones with "benchmark": "muse", which `baldro.eval.run` dispatches on)."""
@@ -501,7 +505,7 @@ def _eval_kwargs(recipe: Recipe) -> dict:
             "benchmark": "muse",
             "data_source": recipe.data.source,
             "retain_logs_path": ev.retain_logs_path,
-            "batch_size": ev.batch_size,
+            "batch_size": ev.batch_size or DEFAULT_EVAL_BATCH,
             "verbmem_max_new_tokens": ev.verbmem_max_new_tokens,
             "knowmem_max_new_tokens": ev.knowmem_max_new_tokens,
             "max_length": recipe.data.chunk_length,
@@ -511,9 +515,10 @@ def _eval_kwargs(recipe: Recipe) -> dict:
         "data_source": recipe.data.source,
         "forget_split": recipe.data.forget_split or "forget10",
         "retain_logs_path": ev.retain_logs_path,
-        "batch_size": ev.batch_size,
+        "batch_size": ev.batch_size or (OPENUNLEARNING_EVAL_BATCH if ev.compat == "openunlearning" else DEFAULT_EVAL_BATCH),
         "max_new_tokens": ev.max_new_tokens,
         "limit": ev.limit,
+        "compat": ev.compat,
     }
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from baldro.data.formatting import DATE_STRING, PLAIN_PROMPT
+from baldro.data.formatting import DATE_STRING, PLAIN_PROMPT, check_compat
 from baldro.errors import BaldroError
 
 
@@ -119,11 +119,14 @@ class EvalConfig:
     every_n_steps: int = 0  # unlearning runs: evaluate every N steps into RUN_DIR/eval/step-N
     retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json (muse: the retrained model's MUSE_EVAL.json)
     target_logs_path: Optional[str] = None  # the target model's TOFU_EVAL.json: the over-forgotten criterion
-    batch_size: int = 16
+    batch_size: Optional[int] = None  # null: 16, or OpenUnlearning's 32 with compat=openunlearning
     max_new_tokens: int = 200  # tofu
     verbmem_max_new_tokens: int = 128  # muse VerbMem continuations
     knowmem_max_new_tokens: int = 32  # muse KnowMem answers
     limit: Optional[int] = None  # only the first N rows of every set
+    # none: baldro's evaluator; openunlearning: reproduce OpenUnlearning's TOFU evaluator, quirks included
+    # (attention mask from the pad id, its positions, padding sides, batches in dataset order; README)
+    compat: str = "none"
 
 
 @dataclass
@@ -314,7 +317,11 @@ def _check_unlearning(recipe: Recipe) -> bool:
 def _check_eval(e: EvalConfig, kind: str) -> None:
     if e.benchmark not in ("tofu", "muse"):
         raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu or muse")
-    _number("eval.batch_size", e.batch_size, low=1, integer=True)
+    _optional_positive_int("eval.batch_size", e.batch_size, hint=": use null (the default) or a count >= 1")
+    check_compat(e.compat)
+    if e.compat != "none" and e.benchmark != "tofu":
+        raise BaldroError(f"eval.compat={e.compat} is only implemented for TOFU: set eval.compat=none for "
+                          f"eval.benchmark={e.benchmark}")
     _number("eval.max_new_tokens", e.max_new_tokens, low=1, integer=True)
     _optional_positive_int("eval.limit", e.limit)
     _number("eval.every_n_steps", e.every_n_steps, low=0, integer=True, hint=" (0: never)")

@@ -118,7 +118,9 @@ class QAFormatter:
         # Chat templates already contain BOS; the plain template gets the tokenizer's own specials.
         return self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
 
-    def encode(self, question: str, answer: str, history: Sequence[tuple[str, str]] = ()) -> EncodedQA:
+    def encode(
+        self, question: str, answer: str, history: Sequence[tuple[str, str]] = (), compat: str = "none",
+    ) -> EncodedQA:
         """Token ids of prompt+answer (+EOS) with labels -100 on the prompt; not truncated.
 
         The label boundary is exact: when the whole text's tokens start with the prompt's (the usual
@@ -127,11 +129,14 @@ class QAFormatter:
         prompt's tokens, so training, scoring and generation all see the prompt as generation does.
         A template whose full text does not even start with its prompt text is split at the longest
         common token prefix.
+
+        `compat="openunlearning"` splits as OpenUnlearning does: the whole text's own tokens, labels -100
+        on as many tokens as the prompt has, whether or not they are the prompt's tokens.
         """
         prompt, full = self.prompt_text(question, history), self.full_text(question, answer, history)
         prompt_ids, full_ids = self._ids(prompt), self._ids(full)
         prompt_len = len(prompt_ids)
-        if full_ids[:prompt_len] != prompt_ids:
+        if compat == "none" and full_ids[:prompt_len] != prompt_ids:
             if full.startswith(prompt):
                 full_ids = prompt_ids + self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
             else:
@@ -147,13 +152,13 @@ class QAFormatter:
         return self._ids(self.prompt_text(question, history))
 
     def encode_many(
-        self, questions: Sequence[str], answers: Sequence[str], what: str = "QA"
+        self, questions: Sequence[str], answers: Sequence[str], what: str = "QA", compat: str = "none",
     ) -> list[EncodedQA]:
-        """Encode and truncate to `max_length`, refusing to silently drop answers."""
+        """Encode (`encode`, with its `compat`) and truncate to `max_length`, refusing to silently drop answers."""
         report = TruncationReport(total=len(questions))
         out = []
         for i, (q, a) in enumerate(zip(questions, answers)):
-            enc = self.encode(q, a)
+            enc = self.encode(q, a, compat=compat)
             if len(enc.input_ids) > self.max_length:
                 if enc.prompt_len >= self.max_length:
                     report.dropped += 1
@@ -183,6 +188,68 @@ def pad_batch(
             ids[i, longest - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, longest - len(s) :] = 1
     return ids, mask
+
+
+# ------------------------------------------------------------------ OpenUnlearning's batches
+COMPAT_MODES = ("none", "openunlearning")
+
+
+def check_compat(compat: str) -> str:
+    """`compat` is one of COMPAT_MODES (a one-line BaldroError otherwise)."""
+    if compat not in COMPAT_MODES:
+        raise BaldroError(f"eval.compat={compat!r} is not one of {', '.join(COMPAT_MODES)}")
+    return compat
+
+
+def token_id_mask(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """OpenUnlearning's attention mask: 1 wherever the token id is not the pad id.
+
+    Where the pad id is also the EOS / end-of-turn id (pad token = EOS when the tokenizer has none, or
+    SmolLM2's `<|im_end|>`), this also hides every such token *inside* a sequence: for ChatML the
+    `<|im_end|>` closing the system turn and the user turn (and the answer's), for Llama-3 instruct
+    models every `<|eot_id|>`. baldro's own mask (`pad_batch`) marks padding positions instead."""
+    return (ids != pad_token_id).long()
+
+
+def openunlearning_batch(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, side: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of a batch as OpenUnlearning's evaluator builds it.
+
+    The ids are padded with the pad id (`side` "right" for teacher-forced passes, "left" for
+    generation) and the mask is `token_id_mask`. Positions:
+
+    - right padding (teacher forcing): OpenUnlearning passes no position ids, so the model numbers
+      the columns 0..T-1; masked tokens inside a sequence still take a position.
+    - left padding (generation): `cumsum(mask) - 1`, what `generate` derives from the mask, so
+      positions skip the masked template tokens as well as the padding. Masked columns get 1 (the
+      value transformers' Llama wrote when OpenUnlearning was released): no query ever attends to a
+      masked column, so their position never reaches a score.
+    """
+    if side not in ("left", "right"):
+        raise BaldroError(f"side must be 'left' or 'right', got {side!r}")
+    ids, _ = pad_batch(sequences, pad_token_id, side=side)
+    mask = token_id_mask(ids, pad_token_id)
+    if side == "right":
+        pos = torch.arange(ids.shape[1], dtype=torch.long)[None, :].expand(ids.shape[0], -1).clone()
+    else:
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    return ids, mask, pos
+
+
+# transformers' `clean_up_tokenization` (applied by `decode(..., clean_up_tokenization_spaces=True)`
+# with the transformers 4.x OpenUnlearning runs; transformers 5 skips it for BPE tokenizers).
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def openunlearning_decode(tokenizer, ids: Sequence[int]) -> str:
+    """Text of token ids as OpenUnlearning's evaluator decodes it: special tokens skipped, then
+    tokenization spaces cleaned up (" ." -> ".", " 's" -> "'s", ...), whatever the transformers version."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    for a, b in _CLEAN_UP:
+        text = text.replace(a, b)
+    return text
 
 
 def collate_encoded(batch: Sequence[EncodedQA], pad_token_id: int) -> dict[str, torch.Tensor]:

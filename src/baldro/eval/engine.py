@@ -17,7 +17,11 @@ Two entry points serve every evaluation (TOFU, MUSE); greedy generation is in `b
 
 Both sort the inputs by length (less padding) and return results in input order; `sort_by_length=False`
 keeps the input order (the unoptimised baseline of `benchmarks/eval_tofu.py`). Attention masks mark
-padding positions, never a token id (SPEC section 4).
+padding positions, never a token id (SPEC section 4), except with `compat="openunlearning"`:
+`score_sequences` then builds its batches as OpenUnlearning does (`formatting.openunlearning_batch`:
+right padding, mask `input_ids != pad_token_id`, no position ids). Prompt sharing is not valid under
+that mask (its prompts run left padded, with positions that skip masked tokens), so
+`score_sequences_shared_prompts` falls back to plain `score_sequences` batches in that mode.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from baldro.data.formatting import IGNORE_INDEX, EncodedQA, pad_batch
+from baldro.data.formatting import IGNORE_INDEX, EncodedQA, check_compat, openunlearning_batch, pad_batch
 from baldro.errors import BaldroError
 from baldro.eval.kv_cache import cache_from_layers, cache_kwarg, cache_layers, output_cache
 from baldro.eval.metrics import logprob_moments
@@ -189,9 +193,13 @@ def _vocab_chunk_stats(logits: torch.Tensor, targets: torch.Tensor, want: frozen
     return out
 
 
-def _score_batch(model, batch: Sequence[EncodedQA], pad_token_id: int, want: frozenset, keep_ok: bool):
+def _score_batch(model, batch: Sequence[EncodedQA], pad_token_id: int, want: frozenset, keep_ok: bool,
+                 compat: str = "none"):
     device = model_device(model)
-    ids, attn = pad_batch([e.input_ids for e in batch], pad_token_id, side="right")
+    if compat == "openunlearning":  # mask from the token ids; no position ids (the model numbers columns 0..T-1)
+        ids, attn, _ = openunlearning_batch([e.input_ids for e in batch], pad_token_id, side="right")
+    else:
+        ids, attn = pad_batch([e.input_ids for e in batch], pad_token_id, side="right")
     labels, _ = pad_batch([e.labels for e in batch], IGNORE_INDEX, side="right")
     tgt = labels[:, 1:]  # logits at position t predict the label at t + 1
     mask = tgt != IGNORE_INDEX
@@ -265,6 +273,7 @@ def score_sequences(
     desc: str = "scoring",
     sort_by_length: bool = True,
     progress: bool | None = None,
+    compat: str = "none",
 ) -> list[SequenceScore]:
     """Score every sequence with one teacher-forced forward pass; results in input order.
 
@@ -275,14 +284,17 @@ def score_sequences(
             "vocab_stats" (vocabulary mean/std of the log-probs); `avg_loss` is always computed.
         sort_by_length: batch sequences of similar length together (less padding).
         progress: show a tqdm bar (None: only on a terminal).
+        compat: "openunlearning" builds the batches as OpenUnlearning's evaluator does (module docstring).
     """
     want = _check_score_args(want, pad_token_id)
+    check_compat(compat)
     results: list[SequenceScore | None] = [None] * len(encoded)
     keep_ok = supports_logits_to_keep(model)
     batches = length_batches([len(e.input_ids) for e in encoded], batch_size, sort_by_length)
     with eval_mode(model), torch.inference_mode(), progress_bar(len(encoded), desc, progress) as bar:
         for idx in batches:
-            for i, r in zip(idx, _score_batch(model, [encoded[i] for i in idx], pad_token_id, want, keep_ok)):
+            batch = [encoded[i] for i in idx]
+            for i, r in zip(idx, _score_batch(model, batch, pad_token_id, want, keep_ok, compat)):
                 results[i] = r
             bar.update(len(idx))
     return results  # type: ignore[return-value]
@@ -450,11 +462,19 @@ def score_sequences_shared_prompts(
     want: Iterable[str] = WANT_ALL,
     desc: str = "scoring",
     progress: bool | None = None,
+    compat: str = "none",
 ) -> list[SequenceScore]:
     """`score_sequences` (length-sorted), with the sequences that share a prompt (the same
     `input_ids[:prompt_len]`, answers scored from `prompt_len` on) scored by `score_continuations`:
     their prompt is encoded once. Other sequences, and every sequence of a model whose cache cannot be
-    shared, go through `score_sequences`. Results in input order."""
+    shared, go through `score_sequences`. Results in input order.
+
+    With `compat="openunlearning"` nothing is shared (the prompt's cache would be built under
+    another mask and other positions than OpenUnlearning's right-padded pass): every sequence goes
+    through `score_sequences` in input order."""
+    if check_compat(compat) != "none":
+        return score_sequences(model, encoded, batch_size, pad_token_id, want=want, desc=desc,
+                               sort_by_length=False, progress=progress, compat=compat)
     want = frozenset(want)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, e in enumerate(encoded):

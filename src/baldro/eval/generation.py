@@ -20,6 +20,13 @@ argmax of the model's logits in its true context. The logits come from different
 rounding only; `greedy_prefix` also refuses teacher-forced argmaxes whose lead over the runner-up
 is within rounding (`draft_min_margin`). `sort_by_length=False` gives `model.generate` on fixed
 batches in input order: the unoptimised baseline of `benchmarks/eval_tofu.py`.
+
+`compat="openunlearning"` decodes as OpenUnlearning's evaluator does, and takes none of the
+shortcuts: its mask hides the pad/EOS-valued tokens inside each prompt (`formatting.token_id_mask`)
+and its positions skip them, which neither a draft from a teacher-forced pass (scored under other
+positions) nor a prefix cache built without that mask reproduces. It runs `model.generate` on fixed
+batches in input order (`_static_greedy`), left padded, with OpenUnlearning's mask, from which
+`generate` derives the positions `cumsum(mask) - 1` (`formatting.openunlearning_batch`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from baldro.data.formatting import pad_batch
+from baldro.data.formatting import check_compat, openunlearning_batch, openunlearning_decode, pad_batch
 from baldro.errors import BaldroError
 from baldro.eval.engine import eval_mode, length_batches, model_device, progress_bar, supports_logits_to_keep
 from baldro.eval.kv_cache import (
@@ -234,13 +241,19 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
 
 def _static_greedy(
     model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, sort_by_length: bool, bar,
+    compat: str = "none",
 ) -> list[list[int]]:
-    """`model.generate` on fixed batches: a batch runs until its last row stops."""
+    """`model.generate` on fixed batches: a batch runs until its last row stops. With
+    `compat="openunlearning"` the attention mask is `input_ids != pad_token_id` (positions, which
+    `generate` derives from the mask, then skip the masked tokens too)."""
     eos = set(cfg.eos_token_id or [])
     device = model_device(model)
     new_tokens: list[list[int] | None] = [None] * len(inputs)
     for idx in length_batches([len(p) for p in inputs], batch_size, sort_by_length):
-        ids, attn = pad_batch([inputs[i] for i in idx], cfg.pad_token_id, side="left")
+        if compat == "openunlearning":
+            ids, attn, _ = openunlearning_batch([inputs[i] for i in idx], cfg.pad_token_id, side="left")
+        else:
+            ids, attn = pad_batch([inputs[i] for i in idx], cfg.pad_token_id, side="left")
         cfg.max_new_tokens = max(budgets[i] for i in idx)
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
         for i, row in zip(idx, out[:, ids.shape[1] :].cpu().tolist()):
@@ -522,6 +535,7 @@ def generate(
     prefixes: Sequence[GreedyPrefix | None] | None = None,
     lookahead: int | None = None,
     stop_strings: Sequence[str] = (),
+    compat: str = "none",
 ) -> list[str]:
     """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
 
@@ -535,7 +549,14 @@ def generate(
     needs no decoding at all. `stop_strings`: each text is cut at the first of them
     (`cut_at_stop_strings`, before stripping); continuous decoding stops a row once its text holds
     one, which leaves the cut text unchanged. Returns the texts in input order.
+
+    `compat="openunlearning"`: OpenUnlearning's decoding (module docstring): fixed batches in input
+    order through `model.generate`, its mask and positions, no `prefixes` and no speculation, texts
+    decoded by `formatting.openunlearning_decode` and cut at the EOS token's text.
     """
+    if check_compat(compat) != "none":
+        return _generate_openunlearning(model, tokenizer, prompts_ids, max_new_tokens, batch_size, desc, progress,
+                                        stop_strings)
     if any(len(p) == 0 for p in prompts_ids):
         raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
     if prefixes is not None and len(prefixes) != len(prompts_ids):
@@ -574,3 +595,23 @@ def generate(
         known[i] = known[i] + toks
     texts = [tokenizer.decode(_cut_at_eos(toks, eos), skip_special_tokens=True) for toks in known]
     return [cut_at_stop_strings(t, stop_strings).strip() for t in texts]
+
+
+def _generate_openunlearning(
+    model, tokenizer, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, desc: str,
+    progress: bool | None, stop_strings: Sequence[str] = (),
+) -> list[str]:
+    """`generate(compat="openunlearning")`: OpenUnlearning's `eval_text_similarity` decoding."""
+    if any(len(p) == 0 for p in prompts_ids):
+        raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
+    cfg = greedy_config(model, tokenizer, max_new_tokens)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        cfg.pad_token_id = tokenizer.eos_token_id  # OpenUnlearning's pad token (the id its mask compares with)
+    eos = set(cfg.eos_token_id or [])
+    with eval_mode(model), _generation_config(model, cfg), torch.inference_mode(), \
+            progress_bar(len(prompts_ids), desc, progress) as bar:
+        new = _static_greedy(model, cfg, [list(p) for p in prompts_ids], [max_new_tokens] * len(prompts_ids),
+                             batch_size, False, bar, compat="openunlearning")
+    stops = [tokenizer.decode([tokenizer.eos_token_id])] if tokenizer.eos_token_id is not None else []
+    texts = [openunlearning_decode(tokenizer, _cut_at_eos(t, eos)) for t in new]
+    return [cut_at_stop_strings(t, [*stops, *stop_strings]).strip() for t in texts]

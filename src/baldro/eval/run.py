@@ -12,23 +12,29 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from baldro.data.formatting import check_compat
 from baldro.errors import BaldroError
 from baldro.eval.summarize import format_table
-from baldro.eval.tofu import evaluate_tofu
+from baldro.eval.tofu import evaluate_tofu, evaluate_tofu_openunlearning
 from baldro.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> tuple[dict, dict, str]:
-    """Run the benchmark's evaluator; returns (eval_log, summary, benchmark)."""
+    """Run the benchmark's evaluator; returns (eval_log, summary, benchmark). `settings["compat"]`
+    = "openunlearning" picks `evaluate_tofu_openunlearning` (TOFU only)."""
     settings = dict(settings)
     benchmark = settings.pop("benchmark", "tofu")
+    compat = settings.pop("compat", "none")
     if benchmark == "muse":
         from baldro.eval.muse import evaluate_muse
 
+        if compat != "none":
+            raise BaldroError(f"eval.compat={compat} is only implemented for TOFU: set eval.compat=none")
         return (*evaluate_muse(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra), benchmark)
-    return (*evaluate_tofu(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra), benchmark)
+    fn = evaluate_tofu_openunlearning if check_compat(compat) == "openunlearning" else evaluate_tofu
+    return (*fn(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra), benchmark)
 
 
 def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=None, target_logs_path=None) -> dict:

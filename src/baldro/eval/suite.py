@@ -11,6 +11,10 @@ prompts) and a metric plan, then runs three layers, each replaceable on its own:
    a reference answer drafts the generation from its question (the tokens a model reproduces from
    the reference are not decoded again). With `shared_forward=False` every metric runs its own
    passes, as an unoptimised tool does (the benchmark's baseline); the numbers are the same.
+   With `compat="openunlearning"` both build their batches as OpenUnlearning does (see
+   `baldro.eval.engine` and `baldro.eval.generation`): every text set is scored on its own, in
+   input order, with no shared prompts and no drafted generations (neither is valid under its
+   attention mask); a text is still run once for all the metrics that read it.
 2. per-sample assembly: the benchmark's keys, built from the entry helpers here (`prob_entry`,
    `score_entry`, `memorization_entry`, `mia_entry`) in OpenUnlearning's layout.
 3. aggregation (`baldro.eval.summarize`), then `with_headline` and `write_eval_files`.
@@ -91,15 +95,23 @@ class MetricNeed:
 def score_groups(
     model, sources: dict[str, list[EncodedQA]], calls: list[tuple[str, tuple[str, ...], frozenset]],
     timer: StageTimer, batch_size: int, pad_token_id: int, sort_by_length: bool, progress: bool | None,
-    share_prompts: bool = False,
+    share_prompts: bool = False, compat: str = "none",
 ) -> list[dict[str, Scores]]:
     """Run each call (group, sources, want) as ONE scoring call over its concatenated sources:
     `score_sequences`, or with `share_prompts` `score_sequences_shared_prompts` (the answers of one
-    question, e.g. its paraphrased and perturbed answers, scored against one encoding of its prompt)."""
+    question, e.g. its paraphrased and perturbed answers, scored against one encoding of its prompt).
+    With `compat="openunlearning"`: one `score_sequences` call per source, in input order, with
+    OpenUnlearning's batches (as its evaluator scores each dataset)."""
     results = []
     for group, names, want in calls:
         encoded = [e for n in names for e in sources[n]]
-        if share_prompts:
+        if compat != "none":
+            def fn(names=names, want=want, group=group):
+                return [s for n in names for s in engine.score_sequences(
+                    model, sources[n], batch_size, pad_token_id, want=want, desc=f"scoring ({group})",
+                    sort_by_length=False, progress=progress, compat=compat,
+                )]
+        elif share_prompts:
             def fn(encoded=encoded, want=want, group=group):
                 return engine.score_sequences_shared_prompts(
                     model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})", progress=progress,
@@ -122,18 +134,20 @@ def score_groups(
 def score_metrics(
     model, sources: dict[str, list[EncodedQA]], plan: dict[str, MetricNeed], timer: StageTimer, *,
     batch_size: int, pad_token_id: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    draft_sources: Sequence[str] = (),
+    draft_sources: Sequence[str] = (), compat: str = "none",
 ) -> tuple[dict[str, dict[str, Scores]], dict[str, Scores]]:
     """(metric -> source -> per-sequence scores, draft source -> scores). Shared: every source scored
     once (with the union of the outputs its metrics need, and the argmax for `draft_sources`),
     sources needing the same outputs batched together. Naive: one set of passes per metric, and no
-    drafts."""
+    drafts. `compat="openunlearning"`: OpenUnlearning's batches (`score_groups`), no drafts."""
+    if compat != "none":
+        draft_sources = ()
     if not shared_forward:
         out = {}
         for metric, need in plan.items():
             (split,) = score_groups(
                 model, sources, [(need.group, need.sources, need.want)], timer,
-                batch_size, pad_token_id, sort_by_length, progress,
+                batch_size, pad_token_id, sort_by_length, progress, compat=compat,
             )
             out[metric] = split
         return out, {}
@@ -160,6 +174,7 @@ def score_metrics(
     # Shared forward also means each question's prompt is encoded once for all of its answers.
     splits = score_groups(
         model, sources, calls, timer, batch_size, pad_token_id, sort_by_length, progress, share_prompts=True,
+        compat=compat,
     )
     for split in splits:
         merged.update(split)
@@ -188,13 +203,17 @@ def generate_sets(
     model, tokenizer, prompts: dict[str, list[list[int]]], timer: StageTimer, *, group: str,
     batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
     drafts: Mapping[str, tuple[Sequence[EncodedQA], Scores]] | None = None, stop_strings: Sequence[str] = (),
+    compat: str = "none",
 ) -> dict[str, list[str]]:
     """Greedy generations from every set's prompts (set -> texts): one call over all sets (shared)
     or one per set (naive), timed as `group`. With `drafts` (set -> its reference texts, prompt +
     answer in prompt order, and their teacher-forced scores), decoding starts after the tokens those
     scores already determine (`generation.greedy_prefix`). `stop_strings` cut every text at the
-    first of them (`generation.generate`)."""
+    first of them (`generation.generate`). `compat="openunlearning"`: one call per set, in input
+    order, OpenUnlearning's decoding, no drafts (`generation.generate`)."""
     keys = list(prompts)
+    if compat != "none":
+        drafts, shared_forward, sort_by_length = None, False, False
     chunks = [keys] if shared_forward else [[k] for k in keys]
     eos_ids = generation.eos_ids(model, tokenizer)
     min_margin = generation.draft_min_margin(engine.model_dtype(model))
@@ -213,6 +232,7 @@ def generate_sets(
             return generation.generate(
                 model, tokenizer, flat, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
                 sort_by_length=sort_by_length, progress=progress, prefixes=prefixes, stop_strings=stop_strings,
+                compat=compat,
             )
 
         gens = timer.run(group, [f"{k}/prompt" for k in ks], len(flat), run)

@@ -22,6 +22,15 @@ the *original* answer on real authors/world facts (those sets have no paraphrase
 confirm it: ra_Truth_Ratio = P(perturbed) / ra_Q_A_Prob). `forgetXX_perturbed` holds the same
 question/answer pairs as `forgetXX` in the same order, so one pass over its answers serves the
 forget-set probability, memorisation and MIA metrics.
+
+`evaluate_tofu_openunlearning` (`eval.compat=openunlearning`) reproduces OpenUnlearning's evaluator,
+quirks included (SPEC section 4 says why baldro's default differs): attention masks
+`input_ids != pad_token_id` (which hide the EOS-valued template tokens inside each sequence),
+right-padded teacher-forced passes without position ids, left-padded generation with positions
+`cumsum(mask) - 1`, batches of `batch_size` in dataset order, the text split at the prompt's token
+count, and ROUGE against the decoded full conversation with the decoded prompt removed
+(`openunlearning_rouge_texts`). The fast paths that this mask invalidates (shared prompts, drafted
+generations, continuous batching) are off in that mode.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from baldro.data.formatting import EncodedQA, QAFormatter
+from baldro.data.formatting import EncodedQA, QAFormatter, check_compat, openunlearning_decode
 from baldro.data.tofu import holdout_split_for, load_split, retain_split_for
 from baldro.errors import BaldroError
 from baldro.eval import metrics
@@ -64,8 +73,8 @@ from baldro.eval.summarize import summarize_tofu
 
 __all__ = [  # diff_eval_logs is re-exported from baldro.eval.suite
     "EVAL_FILE", "HEADLINE", "MIA_K", "SUMMARY_FILE", "TofuEvalData", "TofuSet", "assemble_tofu_eval_log",
-    "diff_eval_logs", "evaluate_tofu", "generate_tofu", "load_retain_log", "load_tofu_eval_data", "restrict_log",
-    "score_tofu", "tofu_sets",
+    "diff_eval_logs", "evaluate_tofu", "evaluate_tofu_openunlearning", "generate_tofu", "load_retain_log",
+    "load_tofu_eval_data", "openunlearning_rouge_texts", "restrict_log", "score_tofu", "tofu_sets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,7 +164,15 @@ class _SetTexts:
     k: int = 0
 
 
-def _encode(formatter: QAFormatter, data: TofuEvalData) -> dict[str, _SetTexts]:
+def openunlearning_rouge_texts(tokenizer, prompt_ids: Sequence[int], full_ids: Sequence[int]) -> tuple[str, str]:
+    """(input, ground truth) of a ROUGE row as OpenUnlearning writes them: the decoded prompt, and the
+    decoded full conversation with every occurrence of that prompt text removed, stripped (both
+    decoded by `formatting.openunlearning_decode`: special tokens skipped, " 's" becomes "'s")."""
+    text = openunlearning_decode(tokenizer, prompt_ids)
+    return text, openunlearning_decode(tokenizer, full_ids).replace(text, "").strip()
+
+
+def _encode(formatter: QAFormatter, data: TofuEvalData, compat: str = "none") -> dict[str, _SetTexts]:
     tok = formatter.tokenizer
     out: dict[str, _SetTexts] = {}
     for s in data.sets:
@@ -163,22 +180,28 @@ def _encode(formatter: QAFormatter, data: TofuEvalData) -> dict[str, _SetTexts]:
         qs = [r["question"] for r in rows]
         prompts = [formatter.encode_prompt(q) for q in qs]
         t = _SetTexts(
-            answer=formatter.encode_many(qs, [r["answer"] for r in rows], what=f"{s.split} answer"),
+            answer=formatter.encode_many(qs, [r["answer"] for r in rows], what=f"{s.split} answer", compat=compat),
             prompts=prompts,
             inputs=[tok.decode(p, skip_special_tokens=True) for p in prompts],
             ground_truths=[str(r["answer"]).strip() for r in rows],
         )
+        if compat == "openunlearning":
+            pairs = [openunlearning_rouge_texts(tok, p, formatter.encode(q, r["answer"], compat=compat).input_ids)
+                     for p, q, r in zip(prompts, qs, rows)]
+            t.inputs, t.ground_truths = [i for i, _ in pairs], [g for _, g in pairs]
         if s.paraphrase:
-            t.para = formatter.encode_many(qs, [r["paraphrased_answer"] for r in rows], what=f"{s.split} paraphrase")
+            t.para = formatter.encode_many(qs, [r["paraphrased_answer"] for r in rows], what=f"{s.split} paraphrase",
+                                           compat=compat)
         t.k = len(rows[0]["perturbed_answer"])
         pq = [q for q, r in zip(qs, rows) for _ in r["perturbed_answer"]]  # a question's K answers are adjacent
         pa = [a for r in rows for a in r["perturbed_answer"]]
-        t.pert = formatter.encode_many(pq, pa, what=f"{s.split} perturbed")
+        t.pert = formatter.encode_many(pq, pa, what=f"{s.split} perturbed", compat=compat)
         out[s.key] = t
     hold = data.rows["holdout"]
     out["holdout"] = _SetTexts(
         answer=formatter.encode_many(
-            [r["question"] for r in hold], [r["answer"] for r in hold], what=f"{holdout_split_for(data.forget_split)} answer"
+            [r["question"] for r in hold], [r["answer"] for r in hold], what=f"{holdout_split_for(data.forget_split)} answer",
+            compat=compat,
         ),
         prompts=[],
         inputs=[],
@@ -225,7 +248,7 @@ score_tofu = score_metrics  # TOFU scores through the generic planner, with `_me
 def generate_tofu(
     model, tokenizer, texts: dict[str, _SetTexts], sets: list[TofuSet], timer: StageTimer, *,
     batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: dict[str, Scores] | None = None,
+    drafts: dict[str, Scores] | None = None, compat: str = "none",
 ) -> dict[str, list[str]]:
     """Greedy generations for ROUGE (`suite.generate_sets`, timed as "rouge"). `drafts`: the
     reference answers' teacher-forced scores ("{set}/answer" -> scores) that start the decoding."""
@@ -234,7 +257,7 @@ def generate_tofu(
     return generate_sets(
         model, tokenizer, {k: texts[k].prompts for k in keys}, timer, group="rouge", batch_size=batch_size,
         max_new_tokens=max_new_tokens, shared_forward=shared_forward, sort_by_length=sort_by_length,
-        progress=progress, drafts=by_set,
+        progress=progress, drafts=by_set, compat=compat,
     )
 
 
@@ -386,15 +409,42 @@ def evaluate_tofu(
         sort_by_length: length-sorted batches and continuous, speculative generation (False: input
             order and `model.generate` on fixed batches).
         timings: if a dict is given, it is filled with {group: {rows, sequences, seconds}}.
+
+    `evaluate_tofu_openunlearning` takes the same arguments and reproduces OpenUnlearning's evaluator.
     """
+    return _evaluate_tofu(
+        model, tokenizer, formatter, data_source, forget_split=forget_split, out_dir=out_dir,
+        retain_logs_path=retain_logs_path, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+        shared_forward=shared_forward, sort_by_length=sort_by_length, timings=timings, progress=progress,
+    )
+
+
+def evaluate_tofu_openunlearning(model, tokenizer, formatter: QAFormatter, data_source, **kwargs) -> tuple[dict, dict]:
+    """`evaluate_tofu` as OpenUnlearning's evaluator computes it, quirks included (`eval.compat=openunlearning`,
+    module docstring): same arguments, `batch_size` 32 by default (OpenUnlearning's); texts are scored
+    and decoded in dataset order whatever `sort_by_length` says, without the shortcuts its mask breaks."""
+    kwargs.setdefault("batch_size", 32)
+    return _evaluate_tofu(model, tokenizer, formatter, data_source, compat="openunlearning", **kwargs)
+
+
+def _evaluate_tofu(
+    model, tokenizer, formatter: QAFormatter, data_source, forget_split: str = "forget10", out_dir=None,
+    retain_logs_path=None, batch_size: int = 16, max_new_tokens: int = 200, limit: int | None = None,
+    shared_forward: bool = True, sort_by_length: bool = True, timings: dict | None = None,
+    progress: bool | None = None, compat: str = "none",
+) -> tuple[dict, dict]:
+    """`evaluate_tofu` (compat "none") or `evaluate_tofu_openunlearning` (compat "openunlearning")."""
+    check_compat(compat)
     data = load_tofu_eval_data(data_source, forget_split, limit)
     reference_log = load_retain_log(retain_logs_path, data) if retain_logs_path else None
     pad_id = pad_token_id(tokenizer)
-    texts = _encode(formatter, data)
+    texts = _encode(formatter, data, compat)
     timer = StageTimer({k: len(v) for k, v in data.rows.items()})
     plan = _metric_plan(data.sets)
-    common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
-    draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward else []
+    if compat != "none":
+        sort_by_length = False
+    common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress, compat=compat)
+    draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward and compat == "none" else []
     scores, drafts = score_tofu(
         model, _source_texts(texts), plan, timer, batch_size=batch_size, pad_token_id=pad_id,
         draft_sources=draft_sources, **common,
