@@ -403,7 +403,7 @@ def test_a_sharded_model_is_gathered_and_saved_whole(tiny_model_dir, tmp_path):
     `save_pretrained` alone gathers the DTensors (a collective the other processes never join) and
     hangs -- seen by hand: the main process waited in `DTensor.full_tensor` inside `_find_disjoint`.
     What the recipes do now: every process gathers the full state dict, the main process saves it
-    (also a LoRA model, merged)."""
+    (also a LoRA model, merged). The trainers' gradient check sees a NaN in another process's shard."""
     from safetensors.torch import load_file
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -417,6 +417,7 @@ def test_a_sharded_model_is_gathered_and_saved_whole(tiny_model_dir, tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         report = json.loads((out / "report.json").read_text())
         assert report["sharded"] and report["gathered_equals_unsharded"]
+        assert report["nan_in_other_shard_seen"]  # the gradient check sees every shard (process 1's NaN)
         local, full = report["rank0_local_shapes"], report["full_shapes"]
         assert local["model.embed_tokens.weight" if mode == "plain" else
                      "base_model.model.model.embed_tokens.weight"][0] * 2 == 512  # half a weight per process

@@ -84,8 +84,8 @@ def check_launched_world(args) -> None:
     if world > 1 and args.world_size != world:
         raise BaldroError(
             f"{world} processes were launched (WORLD_SIZE={world}) but the trainer runs this one alone (world size "
-            f"{args.world_size}): the launcher's backend does not fit this machine; on a machine without GPUs set "
-            "train.use_cpu=true and launch with --multi_gpu (CPU processes talk over gloo), or launch one process")
+            f"{args.world_size}): the launch config does not fit this machine; on a machine without GPUs set "
+            "train.use_cpu=true and use configs/accelerate/ddp_cpu.yaml (CPU processes over gloo), or launch one process")
 
 
 # --------------------------------------------------------------------------- the reference model

@@ -1,10 +1,12 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU): a model sharded
-with FSDP2, saved the way the recipes save it. Argument: the tiny model folder, the output folder,
-and "lora" for a LoRA model (merged when saved)."""
+with FSDP2, its gradients checked the way the trainers check them, and saved the way the recipes
+save it. Arguments: the tiny model folder, the output folder, and "lora" for a LoRA model (merged when
+saved) or "plain"."""
 
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -12,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 from baldro.distributed import full_state_dict, is_main_process, is_sharded
 from baldro.models import apply_lora, load_model, load_tokenizer, save_model
+from baldro.trainer import NonFiniteError, RunGuard
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 lora = len(sys.argv) > 3 and sys.argv[3] == "lora"  # else "plain"
@@ -33,11 +36,25 @@ fully_shard(model)
 x = torch.randint(0, 400, (2, 8))
 model(input_ids=x).logits.sum().backward()  # sharded forward and backward work
 local = {k: tuple(getattr(v, "_local_tensor", v).shape) for k, v in model.state_dict().items()}
+
+# the trainers' gradient check on sharded gradients: a NaN in one process's shard stops every process
+grad = next(p.grad for p in model.parameters() if p.grad is not None)
+saved_grad = grad._local_tensor.clone()
+if rank == 1:
+    grad._local_tensor.view(-1)[0] = float("nan")
+guard = SimpleNamespace(model=model, _non_finite=lambda what: NonFiniteError(f"non-finite {what}", 1))
+try:
+    RunGuard._check_gradients(guard)
+    nan_seen = False
+except NonFiniteError:
+    nan_seen = True
+grad._local_tensor.copy_(saved_grad)
 state = full_state_dict(model)  # every process
 if is_main_process():
     same = all(torch.equal(state[k], full_before[k]) for k in full_before)
     save_model(model, load_tokenizer(model_dir), out / "model", merge_lora=lora, state_dict=state)  # consumes state
     report = {"sharded": is_sharded(model), "rank0_local_shapes": local, "gathered_equals_unsharded": same,
+              "nan_in_other_shard_seen": nan_seen,
               "full_shapes": {k: tuple(v.shape) for k, v in full_before.items()}}
     if lora:  # what the merged model should hold: merge the unsharded copy
         from baldro.models import unsharded_copy
