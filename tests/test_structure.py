@@ -86,7 +86,8 @@ def _recipes() -> list[Path]:
 
 
 def test_every_yaml_file_fits_the_schema():
-    files = sorted(CONFIGS.rglob("*.yaml"))
+    # configs/accelerate/ holds accelerate launch configs, not recipes (tests/test_distributed.py loads them)
+    files = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] != "accelerate")
     assert len(files) > 20
     for path in files:
         if path in _recipes():

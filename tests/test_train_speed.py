@@ -42,6 +42,16 @@ def test_reference_cache_lookup_store_and_merge(tmp_path):
     assert merged.load(tmp_path) == 2
     assert torch.equal(merged.lookup("forget", torch.tensor([0, 1, 3])), torch.tensor([-3.0, -7.5, -1.25]))
     assert ReferenceCache(6).load(tmp_path) == 2 and ReferenceCache(6).n_known() == 0  # another forget set
+    # pad rows of a run of several processes (id -1) are never cached nor answered
+    cache.store("forget", torch.tensor([-1, 4]), torch.tensor([-9.0, -2.0]))
+    assert cache.known["forget"].tolist() == [False, True, False, True, True]
+    assert torch.equal(cache.lookup("forget", torch.tensor([4])), torch.tensor([-2.0]))
+    assert cache.lookup("forget", torch.tensor([4, -1])) is None
+
+
+def test_a_global_batch_group_runs_in_one_pass():
+    w = make_weighting("group", n_samples=8, global_batch=True)
+    assert w.preselect is None and make_weighting("group", n_samples=8).preselect == "nograd"
 
 
 # ------------------------------------------------------------------ in a trainer

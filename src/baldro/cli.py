@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> None:
         elif args.command == "finetune":
             from baldro.recipes import run_finetune
 
-            print(f"baldro: fine-tuned model in {run_finetune(cfg) / 'model'}")
+            _say(f"baldro: fine-tuned model in {run_finetune(cfg) / 'model'}")
         elif args.command == "unlearn":
             from baldro.recipes import run_unlearn
 
-            print(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
+            _say(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
         else:
             from baldro.recipes import run_eval
 
@@ -85,6 +85,12 @@ def run(args: argparse.Namespace) -> None:
 
         run_demo(args.out, seed=args.seed, preset=args.preset or ("quick" if args.quick else "default"),
                  overwrite=args.overwrite)
+
+
+def _say(text: str) -> None:
+    """Print once in a run of several processes (from the main one)."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(text)
 
 
 def _one_line(text: str) -> str:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
+from baldro.distributed import launch_world, launched_strategy
 from baldro.errors import BaldroError
 from baldro.io import apply_umask_tree
 from baldro.model_sources import resolve_model_path
@@ -19,9 +21,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device `model.device` names for this process. `auto` (or unset) and a bare `cuda` mean this
+    process's own GPU: `cuda:LOCAL_RANK` when a launcher started several processes, so that every rank's
+    model and reference model land on its own GPU whatever ran before (a bare `cuda` is whichever GPU is
+    current, GPU 0 in a fresh process)."""
+    if device in (None, "auto", "cuda"):
+        if not torch.cuda.is_available():
+            return torch.device("cuda" if device == "cuda" else "cpu")
+        world, _, local_rank = launch_world()
+        return torch.device("cuda", local_rank) if world > 1 or "LOCAL_RANK" in os.environ else torch.device("cuda")
     return torch.device(device)
+
+
+def model_device(device: str | None) -> torch.device | None:
+    """Where `load_model` puts the weights; None leaves them where from_pretrained put them (on the CPU,
+    or partitioned by DeepSpeed ZeRO-3) for accelerate to place: `model.device=accelerate`, and `auto`
+    under FSDP or DeepSpeed, which shard or place the model themselves (a full copy per GPU first would
+    not fit a model that needs sharding)."""
+    if device == "accelerate":
+        return None
+    if device in (None, "auto") and launched_strategy() in ("fsdp", "deepspeed"):
+        return None
+    return resolve_device(device)
 
 
 def check_device(device: str | None) -> None:
@@ -32,6 +53,10 @@ def check_device(device: str | None) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise BaldroError(f"model.device={device!r} is not a device: use cpu, cuda, cuda:N, mps, auto or accelerate") from None
+    world = launch_world()[0]
+    if dev.type == "cuda" and dev.index is not None and world > 1:
+        raise BaldroError(f"model.device={device} in a run of {world} processes puts every process's models on GPU "
+                          f"{dev.index}: use model.device=auto (each process uses its own GPU, cuda:LOCAL_RANK)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BaldroError(f"model.device={device} but this machine has no usable CUDA device: use model.device=cpu "
@@ -160,7 +185,7 @@ def load_model(
     path = resolve_model_path(path)
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise BaldroError(f"model path {path} does not exist: set model.path to a folder or a hub id")
-    dev = None if device == "accelerate" else resolve_device(device)
+    dev = model_device(device)
     torch_dtype = resolve_dtype(dtype, dev or resolve_device(None))
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -207,8 +232,38 @@ def apply_lora(model, lora: dict, seed: int = 0):
     return model
 
 
-def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> Path:
-    """Save weights (safetensors) and tokenizer into a fresh folder, then move it into place atomically."""
+def unsharded_copy(model, state_dict: dict):
+    """A copy of `model` (a causal LM, or a peft model around one) built on the meta device and given the
+    tensors of `state_dict` (the whole weights of a sharded model, e.g. from
+    `baldro.distributed.full_state_dict`): what the main process saves, without touching the shards."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    peft_config = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft_config else model
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(copy.deepcopy(base.config))
+    if peft_config:
+        from peft import get_peft_model
+
+        twin = get_peft_model(twin, copy.deepcopy(peft_config[next(iter(peft_config))]))
+    twin.load_state_dict(state_dict, strict=False, assign=True)
+    (twin.get_base_model() if peft_config else twin).tie_weights()
+    missing = [n for n, p in twin.named_parameters() if p.is_meta]
+    if missing:
+        raise BaldroError(f"the gathered weights lack {len(missing)} tensor(s) of the model (e.g. {missing[0]}): the "
+                          "sharded model could not be saved")
+    if getattr(base, "generation_config", None) is not None:
+        (twin.get_base_model() if peft_config else twin).generation_config = copy.deepcopy(base.generation_config)
+    return twin.eval()
+
+
+def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False, state_dict: dict | None = None) -> Path:
+    """Save weights (safetensors) and tokenizer into a fresh folder, then move it into place atomically.
+
+    `state_dict`: the whole weights when `model` is sharded (FSDP, ZeRO-3); they are saved through
+    `unsharded_copy` (call from the main process after every process has gathered them)."""
     import os
     import shutil
     import tempfile
@@ -217,6 +272,8 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
+        if state_dict is not None:
+            model = unsharded_copy(model, state_dict)
         to_save = model.merge_and_unload() if merge_lora and hasattr(model, "merge_and_unload") else model
         to_save.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -10,6 +10,13 @@ run resumes it (`resume=true`) or replaces it (`overwrite=true`); a resume picks
 checkpoint, refuses a recipe that trains something else (`resume.force=true` overrides), and cuts the
 logs back to the checkpoint's step, so that the resumed run writes what an uninterrupted one writes.
 A non-finite loss or gradient marks the run failed in `run_info.json` and keeps its checkpoints.
+
+Several processes (`accelerate launch`): the main process claims the folder and the others wait for
+it; a launch whose processes do not form one run is refused; the final model is gathered by every
+process (FSDP, ZeRO-3) and saved once; logs are written once (by the main process, from every
+process's samples); a stateful weighting's state is checked to be one state and saved as
+`weighting_state.pt`; the final evaluation runs once, in the main process (on the saved model when
+the trained one is sharded).
 """
 
 from __future__ import annotations
@@ -31,14 +38,16 @@ from omegaconf import DictConfig
 from baldro.config import as_recipe, dump_config
 from baldro.data.formatting import QAFormatter
 from baldro.data.tofu import load_refusals, load_split
+from baldro.distributed import barrier, check_launched_world, full_state_dict, is_sharded, loads_sharded, zero_stage
 from baldro.errors import BaldroError
 from baldro.io import RunLock, truncate_jsonl, write_json_atomic, write_text_atomic
-from baldro.models import load_model, load_tokenizer, save_model
+from baldro.models import load_model, load_tokenizer, resolve_device, save_model
 from baldro.objectives import get_objective, get_retain_loss
 from baldro.schema import DataConfig, EvalConfig, FormatConfig, ModelConfig, Recipe, validate, validate_model
 from baldro.trainer import (
     CHECKPOINT_MARKER,
     STAGING,
+    WEIGHTING_STATE_FILE,
     EncodedDataset,
     FinetuneTrainer,
     JsonlLogCallback,
@@ -125,7 +134,7 @@ def _training_args(recipe: Recipe, run_dir: Path):
 
 # ----------------------------------------------------------------------------- run folders
 RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
-               "checkpoints", "eval")
+               "checkpoints", "eval", WEIGHTING_STATE_FILE)
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
     "name", "output_dir", "resume", "overwrite", "log_to_console", "eval", "balance",
@@ -274,12 +283,15 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
 def _run_folder(recipe: Recipe, kind: str):
     """Lock and claim the run folder; yields (run_dir, checkpoint to resume from or None)."""
     run_dir = Path(recipe.output_dir).expanduser()
-    if not _is_main_process():  # the main process claims the folder; the others follow it
+    if not _is_main_process():  # the main process claims the folder; the others follow it once it has
+        barrier()
         checkpoint = _resume_checkpoint(recipe, run_dir)
         yield run_dir, str(checkpoint) if checkpoint is not None else None
         return
     with RunLock(run_dir, kind):
-        yield run_dir, _claim_run_dir(recipe, run_dir)
+        checkpoint = _claim_run_dir(recipe, run_dir)
+        barrier()
+        yield run_dir, checkpoint
 
 
 def _console_callbacks(trainer, recipe: Recipe) -> None:
@@ -316,9 +328,19 @@ def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: s
         raise BaldroError(f"{e}: the run stopped and is marked failed in {run_dir / 'run_info.json'}; {kept}; lower "
                           "train.learning_rate or use model.dtype=float32") from None
     elapsed = time.time() - start
+    # A sharded model (FSDP, ZeRO-3) is gathered by every process; the main process saves it once.
+    state = full_state_dict(trainer.model_wrapped, trainer.accelerator)
     if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, run_dir / "model", merge_lora=recipe.model.merge_lora)
-        write_json_atomic(run_dir / "run_info.json", {**info, "train_time_s": elapsed, "status": "done"})
+        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run_dir / "model",
+                   merge_lora=recipe.model.merge_lora, state_dict=state)
+    del state
+    if hasattr(trainer, "save_weighting_state"):
+        trainer.save_weighting_state(run_dir / WEIGHTING_STATE_FILE)
+    if trainer.is_world_process_zero():
+        write_json_atomic(run_dir / "run_info.json", {**info, "train_time_s": elapsed, "status": "done",
+                                                      **({"processes": trainer.args.world_size}
+                                                         if trainer.args.world_size > 1 else {})})
+    barrier()
     return run_dir
 
 
@@ -331,6 +353,7 @@ def run_finetune(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         train_rows += load_split(recipe.data.source, extra)
     validate_model(recipe.model, recipe.train)
     args = _training_args(recipe, Path(recipe.output_dir).expanduser())
+    _check_processes(recipe, args)
     with _run_folder(recipe, "finetune") as (run_dir, resume):
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
         formatter = build_formatter(recipe.format, recipe.data, tokenizer)
@@ -356,6 +379,25 @@ def make_reference_model(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+def _reference_model(recipe: Recipe, model, args):
+    """pi_ref: a copy of the model, or (DeepSpeed ZeRO-3, FSDP with cpu_ram_efficient_loading, where this
+    process holds only part of the weights) the same weights loaded again, partitioned the same way."""
+    if not loads_sharded(args):
+        return make_reference_model(model)
+    m = recipe.model
+    ref = load_model(m.path, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation,
+                     trust_remote_code=m.trust_remote_code, seed=recipe.seed)
+    return ref.eval().requires_grad_(False)
+
+
+def _check_processes(recipe: Recipe, args) -> None:
+    """What a launch of several processes cannot do, refused on every process before training."""
+    check_launched_world(args)
+    if args.world_size > 1 and recipe.eval.every_n_steps > 0:
+        raise BaldroError("eval.every_n_steps runs in a single process: unset it for a run of several processes "
+                          "(eval.at_end=true evaluates the final model once)")
+
+
 def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     """Unlearning with a forget objective under a weighting plus a retain loss."""
     recipe = as_recipe(cfg)
@@ -377,6 +419,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     eval_kwargs = _eval_kwargs(recipe) if recipe.eval.at_end or recipe.eval.every_n_steps > 0 else None
     validate_model(recipe.model, recipe.train)
     args = _training_args(recipe, Path(recipe.output_dir).expanduser())
+    _check_processes(recipe, args)
 
     with _run_folder(recipe, "unlearn") as (run_dir, resume):
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
@@ -394,7 +437,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
 
         needs_ref = objective.needs_reference or retain_loss.needs_reference
         # With LoRA the reference is the same model with its adapter disabled: no copy.
-        ref_model = make_reference_model(model) if needs_ref and not recipe.model.lora else None
+        ref_model = _reference_model(recipe, model, args) if needs_ref and not recipe.model.lora else None
 
         callbacks = [JsonlLogCallback(run_dir / "train_log.jsonl")]
         if recipe.balance.every_n_steps > 0:
@@ -446,10 +489,17 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             "n_forget": len(forget_enc),
             **({"benchmark": "muse", "chunk_length": recipe.data.chunk_length} if muse else {}),
         })
-        if recipe.eval.at_end and trainer.is_world_process_zero():
+        if recipe.eval.at_end and trainer.is_world_process_zero():  # once, in the main process
             from baldro.eval.run import evaluate_final_model
 
-            evaluate_final_model(trainer.model, tokenizer, formatter, run_dir, eval_kwargs, recipe.eval.target_logs_path)
+            final = trainer.model
+            if is_sharded(trainer.model_wrapped) or zero_stage(trainer.accelerator) == 3:
+                # this process holds part of the weights: evaluate the saved model, on its own GPU
+                device = recipe.model.device if recipe.model.device not in (None, "auto", "accelerate") else None
+                final = load_model(str(run_dir / "model"), dtype=recipe.model.dtype, device=str(resolve_device(device)),
+                                   attn_implementation=recipe.model.attn_implementation,
+                                   trust_remote_code=recipe.model.trust_remote_code)
+            evaluate_final_model(final, tokenizer, formatter, run_dir, eval_kwargs, recipe.eval.target_logs_path)
     return run_dir
 
 

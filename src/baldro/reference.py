@@ -28,16 +28,18 @@ class ReferenceCache:
         self.known = {p: torch.zeros(self.n_samples, dtype=torch.bool) for p in parts}
 
     def lookup(self, part: str, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor | None:
-        """The cached logp_ref of `ids`, or None when any of them has not been seen yet."""
+        """The cached logp_ref of `ids`, or None when any of them has not been seen yet (or is a pad
+        row, id -1, of a run of several processes)."""
         ids = ids.detach().long().cpu()
-        if not bool(self.known[part][ids].all()):
+        if bool((ids < 0).any()) or not bool(self.known[part][ids].all()):
             return None
         return self.values[part][ids].to(device if device is not None else "cpu")
 
     def store(self, part: str, ids: torch.Tensor, logp: torch.Tensor) -> None:
         ids = ids.detach().long().cpu()
-        self.values[part][ids] = logp.detach().float().cpu()
-        self.known[part][ids] = True
+        real = ids >= 0  # pad rows (id -1) are no sample
+        self.values[part][ids[real]] = logp.detach().float().cpu()[real]
+        self.known[part][ids[real]] = True
 
     def n_known(self, part: str = "forget") -> int:
         return int(self.known[part].sum())

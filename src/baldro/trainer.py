@@ -11,6 +11,12 @@ order, the retain sample paired with a forget sample, the retain rows a weightin
 or processes, draw exactly what an uninterrupted run draws; a checkpoint is written into
 `checkpoints/.staging/` and renamed to `checkpoint-N` when it is complete; a non-finite loss or
 gradient stops the run (`NonFiniteError`) before the optimizer step, naming the step and the samples.
+
+Several processes (see `baldro.distributed` for the semantics): the epoch's permutation is padded with
+pad rows (id -1) to a multiple of processes x batch size; each optimizer step is planned once
+(`UnlearnTrainer.get_batch_samples`: which micro-batches hold real samples) so that its gradient is
+the mean over the step's real micro-batches (or, with a global-batch weighting, its micro-steps), and
+per-step statistics are averaged over every process before they are logged.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback
 
-from baldro.data.formatting import EncodedQA, collate_encoded
+from baldro.data.formatting import IGNORE_INDEX, EncodedQA, collate_encoded
+from baldro.distributed import PAD_ID, all_gather_objects, fsdp_version, prepare_reference
 from baldro.errors import BaldroError
 from baldro.io import append_jsonl, apply_umask_tree, write_json_atomic
 
@@ -53,24 +60,29 @@ class EpochSampler(Sampler):
     the dataset's own draws know it too, in every worker process, without shared state.
     """
 
-    def __init__(self, dataset, seed: int):
+    def __init__(self, dataset, seed: int, pad_to: int = 1):
         self.n, self.seed, self.epoch = len(dataset), int(seed), 0
         self.tag = bool(getattr(dataset, "epoch_aware", False))
+        # Several processes: pad the epoch with PAD_ID to a multiple of processes x batch size, so that
+        # every process gets as many batches and none re-uses samples (baldro.distributed).
+        self.pad_to = max(1, int(pad_to))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.pad_to) * self.pad_to
 
     def __iter__(self):
         order = derived_rng(STREAM_ORDER, self.seed, self.epoch).permutation(self.n)
         offset = self.epoch * self.n if self.tag else 0
-        return iter([offset + int(i) for i in order])
+        return iter([offset + int(i) for i in order] + [PAD_ID] * (len(self) - self.n))
 from baldro.objectives import ForgetInputs, Objective, RetainLoss
 from baldro.reference import ReferenceCache
 from baldro.sequence import token_log_probs
 from baldro.weighting import WEIGHT_STATS, Weighting, weight_stat_tensor
+
+STAT_NAMES = ("forget_loss", "forget_loss_mean", "retain_loss", *WEIGHT_STATS)  # train_log.jsonl's statistics
 
 
 # --------------------------------------------------------------------------- data
@@ -84,6 +96,8 @@ class EncodedDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
+        if int(i) < 0:  # a pad row (several processes): scored nowhere
+            return {"id": PAD_ID, "qa": self.items[0]}
         return {"id": int(i), "qa": self.items[i]}
 
 
@@ -97,6 +111,9 @@ class QACollator:
         if batch and isinstance(batch[0], dict):
             out = collate_encoded([b["qa"] for b in batch], self.pad_token_id)
             out["sample_ids"] = torch.tensor([b["id"] for b in batch], dtype=torch.long)
+            pad = out["sample_ids"] < 0
+            if pad.any():  # pad rows (several processes) have no label: the token-mean loss never sees them
+                out["labels"][pad] = IGNORE_INDEX
             return out
         return collate_encoded(batch, self.pad_token_id)
 
@@ -133,12 +150,22 @@ class UnlearnDataset(Dataset):
         return int(derived_rng(STREAM_RETAIN, self.seed, epoch, i).integers(len(self.retain)))
 
     def __getitem__(self, index):
+        if int(index) < 0:  # a pad row (several processes): forwarded, never counted
+            return self._pad_item()
         epoch, i = divmod(int(index), len(self.forget))
         item = {"id": i, "forget": self.forget[i]}
         if self.retain is not None:
             item["retain"] = self.retain[self.retain_index(epoch, i)]
         if self.refusal is not None:
             item["refusal"] = self.refusal[i]
+        return item
+
+    def _pad_item(self):
+        item = {"id": PAD_ID, "forget": self.forget[0]}
+        if self.retain is not None:
+            item["retain"] = self.retain[0]
+        if self.refusal is not None:
+            item["refusal"] = self.refusal[0]
         return item
 
 
@@ -290,7 +317,9 @@ class RunGuard:
     # ------------------------------------------------------------ sampling
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        self._sampler = EpochSampler(dataset, self.args.seed)
+        world = self.args.world_size
+        self._sampler = EpochSampler(dataset, self.args.seed,
+                                     pad_to=world * self.args.per_device_train_batch_size if world > 1 else 1)
         return self._sampler
 
     # ------------------------------------------------------------ non-finite loss and gradients
@@ -421,12 +450,18 @@ class UnlearnTrainer(RunGuard, Trainer):
         if self.needs_reference and ref_model is None and not self._is_peft():
             raise BaldroError(f"objective {objective.name!r} / retain loss {retain_loss.name!r} need a reference model")
         if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-            self.ref_model = ref_model.to(self.args.device)
+            # this process's device, or sharded like the trained model (FSDP, ZeRO-3): baldro.distributed
+            self.ref_model = prepare_reference(ref_model, self.accelerator, self.args.device)
+        elif self.needs_reference and fsdp_version(self.accelerator) == 1:
+            raise BaldroError("LoRA under FSDP1: the adapter-free reference would run outside FSDP's wrapper; use "
+                              "fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
         n_forget = len(getattr(self.train_dataset, "forget", ()))
         self.ref_cache = ReferenceCache(n_forget) if ref_cache and objective.needs_reference and n_forget else None
-        self._accum: list[torch.Tensor] = []  # per step: [forget, forget mean, retain, *WEIGHT_STATS]
+        self._accum: list[torch.Tensor] = []  # per micro-batch: STAT_NAMES, on the device until a logging step
         self._last_parts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gather_samples = SampleGather(self)  # the weighting's `gather`, knowing the processes
+        self._units: tuple | None = None  # the current optimizer step's plan (several processes)
+        self._micro = 0
         self._guard_init()
 
     def describe(self) -> str:
@@ -448,8 +483,63 @@ class UnlearnTrainer(RunGuard, Trainer):
 
     def _step_seed(self, ids: torch.Tensor) -> int:
         """A seed from (seed, step, process, the batch's sample ids): a weighting's random choices."""
-        key = (self.state.global_step, self.args.process_index, *ids.tolist())
+        # pad rows (id -1, several processes) get keys no sample has; sample ids keep theirs
+        key = (self.state.global_step, self.args.process_index, *(i if i >= 0 else 2**40 - i for i in ids.tolist()))
         return int(derived_rng(STREAM_STEP, self.args.seed, *key).integers(2**62))
+
+    # ------------------------------------------------------------ several processes: units of a step
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer fetches a step's micro-batches together: plan the step's units there."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._plan_units(batch_samples)
+        return batch_samples, num_items
+
+    def _plan_units(self, batch_samples) -> None:
+        """Which of the step's micro-batches hold real samples, on every process (one gather per step):
+        M real micro-batches, M' micro-steps with a real row (baldro.distributed)."""
+        self._micro = 0
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            self._units = None
+            return
+        real = torch.tensor([bool((b["forget_ids"] >= 0).any()) for b in batch_samples], dtype=torch.long,
+                            device=self.args.device)
+        every = self.accelerator.gather(real).view(processes, -1)
+        m, m_steps = int(every.sum()), int(every.any(0).sum())
+        self._units = (processes, m, m_steps, [bool(r) for r in real.tolist()])
+        self._gather_samples.scale = m / m_steps if m_steps else float(processes)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self._units is not None:
+            processes, m, _, real = self._units
+            index = min(self._micro, len(real) - 1)
+            self._micro += 1
+            if real[index]:
+                keep = inputs["forget_ids"] >= 0
+                if not bool(keep.all()):
+                    inputs = drop_rows(inputs, keep)
+                # Trainer divides the loss by this: the loss counts P / M, and the average over processes
+                # makes the step's gradient the mean over its M real micro-batches.
+                self.current_gradient_accumulation_steps = m / processes
+            else:  # only pad rows: forward and backward (every process must), counted zero times
+                self.current_gradient_accumulation_steps = float("inf")
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def save_weighting_state(self, path: str | Path) -> None:
+        """A stateful weighting's final state (dv_global), checked to be one state on every process,
+        written by the main process."""
+        if not self.weighting.stateful:
+            return
+        states = all_gather_objects(self.weighting.state_dict())
+        for rank, other in enumerate(states[1:], 1):
+            if not _same_state(states[0], other):
+                raise BaldroError(f"weighting {self.weighting.name!r}: process {rank} holds another state than "
+                                  "process 0 (each process must observe the losses of all processes)")
+        if self.is_world_process_zero():
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(self.weighting.state_dict(), tmp)
+            os.replace(tmp, path)
 
     # ------------------------------------------------------------ reference model
     def _is_peft(self) -> bool:
@@ -555,10 +645,12 @@ class UnlearnTrainer(RunGuard, Trainer):
     def _record(self, weighted, losses, retain_value, ids) -> None:
         """Keep the step's statistics on the device (read at logging steps) and log per-sample losses."""
         self._last_parts = (weighted.value.detach(), retain_value.detach())
-        self._accum.append(torch.cat([
-            torch.stack([weighted.value.detach(), losses.detach().mean(), retain_value.detach()]).float(),
-            weight_stat_tensor(weighted.weights),
-        ]))
+        # a micro-batch of pad rows (several processes only) is not a sample
+        if self.accelerator.num_processes == 1 or bool((ids >= 0).any()):
+            self._accum.append(torch.cat([
+                torch.stack([weighted.value.detach(), losses.detach().mean(), retain_value.detach()]).float(),
+                weight_stat_tensor(_batch_weights(weighted)),
+            ]))
         if self.forget_log_path is not None:
             all_ids, all_losses, all_weights = self._gather_samples(ids, losses.detach().float(), weighted.weights.float())
             row = {"step": self.state.global_step + 1, "ids": all_ids.tolist(), "losses": all_losses.tolist(),
@@ -575,10 +667,83 @@ class UnlearnTrainer(RunGuard, Trainer):
         return f"forget loss {forget:.4g}, retain loss {retain:.4g}"
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._accum:
-            names = ("forget_loss", "forget_loss_mean", "retain_loss", *WEIGHT_STATS)
-            means = torch.stack(self._accum).mean(0).tolist()  # one copy to the CPU per logging step
-            logs = {**logs, **dict(zip(names, means))}
-            logs["weight_nonzero"] = round(logs["weight_nonzero"], 3)
+        several = self.accelerator.num_processes > 1
+        if "loss" in logs and (self._accum or several):  # every process logs together: average over all
+            n = len(self._accum)
+            totals = torch.stack(self._accum).sum(0).tolist() if n else []  # one copy to the CPU per logging step
+            sums = {k: (t, n) for k, t in zip(STAT_NAMES, totals)}
+            if several:
+                merged: dict[str, list[float]] = {}
+                for part in all_gather_objects(sums):
+                    for k, (total, count) in part.items():
+                        merged.setdefault(k, [0.0, 0])
+                        merged[k][0] += total
+                        merged[k][1] += count
+                sums = {k: tuple(v) for k, v in merged.items()}
+            logs = {**logs, **{k: total / count for k, (total, count) in sums.items() if count}}
+            if "weight_nonzero" in logs:
+                logs["weight_nonzero"] = round(logs["weight_nonzero"], 3)
             self._accum = []
         super().log(logs, start_time)
+
+
+def _batch_weights(weighted) -> torch.Tensor:
+    """The weights over the weighting's whole batch (a global-batch weighting's `batch_weights`)."""
+    whole = getattr(weighted, "batch_weights", None)
+    return weighted.weights if whole is None else whole
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            nx, ny = x.isnan() if x.is_floating_point() else None, y.isnan() if y.is_floating_point() else None
+            if x.shape != y.shape or (nx is not None and not torch.equal(nx, ny)):
+                return False
+            if not torch.equal(x[~nx] if nx is not None else x, y[~ny] if ny is not None else y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def drop_rows(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keep the rows `keep` of every batch tensor, and trim each part's padding columns to its longest
+    kept row (right padding), so that the kept rows are collated as if they were the whole batch."""
+    n = len(keep)
+    rows = lambda v: isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n  # noqa: E731
+    out = {k: (v[keep] if rows(v) else v) for k, v in inputs.items()}
+    for part in ("forget", "retain", "refusal"):
+        mask = out.get(f"{part}_attention_mask")
+        if mask is None or mask.dim() != 2 or not len(mask):
+            continue
+        length = int(mask.sum(-1).max())
+        for key in ("input_ids", "attention_mask", "labels"):
+            name = f"{part}_{key}"
+            if name in out:
+                out[name] = out[name][:, :length]
+    return out
+
+
+class SampleGather:
+    """The `gather` a weighting gets: `gather(ids, *values)` -> ids and per-sample values of every
+    process, without pad rows, in process order. `num_processes` and `process_index` say where this
+    process's rows are; `scale` is what a global-batch weighting multiplies its local gradient by
+    (M / M' of the current step, baldro.distributed; the number of processes when nothing is padded)."""
+
+    def __init__(self, trainer: "UnlearnTrainer"):
+        self.trainer = trainer
+        self.scale: float | None = None
+
+    @property
+    def num_processes(self) -> int:
+        return self.trainer.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.trainer.accelerator.process_index
+
+    def __call__(self, ids: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+        return UnlearnTrainer._gather_samples(self.trainer, ids, *values)

@@ -4,6 +4,12 @@ Each weighting reduces a vector of B losses to a scalar whose gradient with resp
 weight of sample i under the worst-case distribution: `mean` gives 1/B, `group` (BalDRO-G) 1/k on the
 k hardest samples, `dv` (BalDRO-DV) softmax(l/sigma), `dv_softmin` (the authors' released code)
 softmax(-l/sigma), `dv_global` a Gibbs tilt over running losses of the whole forget set.
+
+Which batch B is: by default the micro-batch of one process (with gradient accumulation, each
+accumulation micro-batch separately; with several processes, each process's micro-batch separately:
+the step's gradient is the mean over these micro-batches). `global_batch=true` (any weighting,
+`GlobalBatchWeighting`) makes B the micro-batches of all processes at one micro-step together; see
+`baldro.distributed` for the scale that keeps DDP's averaging exact.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class Weighted:
     value: torch.Tensor  # scalar, differentiable
     weights: torch.Tensor  # [B], detached: d value / d l_i
     selected: torch.Tensor | None = None  # group: indices of the samples kept
+    batch_weights: torch.Tensor | None = None  # global batch: the weights over every process's samples
 
 
 # ------------------------------------------------------------------ pure functions
@@ -251,6 +258,66 @@ class GlobalDVWeighting(Weighting):
         self.running = state["running"].clone()
 
 
+class GlobalBatchWeighting(Weighting):
+    """`weighting.args.global_batch=true`: the wrapped weighting sees the samples of every process.
+
+    Each process gathers the detached losses (and NLLs, for group's `hardness: nll`) of all processes
+    (`gather`, from the trainer), computes the wrapped weighting on the concatenation -- weights w
+    normalised over the global batch, and F(l_all) -- and keeps the weights of its own rows. Its value
+    is `F(l_all) + s * (sum_{i local} w_i l_i - stopgrad(same))`: every process logs the global F,
+    and since DDP averages the processes' gradients, s = P (the number of processes) gives
+    `sum_i w_i dl_i` over the global batch, the gradient of F on the concatenated batch. The trainer
+    passes `gather.scale` (P, or M/M' in a step whose last micro-batches are padded: baldro.distributed).
+    On one process (or without `gather`) it is the wrapped weighting itself.
+
+    A stateful weighting (dv_global) is updated from the gathered batch, the same update on every
+    process; `retain_rows` (group's shrink_retain) sees this process's selected rows.
+    """
+
+    preselect = None  # a selection pass would select per process: the wrapped weighting runs in one pass
+
+    def __init__(self, inner: Weighting):
+        self.inner = inner
+        self.name = inner.name
+        self.stateful = inner.stateful
+        self.global_batch = True
+
+    def __getattr__(self, name):  # anything else (state_dict, sigma, ratio, ...) is the wrapped weighting's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, losses, *, ids=None, nll=None, gather=None):
+        processes = int(getattr(gather, "num_processes", 1)) if gather is not None else 1
+        if processes == 1:
+            return self.inner(losses, ids=ids, nll=nll, gather=gather)
+        if ids is None:
+            raise BaldroError(f"weighting {self.name!r} with global_batch needs sample ids")
+        me = int(gather.process_index)
+        scale = getattr(gather, "scale", None)
+        scale = float(processes if scale is None else scale)
+        local_nll = nll.detach() if nll is not None else torch.zeros_like(losses.detach())
+        owner = torch.full_like(ids, me)
+        all_ids, all_losses, all_nll, all_owner = gather(ids, losses.detach(), local_nll, owner)
+        whole = self.inner(all_losses, ids=all_ids, nll=all_nll if nll is not None else None, gather=None)
+        real = ids >= 0  # pad rows (several processes) are not in the gathered batch
+        w = torch.zeros_like(losses.detach())
+        w[real] = whole.weights[all_owner == me].to(w.dtype)
+        local = (w * losses).sum()
+        value = whole.value.detach().to(losses.dtype) + scale * (local - local.detach())
+        selected = torch.nonzero(w > 0).flatten() if whole.selected is not None else None
+        return Weighted(value, w, selected, batch_weights=whole.weights)
+
+    def retain_rows(self, weighted, n_retain, device):
+        return self.inner.retain_rows(weighted, n_retain, device)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
 WEIGHTINGS = {
     "mean": MeanWeighting,
     "group": GroupWeighting,
@@ -261,11 +328,18 @@ WEIGHTINGS = {
 
 
 def make_weighting(name: str, n_samples: int | None = None, **args) -> Weighting:
-    """Build a weighting by name; `n_samples` (the forget-set size) is used by `dv_global`."""
+    """Build a weighting by name; `n_samples` (the forget-set size) is used by `dv_global`.
+    `global_batch=True` (any weighting) wraps it in `GlobalBatchWeighting`."""
     if name not in WEIGHTINGS:
         raise BaldroError(f"unknown weighting {name!r}: use one of {sorted(WEIGHTINGS)}")
+    global_batch = args.pop("global_batch", False)
+    if not isinstance(global_batch, bool):
+        raise BaldroError(f"weighting.args.global_batch={global_batch!r} must be true or false")
+    if global_batch:
+        return GlobalBatchWeighting(make_weighting(name, n_samples=n_samples, **args))
     cls = WEIGHTINGS[name]
     params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "n_samples")]
+    params.append("global_batch")
     for key in args:
         if key not in params:
             close = difflib.get_close_matches(key, params, n=1, cutoff=0.5)
