@@ -8,11 +8,13 @@ subprocess for `--warmup` + `--steps` optimizer steps on a batch of 8 forget and
 128 tokens (random token ids: a step's cost depends on shapes alone), fp32. The forget set holds
 exactly one batch, so every measured step is in a later epoch, where the reference log-prob cache
 answers (`npo cache off` measures the first-epoch cost). Reported: the median step time after the
-warm-up (CUDA: synchronised), and the peak memory during the measured steps: resident memory
-sampled every 5 ms on CPU (the model, its reference copy and AdamW's state included; the column
-"over start" subtracts the resident memory just before the first step), `max_memory_allocated` on
-CUDA. Configurations are interleaved over `--rounds`, so the machine's load drifts equally over all;
-the tables give the median over rounds and the spread (min-max) of the step time.
+warm-up and the peak memory during the measured steps. On CPU the step time is the process's CPU
+seconds with one thread (other work on shared cores barely changes it; wall seconds are in the JSON)
+and the memory is the resident memory sampled every 5 ms (the model, its reference copy and AdamW's
+state included; "over start" subtracts the resident memory just before the first measured step). On
+CUDA: synchronised wall seconds and `max_memory_allocated`. Configurations are interleaved over
+`--rounds`, so a drifting load affects all alike; the tables give the median over rounds and the
+spread (min-max) of the step time.
 
 `--model smollm2` is SmolLM2-135M-Instruct from its packaged GGUF (`model=smollm2-135m-instruct`);
 `--model PATH` any Hugging Face folder; `--random-init` builds the model from the folder's
@@ -128,6 +130,7 @@ def run_child(args) -> None:
         disable_tqdm=True, use_cpu=not cuda, remove_unused_columns=False, dataloader_drop_last=False,
         lr_scheduler_type="constant")
     times: list[float] = []
+    cpu_times: list[float] = []  # this process's CPU seconds: robust to other work on shared cores
     memory: dict = {}
     sampler = _RssSampler() if not cuda else None
 
@@ -145,11 +148,12 @@ def run_child(args) -> None:
                 else:
                     memory["start"] = sampler.now()
                     sampler.start()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             sync()
             times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
 
     trainer = UnlearnTrainer(
         model=model, args=targs, train_dataset=UnlearnDataset(forget, retain, seed=0),
@@ -158,12 +162,15 @@ def run_child(args) -> None:
         ref_cache=extra.get("ref_cache", True))
     trainer.train()
     peak = torch.cuda.max_memory_allocated(device) if cuda else sampler.stop()
+    key = "wall_s" if cuda else "cpu_s"
     result = {
-        "objective": obj_name, "weighting": name, "step_s": statistics.median(times[args.warmup:]),
-        "steps": times[args.warmup:], "peak_mib": peak / 2**20, "start_mib": memory["start"] / 2**20,
+        "objective": obj_name, "weighting": name, "wall_s": statistics.median(times[args.warmup:]),
+        "cpu_s": statistics.median(cpu_times[args.warmup:]), "steps": times[args.warmup:], "peak_mib": peak / 2**20, "start_mib": memory["start"] / 2**20,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "threads": torch.get_num_threads(),
         "memory_kind": "max_memory_allocated" if cuda else "peak RSS",
+        "time_kind": "wall seconds (synchronised)" if cuda else "process CPU seconds (one thread)",
     }
+    result["step_s"] = result[key]
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -276,12 +283,12 @@ def main(argv=None) -> int:
                 r = json.loads(result.read_text())
                 rows.setdefault((o, w), []).append(r)
                 print(f"[{time.time() - t_start:7.0f} s] round {rnd + 1}/{args.rounds} {i + 1}/{len(configs)} "
-                      f"{o} / {w}: {r['step_s']:.3f} s a step, peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                      f"{o} / {w}: {r['step_s']:.3f} s a step ({r['wall_s']:.3f} s wall), peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
         first = next(iter(rows.values()))[0]
         print(f"model {args.model}{' (random init)' if args.random_init else ''}, device {first['device']}, "
               f"{first['threads']} thread(s), batch {args.batch} x {args.tokens} tokens (forget + retain), "
               f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} measured steps; memory: "
-              f"{first['memory_kind']}\n")
+              f"{first['memory_kind']}; step time: {first['time_kind']}\n")
         print(_table(rows, objectives))
         for o in objectives:
             if (o, "mean") in rows and (o, TWO_PASS) in rows:
