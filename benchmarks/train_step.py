@@ -8,13 +8,13 @@ subprocess for `--warmup` + `--steps` optimizer steps on a batch of 8 forget and
 128 tokens (random token ids: a step's cost depends on shapes alone), fp32. The forget set holds
 exactly one batch, so every measured step is in a later epoch, where the reference log-prob cache
 answers (`npo cache off` measures the first-epoch cost). Reported: the median step time after the
-warm-up and the peak memory during the measured steps. On CPU the step time is the process's CPU
-seconds with one thread (other work on shared cores barely changes it; wall seconds are in the JSON)
-and the memory is the resident memory sampled every 5 ms (the model, its reference copy and AdamW's
-state included; "over start" subtracts the resident memory just before the first measured step). On
-CUDA: synchronised wall seconds and `max_memory_allocated`. Configurations are interleaved over
-`--rounds`, so a drifting load affects all alike; the tables give the median over rounds and the
-spread (min-max) of the step time.
+warm-up and the peak memory during the measured steps. The step time is wall seconds, except on CPU
+with `--threads 1`, where it is the process's CPU seconds (less sensitive to other work on shared
+cores; wall seconds are in the JSON); on CUDA it is synchronised. Memory on CPU is the resident memory
+sampled every 5 ms (the model, its reference copy and AdamW's state included; "over start" subtracts
+the resident memory just before the first measured step), on CUDA `max_memory_allocated`.
+Configurations are interleaved over `--rounds`, so a drifting load affects all alike; the tables give
+the median over rounds and the spread (min-max) of the step time.
 
 `--model smollm2` is SmolLM2-135M-Instruct from its packaged GGUF (`model=smollm2-135m-instruct`);
 `--model PATH` any Hugging Face folder; `--random-init` builds the model from the folder's
@@ -162,13 +162,14 @@ def run_child(args) -> None:
         ref_cache=extra.get("ref_cache", True))
     trainer.train()
     peak = torch.cuda.max_memory_allocated(device) if cuda else sampler.stop()
-    key = "wall_s" if cuda else "cpu_s"
+    key = "cpu_s" if not cuda and args.threads == 1 else "wall_s"
     result = {
         "objective": obj_name, "weighting": name, "wall_s": statistics.median(times[args.warmup:]),
         "cpu_s": statistics.median(cpu_times[args.warmup:]), "steps": times[args.warmup:], "peak_mib": peak / 2**20, "start_mib": memory["start"] / 2**20,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "threads": torch.get_num_threads(),
         "memory_kind": "max_memory_allocated" if cuda else "peak RSS",
-        "time_kind": "wall seconds (synchronised)" if cuda else "process CPU seconds (one thread)",
+        "time_kind": {"cpu_s": "process CPU seconds (one thread)", "wall_s": "wall seconds"}[key]
+        + (" (synchronised)" if cuda else ""),
     }
     result["step_s"] = result[key]
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
