@@ -54,7 +54,7 @@ WEIGHTINGS = {
     "mean, cache off": ("mean", {}, {"ref_cache": False}),
     "mean, unfused AdamW": ("mean", {}, {"optim": "adamw_torch"}),
 }
-EXTRA_ONLY_FOR = {"mean, cache off": ("npo", "simnpo"), "mean, unfused AdamW": ("npo",)}
+EXTRA_ONLY_FOR = {"mean, cache off": ("npo",), "mean, unfused AdamW": ("npo",)}  # npo: the one with a reference
 
 
 # ------------------------------------------------------------------------------------------ child
