@@ -1,6 +1,6 @@
 """Benchmark the TOFU evaluator: optimised vs naive, with identical numbers.
 
-    python benchmarks/eval_tofu.py [--model PATH] [--limit N] [--max-new-tokens 200] [--device auto]
+    python benchmarks/eval_tofu.py [--model PATH|smollm2] [--limit N] [--max-new-tokens 200] [--device auto]
 
 Each mode runs in its own subprocess, so that its peak memory is its own (CPU: max RSS from
 `resource.getrusage`; CUDA: `torch.cuda.max_memory_allocated`). The optimised mode shares one
@@ -11,7 +11,16 @@ its own forward passes, keeps the input order and generates with `model.generate
 (what an unoptimised tool does); the script
 asserts that both modes give the same numbers (to float tolerance) and prints markdown tables of
 rows/s per metric group. Without --model, a small random Llama (`baldro.tiny`, preset "demo") with a
-byte-level BPE tokenizer trained on the TOFU texts is built in a temporary folder.
+byte-level BPE tokenizer trained on the TOFU texts is built in a temporary folder; `--model smollm2` is
+SmolLM2-135M-Instruct from its packaged GGUF (`model=smollm2-135m-instruct`), formatted as that config
+group says (ChatML, system prompt "You are a helpful assistant.").
+
+The floor: every run also times a 2048 x 2048 fp32 matmul on the same device and threads, and the parent
+counts the tokens the evaluation cannot avoid (each question's prompt once, every scored answer token
+once, every generated token once, re-tokenised from the log as OpenUnlearning's saved generations
+were); at 2 FLOPs per parameter per token, that work at the matmul's rate is the time no evaluator of
+this model can beat on this machine. The tables give each mode's time as a multiple of that floor and
+the model input tokens each stage actually ran (padding and rejected proposals included).
 """
 
 from __future__ import annotations
@@ -26,7 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
+
 REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = "smollm2"
+SMOLLM2_CONFIG = REPO / "configs" / "model" / "smollm2-135m-instruct.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tofu"
 MODES = {
     "optimised": {"shared_forward": True, "sort_by_length": True},
@@ -53,6 +66,66 @@ def build_default_model(out_dir: Path, data: Path) -> Path:
     return build_tiny_model(out_dir, _tofu_texts(data), preset="demo")
 
 
+def resolve_model(model: str) -> str:
+    """A model folder; `smollm2` materialises SmolLM2-135M-Instruct from its packaged GGUF."""
+    if model == SMOLLM2:
+        from baldro.model_sources import resolve_model_path
+
+        return resolve_model_path("package:smollm2-135m-instruct")
+    return model
+
+
+def build_formatter(tokenizer, smollm2: bool):
+    """The model's QA formatter: SmolLM2's config group's format section, else the tokenizer's defaults."""
+    from baldro.data.formatting import QAFormatter
+
+    if not smollm2:
+        return QAFormatter(tokenizer)
+    import yaml
+
+    fmt = yaml.safe_load(SMOLLM2_CONFIG.read_text(encoding="utf-8"))["format"]
+    return QAFormatter(tokenizer, system_prompt=fmt["system_prompt"], use_chat_template=fmt["use_chat_template"])
+
+
+def matmul_gflops(device, dtype, n: int = 2048, repeats: int = 10) -> float:
+    """The best rate of an n x n matmul: what the floor divides by."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def needed_tokens(tokenizer, formatter, data_dir: str, forget_split: str, limit, eval_log: dict) -> dict:
+    """Tokens no evaluator can skip: each question's prompt once, every scored answer once, every
+    generated token once (the generations of `eval_log`, re-tokenised, plus the EOS that ends a short one)."""
+    from baldro.eval.tofu import load_tofu_eval_data
+
+    data = load_tofu_eval_data(data_dir, forget_split, limit)
+    scored = 0
+    for s in data.sets:
+        for r in data.rows[s.key]:
+            prompt = formatter.encode_prompt(r["question"])
+            answers = [r["answer"], *([r["paraphrased_answer"]] if s.paraphrase else []), *r["perturbed_answer"]]
+            scored += len(prompt) + sum(len(formatter.encode(r["question"], a).input_ids) - len(prompt) for a in answers)
+    scored += sum(len(formatter.encode(r["question"], r["answer"]).input_ids) for r in data.rows["holdout"])
+    generated = 0
+    for key, entry in eval_log.items():
+        if key.endswith("_ROUGE"):
+            for v in entry["value_by_index"].values():
+                generated += len(tokenizer(v["generation"], add_special_tokens=False)["input_ids"]) + 1
+    return {"teacher_forced": scored, "generated": generated}
+
+
 # ------------------------------------------------------------------------------------------ child
 def _peak_memory_mib(device) -> float:
     import torch
@@ -67,7 +140,6 @@ def run_child(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from baldro.data.formatting import QAFormatter
     from baldro.eval.tofu import evaluate_tofu
 
     if args.threads:
@@ -78,6 +150,7 @@ def run_child(args) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    gflops = matmul_gflops(device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -85,7 +158,7 @@ def run_child(args) -> None:
     timings: dict = {}
     start = time.perf_counter()
     evaluate_tofu(
-        model, tokenizer, QAFormatter(tokenizer), args.data, forget_split=args.forget_split, out_dir=args.out_dir,
+        model, tokenizer, build_formatter(tokenizer, args.smollm2), args.data, forget_split=args.forget_split, out_dir=args.out_dir,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit, timings=timings,
         progress=False, **MODES[args.child],
     )
@@ -102,6 +175,7 @@ def run_child(args) -> None:
         "memory_kind": "max_memory_allocated" if device.type == "cuda" else "max RSS",
         "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
+        "matmul_gflops": gflops,
     }
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
@@ -109,13 +183,14 @@ def run_child(args) -> None:
 # ----------------------------------------------------------------------------------------- parent
 def _table(results: list[dict]) -> str:
     lines = [
-        "| mode | metric group | rows | sequences | seconds | rows/s |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| mode | metric group | rows | sequences | model input tokens | seconds | rows/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         for group, t in r["timings"].items():
             rate = t["rows"] / t["seconds"] if t["seconds"] > 0 else float("inf")
-            lines.append(f"| {r['mode']} | {group} | {t['rows']} | {t['sequences']} | {t['seconds']:.2f} | {rate:.1f} |")
+            lines.append(f"| {r['mode']} | {group} | {t['rows']} | {t['sequences']} | {t.get('model_tokens', 0)} | "
+                         f"{t['seconds']:.2f} | {rate:.1f} |")
     return "\n".join(lines)
 
 
@@ -136,6 +211,27 @@ def _summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def floor_seconds(need: dict, params: int, gflops: float) -> float:
+    """The needed tokens at 2 FLOPs per parameter each, at the matmul's rate."""
+    return (need["teacher_forced"] + need["generated"]) * 2 * params / (gflops * 1e9)
+
+
+def _floor_table(results: list[dict], need: dict) -> str:
+    lines = [
+        f"needed tokens: {need['teacher_forced']:,} teacher-forced (each prompt once) + {need['generated']:,} generated",
+        "",
+        "| mode | matmul GFLOPS | floor s | whole evaluation s | x floor | model input tokens | x needed tokens |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    total_need = need["teacher_forced"] + need["generated"]
+    for r in results:
+        floor = floor_seconds(need, r["params"], r["matmul_gflops"])
+        ran = sum(t.get("model_tokens", 0) for t in r["timings"].values())
+        lines.append(f"| {r['mode']} | {r['matmul_gflops']:.1f} | {floor:.1f} | {r['wall_s']:.1f} | "
+                     f"{r['wall_s'] / floor:.2f} | {ran:,} | {ran / total_need:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder (default: build a small random Llama)")
@@ -152,6 +248,7 @@ def main(argv=None) -> int:
                    help="run the modes alternately N times and report each mode's fastest run (noisy machines)")
     p.add_argument("--keep", help="keep the eval logs in this folder")
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
+    p.add_argument("--smollm2", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -165,7 +262,7 @@ def main(argv=None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="baldro_bench_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
-        model = args.model
+        model = resolve_model(args.model) if args.model else None
         if model is None:
             t0 = time.perf_counter()
             model = str(build_default_model(Path(tmp) / "model", Path(args.data)))
@@ -179,7 +276,7 @@ def main(argv=None) -> int:
                 "--forget-split", args.forget_split, "--max-new-tokens", str(args.max_new_tokens),
                 "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype,
                 "--out-dir", str(out), "--result", str(res),
-            ] + (["--limit", str(args.limit)] if args.limit else []) + (
+            ] + (["--smollm2"] if args.model == SMOLLM2 else []) + (["--limit", str(args.limit)] if args.limit else []) + (
                 ["--threads", str(args.threads)] if args.threads else [])
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
             subprocess.run(cmd, check=True, env=env)
@@ -202,7 +299,6 @@ def main(argv=None) -> int:
         print()
         print(_summary_table(results))
         if len(results) == 2:
-            from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
 
             a = json.loads((work / modes[0] / EVAL_FILE).read_text())
             b = json.loads((work / modes[1] / EVAL_FILE).read_text())
@@ -213,6 +309,14 @@ def main(argv=None) -> int:
                 print(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
                 return 1
             print("numbers identical between the modes (rtol 1e-5, atol 1e-7): yes")
+        if args.model and modes:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model)
+            log = json.loads((work / modes[0] / EVAL_FILE).read_text())
+            need = needed_tokens(tok, build_formatter(tok, args.model == SMOLLM2), args.data, args.forget_split,
+                                 args.limit, log)
+            print("\n" + _floor_table(results, need))
     return 0
 
 

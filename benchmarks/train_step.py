@@ -5,7 +5,9 @@
 
 Each configuration runs `UnlearnTrainer` (the library's trainer, nothing re-implemented) in its own
 subprocess for `--warmup` + `--steps` optimizer steps on a batch of 8 forget and 8 retain samples of
-128 tokens (random token ids: a step's cost depends on shapes alone), fp32. The forget set holds
+128 tokens (random token ids: a step's cost depends on shapes alone, once subnormal floats are flushed
+to zero as the recipes do by default, `model.flush_denormal`; `mean, subnormals kept` shows the cost
+without, where a saturating loss sends its gradients into that range), fp32. The forget set holds
 exactly one batch, so every measured step is in a later epoch, where the reference log-prob cache
 answers (`npo cache off` measures the first-epoch cost). Reported: the median step time after the
 warm-up and the peak memory during the measured steps. The step time is wall seconds, except on CPU
@@ -53,8 +55,10 @@ WEIGHTINGS = {
     "dv_global": ("dv_global", {"sigma": 2.0}, {}),
     "mean, cache off": ("mean", {}, {"ref_cache": False}),
     "mean, unfused AdamW": ("mean", {}, {"optim": "adamw_torch"}),
+    "mean, subnormals kept": ("mean", {}, {"flush_denormal": False}),
 }
-EXTRA_ONLY_FOR = {"mean, cache off": ("npo",), "mean, unfused AdamW": ("npo",)}  # npo: the one with a reference
+EXTRA_ONLY_FOR = {"mean, cache off": ("npo",), "mean, unfused AdamW": ("npo",),  # npo: the one with a reference
+                  "mean, subnormals kept": ("simnpo", "satimp")}  # saturating losses: tiny gradients
 
 
 # ------------------------------------------------------------------------------------------ child
@@ -100,6 +104,7 @@ def run_child(args) -> None:
     from transformers import TrainerCallback, TrainingArguments
 
     from baldro.data.formatting import EncodedQA
+    from baldro.models import set_flush_denormal
     from baldro.recipes import make_reference_model
     from baldro.objectives import get_objective, get_retain_loss
     from baldro.trainer import UnlearnCollator, UnlearnDataset, UnlearnTrainer
@@ -110,6 +115,7 @@ def run_child(args) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     name, obj_name = args.child, args.objective
     w_name, w_args, extra = WEIGHTINGS[name]
+    set_flush_denormal(extra.get("flush_denormal", True))  # the recipes' default (model.flush_denormal)
     model = _load_model(args, torch).to(device)
     objective = get_objective(obj_name)
     retain_loss = get_retain_loss("nll")
@@ -222,6 +228,8 @@ def _ratios(rows: dict, objective: str) -> str:
         lines.append(f"- reference cache: a cached step {on:.3f} s vs {off:.3f} s uncached ({on / off:.3f}x); "
                      f"10 epochs of S steps cost S x ({off:.3f} + 9 x {on:.3f}) = S x {off + 9 * on:.2f} s with the "
                      f"cache vs S x {10 * off:.2f} s without ({(off + 9 * on) / (10 * off):.3f}x)")
+    if rows.get((objective, "mean, subnormals kept")):
+        lines.append(f"- subnormals kept / flushed (mean) step time: {med('mean, subnormals kept') / med('mean'):.3f}")
     if rows.get((objective, "mean, unfused AdamW")):
         lines.append(f"- fused / unfused AdamW step time: {med('mean') / med('mean, unfused AdamW'):.3f}")
     return "\n".join(lines)

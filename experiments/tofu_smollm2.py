@@ -61,7 +61,8 @@ UNLEARN = [
 ONE_PASS_GROUP = ["weighting.args.selection=onepass"]
 EVAL = ["split=forget01", "eval.batch_size=16", "eval.max_new_tokens=80"]
 COMMON = ["model.dtype=float32", "model.device=cpu", "train.use_cpu=true", "train.bf16=false", "train.disable_tqdm=true",
-          "log_to_console=false", "train.optim=adamw_torch"]  # the optimizer of commit 05ec6e1 (unfused)
+          "log_to_console=false",
+          "train.optim=adamw_torch", "model.flush_denormal=false"]  # commit 05ec6e1's: unfused AdamW, subnormals kept
 # Files a finished cell keeps (relative to its run folder); models are never copied.
 KEEP = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl",
         "eval/config.yaml", "eval/eval_info.json", "eval/TOFU_EVAL.json", "eval/TOFU_SUMMARY.json")

@@ -167,3 +167,25 @@ def test_progress_is_logged_when_stderr_is_not_a_terminal(caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["scoring (forget): 20/30 sequences, 31 s", "scoring (forget): 30/30 sequences in 65.0 s"]
     assert not isinstance(engine.progress_bar(3, "x", False), engine.LogProgress)  # progress=False stays silent
+
+
+def test_stage_timer_counts_the_tokens_every_forward_reads():
+    model = _tiny_llama()
+    timer = suite.StageTimer({"forget": 3}, model)
+    ids = torch.ones((3, 5), dtype=torch.long)
+
+    def two_passes():
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            model(input_ids=ids[:, :1], **{kv_cache.cache_kwarg(model): kv_cache.output_cache(out)})  # a decoding step
+
+    timer.run("probability", ["forget/answer"], 3, two_passes)
+    timer.run("rouge", ["forget/prompts"], 3, lambda: None)
+    assert timer.result()["probability"] == {"rows": 3, "sequences": 3, "seconds": pytest.approx(
+        timer.seconds["probability"]), "model_tokens": 15 + 3}
+    assert timer.result()["rouge"]["model_tokens"] == 0
+    model(input_ids=ids)  # outside a stage: not counted, the hook is gone
+    assert timer.tokens["probability"] == 18
+    plain = suite.StageTimer({"forget": 3})  # no model: nothing counted, no key
+    plain.run("probability", ["forget/answer"], 3, two_passes)
+    assert "model_tokens" not in plain.result()["probability"]

@@ -187,3 +187,19 @@ def test_a_resumed_run_reads_the_cache_from_its_checkpoint(tiny_model_dir, tofu_
     _npo_run(tiny_model_dir, tofu_dir, out, "resume=true")
     assert counter.calls == 0  # steps 5 and 6 used the cache from checkpoint-4
     assert (out / "model" / "model.safetensors").read_bytes() == (whole / "model" / "model.safetensors").read_bytes()
+
+
+def test_recipes_flush_subnormal_floats_on_cpu_unless_told_not_to(tiny_model_dir):
+    from baldro.recipes import load_model_and_tokenizer
+    from baldro.schema import ModelConfig
+
+    subnormal = torch.tensor([1e-39])
+    try:
+        load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), device="cpu", flush_denormal=False))
+        assert float(subnormal * 1.0) > 0
+        load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), device="cpu"))  # the default
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU has no flush-to-zero flag")
+        assert float(subnormal * 1.0) == 0.0
+    finally:
+        torch.set_flush_denormal(False)

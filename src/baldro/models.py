@@ -167,6 +167,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def set_flush_denormal(enabled: bool) -> bool:
+    """Treat subnormal floats as zero in CPU arithmetic (`model.flush_denormal`), for the whole
+    process: x86 cores compute with them many times slower, and a saturated forget loss sends its
+    gradients there. A no-op on CPUs without the flag; GPUs are not affected."""
+    return torch.set_flush_denormal(bool(enabled))
+
+
 def load_model(
     path: str,
     dtype: str | None = "auto",

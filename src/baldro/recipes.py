@@ -41,7 +41,7 @@ from baldro.data.tofu import load_refusals, load_split
 from baldro.distributed import barrier, check_launched_world, full_state_dict, is_sharded, loads_sharded, zero_stage
 from baldro.errors import BaldroError
 from baldro.io import RunLock, truncate_jsonl, write_json_atomic, write_text_atomic
-from baldro.models import load_model, load_tokenizer, resolve_device, save_model
+from baldro.models import load_model, load_tokenizer, resolve_device, save_model, set_flush_denormal
 from baldro.objectives import get_objective, get_retain_loss
 from baldro.schema import DataConfig, EvalConfig, FormatConfig, ModelConfig, Recipe, validate, validate_model
 from baldro.trainer import (
@@ -83,6 +83,7 @@ def build_formatter(format: FormatConfig, data: DataConfig, tokenizer) -> QAForm
 def load_model_and_tokenizer(m: ModelConfig, device: str | None = None, seed: int = 0):
     if not m.path:
         raise BaldroError("model.path is not set: give a hub id or a local folder (model.path=...)")
+    set_flush_denormal(m.flush_denormal)
     model = load_model(
         m.path,
         dtype=m.dtype,

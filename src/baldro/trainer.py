@@ -710,20 +710,15 @@ def _same_state(a: dict, b: dict) -> bool:
 
 
 def drop_rows(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Keep the rows `keep` of every batch tensor, and trim each part's padding columns to its longest
-    kept row (right padding), so that the kept rows are collated as if they were the whole batch."""
+    """Keep the rows `keep` of every batch tensor; each part's padding columns are trimmed to its
+    longest kept row (`select_rows`), so that the kept rows are collated as if they were the whole batch."""
     n = len(keep)
-    rows = lambda v: isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n  # noqa: E731
-    out = {k: (v[keep] if rows(v) else v) for k, v in inputs.items()}
+    out = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+           for k, v in inputs.items()}
     for part in ("forget", "retain", "refusal"):
-        mask = out.get(f"{part}_attention_mask")
-        if mask is None or mask.dim() != 2 or not len(mask):
-            continue
-        length = int(mask.sum(-1).max())
-        for key in ("input_ids", "attention_mask", "labels"):
-            name = f"{part}_{key}"
-            if name in out:
-                out[name] = out[name][:, :length]
+        sub = batch_part(inputs, part)
+        if sub.get("attention_mask") is not None and sub["attention_mask"].dim() == 2:
+            out.update({f"{part}_{k}": v for k, v in select_rows(sub, keep).items()})
     return out
 
 

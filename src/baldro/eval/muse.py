@@ -274,7 +274,7 @@ def evaluate_muse(
     pad_id = pad_token_id(tokenizer)
     texts = encode_muse(formatter, data, max_length)
     _warn_beyond_context(model, texts, verbmem_max_new_tokens)
-    timer = StageTimer(n_rows)
+    timer = StageTimer(n_rows, model)
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
     scores, drafts = score_metrics(
         model, source_texts(texts), metric_plan(), timer, batch_size=batch_size, pad_token_id=pad_id,

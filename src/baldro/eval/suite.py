@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from baldro.data.formatting import IGNORE_INDEX, EncodedQA
 from baldro.errors import BaldroError
@@ -52,33 +53,52 @@ def pad_token_id(tokenizer) -> int:
 
 # ---------------------------------------------------------------------------------------- timing
 class StageTimer:
-    """Accumulates seconds, sequences and distinct dataset rows per timing group.
+    """Accumulates seconds, sequences, distinct dataset rows and model input tokens per timing group.
 
-    `n_rows` maps a set (the part of a source name before "/") to its number of rows."""
+    `n_rows` maps a set (the part of a source name before "/") to its number of rows. With `model`,
+    a hook on its input embeddings counts the token positions every forward pass reads (padding and
+    rejected proposals included): the work a stage did, next to the tokens it needed."""
 
-    def __init__(self, n_rows: dict[str, int]):
+    def __init__(self, n_rows: dict[str, int], model=None):
         self.n_rows = n_rows
+        self.model = model
         self.seconds: dict[str, float] = defaultdict(float)
         self.sequences: dict[str, int] = defaultdict(int)
         self.sets: dict[str, set] = defaultdict(set)
+        self.tokens: dict[str, int] = defaultdict(int)
+
+    def _count_tokens(self, group: str):
+        embed = getattr(self.model, "get_input_embeddings", lambda: None)() if self.model is not None else None
+        if embed is None:
+            return None
+
+        def count(_module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                self.tokens[group] += args[0].numel()
+
+        return embed.register_forward_pre_hook(count)
 
     def run(self, group: str, sources: Sequence[str], n_sequences: int, fn: Callable):
+        hook = self._count_tokens(group)
         t0 = time.perf_counter()
-        out = fn()
+        try:
+            out = fn()
+        finally:
+            if hook is not None:
+                hook.remove()
         self.seconds[group] += time.perf_counter() - t0
         self.sequences[group] += n_sequences
         self.sets[group].update(s.split("/")[0] for s in sources)
         return out
 
     def result(self) -> dict[str, dict]:
-        return {
-            g: {
-                "rows": sum(self.n_rows[k] for k in self.sets[g]),
-                "sequences": self.sequences[g],
-                "seconds": self.seconds[g],
-            }
-            for g in self.seconds
-        }
+        out = {}
+        for g in self.seconds:
+            out[g] = {"rows": sum(self.n_rows[k] for k in self.sets[g]), "sequences": self.sequences[g],
+                      "seconds": self.seconds[g]}
+            if self.model is not None:
+                out[g]["model_tokens"] = self.tokens[g]
+        return out
 
 
 # --------------------------------------------------------------------------------------- scoring

@@ -439,7 +439,7 @@ def _evaluate_tofu(
     reference_log = load_retain_log(retain_logs_path, data) if retain_logs_path else None
     pad_id = pad_token_id(tokenizer)
     texts = _encode(formatter, data, compat)
-    timer = StageTimer({k: len(v) for k, v in data.rows.items()})
+    timer = StageTimer({k: len(v) for k, v in data.rows.items()}, model)
     plan = _metric_plan(data.sets)
     if compat != "none":
         sort_by_length = False
