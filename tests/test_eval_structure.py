@@ -70,6 +70,31 @@ def test_cache_internals_hold_for_the_installed_transformers():
         ))
 
 
+def test_a_growing_cache_decodes_as_a_dynamic_one_and_appends_in_place():
+    """GrowingLayer (cache_from_layers(grow=True)) relies on Cache.update indexing Cache.layers: the
+    logits must be bitwise those of a plain DynamicCache, steps must write into the same buffer, and
+    a row selection must be noticed."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    arg = kv_cache.cache_kwarg(model)
+    with torch.no_grad():
+        layers = kv_cache.cache_layers(kv_cache.output_cache(model(input_ids=ids[:, :4], use_cache=True)))
+        plain, growing = kv_cache.cache_from_layers(layers), kv_cache.cache_from_layers(layers, grow=True)
+        assert kv_cache.is_batchable_cache(growing)
+        start = growing.layers[0].keys.data_ptr()
+        for t in range(4, 10):
+            a = model(input_ids=ids[:, t : t + 1], use_cache=True, **{arg: plain}).logits
+            b = model(input_ids=ids[:, t : t + 1], use_cache=True, **{arg: growing}).logits
+            assert torch.equal(a, b), f"{TRANSFORMERS}: a GrowingLayer cache decodes differently"
+        assert growing.layers[0].keys.data_ptr() == start, "decoding steps reallocated the cache"
+        assert growing.layers[0].keys.shape[-2] == 10
+        for cache in (plain, growing):
+            kv_cache.select_rows(cache, torch.tensor([2, 0]))
+        a = model(input_ids=ids[[2, 0], 10:], use_cache=True, **{arg: plain}).logits
+        b = model(input_ids=ids[[2, 0], 10:], use_cache=True, **{arg: growing}).logits
+        assert torch.equal(a, b), f"{TRANSFORMERS}: a GrowingLayer cache lost its rows after a selection"
+
+
 def test_caches_that_drop_positions_are_not_batchable():
     from transformers import MistralConfig, MistralForCausalLM
 

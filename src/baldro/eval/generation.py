@@ -287,7 +287,7 @@ class _Batch:
             if old is not None:
                 k, v = torch.cat([_left_pad(old[i][0], width, 2), k]), torch.cat([_left_pad(old[i][1], width, 2), v])
             layers.append((k, v))
-        self.cache = cache_from_layers(layers)
+        self.cache = cache_from_layers(layers, grow=True)
         self.attn = torch.cat([_left_pad(self.attn, width, 1), _left_pad(attn, width, 1)])
         self.pos = torch.cat([self.pos, attn.sum(1)])
         self.rows += rows
@@ -318,7 +318,7 @@ class _Batch:
         for k, v in cache_layers(self.cache):
             g = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             layers.append((k.gather(2, g), v.gather(2, g)))
-        self.cache = cache_from_layers(layers)
+        self.cache = cache_from_layers(layers, grow=True)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
