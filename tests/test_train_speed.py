@@ -193,12 +193,14 @@ def test_recipes_flush_subnormal_floats_on_cpu_unless_told_not_to(tiny_model_dir
     from baldro.recipes import load_model_and_tokenizer
     from baldro.schema import ModelConfig
 
-    subnormal = torch.tensor([1e-39])
+    # the smallest subnormal float, made from its bits (a float conversion could already flush it);
+    # one element, so the op runs on this thread, whose flag torch.set_flush_denormal sets
+    subnormal = torch.ones(1, dtype=torch.int32).view(torch.float32)
     try:
         load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), device="cpu", flush_denormal=False))
         assert float(subnormal * 1.0) > 0
         load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), device="cpu"))  # the default
-        if not torch.set_flush_denormal(True):
+        if float(subnormal * 1.0) > 0 and not torch.set_flush_denormal(True):
             pytest.skip("this CPU has no flush-to-zero flag")
         assert float(subnormal * 1.0) == 0.0
     finally:

@@ -168,9 +168,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def set_flush_denormal(enabled: bool) -> bool:
-    """Treat subnormal floats as zero in CPU arithmetic (`model.flush_denormal`), for the whole
-    process: x86 cores compute with them many times slower, and a saturated forget loss sends its
-    gradients there. A no-op on CPUs without the flag; GPUs are not affected."""
+    """Treat subnormal floats as zero in CPU arithmetic (`model.flush_denormal`): x86 cores compute
+    with them many times slower, and a saturated forget loss sends its gradients there. The flag is
+    per thread: it holds for this thread and the threads torch starts afterwards (its OpenMP pool is
+    started by the first parallel operation), so the recipes set it before the model loads. A no-op
+    on CPUs without the flag; GPUs are not affected."""
     return torch.set_flush_denormal(bool(enabled))
 
 
