@@ -299,7 +299,6 @@ def main(argv=None) -> int:
         print()
         print(_summary_table(results))
         if len(results) == 2:
-
             a = json.loads((work / modes[0] / EVAL_FILE).read_text())
             b = json.loads((work / modes[1] / EVAL_FILE).read_text())
             diffs = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)

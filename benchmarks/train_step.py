@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from eval_tofu import resolve_model  # the `smollm2` alias
+
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("ga", "npo", "simnpo", "satimp")
 # name -> (weighting, its arguments, recipe extras)
@@ -235,14 +237,6 @@ def _ratios(rows: dict, objective: str) -> str:
     return "\n".join(lines)
 
 
-def _materialise(model: str) -> str:
-    if model == "smollm2":
-        from baldro.model_sources import resolve_model_path
-
-        return resolve_model_path("package:smollm2-135m-instruct")
-    return model
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="smollm2, tiny, or a Hugging Face folder")
@@ -275,7 +269,7 @@ def main(argv=None) -> int:
             LlamaConfig(vocab_size=1024, tie_word_embeddings=True, **PRESETS["demo"]).save_pretrained(tmp)
             model_path, args.random_init = tmp, True
         else:
-            model_path = _materialise(args.model)
+            model_path = resolve_model(args.model)
         objectives = [o for o in args.objectives.split(",") if o]
         configs = [(o, w) for o, w in _configs(objectives) if not args.weightings or w in args.weightings.split(";")]
         rows: dict = {}

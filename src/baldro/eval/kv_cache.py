@@ -19,6 +19,7 @@ import inspect
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # [batch, kv_heads, positions, head_dim] each
 
@@ -45,10 +46,6 @@ def cache_layers(cache) -> list[KeysValues] | None:
 
     Private transformers internals (>= 4.56): `DynamicCache.layers`, `DynamicLayer` and its
     `keys` / `values` attributes."""
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:  # pragma: no cover - older transformers
-        return None
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not layers or any(type(la) not in (DynamicLayer, GrowingLayer)
                                                                   for la in layers):
@@ -68,8 +65,6 @@ def cache_from_layers(layers: Sequence[KeysValues], grow: bool = False):
     Relies on the `ddp_cache_data` argument of `DynamicCache.__init__` (transformers >= 4.56), which
     fills one `DynamicLayer` per (keys, values) pair, and (`grow`) on `Cache.layers` being the list
     its `update` indexes."""
-    from transformers.cache_utils import DynamicCache
-
     if not grow:
         return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
     cache = DynamicCache()
@@ -82,50 +77,39 @@ def select_rows(cache, rows: torch.Tensor) -> None:
     cache.batch_select_indices(rows)
 
 
-def _growing_layer_class():
-    from transformers.cache_utils import DynamicLayer
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends in place: `keys` / `values` are views of buffers with room for
+    more positions (capacity doubled when full), so a step writes only its new positions. Anything
+    that replaces `keys` (row selection, cropping) is noticed at the next `update`, which then copies
+    the cache into new buffers once."""
 
-    class GrowingLayer(DynamicLayer):
-        """A DynamicLayer that appends in place: `keys` / `values` are views of buffers with room
-        for more positions (capacity doubled when full), so a step writes only its new positions.
-        Anything that replaces `keys` (row selection, cropping) is noticed at the next `update`,
-        which then copies the cache into new buffers once."""
+    MIN_CAPACITY = 64
 
-        MIN_CAPACITY = 64
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> "GrowingLayer":
+        layer = cls()
+        layer.update(keys, values)
+        return layer
 
-        @classmethod
-        def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> "GrowingLayer":
-            layer = cls()
-            layer.update(keys, values)
-            return layer
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = self.keys.shape[-2] if self.keys.numel() else 0
-            m = key_states.shape[-2]
-            buffers = getattr(self, "_kv_buffers", None)
-            if buffers is None or n + m > buffers[0].shape[-2] or not _views_start_of(self.keys, buffers[0]) \
-                    or buffers[0].shape[:-2] != key_states.shape[:-2]:
-                capacity = max(2 * (n + m), self.MIN_CAPACITY)
-                buffers = tuple(s.new_empty((*s.shape[:-2], capacity, s.shape[-1])) for s in (key_states, value_states))
-                if n:
-                    buffers[0][..., :n, :].copy_(self.keys)
-                    buffers[1][..., :n, :].copy_(self.values)
-                self._kv_buffers = buffers
-            buffers[0][..., n : n + m, :].copy_(key_states)
-            buffers[1][..., n : n + m, :].copy_(value_states)
-            self.keys, self.values = buffers[0][..., : n + m, :], buffers[1][..., : n + m, :]
-            return self.keys, self.values
-
-    return GrowingLayer
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.numel() else 0
+        m = key_states.shape[-2]
+        buffers = getattr(self, "_kv_buffers", None)
+        if buffers is None or n + m > buffers[0].shape[-2] or not _views_start_of(self.keys, buffers[0]) \
+                or buffers[0].shape[:-2] != key_states.shape[:-2]:
+            capacity = max(2 * (n + m), self.MIN_CAPACITY)
+            buffers = tuple(s.new_empty((*s.shape[:-2], capacity, s.shape[-1])) for s in (key_states, value_states))
+            if n:
+                buffers[0][..., :n, :].copy_(self.keys)
+                buffers[1][..., :n, :].copy_(self.values)
+            self._kv_buffers = buffers
+        buffers[0][..., n : n + m, :].copy_(key_states)
+        buffers[1][..., n : n + m, :].copy_(value_states)
+        self.keys, self.values = buffers[0][..., : n + m, :], buffers[1][..., : n + m, :]
+        return self.keys, self.values
 
 
 def _views_start_of(view: torch.Tensor, buffer: torch.Tensor) -> bool:
     return view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
-
-
-try:
-    GrowingLayer = _growing_layer_class()
-except ImportError:  # pragma: no cover - transformers without DynamicLayer: cache_layers returns None
-    GrowingLayer = type("GrowingLayer", (), {})
