@@ -139,6 +139,8 @@ CASES = [
     ("max_length 0", lambda f: unlearn(f, "data.max_length=0"), "data.max_length=0 must be >= 1"),
     ("limit 0", lambda f: unlearn(f, "data.limit=0"), "data.limit=0 must be >= 1"),
     ("eval batch 0", lambda f: evaluate(f, "eval.batch_size=0"), "eval.batch_size=0 must be >= 1"),
+    ("eval generation batch 0", lambda f: evaluate(f, "eval.generation_batch_size=0"),
+     "eval.generation_batch_size=0 must be >= 1"),
     ("eval tokens 0", lambda f: unlearn(f, "eval.at_end=true", "eval.max_new_tokens=0"), "eval.max_new_tokens=0"),
     ("benchmark", lambda f: evaluate(f, "eval.benchmark=wmdp"), "eval.benchmark='wmdp' is not supported"),
     ("balance -1", lambda f: unlearn(f, "balance.every_n_steps=-1"), "balance.every_n_steps=-1 must be >= 0"),

@@ -217,6 +217,8 @@ def test_recipe_switch_and_batch_size_defaults():
     ou = kwargs("eval.compat=openunlearning")
     assert ou["compat"] == "openunlearning" and ou["batch_size"] == 32
     assert kwargs("eval.compat=openunlearning", "eval.batch_size=8")["batch_size"] == 8
+    assert kwargs()["generation_batch_size"] is None  # generation.DECODE_BATCH_FACTOR x batch_size
+    assert kwargs("eval.generation_batch_size=64")["generation_batch_size"] == 64
 
 
 def test_bad_compat_value_is_one_line_exit_2(tiny_model_dir, tofu_dir, tmp_path, capsys):

@@ -95,6 +95,52 @@ def test_a_growing_cache_decodes_as_a_dynamic_one_and_appends_in_place():
         assert torch.equal(a, b), f"{TRANSFORMERS}: a GrowingLayer cache lost its rows after a selection"
 
 
+def test_a_decoding_batch_stays_exact_as_rows_join_leave_and_the_cache_is_compacted():
+    """generation._Batch on GrowingLayer buffers (kv_cache.append_rows / move_rows /
+    gather_positions): after every change, each row's next-token logits are those of a plain forward
+    pass over its own tokens; dropping a row moves the last row into its place without reallocating."""
+    from baldro.eval import generation
+
+    model = _tiny_llama()
+    arg = kv_cache.cache_kwarg(model)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 6, 2, 14)]
+    seqs: dict[int, list[int]] = {}
+    batch = generation._Batch(torch.device("cpu"), max_rows=3)
+
+    def join(idx):
+        fresh, attn, first = generation._prefill(model, [prompts[i] for i in idx], 0, False, arg)
+        batch.add(idx, fresh, attn, first)
+        seqs.update({i: list(prompts[i]) for i in idx})
+
+    def step():
+        attn = torch.cat([batch.attn, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
+        out = model(input_ids=torch.tensor([[t] for t in batch.last]), attention_mask=attn,
+                    position_ids=batch.pos[:, None], use_cache=True, **{arg: batch.cache})
+        batch.attn, batch.pos = attn, batch.pos + 1
+        for b, i in enumerate(batch.rows):
+            seqs[i].append(batch.last[b])
+            ref = model(input_ids=torch.tensor([seqs[i]])).logits[0, -1]
+            torch.testing.assert_close(out.logits[b, -1], ref, rtol=1e-5, atol=1e-5)
+        batch.last = out.logits[:, -1].argmax(-1).tolist()
+
+    with torch.no_grad():
+        join([0, 1])
+        step(), step()
+        join([2])  # narrower than the batch: right-aligned, zeros before it
+        step()
+        buffer = batch.cache.layers[0]._kv_buffers[0].data_ptr()
+        batch.keep([1, 2])  # row 0 leaves: row 2 moves into its place
+        assert batch.rows == [2, 1]
+        assert batch.cache.layers[0]._kv_buffers[0].data_ptr() == buffer, "dropping a row copied the cache"
+        step()
+        join([3])  # wider than the batch: the old rows shift right
+        step(), step()
+        batch.keep([0])  # only the short row is left: the cache is cut to its width
+        assert batch.rows == [2] and batch.attn.shape[1] == len(seqs[2]) and bool(batch.attn.all())
+        step(), step()
+
+
 def test_caches_that_drop_positions_are_not_batchable():
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -172,7 +218,7 @@ def test_tofu_keeps_its_public_names():
     assert tofu.diff_eval_logs is suite.diff_eval_logs
     assert list(inspect.signature(tofu.evaluate_tofu).parameters) == [
         "model", "tokenizer", "formatter", "data_source", "forget_split", "out_dir", "retain_logs_path", "batch_size",
-        "max_new_tokens", "limit", "shared_forward", "sort_by_length", "timings", "progress",
+        "max_new_tokens", "limit", "shared_forward", "sort_by_length", "timings", "progress", "generation_batch_size",
     ]
 
 

@@ -123,6 +123,9 @@ class EvalConfig:
     retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json (muse: the retrained model's MUSE_EVAL.json)
     target_logs_path: Optional[str] = None  # the target model's TOFU_EVAL.json: the over-forgotten criterion
     batch_size: Optional[int] = None  # null: 16, or OpenUnlearning's 32 with compat=openunlearning
+    # rows decoded at once by continuous batching; null: 3 x batch_size (a decoding pass reads every weight
+    # for one token per row, so more rows make it cheaper per token; ignored by compat=openunlearning)
+    generation_batch_size: Optional[int] = None
     max_new_tokens: int = 200  # tofu
     verbmem_max_new_tokens: int = 128  # muse VerbMem continuations
     knowmem_max_new_tokens: int = 32  # muse KnowMem answers
@@ -321,6 +324,8 @@ def _check_eval(e: EvalConfig, kind: str) -> None:
     if e.benchmark not in ("tofu", "muse"):
         raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu or muse")
     _optional_positive_int("eval.batch_size", e.batch_size, hint=": use null (the default) or a count >= 1")
+    _optional_positive_int("eval.generation_batch_size", e.generation_batch_size,
+                           hint=": use null (the default, 3 x eval.batch_size) or a count >= 1")
     check_compat(e.compat)
     if e.compat != "none" and e.benchmark != "tofu":
         raise BaldroError(f"eval.compat={e.compat} is only implemented for TOFU: set eval.compat=none for "

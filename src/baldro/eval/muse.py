@@ -159,12 +159,12 @@ def metric_plan() -> dict[str, MetricNeed]:
 def generate_muse(
     model, tokenizer, texts: MuseTexts, timer: StageTimer, *, batch_size: int, verbmem_max_new_tokens: int,
     knowmem_max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: dict[str, Scores] | None = None,
+    drafts: dict[str, Scores] | None = None, generation_batch_size: int | None = None,
 ) -> dict[str, list[str]]:
     """VerbMem continuations (timed as "verbmem", drafted from the teacher-forced VerbMem pass when
     `drafts` holds it) and KnowMem answers (timed as "knowmem", cut at the stopwords)."""
     common = dict(batch_size=batch_size, shared_forward=shared_forward, sort_by_length=sort_by_length,
-                  progress=progress)
+                  progress=progress, generation_batch_size=generation_batch_size)
     g = texts.generation
     verb_drafts = {"verbmem": (texts.verbmem, drafts["verbmem/text"])} if drafts and "verbmem/text" in drafts else None
     out = generate_sets(model, tokenizer, {"verbmem": g["verbmem"].prompts}, timer, group="verbmem",
@@ -252,6 +252,7 @@ def evaluate_muse(
     sort_by_length: bool = True,
     timings: dict | None = None,
     progress: bool | None = None,
+    generation_batch_size: int | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate `model` on MUSE; returns (eval_log, summary) in OpenUnlearning's layout.
 
@@ -262,7 +263,8 @@ def evaluate_muse(
             AUC 0.5, OpenUnlearning's default).
         max_length: tokens of each privleak text (the recipe's `data.chunk_length`).
         limit: evaluate only the first `limit` rows of every set (quick runs, tests).
-        shared_forward, sort_by_length, timings, progress: as in `baldro.eval.tofu.evaluate_tofu`.
+        shared_forward, sort_by_length, timings, progress, generation_batch_size: as in
+            `baldro.eval.tofu.evaluate_tofu`.
     """
     check_chunk_length(tokenizer, max_length, model_context(model))
     data = load_muse_eval_data(data_source, limit)
@@ -282,7 +284,8 @@ def evaluate_muse(
     )
     generations = generate_muse(
         model, tokenizer, texts, timer, batch_size=batch_size, verbmem_max_new_tokens=verbmem_max_new_tokens,
-        knowmem_max_new_tokens=knowmem_max_new_tokens, drafts=drafts, **common,
+        knowmem_max_new_tokens=knowmem_max_new_tokens, drafts=drafts, generation_batch_size=generation_batch_size,
+        **common,
     )
     eval_log = assemble_muse_eval_log(texts, scores, generations, tokenizer)
     summary = summarize_muse(eval_log, reference_log)

@@ -223,14 +223,15 @@ def generate_sets(
     model, tokenizer, prompts: dict[str, list[list[int]]], timer: StageTimer, *, group: str,
     batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
     drafts: Mapping[str, tuple[Sequence[EncodedQA], Scores]] | None = None, stop_strings: Sequence[str] = (),
-    compat: str = "none",
+    compat: str = "none", generation_batch_size: int | None = None,
 ) -> dict[str, list[str]]:
     """Greedy generations from every set's prompts (set -> texts): one call over all sets (shared)
     or one per set (naive), timed as `group`. With `drafts` (set -> its reference texts, prompt +
     answer in prompt order, and their teacher-forced scores), decoding starts after the tokens those
     scores already determine (`generation.greedy_prefix`). `stop_strings` cut every text at the
     first of them (`generation.generate`). `compat="openunlearning"`: one call per set, in input
-    order, OpenUnlearning's decoding, no drafts (`generation.generate`)."""
+    order, OpenUnlearning's decoding, no drafts (`generation.generate`). `generation_batch_size`: rows
+    that continuous decoding runs at once (`generation.generate`'s `decode_batch_size`)."""
     keys = list(prompts)
     if compat != "none":
         drafts, shared_forward, sort_by_length = None, False, False
@@ -252,7 +253,7 @@ def generate_sets(
             return generation.generate(
                 model, tokenizer, flat, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
                 sort_by_length=sort_by_length, progress=progress, prefixes=prefixes, stop_strings=stop_strings,
-                compat=compat,
+                compat=compat, decode_batch_size=generation_batch_size,
             )
 
         gens = timer.run(group, [f"{k}/prompt" for k in ks], len(flat), run)

@@ -248,7 +248,7 @@ score_tofu = score_metrics  # TOFU scores through the generic planner, with `_me
 def generate_tofu(
     model, tokenizer, texts: dict[str, _SetTexts], sets: list[TofuSet], timer: StageTimer, *,
     batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: dict[str, Scores] | None = None, compat: str = "none",
+    drafts: dict[str, Scores] | None = None, compat: str = "none", generation_batch_size: int | None = None,
 ) -> dict[str, list[str]]:
     """Greedy generations for ROUGE (`suite.generate_sets`, timed as "rouge"). `drafts`: the
     reference answers' teacher-forced scores ("{set}/answer" -> scores) that start the decoding."""
@@ -257,7 +257,7 @@ def generate_tofu(
     return generate_sets(
         model, tokenizer, {k: texts[k].prompts for k in keys}, timer, group="rouge", batch_size=batch_size,
         max_new_tokens=max_new_tokens, shared_forward=shared_forward, sort_by_length=sort_by_length,
-        progress=progress, drafts=by_set, compat=compat,
+        progress=progress, drafts=by_set, compat=compat, generation_batch_size=generation_batch_size,
     )
 
 
@@ -395,6 +395,7 @@ def evaluate_tofu(
     sort_by_length: bool = True,
     timings: dict | None = None,
     progress: bool | None = None,
+    generation_batch_size: int | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate `model` on TOFU; returns (eval_log, summary) in OpenUnlearning's layout.
 
@@ -409,6 +410,8 @@ def evaluate_tofu(
         sort_by_length: length-sorted batches and continuous, speculative generation (False: input
             order and `model.generate` on fixed batches).
         timings: if a dict is given, it is filled with {group: {rows, sequences, seconds}}.
+        generation_batch_size: rows decoded at once by continuous batching (None: 3 x `batch_size`,
+            `generation.DECODE_BATCH_FACTOR`); fixed-batch decoding uses `batch_size`.
 
     `evaluate_tofu_openunlearning` takes the same arguments and reproduces OpenUnlearning's evaluator.
     """
@@ -416,6 +419,7 @@ def evaluate_tofu(
         model, tokenizer, formatter, data_source, forget_split=forget_split, out_dir=out_dir,
         retain_logs_path=retain_logs_path, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
         shared_forward=shared_forward, sort_by_length=sort_by_length, timings=timings, progress=progress,
+        generation_batch_size=generation_batch_size,
     )
 
 
@@ -431,7 +435,7 @@ def _evaluate_tofu(
     model, tokenizer, formatter: QAFormatter, data_source, forget_split: str = "forget10", out_dir=None,
     retain_logs_path=None, batch_size: int = 16, max_new_tokens: int = 200, limit: int | None = None,
     shared_forward: bool = True, sort_by_length: bool = True, timings: dict | None = None,
-    progress: bool | None = None, compat: str = "none",
+    progress: bool | None = None, compat: str = "none", generation_batch_size: int | None = None,
 ) -> tuple[dict, dict]:
     """`evaluate_tofu` (compat "none") or `evaluate_tofu_openunlearning` (compat "openunlearning")."""
     check_compat(compat)
@@ -451,7 +455,7 @@ def _evaluate_tofu(
     )
     generations = generate_tofu(
         model, tokenizer, texts, data.sets, timer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        drafts=drafts, **common,
+        drafts=drafts, generation_batch_size=generation_batch_size, **common,
     )
     eval_log = assemble_tofu_eval_log(data, texts, scores, generations, tokenizer)
     if reference_log is None:
