@@ -247,6 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the modes alternately N times and report each mode's fastest run (noisy machines)")
     p.add_argument("--keep", help="keep the eval logs in this folder")
+    p.add_argument("--out", help="write every run's figures to this JSON file and the tables to the same name .md")
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--smollm2", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -291,23 +292,27 @@ def main(argv=None) -> int:
         results = [best[m] for m in modes]
 
         r0 = results[0]
-        print(f"\nTOFU evaluation benchmark: {args.forget_split}, limit={args.limit or 'all'}, "
+        report: list[str] = []
+        say = _recorder(report)  # the tables go to stdout and, with --out, to a file
+        say(f"\nTOFU evaluation benchmark: {args.forget_split}, limit={args.limit or 'all'}, "
               f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, device={r0['device']}, "
               f"dtype={args.dtype}, {r0['params']:,} parameters, {r0['threads']} torch threads; "
               f"memory = {r0['memory_kind']}; fastest of {max(1, args.repeat)} run(s) per mode\n")
-        print(_table(results))
-        print()
-        print(_summary_table(results))
+        say(_table(results))
+        say()
+        say(_summary_table(results))
+        diffs = None
         if len(results) == 2:
             a = json.loads((work / modes[0] / EVAL_FILE).read_text())
             b = json.loads((work / modes[1] / EVAL_FILE).read_text())
             diffs = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
             speed = results[1]["wall_s"] / results[0]["wall_s"]
-            print(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
+            say(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
             if diffs:
-                print(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
-                return 1
-            print("numbers identical between the modes (rtol 1e-5, atol 1e-7): yes")
+                say(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
+            else:
+                say("numbers identical between the modes (rtol 1e-5, atol 1e-7): yes")
+        need = None
         if args.model and modes:
             from transformers import AutoTokenizer
 
@@ -315,8 +320,27 @@ def main(argv=None) -> int:
             log = json.loads((work / modes[0] / EVAL_FILE).read_text())
             need = needed_tokens(tok, build_formatter(tok, args.model == SMOLLM2), args.data, args.forget_split,
                                  args.limit, log)
-            print("\n" + _floor_table(results, need))
-    return 0
+            say("\n" + _floor_table(results, need))
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            record = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "out_dir", "result")},
+                      "results": results, "needed_tokens": need, "differences": diffs}
+            out.write_text(json.dumps(record, indent=1), encoding="utf-8")
+            out.with_suffix(".md").write_text("\n".join(report).strip() + "\n", encoding="utf-8")
+    return 1 if diffs else 0
+
+
+def _recorder(lines: list[str]):
+    """A `print` that also keeps what it prints to stdout (for --out's markdown)."""
+    import builtins
+
+    def record(*parts, file=None, **kwargs):
+        builtins.print(*parts, file=file, **kwargs)
+        if file is None:
+            lines.append(" ".join(str(p) for p in parts))
+
+    return record
 
 
 if __name__ == "__main__":
