@@ -182,6 +182,26 @@ def test_vocab_moments_have_one_definition():
     assert mu32.dtype == torch.float32 and torch.equal(mu32, ref_mu) and torch.equal(sd32, ref_sd)
 
 
+def test_token_logprobs_match_a_float64_log_softmax_over_a_real_sized_vocabulary():
+    """The engine takes log p(target) as logit - logsumexp with the exp-sum in float32 (a float64
+    log-softmax of every vocabulary entry costs three times as much): within 5e-7 of the float64
+    value at a 49k vocabulary, also for half-precision logits; argmax is the first maximum."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 49152, generator=g) * 4
+    logits[:, 7] += 30  # a confident row, as a memorised answer gives
+    targets = torch.randint(0, 49152, (64,), generator=g)
+    for lg in (logits, logits.bfloat16()):
+        stats = engine._vocab_chunk_stats(lg, targets, frozenset({"argmax"}))
+        ref = torch.log_softmax(lg.double(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+        assert stats["token_logp"].dtype == torch.float64
+        assert (stats["token_logp"] - ref).abs().max() < 5e-7, lg.dtype
+        assert torch.equal(stats["argmax"], lg.double().argmax(-1))
+        top = lg.double().topk(2, dim=-1).values
+        assert torch.equal(stats["argmax_margin"], top[:, 0] - top[:, 1])
+    tie = engine._vocab_chunk_stats(torch.tensor([[1.0, 3.0, 3.0]]), torch.tensor([0]), frozenset({"argmax"}))
+    assert int(tie["argmax"][0]) == 1 and float(tie["argmax_margin"][0]) == 0.0
+
+
 def _baldro_imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
