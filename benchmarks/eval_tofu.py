@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -247,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the modes alternately N times and report each mode's fastest run (noisy machines)")
     p.add_argument("--keep", help="keep the eval logs in this folder")
+    p.add_argument("--diff-against", help="also compare the first mode's log with this TOFU_EVAL.json (e.g. the same "
+                   "mode at another thread count: how much float rounding alone moves the numbers)")
     p.add_argument("--out", help="write every run's figures to this JSON file and the tables to the same name .md")
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--smollm2", action="store_true", help=argparse.SUPPRESS)
@@ -308,10 +311,17 @@ def main(argv=None) -> int:
             diffs = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
             speed = results[1]["wall_s"] / results[0]["wall_s"]
             say(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
+            say(f"largest relative difference of a number between the modes: {largest_relative_difference(a, b):.2e}")
             if diffs:
                 say(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
             else:
                 say("numbers identical between the modes (rtol 1e-5, atol 1e-7): yes")
+        if args.diff_against:
+            a = json.loads((work / modes[0] / EVAL_FILE).read_text())
+            b = json.loads(Path(args.diff_against).read_text())
+            other = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
+            say(f"\n{modes[0]} against {args.diff_against}: {len(other)} numbers beyond rtol 1e-5, largest relative "
+                f"difference {largest_relative_difference(a, b):.2e}")
         need = None
         if args.model and modes:
             from transformers import AutoTokenizer
@@ -329,6 +339,19 @@ def main(argv=None) -> int:
             out.write_text(json.dumps(record, indent=1), encoding="utf-8")
             out.with_suffix(".md").write_text("\n".join(report).strip() + "\n", encoding="utf-8")
     return 1 if diffs else 0
+
+
+def largest_relative_difference(a, b) -> float:
+    """The largest |x - y| / max(|x|, |y|) over the numbers two eval logs hold at the same place
+    (generation texts and other values are compared by `diff_eval_logs`)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max((largest_relative_difference(a[k], b[k]) for k in a if k in b), default=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return max((largest_relative_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        scale = max(abs(a), abs(b))
+        return abs(a - b) / scale if scale > 0 and math.isfinite(scale) else 0.0
+    return 0.0
 
 
 def _recorder(lines: list[str]):

@@ -59,8 +59,9 @@ LOOKAHEAD = 8  # most tokens a row proposes per decoding step (prompt lookup)
 CPU_SPECULATION_MAX_PARAMS = 20_000_000
 PROBE_EVERY = 8  # decoding steps between tries of rows whose last proposal was rejected
 # Continuous decoding runs this many times `batch_size` rows at once: a decoding pass reads every weight
-# for one token per row, so a larger batch costs less per token (SmolLM2-135M on one CPU thread: 7.3 ms
-# a token at 32 rows, 4.9 at 64, 4.4 at 96), and it needs little memory besides the KV cache.
+# for one token per row, so a larger batch costs less per token (SmolLM2-135M on one CPU thread, from
+# `benchmarks/decode_step.py`: 5.8 ms a token at 32 rows, 4.3 at 64, 3.7 at 96), and it needs little
+# memory besides the KV cache.
 DECODE_BATCH_FACTOR = 3
 # Prompts that share at least this many leading tokens (few-shot examples) have them encoded once.
 SHARED_PREFIX_MIN = 64
