@@ -63,7 +63,7 @@ def test_cache_internals_hold_for_the_installed_transformers():
         ))
 
         cache = kv_cache.cache_from_layers(layers)
-        kv_cache.select_rows(cache, torch.tensor([1]))
+        cache.batch_select_indices(torch.tensor([1]))
         step = model(input_ids=ids[1:, 5:], use_cache=True, **{kv_cache.cache_kwarg(model): cache}).logits
         torch.testing.assert_close(step[:, -1], full[1:, -1], rtol=1e-5, atol=1e-5, msg=lambda m: (
             f"{TRANSFORMERS}: Cache.batch_select_indices no longer keeps the selected rows: {m}"
@@ -71,7 +71,7 @@ def test_cache_internals_hold_for_the_installed_transformers():
 
 
 def test_a_growing_cache_decodes_as_a_dynamic_one_and_appends_in_place():
-    """GrowingLayer (cache_from_layers(grow=True)) relies on Cache.update indexing Cache.layers: the
+    """GrowingLayer (kv_cache.growing_cache) relies on Cache.update indexing Cache.layers: the
     logits must be bitwise those of a plain DynamicCache, steps must write into the same buffer, and
     a row selection must be noticed."""
     model = _tiny_llama()
@@ -79,7 +79,7 @@ def test_a_growing_cache_decodes_as_a_dynamic_one_and_appends_in_place():
     arg = kv_cache.cache_kwarg(model)
     with torch.no_grad():
         layers = kv_cache.cache_layers(kv_cache.output_cache(model(input_ids=ids[:, :4], use_cache=True)))
-        plain, growing = kv_cache.cache_from_layers(layers), kv_cache.cache_from_layers(layers, grow=True)
+        plain, growing = kv_cache.cache_from_layers(layers), kv_cache.growing_cache(layers)
         assert kv_cache.is_batchable_cache(growing)
         start = growing.layers[0].keys.data_ptr()
         for t in range(4, 10):
@@ -89,7 +89,7 @@ def test_a_growing_cache_decodes_as_a_dynamic_one_and_appends_in_place():
         assert growing.layers[0].keys.data_ptr() == start, "decoding steps reallocated the cache"
         assert growing.layers[0].keys.shape[-2] == 10
         for cache in (plain, growing):
-            kv_cache.select_rows(cache, torch.tensor([2, 0]))
+            cache.batch_select_indices(torch.tensor([2, 0]))  # transformers' own selection, from outside
         a = model(input_ids=ids[[2, 0], 10:], use_cache=True, **{arg: plain}).logits
         b = model(input_ids=ids[[2, 0], 10:], use_cache=True, **{arg: growing}).logits
         assert torch.equal(a, b), f"{TRANSFORMERS}: a GrowingLayer cache lost its rows after a selection"

@@ -4,15 +4,14 @@ The shared-prompt scorer (`engine.score_continuations`) and the continuous decod
 (`generation._continuous_greedy`) move cached keys/values between batches: they read the per-layer
 tensors of a DynamicCache and build a cache from tensors. transformers has no public API for
 either, so each reliance on its internals is one function here (`cache_layers`,
-`cache_from_layers`, `growing_cache` and `GrowingLayer`); `tests/test_eval_structure.py` checks them against the
-installed version.
+`cache_from_layers`, `growing_cache` and `GrowingLayer`); `tests/test_eval_structure.py` checks them
+against the installed version.
 
 A DynamicLayer appends by concatenation, which copies the whole cache at every decoding step (a
 third of SmolLM2's decoding time on a CPU, measured with py-spy), and selecting batch rows copies it
 again (another 15 % once the first copy was gone). `growing_cache` builds layers (`GrowingLayer`) that
 append positions in place and add, move and drop rows by copying only those rows (`append_rows`,
-`move_rows`). Everything else goes through the public cache API (`batch_select_indices`) or the
-model's outputs.
+`move_rows`). Everything else goes through the model's outputs.
 """
 
 from __future__ import annotations
@@ -60,21 +59,12 @@ def is_batchable_cache(cache) -> bool:
     return cache_layers(cache) is not None
 
 
-def cache_from_layers(layers: Sequence[KeysValues], grow: bool = False):
-    """A DynamicCache of full-attention layers holding these per-layer (keys, values); with `grow`,
-    of `GrowingLayer`s, for a cache that decoding appends to step after step.
+def cache_from_layers(layers: Sequence[KeysValues]):
+    """A DynamicCache of full-attention layers holding these per-layer (keys, values).
 
     Relies on the `ddp_cache_data` argument of `DynamicCache.__init__` (transformers >= 4.56), which
-    fills one `DynamicLayer` per (keys, values) pair, and (`grow`) on `Cache.layers` being the list
-    its `update` indexes."""
-    if not grow:
-        return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
-    return growing_cache(layers)
-
-
-def select_rows(cache, rows: torch.Tensor) -> None:
-    """Keep only these batch rows of `cache`, in place (the public `Cache.batch_select_indices`)."""
-    cache.batch_select_indices(rows)
+    fills one `DynamicLayer` per (keys, values) pair."""
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
 
 
 # --------------------------------------------------------------------------- growing caches
