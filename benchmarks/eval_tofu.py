@@ -305,9 +305,9 @@ def main(argv=None) -> int:
         say()
         say(_summary_table(results))
         diffs = None
+        first_log = json.loads((work / modes[0] / EVAL_FILE).read_text()) if modes else None
         if len(results) == 2:
-            a = json.loads((work / modes[0] / EVAL_FILE).read_text())
-            b = json.loads((work / modes[1] / EVAL_FILE).read_text())
+            a, b = first_log, json.loads((work / modes[1] / EVAL_FILE).read_text())
             diffs = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
             speed = results[1]["wall_s"] / results[0]["wall_s"]
             say(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
@@ -317,8 +317,7 @@ def main(argv=None) -> int:
             else:
                 say("numbers identical between the modes (rtol 1e-5, atol 1e-7): yes")
         if args.diff_against:
-            a = json.loads((work / modes[0] / EVAL_FILE).read_text())
-            b = json.loads(Path(args.diff_against).read_text())
+            a, b = first_log, json.loads(Path(args.diff_against).read_text())
             other = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
             say(f"\n{modes[0]} against {args.diff_against}: {len(other)} numbers beyond rtol 1e-5, largest relative "
                 f"difference {largest_relative_difference(a, b):.2e}")
@@ -327,9 +326,8 @@ def main(argv=None) -> int:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(model)
-            log = json.loads((work / modes[0] / EVAL_FILE).read_text())
             need = needed_tokens(tok, build_formatter(tok, args.model == SMOLLM2), args.data, args.forget_split,
-                                 args.limit, log)
+                                 args.limit, first_log)
             say("\n" + _floor_table(results, need))
         if args.out:
             out = Path(args.out)
