@@ -202,6 +202,23 @@ def test_token_logprobs_match_a_float64_log_softmax_over_a_real_sized_vocabulary
     assert int(tie["argmax"][0]) == 1 and float(tie["argmax_margin"][0]) == 0.0
 
 
+def test_the_fast_argmaxes_pick_the_first_of_tied_maxima_as_argmax_does():
+    """The scoring pass's argmax (from a top-2 pass) and decoding's greedy token (`torch.max`) stand in
+    for `torch.argmax`, which greedy decoding and exact memorisation use: ties go to the first index."""
+    from baldro.eval import generation
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(48, 49152, generator=g)
+    for r in range(48):  # two or three equal maxima at random places, the first one anywhere
+        cols = torch.randperm(49152, generator=g)[: 2 + r % 2]
+        logits[r, cols] = 9.0
+    want = logits.argmax(-1)
+    stats = engine._vocab_chunk_stats(logits, torch.zeros(48, dtype=torch.long), frozenset({"argmax"}))
+    assert torch.equal(stats["argmax"], want) and bool((stats["argmax_margin"] == 0).all())
+    assert torch.equal(generation.greedy_tokens(logits), want)
+    assert torch.equal(generation.greedy_tokens(logits[:, None, :]), want[:, None])  # [B, width, V]
+
+
 def _baldro_imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
