@@ -326,7 +326,8 @@ def score_sequences(
 
 # ------------------------------------------------------------------------- shared-prompt scoring
 def _continuation_stats(rows: torch.Tensor, targets: torch.Tensor, want: frozenset) -> dict[str, torch.Tensor]:
-    """_vocab_chunk_stats over the [n, V] logits `rows`, in chunks; results on the CPU."""
+    """_vocab_chunk_stats over the [n, V] logits `rows` (a view is fine: chunks are sliced, not
+    copied), in chunks; results on the CPU."""
     chunk = max(1, CHUNK_ELEMENTS // rows.shape[-1])
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, rows.shape[0], chunk):
@@ -386,14 +387,27 @@ def _score_continuation_batch(
             use_cache=True, **{cache_arg: cache},
         ).logits  # [N, width, V]
         del cache
-    rows, targets = [], []
-    for i, c in enumerate(conts):
-        rows.append(prompts.last_logits[owner[i] : owner[i] + 1])
-        if len(c) > 1:
-            rows.append(cont_logits[i, : len(c) - 1])
-        targets.extend(c)
-    tgt = torch.tensor(targets, dtype=torch.long)
-    stats = _continuation_stats(torch.cat(rows), tgt.to(device), want)
+    # Token 0 of continuation i is predicted by its prompt's last position, token t > 0 by column t - 1
+    # of its pass. The statistics run on the padded [N * width, V] logits as they are (padding costs
+    # less than copying the scored rows out of a tensor this size) and the scored rows are picked after.
+    first = _continuation_stats(prompts.last_logits[sel.to(prompts.last_logits.device)],
+                                torch.tensor([c[0] for c in conts], device=device), want)
+    rest = None
+    if cont_logits is not None:
+        nxt = torch.zeros(len(conts), width, dtype=torch.long)
+        for i, c in enumerate(conts):
+            nxt[i, : len(c) - 1] = torch.tensor(c[1:], dtype=torch.long)
+        rest = _continuation_stats(cont_logits.reshape(-1, cont_logits.shape[-1]), nxt.view(-1).to(device), want)
+        del cont_logits
+    tgt = torch.tensor([t for c in conts for t in c], dtype=torch.long)
+    stats: dict[str, torch.Tensor] = {}
+    for k, v in first.items():
+        pieces = []
+        for i, n in enumerate(lengths):
+            pieces.append(v[i : i + 1])
+            if n > 1:
+                pieces.append(rest[k][i * width : i * width + n - 1])
+        stats[k] = torch.cat(pieces)
     results = []
     pos_ = 0
     for n in lengths:
