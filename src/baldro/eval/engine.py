@@ -183,7 +183,7 @@ def _vocab_chunk_stats(logits: torch.Tensor, targets: torch.Tensor, want: frozen
     log-softmax, which converting every vocabulary entry would need. The vocabulary moments (Min-K%++)
     are computed from a float64 log-softmax (`metrics.logprob_moments`), where rounding would
     otherwise dominate a difference of two close numbers. The argmax comes with the top two logits
-    (`greedy_argmax`: one pass for the maximum, the argmax and the margin)."""
+    (`top_two`: one pass for the maximum, the argmax and the margin)."""
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # half-precision sums over a vocabulary lose three decimal digits
     out: dict[str, torch.Tensor] = {}
@@ -394,9 +394,7 @@ def _score_continuation_batch(
                                 torch.tensor([c[0] for c in conts], device=device), want)
     rest = None
     if cont_logits is not None:
-        nxt = torch.zeros(len(conts), width, dtype=torch.long)
-        for i, c in enumerate(conts):
-            nxt[i, : len(c) - 1] = torch.tensor(c[1:], dtype=torch.long)
+        nxt, _ = pad_batch([list(c[1:]) for c in conts], 0, side="right")  # [N, width]: each column's target
         rest = _continuation_stats(cont_logits.reshape(-1, cont_logits.shape[-1]), nxt.view(-1).to(device), want)
         del cont_logits
     tgt = torch.tensor([t for c in conts for t in c], dtype=torch.long)
