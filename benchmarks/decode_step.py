@@ -7,6 +7,11 @@ Decoding: each batch is prefilled with `--context` random tokens (every other ro
 in a cache that decoding appends to in place (`kv_cache.growing_cache`, as the evaluator decodes); the
 median of `--steps` one-token steps (after 2 warm-up steps) is reported, with its time per row.
 
+Where a step's time goes (`torch.profiler` over the same steps, shares of self CPU time scaled to the
+median step): matrix products (the weights), attention (reads every row's cached keys and values) and
+the rest (norms, rotary, activations, cache writes); the attention's read rate is the KV bytes of a step
+over its attention time, next to the machine's read bandwidth (`read_gbps`: summing a 1 GiB tensor).
+
 Statistics: `engine._vocab_chunk_stats` (log p(target) from a float32 exp-sum, argmax and margin)
 against the float64 log-softmax it replaced, on `--rows` rows of random logits of the model's
 vocabulary size, median of 5 calls.
@@ -27,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_tofu import resolve_model  # noqa: E402
 
 
-def decode_ms(model, batch: int, context: int, steps: int) -> float:
+def decode_ms(model, batch: int, context: int, steps: int) -> tuple[float, dict]:
+    """The median step in ms, and the step's ms split into matmul / attention / other (profiled steps)."""
+    from torch.profiler import profile
+
     from baldro.eval.kv_cache import cache_kwarg, cache_layers, growing_cache, output_cache
 
     g = torch.Generator().manual_seed(batch)
@@ -41,16 +49,50 @@ def decode_ms(model, batch: int, context: int, steps: int) -> float:
                     use_cache=True, logits_to_keep=1)
         cache = growing_cache(cache_layers(output_cache(out)), batch)
         pos = attn.sum(1)
-        for i in range(steps + 2):
+
+        def step(i: int) -> None:
+            nonlocal attn, cache
             attn = torch.cat([attn, torch.ones(batch, 1, dtype=torch.long)], 1)
             nxt = torch.randint(0, vocab, (batch, 1), generator=g)
-            t0 = time.perf_counter()
             o = model(input_ids=nxt, attention_mask=attn, position_ids=(pos + i)[:, None], use_cache=True,
                       **{cache_kwarg(model): cache})
             cache = output_cache(o)
-            o.logits.argmax(-1)
+            o.logits.max(-1)
+
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            step(i)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:]) * 1e3
+        with profile() as prof:
+            for i in range(steps + 2, steps + 5):
+                step(i)
+    median = statistics.median(times[2:]) * 1e3
+    parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        kind = "matmul" if ev.key in ("aten::mm", "aten::addmm", "aten::bmm") else \
+            "attention" if "scaled_dot_product" in ev.key or "flash_attention" in ev.key else "other"
+        parts[kind] += ev.self_cpu_time_total
+    total = sum(parts.values()) or 1.0
+    return median, {k: median * v / total for k, v in parts.items()}
+
+
+def kv_bytes_per_position(model) -> int:
+    """Bytes of cached keys and values per position per row (fp32)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4
+
+
+def read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth: the median rate of summing a `gib` GiB fp32 tensor."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def float64_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -102,12 +144,23 @@ def main(argv=None) -> int:
     set_flush_denormal(True)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
     record = {"threads": args.threads, "context": args.context, "decode": [], "stats_ms_per_token": None}
-    print(f"decoding step, {args.context} cached positions, {args.threads} thread(s), median of {args.steps} steps\n")
-    print("| rows | step ms | ms per row |\n| ---: | ---: | ---: |")
+    gbps = read_gbps()
+    kv_pos = kv_bytes_per_position(model)
+    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    record.update(read_gbps=gbps, kv_bytes_per_position=kv_pos, weight_mb=weight_mb)
+    print(f"decoding step, {args.context} cached positions, {args.threads} thread(s), median of {args.steps} steps; "
+          f"memory read bandwidth {gbps:.1f} GB/s (sum of 1 GiB); weights {weight_mb:.0f} MB; "
+          f"KV cache {kv_pos / 1e3:.1f} kB per position and row\n")
+    print("| rows | step ms | ms per row | matmul ms | attention ms | other ms | KV MB read | attention GB/s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for b in [int(x) for x in args.batches.split(",")]:
-        ms = decode_ms(model, b, args.context, args.steps)
-        record["decode"].append({"rows": b, "step_ms": ms, "ms_per_row": ms / b})
-        print(f"| {b} | {ms:.1f} | {ms / b:.2f} |", flush=True)
+        ms, parts = decode_ms(model, b, args.context, args.steps)
+        kv_mb = b * (args.context + args.steps // 2) * kv_pos / 1e6
+        att_gbps = kv_mb / parts["attention"] if parts["attention"] else float("nan")
+        record["decode"].append({"rows": b, "step_ms": ms, "ms_per_row": ms / b, **{f"{k}_ms": v for k, v in parts.items()},
+                                 "kv_mb": kv_mb, "attention_gbps": att_gbps})
+        print(f"| {b} | {ms:.1f} | {ms / b:.2f} | {parts['matmul']:.1f} | {parts['attention']:.1f} | {parts['other']:.1f} "
+              f"| {kv_mb:.0f} | {att_gbps:.1f} |", flush=True)
     stats = stats_ms(model.config.vocab_size, args.rows)
     record["stats_ms_per_token"] = stats
     print(f"\nteacher-forced statistics per scored token, vocabulary {model.config.vocab_size}:\n")

@@ -4,6 +4,7 @@ save it. Arguments: the tiny model folder, the output folder, and "lora" for a L
 saved) or "plain"."""
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,3 +65,9 @@ if is_main_process():
     (out / "report.json").write_text(json.dumps(report))
 dist.barrier()
 dist.destroy_process_group()
+# Everything this script checks is written. About 1 run in 40 under load, a worker then aborted in the
+# interpreter's teardown ("terminate called without an active exception": a c10d/gloo C++ thread still
+# joinable when static objects are destroyed), failing the test after a correct run; skip the teardown.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
