@@ -32,17 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_tofu import resolve_model  # noqa: E402
 
 
-def decode_ms(model, batch: int, context: int, steps: int) -> tuple[float, dict]:
-    """The median step in ms, and the step's ms split into matmul / attention / other (profiled steps)."""
+def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -> tuple[float, dict]:
+    """The median step in ms, and (`split`) the step's ms split into matmul / attention / other, from
+    three more steps under the profiler (a CPU's split; on a GPU the kernels run asynchronously)."""
     from torch.profiler import profile
 
     from baldro.eval.kv_cache import cache_kwarg, cache_layers, growing_cache, output_cache
 
     g = torch.Generator().manual_seed(batch)
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, context), generator=g)
-    attn = torch.ones(batch, context, dtype=torch.long)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)
+    attn = torch.ones(batch, context, dtype=torch.long, device=device)
     attn[::2, :20] = 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0),
@@ -52,21 +55,24 @@ def decode_ms(model, batch: int, context: int, steps: int) -> tuple[float, dict]
 
         def step(i: int) -> None:
             nonlocal attn, cache
-            attn = torch.cat([attn, torch.ones(batch, 1, dtype=torch.long)], 1)
-            nxt = torch.randint(0, vocab, (batch, 1), generator=g)
+            attn = torch.cat([attn, torch.ones(batch, 1, dtype=torch.long, device=device)], 1)
+            nxt = torch.randint(0, vocab, (batch, 1), generator=g).to(device)
             o = model(input_ids=nxt, attention_mask=attn, position_ids=(pos + i)[:, None], use_cache=True,
                       **{cache_kwarg(model): cache})
             cache = output_cache(o)
             o.logits.max(-1)
+            sync()
 
         for i in range(steps + 2):
             t0 = time.perf_counter()
             step(i)
             times.append(time.perf_counter() - t0)
+        median = statistics.median(times[2:]) * 1e3
+        if not split:
+            return median, {}
         with profile() as prof:
             for i in range(steps + 2, steps + 5):
                 step(i)
-    median = statistics.median(times[2:]) * 1e3
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
         kind = "matmul" if ev.key in ("aten::mm", "aten::addmm", "aten::bmm") else \

@@ -19,8 +19,13 @@ The floor: every run also times a 2048 x 2048 fp32 matmul on the same device and
 counts the tokens the evaluation cannot avoid (each question's prompt once, every scored answer token
 once, every generated token once, re-tokenised from the log as OpenUnlearning's saved generations
 were); at 2 FLOPs per parameter per token, that work at the matmul's rate is the time no evaluator of
-this model can beat on this machine. The tables give each mode's time as a multiple of that floor and
-the model input tokens each stage actually ran (padding and rejected proposals included).
+this model can beat on this machine. Decoding is slower per token than that rate (it reads every
+weight and each row's KV cache for one token per row), so each child also times steady decoding steps
+with a full decoding batch (`decode_step.decode_ms`, 150 cached positions): the needed tokens at the
+run's own teacher-forced and decoding rates are what the run would take with no padding, no prompt
+re-encoding for generation and no partly filled decoding batch. The tables give each mode's time as a
+multiple of both and the model input tokens each stage actually ran (padding and rejected proposals
+included).
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ import time
 from pathlib import Path
 
 from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
+from baldro.eval.generation import DECODE_BATCH_FACTOR
 
 REPO = Path(__file__).resolve().parents[1]
+DECODE_CONTEXT = 150  # cached positions of the decoding-rate probe: a prompt of ~40 tokens + ~110 generated
 SMOLLM2 = "smollm2"
 SMOLLM2_CONFIG = REPO / "configs" / "model" / "smollm2-135m-instruct.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tofu"
@@ -181,6 +188,10 @@ def run_child(args) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
+    from decode_step import decode_ms  # noqa: E402 (imports this module's resolve_model)
+
+    decode_rows = DECODE_BATCH_FACTOR * args.batch_size
+    step_ms, _ = decode_ms(model, decode_rows, DECODE_CONTEXT, steps=5, split=False)
     result = {
         "mode": args.child,
         "wall_s": wall,
@@ -192,6 +203,8 @@ def run_child(args) -> None:
         "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
         "matmul_gflops": gflops,
+        "decode_rows": decode_rows,
+        "decode_ms_per_row": step_ms / decode_rows,
     }
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
@@ -232,19 +245,38 @@ def floor_seconds(need: dict, params: int, gflops: float) -> float:
     return (need["teacher_forced"] + need["generated"]) * 2 * params / (gflops * 1e9)
 
 
+def own_rate_seconds(need: dict, result: dict) -> float | None:
+    """The needed tokens at this run's own rates: teacher-forced tokens at the rate of its teacher-forced
+    stages (model input tokens per second), generated tokens at its steady decoding rate (`decode_ms_per_row`
+    with a full decoding batch). What the run would take without padding, prompt re-encoding for
+    generation, and decoding batches that are not full."""
+    tf_tokens = sum(t.get("model_tokens", 0) for g, t in result["timings"].items() if g != "rouge")
+    tf_seconds = sum(t["seconds"] for g, t in result["timings"].items() if g != "rouge")
+    if not tf_tokens or "decode_ms_per_row" not in result:
+        return None
+    return need["teacher_forced"] * tf_seconds / tf_tokens + need["generated"] * result["decode_ms_per_row"] / 1e3
+
+
 def _floor_table(results: list[dict], need: dict) -> str:
     lines = [
         f"needed tokens: {need['teacher_forced']:,} teacher-forced (each prompt once) + {need['generated']:,} generated",
         "",
-        "| mode | matmul GFLOPS | floor s | whole evaluation s | x floor | model input tokens | x needed tokens |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | matmul GFLOPS | FLOP floor s | teacher-forced tokens/s | decode ms/token (rows) | needed tokens at own rates s "
+        "| whole evaluation s | x floor | x own rates | model input tokens | x needed tokens |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     total_need = need["teacher_forced"] + need["generated"]
     for r in results:
         floor = floor_seconds(need, r["params"], r["matmul_gflops"])
         ran = sum(t.get("model_tokens", 0) for t in r["timings"].values())
-        lines.append(f"| {r['mode']} | {r['matmul_gflops']:.1f} | {floor:.1f} | {r['wall_s']:.1f} | "
-                     f"{r['wall_s'] / floor:.2f} | {ran:,} | {ran / total_need:.2f} |")
+        tf_tokens = sum(t.get("model_tokens", 0) for g, t in r["timings"].items() if g != "rouge")
+        tf_seconds = sum(t["seconds"] for g, t in r["timings"].items() if g != "rouge")
+        own = own_rate_seconds(need, r)
+        decode = f"{r['decode_ms_per_row']:.2f} ({r['decode_rows']})" if "decode_ms_per_row" in r else "n/a"
+        lines.append(f"| {r['mode']} | {r['matmul_gflops']:.1f} | {floor:.1f} | {tf_tokens / tf_seconds if tf_seconds else 0:.0f} | "
+                     f"{decode} | {own if own is not None else float('nan'):.1f} | {r['wall_s']:.1f} | "
+                     f"{r['wall_s'] / floor:.2f} | {r['wall_s'] / own if own else float('nan'):.2f} | {ran:,} | "
+                     f"{ran / total_need:.2f} |")
     return "\n".join(lines)
 
 
