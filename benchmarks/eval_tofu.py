@@ -400,13 +400,12 @@ def largest_relative_difference(a, b) -> float:
 
 
 def _recorder(lines: list[str]):
-    """A `print` that also keeps what it prints to stdout (for --out's markdown)."""
+    """A `print` that also keeps what it prints (for --out's markdown, differences on stderr included)."""
     import builtins
 
     def record(*parts, file=None, **kwargs):
         builtins.print(*parts, file=file, **kwargs)
-        if file is None:
-            lines.append(" ".join(str(p) for p in parts))
+        lines.append(" ".join(str(p) for p in parts))
 
     return record
 
