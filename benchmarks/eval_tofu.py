@@ -223,14 +223,20 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def teacher_forced_totals(result: dict, key: str) -> float:
+    """The sum of `key` (seconds, sequences, model_tokens) over a run's teacher-forced stages (all but
+    generation, "rouge")."""
+    return sum(t.get(key, 0) for g, t in result["timings"].items() if g != "rouge")
+
+
 def _summary_table(results: list[dict]) -> str:
     lines = [
         "| mode | teacher-forced s | forward sequences | generation s | whole evaluation s | all runs s | peak memory MiB | memory before eval MiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        tf = sum(t["seconds"] for g, t in r["timings"].items() if g != "rouge")
-        seqs = sum(t["sequences"] for g, t in r["timings"].items() if g != "rouge")
+        tf = teacher_forced_totals(r, "seconds")
+        seqs = teacher_forced_totals(r, "sequences")
         gen = r["timings"].get("rouge", {}).get("seconds", 0.0)
         lines.append(
             f"| {r['mode']} | {tf:.2f} | {seqs} | {gen:.2f} | {r['wall_s']:.2f} | "
@@ -250,8 +256,7 @@ def own_rate_seconds(need: dict, result: dict) -> float | None:
     stages (model input tokens per second), generated tokens at its steady decoding rate (`decode_ms_per_row`
     with a full decoding batch). What the run would take without padding, prompt re-encoding for
     generation, and decoding batches that are not full."""
-    tf_tokens = sum(t.get("model_tokens", 0) for g, t in result["timings"].items() if g != "rouge")
-    tf_seconds = sum(t["seconds"] for g, t in result["timings"].items() if g != "rouge")
+    tf_tokens, tf_seconds = teacher_forced_totals(result, "model_tokens"), teacher_forced_totals(result, "seconds")
     if not tf_tokens or "decode_ms_per_row" not in result:
         return None
     return need["teacher_forced"] * tf_seconds / tf_tokens + need["generated"] * result["decode_ms_per_row"] / 1e3
@@ -269,8 +274,7 @@ def _floor_table(results: list[dict], need: dict) -> str:
     for r in results:
         floor = floor_seconds(need, r["params"], r["matmul_gflops"])
         ran = sum(t.get("model_tokens", 0) for t in r["timings"].values())
-        tf_tokens = sum(t.get("model_tokens", 0) for g, t in r["timings"].items() if g != "rouge")
-        tf_seconds = sum(t["seconds"] for g, t in r["timings"].items() if g != "rouge")
+        tf_tokens, tf_seconds = teacher_forced_totals(r, "model_tokens"), teacher_forced_totals(r, "seconds")
         own = own_rate_seconds(need, r)
         decode = f"{r['decode_ms_per_row']:.2f} ({r['decode_rows']})" if "decode_ms_per_row" in r else "n/a"
         lines.append(f"| {r['mode']} | {r['matmul_gflops']:.1f} | {floor:.1f} | {tf_tokens / tf_seconds if tf_seconds else 0:.0f} | "
