@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from baldro.eval.suite import numeric_differences
 from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
 from baldro.eval.generation import DECODE_BATCH_FACTOR
 
@@ -167,7 +168,8 @@ def run_child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -293,7 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16", "float16"],
+                   help="float64: whether the modes differ by more than float32 rounding")
     p.add_argument("--modes", default="optimised,naive", help="comma-separated subset of optimised,naive")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeat", type=int, default=1,
@@ -301,7 +304,10 @@ def main(argv=None) -> int:
     p.add_argument("--keep", help="keep the eval logs in this folder")
     p.add_argument("--diff-against", help="also compare the first mode's log with this TOFU_EVAL.json (e.g. the same "
                    "mode at another thread count: how much float rounding alone moves the numbers)")
-    p.add_argument("--out", help="write every run's figures to this JSON file and the tables to the same name .md")
+    p.add_argument("--out", help="write every run's figures to this JSON file and the tables to the same name .md "
+                   "(with --compare-logs: the lines it prints, to this file)")
+    p.add_argument("--compare-logs", nargs="+", metavar="LOG",
+                   help="run nothing: compare the first TOFU_EVAL.json with each of the others and exit")
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--smollm2", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -310,6 +316,8 @@ def main(argv=None) -> int:
     if args.child:
         run_child(args)
         return 0
+    if args.compare_logs:
+        return compare_logs(args.compare_logs, args.out)
 
     if not Path(args.data).is_dir():
         print(f"TOFU data folder {args.data} not found: pass --data", file=sys.stderr)
@@ -363,6 +371,7 @@ def main(argv=None) -> int:
             speed = results[1]["wall_s"] / results[0]["wall_s"]
             say(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
             say(f"largest relative difference of a number between the modes: {largest_relative_difference(a, b):.2e}")
+            say(f"{modes[0]} against {modes[1]}: {describe_differences(a, b)}")
             if diffs:
                 say(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
             else:
@@ -372,6 +381,7 @@ def main(argv=None) -> int:
             other = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
             say(f"\n{modes[0]} against {args.diff_against}: {len(other)} numbers beyond rtol 1e-5, largest relative "
                 f"difference {largest_relative_difference(a, b):.2e}")
+            say(f"{modes[0]} against {args.diff_against}: {describe_differences(a, b)}")
         need = None
         if args.model and modes:
             from transformers import AutoTokenizer
@@ -388,6 +398,38 @@ def main(argv=None) -> int:
             out.write_text(json.dumps(record, indent=1), encoding="utf-8")
             out.with_suffix(".md").write_text("\n".join(report).strip() + "\n", encoding="utf-8")
     return 1 if diffs else 0
+
+
+def describe_differences(a, b, rtol: float = 1e-5, atol: float = 1e-7, worst: int = 3) -> str:
+    """One line on how two eval logs' numbers differ: how many differ beyond atol and beyond rtol,
+    and the largest relative differences with where they are."""
+    n, diffs = numeric_differences(a, b, atol=atol)
+    beyond = sum(r > rtol for _, r in diffs)
+    top = ", ".join(f"{r:.2e} at {path}" for path, r in diffs[:worst])
+    return (f"{n} numbers, {len(diffs)} differ beyond atol {atol:g}, {beyond} beyond rtol {rtol:g}"
+            + (f"; largest {top}" if top else ""))
+
+
+def compare_logs(paths: list[str], out: str | None) -> int:
+    """`--compare-logs`: the first TOFU_EVAL.json against each of the others, without running anything
+    (e.g. the logs --keep kept from runs at other batch sizes or modes). Exit 1 when a log differs
+    beyond `diff_eval_logs`'s tolerance, 2 when a file is missing."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if len(paths) < 2 or missing:
+        print(f"--compare-logs needs two or more TOFU_EVAL.json files ({', '.join(missing) or 'got ' + str(len(paths))} "
+              "not found): pass the logs --keep kept", file=sys.stderr)
+        return 2
+    report: list[str] = []
+    say = _recorder(report)
+    logs = [json.loads(Path(p).read_text()) for p in paths]
+    failed = False
+    for path, log in zip(paths[1:], logs[1:]):
+        failed |= bool(diff_eval_logs(logs[0], log, rtol=1e-5, atol=1e-7))
+        say(f"{paths[0]} against {path}: {describe_differences(logs[0], log)}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(report) + "\n", encoding="utf-8")
+    return 1 if failed else 0
 
 
 def largest_relative_difference(a, b) -> float:

@@ -297,3 +297,16 @@ def test_stage_timer_counts_the_tokens_every_forward_reads():
     plain = suite.StageTimer({"forget": 3})  # no model: nothing counted, no key
     plain.run("probability", ["forget/answer"], 3, two_passes)
     assert "model_tokens" not in plain.result()["probability"]
+
+
+def test_numeric_differences_counts_numbers_and_ranks_relative_differences():
+    a = {"x": {"value_by_index": {"0": {"prob": 0.5}, "1": {"prob": [1.0, 2.0e-8]}}}, "gen": "same", "n": 3, "ok": True}
+    b = {"x": {"value_by_index": {"0": {"prob": 0.5 + 1e-5}, "1": {"prob": [1.1, 5.0e-8]}}}, "gen": "other", "n": 3,
+         "ok": True, "extra": 1.0}
+    n, diffs = suite.numeric_differences(a, b)
+    assert n == 4  # 0.5, 1.0, 2e-8 and n; the string, the bool and the key only in b are not numbers compared
+    assert [p for p, _ in diffs] == ["/x/value_by_index/1/prob[0]", "/x/value_by_index/0/prob"]  # 3e-8 is within atol
+    assert diffs[0][1] == pytest.approx(0.1 / 1.1) and diffs[1][1] == pytest.approx(1e-5 / (0.5 + 1e-5))
+    assert suite.numeric_differences(a, a) == (4, [])
+    assert suite.numeric_differences({"v": float("nan")}, {"v": float("nan")}) == (1, [])
+    assert suite.numeric_differences({"v": float("nan")}, {"v": 1.0}) == (1, [("/v", float("inf"))])

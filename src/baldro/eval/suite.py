@@ -20,7 +20,7 @@ prompts) and a metric plan, then runs three layers, each replaceable on its own:
 3. aggregation (`baldro.eval.summarize`), then `with_headline` and `write_eval_files`.
 
 `diff_eval_logs` compares two logs (the optimised against the naive evaluation, a run against a
-published log).
+published log); `numeric_differences` measures by how much their numbers differ.
 """
 
 from __future__ import annotations
@@ -382,3 +382,24 @@ def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7, path: str = "")
     if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
         return [] if math.isclose(a, b, rel_tol=rtol, abs_tol=atol) else [f"{path}: {a!r} vs {b!r}"]
     return [] if a == b else [f"{path}: {a!r:.80} vs {b!r:.80}"]
+
+
+def numeric_differences(a, b, atol: float = 1e-7, path: str = "") -> tuple[int, list[tuple[str, float]]]:
+    """How many numbers two eval logs hold at the same place, and those that differ by more than
+    ``atol``, each with its relative difference |x - y| / max(|x|, |y|), largest first.
+
+    Measures float rounding between two evaluations (another batch size, the optimised mode);
+    non-numeric values and keys in only one log are `diff_eval_logs`'s business."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        parts = [numeric_differences(a[k], b[k], atol, f"{path}/{k}") for k in a if k in b]
+    elif isinstance(a, list) and isinstance(b, list):
+        parts = [numeric_differences(x, y, atol, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+    elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return 1, ([] if a == b or (math.isnan(a) and math.isnan(b)) else [(path, math.inf)])
+        scale = max(abs(a), abs(b))
+        return 1, ([(path, abs(a - b) / scale)] if abs(a - b) > atol else [])
+    else:
+        return 0, []
+    diffs = sorted((d for _, ds in parts for d in ds), key=lambda d: -d[1])
+    return sum(n for n, _ in parts), diffs
