@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -433,16 +432,10 @@ def compare_logs(paths: list[str], out: str | None) -> int:
 
 
 def largest_relative_difference(a, b) -> float:
-    """The largest |x - y| / max(|x|, |y|) over the numbers two eval logs hold at the same place
-    (generation texts and other values are compared by `diff_eval_logs`)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return max((largest_relative_difference(a[k], b[k]) for k in a if k in b), default=0.0)
-    if isinstance(a, list) and isinstance(b, list):
-        return max((largest_relative_difference(x, y) for x, y in zip(a, b)), default=0.0)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        scale = max(abs(a), abs(b))
-        return abs(a - b) / scale if scale > 0 and math.isfinite(scale) else 0.0
-    return 0.0
+    """The largest |x - y| / max(|x|, |y|) over the numbers two eval logs hold at the same place, tiny
+    numbers included (generation texts and other values are compared by `diff_eval_logs`)."""
+    _, diffs = numeric_differences(a, b, atol=0.0)
+    return diffs[0][1] if diffs else 0.0
 
 
 def _recorder(lines: list[str]):
