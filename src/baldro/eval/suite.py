@@ -384,22 +384,32 @@ def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7, path: str = "")
     return [] if a == b else [f"{path}: {a!r:.80} vs {b!r:.80}"]
 
 
-def numeric_differences(a, b, atol: float = 1e-7, path: str = "") -> tuple[int, list[tuple[str, float]]]:
+def numeric_differences(a, b, atol: float = 1e-7) -> tuple[int, list[tuple[str, float]]]:
     """How many numbers two eval logs hold at the same place, and those that differ by more than
     ``atol``, each with its relative difference |x - y| / max(|x|, |y|), largest first.
 
     Measures float rounding between two evaluations (another batch size, the optimised mode);
     non-numeric values and keys in only one log are `diff_eval_logs`'s business."""
+    n, diffs = 0, []
+    for path, x, y in _number_pairs(a, b, ""):
+        n += 1
+        if not (math.isfinite(x) and math.isfinite(y)):
+            if not (x == y or (math.isnan(x) and math.isnan(y))):
+                diffs.append((path, math.inf))
+        elif abs(x - y) > atol:
+            diffs.append((path, abs(x - y) / max(abs(x), abs(y))))
+    diffs.sort(key=lambda d: -d[1])
+    return n, diffs
+
+
+def _number_pairs(a, b, path: str):
+    """(path, x, y) for every number (not bool) that two nested logs hold at the same place."""
     if isinstance(a, dict) and isinstance(b, dict):
-        parts = [numeric_differences(a[k], b[k], atol, f"{path}/{k}") for k in a if k in b]
+        for k in a:
+            if k in b:
+                yield from _number_pairs(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, list) and isinstance(b, list):
-        parts = [numeric_differences(x, y, atol, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _number_pairs(x, y, f"{path}[{i}]")
     elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        if not (math.isfinite(a) and math.isfinite(b)):
-            return 1, ([] if a == b or (math.isnan(a) and math.isnan(b)) else [(path, math.inf)])
-        scale = max(abs(a), abs(b))
-        return 1, ([(path, abs(a - b) / scale)] if abs(a - b) > atol else [])
-    else:
-        return 0, []
-    diffs = sorted((d for _, ds in parts for d in ds), key=lambda d: -d[1])
-    return sum(n for n, _ in parts), diffs
+        yield path, a, b
