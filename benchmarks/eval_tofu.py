@@ -45,6 +45,7 @@ from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
 from baldro.eval.generation import DECODE_BATCH_FACTOR
 
 REPO = Path(__file__).resolve().parents[1]
+RTOL, ATOL = 1e-5, 1e-7  # "identical numbers": the tolerance every comparison of two eval logs uses
 DECODE_CONTEXT = 150  # cached positions of the decoding-rate probe: a prompt of ~40 tokens + ~110 generated
 SMOLLM2 = "smollm2"
 SMOLLM2_CONFIG = REPO / "configs" / "model" / "smollm2-135m-instruct.yaml"
@@ -366,7 +367,7 @@ def main(argv=None) -> int:
         first_log = json.loads((work / modes[0] / EVAL_FILE).read_text()) if modes else None
         if len(results) == 2:
             a, b = first_log, json.loads((work / modes[1] / EVAL_FILE).read_text())
-            diffs = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
+            diffs = diff_eval_logs(a, b, rtol=RTOL, atol=ATOL)
             speed = results[1]["wall_s"] / results[0]["wall_s"]
             say(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
             say(f"largest relative difference of a number between the modes: {largest_relative_difference(a, b):.2e}")
@@ -374,11 +375,11 @@ def main(argv=None) -> int:
             if diffs:
                 say(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
             else:
-                say("numbers identical between the modes (rtol 1e-5, atol 1e-7): yes")
+                say(f"numbers identical between the modes (rtol {RTOL:g}, atol {ATOL:g}): yes")
         if args.diff_against:
             a, b = first_log, json.loads(Path(args.diff_against).read_text())
-            other = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
-            say(f"\n{modes[0]} against {args.diff_against}: {len(other)} numbers beyond rtol 1e-5, largest relative "
+            other = diff_eval_logs(a, b, rtol=RTOL, atol=ATOL)
+            say(f"\n{modes[0]} against {args.diff_against}: {len(other)} numbers beyond rtol {RTOL:g}, largest relative "
                 f"difference {largest_relative_difference(a, b):.2e}")
             say(f"{modes[0]} against {args.diff_against}: {describe_differences(a, b)}")
         need = None
@@ -399,7 +400,7 @@ def main(argv=None) -> int:
     return 1 if diffs else 0
 
 
-def describe_differences(a, b, rtol: float = 1e-5, atol: float = 1e-7, worst: int = 3) -> str:
+def describe_differences(a, b, rtol: float = RTOL, atol: float = ATOL, worst: int = 3) -> str:
     """One line on how two eval logs' numbers differ: how many differ beyond atol and beyond rtol,
     and the largest relative differences with where they are."""
     n, diffs = numeric_differences(a, b, atol=atol)
@@ -423,7 +424,7 @@ def compare_logs(paths: list[str], out: str | None) -> int:
     logs = [json.loads(Path(p).read_text()) for p in paths]
     failed = False
     for path, log in zip(paths[1:], logs[1:]):
-        failed |= bool(diff_eval_logs(logs[0], log, rtol=1e-5, atol=1e-7))
+        failed |= bool(diff_eval_logs(logs[0], log, rtol=RTOL, atol=ATOL))
         say(f"{paths[0]} against {path}: {describe_differences(logs[0], log)}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
