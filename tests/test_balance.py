@@ -277,4 +277,20 @@ def test_spread_at_mean_forgetting():
     assert (lo["step"], lo["prob_mean"], lo["prob_std"]) == (5, pytest.approx(0.25), pytest.approx(0.15))
     assert (hi["step"], hi["prob_mean"], hi["prob_std"]) == (9, pytest.approx(0.07), pytest.approx(0.02))
     never = spread_at_mean_forgetting(rows, levels=(0.01,))[0]
-    assert never["step"] is None and never["prob_std"] is None
+    assert never["step"] is None and never["prob_std"] is None and never["prob_std_at_level"] is None
+
+
+def test_spread_at_mean_forgetting_interpolates_to_the_level():
+    from baldro.balance import spread_at_mean_forgetting
+
+    rows = [
+        {"step": 0, "prob": [0.9, 0.9]},  # mean 0.9, std 0
+        {"step": 2, "prob": [0.7, 0.3]},  # mean 0.5, std 0.2
+        {"step": 4, "prob": [0.2, 0.0]},  # mean 0.1, std 0.1: the first step below 0.3 ...
+    ]
+    lo, hi, start = spread_at_mean_forgetting(rows, levels=(0.3, 0.1, 0.95))
+    # ... and a mean of 0.3 lies halfway between 0.5 and 0.1, so the std there is halfway between 0.2 and 0.1
+    assert lo["step"] == 4 and lo["prob_std"] == pytest.approx(0.1)
+    assert lo["prob_std_at_level"] == pytest.approx(0.15)
+    assert hi["step"] is None  # mean 0.1 is not below 0.1
+    assert start["step"] == 0 and start["prob_std_at_level"] is None  # nothing scored before the first step

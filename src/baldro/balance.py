@@ -290,17 +290,32 @@ SPREAD_LEVELS = (0.3, 0.1)
 def spread_at_mean_forgetting(
     balance_rows: Sequence[Mapping[str, Any]], levels: Sequence[float] = SPREAD_LEVELS
 ) -> list[dict[str, Any]]:
-    """Spread at equal mean forgetting: for each level, the first scoring step whose mean answer
-    probability is below it, with that step's mean, std and IQR (None entries when never reached).
+    """Spread at equal mean forgetting, per level: the first scoring step whose mean answer probability
+    is below the level, with that step's mean, std and IQR, and ``prob_std_at_level``, the std at a mean
+    of exactly the level (None entries when never reached).
 
     Methods compared at the same level have forgotten the same amount on average, so a lower std
-    there means more even forgetting (SPEC section 6: lower spread at equal mean forgetting).
+    there means more even forgetting (SPEC section 6: lower spread at equal mean forgetting). The
+    first step below a level can lie well below it (a method whose mean falls fast between two
+    scoring steps is read further along, where spreads are smaller), so ``prob_std_at_level``
+    interpolates the std linearly in the mean between that step and the one before it (None when
+    the first scored step is already below the level).
     """
     spread = [s for s in trajectory_spread(balance_rows) if s["prob_mean"] is not None]
     out = []
     for level in levels:
-        hit = next((s for s in spread if s["prob_mean"] < level), None)
-        out.append({"level": level, **(hit or {"step": None, "prob_mean": None, "prob_std": None, "prob_iqr": None})})
+        k = next((i for i, s in enumerate(spread) if s["prob_mean"] < level), None)
+        if k is None:
+            out.append({"level": level, "step": None, "prob_mean": None, "prob_std": None, "prob_iqr": None,
+                        "prob_std_at_level": None})
+            continue
+        hit = spread[k]
+        at_level = None
+        if k > 0 and hit["prob_std"] is not None and spread[k - 1]["prob_std"] is not None:
+            before = spread[k - 1]
+            t = (before["prob_mean"] - level) / (before["prob_mean"] - hit["prob_mean"])
+            at_level = before["prob_std"] + t * (hit["prob_std"] - before["prob_std"])
+        out.append({"level": level, **hit, "prob_std_at_level": at_level})
     return out
 
 

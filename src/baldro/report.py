@@ -178,8 +178,8 @@ SEED_COLUMNS: list[tuple[str, str, Any]] = [
     ("Forget TR", "forget_truth_ratio", format_value),
     ("Forget prob", "forget_Q_A_Prob", format_value),
     ("Forget ROUGE-L", "forget_Q_A_ROUGE", format_value),
-    ("Prob std at mean < 0.3", "_spread_0.3", format_value),
-    ("Prob std at mean < 0.1", "_spread_0.1", format_value),
+    ("Prob std at mean 0.3", "_spread_at_0.3", format_value),
+    ("Prob std at mean 0.1", "_spread_at_0.1", format_value),
     ("Prob std (end)", "balance_prob_std", format_value),
     ("Remembered", "balance_frac_remembered", format_value),
     ("Over-forgotten", "balance_frac_over_forgotten", format_value),
@@ -477,17 +477,18 @@ def _plot_seeds(groups: dict[str, list[int]], values: list[dict[str, Any]], path
         if ok.any():
             ax_fq.scatter([mu[ok].mean()], [np.exp(np.log(fq[ok]).mean())], color=colours[i], s=70,
                           edgecolor="black", label=name)
-        spread = [v for v in (_num(x.get("_spread_0.3")) for x in vals) if v is not None]
+        spread = [v for v in (_num(x.get("_spread_at_0.3")) for x in vals) if v is not None]
         ax_spread.scatter([i] * len(spread), spread, color=colours[i])
         if spread:
             ax_spread.hlines(float(np.mean(spread)), i - 0.3, i + 0.3, color="black")
     ax_fq.set_yscale("log")
     ax_fq.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
     ax_fq.set(xlabel="model utility", ylabel="forget quality (log)", title="Every seed and the mean per method")
-    ax_fq.legend(fontsize=7, ncol=2)
+    if ax_fq.get_legend_handles_labels()[0]:  # no labelled point when no seed has a positive forget quality
+        ax_fq.legend(fontsize=7, ncol=2)
     ax_spread.set_xticks(range(len(groups)), list(groups), rotation=45, ha="right", fontsize=8)
     ax_spread.set(ylabel="std of per-sample answer probability",
-                  title="Spread when the mean answer probability first falls below 0.3")
+                  title="Spread when the mean answer probability is 0.3")
     return _save(fig, path)
 
 
@@ -550,7 +551,7 @@ def _ks_and_spread(run: RunRecord, retain_tr) -> dict[str, Any]:
         tr = truth_ratios(run.load_eval_log(), "forget_truth_ratio")
         out["_ks_d"] = metrics.ks_statistic(tr, retain_tr) if tr is not None and len(tr) else None
     for spread in spread_at_mean_forgetting(run.balance) if run.balance else []:
-        out[f"_spread_{spread['level']:g}"] = spread["prob_std"]
+        out[f"_spread_at_{spread['level']:g}"] = spread["prob_std_at_level"]
     return out
 
 
@@ -559,25 +560,27 @@ def _md_cell(text: str) -> str:
 
 
 def _spread_table(methods: list[tuple[str, RunRecord]]) -> list[str]:
-    """Markdown rows: per-sample probability spread when each method's mean first drops below a level."""
+    """Markdown rows: per-sample probability spread when each run's mean answer probability reaches a level."""
     from baldro.balance import SPREAD_LEVELS, spread_at_mean_forgetting
 
     with_balance = [(label, run) for label, run in methods if run.balance]
     if not with_balance:
         return []
-    head = " | ".join(f"mean < {lvl:g}: step, mean, std" for lvl in SPREAD_LEVELS)
+    head = " | ".join(f"mean < {lvl:g}: step, mean, std | std at mean {lvl:g}" for lvl in SPREAD_LEVELS)
     md = [
-        "Spread at equal mean forgetting: the per-sample probability's std at the first scoring step where "
-        "the method's mean answer probability falls below each level (lower std = more even forgetting).",
+        "Spread at equal mean forgetting, every run: the per-sample probability's std at the first scoring step "
+        "where the run's mean answer probability falls below each level, and (bold) the std at a mean of exactly "
+        "the level, interpolated between that step and the one before it (lower std = more even forgetting).",
         "",
-        f"| Method | {head} |",
-        "| --- |" + " ---: |" * len(SPREAD_LEVELS),
+        f"| Run | {head} |",
+        "| --- |" + " ---: | ---: |" * len(SPREAD_LEVELS),
     ]
     for label, run in with_balance:
         cells = []
         for s in spread_at_mean_forgetting(run.balance):
-            cells.append("not reached" if s["step"] is None else
-                         f"{s['step']}, {format_value(s['prob_mean'])}, **{format_value(s['prob_std'])}**")
+            cells.append("not reached | n/a" if s["step"] is None else
+                         f"{s['step']}, {format_value(s['prob_mean'])}, {format_value(s['prob_std'])} | "
+                         f"**{format_value(s['prob_std_at_level'])}**")
         md.append(f"| {_md_cell(label)} | " + " | ".join(cells) + " |")
     return md + [""]
 
@@ -726,9 +729,9 @@ def build_report(
             "",
             "Runs with the same name are one method under several seeds: mean ± sample standard deviation. "
             "*KS D* is the KS statistic behind forget quality (the largest gap between the two truth-ratio "
-            "distributions). *Prob std at mean < x*: the std of the per-sample answer probability at the "
-            "first scoring step where the method's mean probability falls below x (spread at equal mean "
-            "forgetting; lower = more even).",
+            "distributions). *Prob std at mean x*: the std of the per-sample answer probability when the "
+            "run's mean probability is x, interpolated between the scoring steps either side of x (spread at "
+            "equal mean forgetting; lower = more even; n/a = x not reached).",
             "",
         ]
         if plots["seeds"]:
@@ -786,7 +789,7 @@ def build_report(
         ]
     else:
         md += ["No run has a balance.jsonl, so there is no spread plot.", ""]
-    md += _spread_table(labelled)
+    md += _spread_table(list(zip(method_labels, methods)))
 
     md += ["## Effective DRO weights", ""]
     if plots["dro_weights"]:
