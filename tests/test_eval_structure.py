@@ -310,3 +310,17 @@ def test_numeric_differences_counts_numbers_and_ranks_relative_differences():
     assert suite.numeric_differences(a, a) == (4, [])
     assert suite.numeric_differences({"v": float("nan")}, {"v": float("nan")}) == (1, [])
     assert suite.numeric_differences({"v": float("nan")}, {"v": 1.0}) == (1, [("/v", float("inf"))])
+
+
+def test_diff_eval_logs_names_every_kind_of_difference():
+    a = {"p": {"0": 0.5, "1": 1.0}, "gen": ["a", "b"], "rows": [1, 2], "only_a": 1, "n": 3}
+    b = {"p": {"0": 0.5 + 1e-7, "1": 1.001}, "gen": ["a", "c"], "rows": [1, 2, 3], "only_b": 2, "n": 3}
+    assert suite.diff_eval_logs(a, b) == [
+        "/only_b: only in the second log",
+        "/p/1: 1.0 vs 1.001",  # 0.5 vs 0.5 + 1e-7 is within rtol 1e-5
+        "/gen[1]: 'b' vs 'c'",
+        "/rows: 2 vs 3 items",
+        "/only_a: only in the first log",
+    ]
+    assert suite.diff_eval_logs(a, a) == []
+    assert suite.diff_eval_logs({"v": 1.0}, {"v": 1.001}, rtol=1e-2) == []

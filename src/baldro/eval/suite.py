@@ -363,25 +363,23 @@ def write_eval_files(out_dir, files: Mapping[str, dict]) -> None:
         write_json_atomic(out_dir / name, obj, indent=4)
 
 
-def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7, path: str = "") -> list[str]:
+def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> list[str]:
     """Where two eval logs differ: numbers beyond the tolerance, other values, missing keys.
 
     Used to check that the optimised evaluation (shared forward pass, length-sorted batches) gives
     the numbers of the naive one: batch composition only changes float rounding."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}/{k}: only in the {'first' if k in a else 'second'} log" for k in sorted(set(a) ^ set(b))]
-        for k in a:
-            if k in b:
-                out += diff_eval_logs(a[k], b[k], rtol, atol, f"{path}/{k}")
-        return out
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} vs {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff_eval_logs(x, y, rtol, atol, f"{path}[{i}]")]
-    num = (int, float)
-    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
-        return [] if math.isclose(a, b, rel_tol=rtol, abs_tol=atol) else [f"{path}: {a!r} vs {b!r}"]
-    return [] if a == b else [f"{path}: {a!r:.80} vs {b!r:.80}"]
+    out = []
+    for path, x, y in _aligned_leaves(a, b, ""):
+        if x is _MISSING or y is _MISSING:
+            out.append(f"{path}: only in the {'second' if x is _MISSING else 'first'} log")
+        elif isinstance(x, list) and isinstance(y, list):
+            out.append(f"{path}: {len(x)} vs {len(y)} items")
+        elif _is_number(x) and _is_number(y):
+            if not math.isclose(x, y, rel_tol=rtol, abs_tol=atol):
+                out.append(f"{path}: {x!r} vs {y!r}")
+        elif x != y:
+            out.append(f"{path}: {x!r:.80} vs {y!r:.80}")
+    return out
 
 
 def numeric_differences(a, b, atol: float = 1e-7) -> tuple[int, list[tuple[str, float]]]:
@@ -389,9 +387,11 @@ def numeric_differences(a, b, atol: float = 1e-7) -> tuple[int, list[tuple[str, 
     ``atol``, each with its relative difference |x - y| / max(|x|, |y|), largest first.
 
     Measures float rounding between two evaluations (another batch size, the optimised mode);
-    non-numeric values and keys in only one log are `diff_eval_logs`'s business."""
+    non-numeric values, keys in only one log and lists of unequal length are `diff_eval_logs`'s business."""
     n, diffs = 0, []
-    for path, x, y in _number_pairs(a, b, ""):
+    for path, x, y in _aligned_leaves(a, b, ""):
+        if not (_is_number(x) and _is_number(y)):
+            continue
         n += 1
         if not (math.isfinite(x) and math.isfinite(y)):
             if not (x == y or (math.isnan(x) and math.isnan(y))):
@@ -402,14 +402,25 @@ def numeric_differences(a, b, atol: float = 1e-7) -> tuple[int, list[tuple[str, 
     return n, diffs
 
 
-def _number_pairs(a, b, path: str):
-    """(path, x, y) for every number (not bool) that two nested logs hold at the same place."""
+_MISSING = object()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _aligned_leaves(a, b, path: str):
+    """(path, x, y) for every leaf two nested logs hold at the same place, in the first log's order.
+
+    A key in one log only gives its value and ``_MISSING`` (keys only in the second log come first,
+    sorted); two lists of unequal length are one leaf (the lists themselves)."""
     if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(b) - set(a)):
+            yield f"{path}/{k}", _MISSING, b[k]
         for k in a:
-            if k in b:
-                yield from _number_pairs(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list) and isinstance(b, list):
+            yield from _aligned_leaves(a[k], b[k], f"{path}/{k}") if k in b else [(f"{path}/{k}", a[k], _MISSING)]
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
-            yield from _number_pairs(x, y, f"{path}[{i}]")
-    elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+            yield from _aligned_leaves(x, y, f"{path}[{i}]")
+    else:
         yield path, a, b
