@@ -378,10 +378,7 @@ def main(argv=None) -> int:
                 say(f"numbers identical between the modes (rtol {RTOL:g}, atol {ATOL:g}): yes")
         if args.diff_against:
             a, b = first_log, json.loads(Path(args.diff_against).read_text())
-            other = diff_eval_logs(a, b, rtol=RTOL, atol=ATOL)
-            say(f"\n{modes[0]} against {args.diff_against}: {len(other)} numbers beyond rtol {RTOL:g}, largest relative "
-                f"difference {largest_relative_difference(a, b):.2e}")
-            say(f"{modes[0]} against {args.diff_against}: {describe_differences(a, b)}")
+            say(f"\n{modes[0]} against {args.diff_against}: {describe_differences(a, b)}")
         need = None
         if args.model and modes:
             from transformers import AutoTokenizer
@@ -401,13 +398,16 @@ def main(argv=None) -> int:
 
 
 def describe_differences(a, b, rtol: float = RTOL, atol: float = ATOL, worst: int = 3) -> str:
-    """One line on how two eval logs' numbers differ: how many differ beyond atol and beyond rtol,
-    and the largest relative differences with where they are."""
+    """One line on how two eval logs differ: how many numbers differ beyond atol and beyond rtol, the
+    largest relative differences with where they are, and how many other values differ (texts, keys,
+    list lengths)."""
     n, diffs = numeric_differences(a, b, atol=atol)
     beyond = sum(r > rtol for _, r in diffs)
+    others = len(diff_eval_logs(a, b, rtol=rtol, atol=atol)) - beyond
     top = ", ".join(f"{r:.2e} at {path}" for path, r in diffs[:worst])
     return (f"{n} numbers, {len(diffs)} differ beyond atol {atol:g}, {beyond} beyond rtol {rtol:g}"
-            + (f"; largest {top}" if top else ""))
+            + (f"; largest {top}" if top else "")
+            + (f"; {others} non-numeric difference(s) (generated texts, keys or list lengths)" if others else ""))
 
 
 def compare_logs(paths: list[str], out: str | None) -> int:
