@@ -3,14 +3,16 @@
 `baldro report` over `<results>/cells/*` (the target and retain models as references) writes
 `<results>/report/`: the per-cell table, the mean ± std over seeds per method, and the plots (every seed;
 per-sample trajectories, spread and DRO weights of each method's first seed). `<results>/table.md` is the
-mean ± std table alone, for experiments/RESULTS.md.
+mean ± std table alone, for experiments/RESULTS.md; `<results>/training.md` how each cell trained (gradient
+norms, the retain and forget losses, the largest weight a weighting gave a sample), from its train_log.jsonl.
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
-from baldro.io import write_text_atomic
+from baldro.io import read_jsonl, write_text_atomic
 from baldro.report import build_report
 
 REFERENCES = ("target", "retain")
@@ -39,5 +41,32 @@ def write_study_report(results: str | Path) -> Path | None:
         start = lines.index(table[0])
         end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
         write_text_atomic(results / "table.md", "\n".join(lines[start:end]) + "\n")
+    write_text_atomic(results / "training.md", "\n".join(training_table(methods)) + "\n")
     print(f"study report: {len(methods)} finished cell(s); {report}")
     return report
+
+
+def training_table(cells: list[Path], early_steps: int = 10) -> list[str]:
+    """Markdown rows, one per cell, from its train_log.jsonl: the median gradient norm (before clipping)
+    over the first ``early_steps`` optimizer steps and over all, the retain loss's median and largest
+    value, the forget loss at the first and last step, and the largest weight the weighting gave one
+    sample of a batch (``mean``: 1/B)."""
+    md = [f"| Cell | Grad norm, median of steps 1-{early_steps} | Grad norm, median | Retain loss, median | "
+          "Retain loss, max | Forget loss, first -> last | Largest sample weight |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for cell in cells:
+        rows = [r for r in read_jsonl(cell / "train_log.jsonl") if "grad_norm" in r] \
+            if (cell / "train_log.jsonl").is_file() else []
+        if not rows:
+            md.append(f"| {cell.name} |" + " n/a |" * 6)
+            continue
+        grad = [r["grad_norm"] for r in rows]
+        retain = [r["retain_loss"] for r in rows if r.get("retain_loss") is not None]
+        weight = [r["weight_max"] for r in rows if r.get("weight_max") is not None]
+        md.append(
+            f"| {cell.name} | {statistics.median(grad[:early_steps]):.3g} | {statistics.median(grad):.3g} | "
+            + (f"{statistics.median(retain):.3f} | {max(retain):.3f} | " if retain else "n/a | n/a | ")
+            + f"{rows[0].get('forget_loss', float('nan')):.3g} -> {rows[-1].get('forget_loss', float('nan')):.3g} | "
+            + (f"{max(weight):.3f} |" if weight else "n/a |")
+        )
+    return md

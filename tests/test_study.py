@@ -37,6 +37,10 @@ def test_smoke_study_runs_every_stage_and_skips_finished_cells(tiny_model_dir, t
         assert not list((cells / name).rglob("*.safetensors"))
     table = (tmp_path / "res" / "table.md").read_text()
     assert table.startswith("| Method | Seeds | Forget quality | KS D |") and "| npo_dv | 0 |" in table
+    training = (tmp_path / "res" / "training.md").read_text().splitlines()
+    assert training[0].startswith("| Cell | Grad norm") and [r.split(" | ")[0] for r in training[2:]] == \
+        ["| npo_dv_seed0", "| npo_mean_seed0"]
+    assert "n/a" not in training[3] and training[3].endswith("| 0.250 |")  # mean: 1/B of a batch of 4
     report = (tmp_path / "res" / "report" / "report.md").read_text()
     assert "target (reference)" in report and "retain (reference)" in report
     capsys.readouterr()
