@@ -4,11 +4,12 @@
 `<results>/report/`: the per-cell table, the mean ± std over seeds per method, and the plots (every seed;
 per-sample trajectories, spread and DRO weights of each method's first seed). `<results>/table.md` is the
 mean ± std table alone, for experiments/RESULTS.md; `<results>/training.md` how each cell trained (gradient
-norms, the retain and forget losses, the largest weight a weighting gave a sample), from its train_log.jsonl.
+norms, the retain and forget losses, the largest weight a weighting gave a sample) and its wall times.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -49,16 +50,21 @@ def write_study_report(results: str | Path) -> Path | None:
 def training_table(cells: list[Path], early_steps: int = 10) -> list[str]:
     """Markdown rows, one per cell, from its train_log.jsonl: the median gradient norm (before clipping)
     over the first ``early_steps`` optimizer steps and over all, the retain loss's median and largest
-    value, the forget loss at the first and last step, and the largest weight the weighting gave one
-    sample of a batch (``mean``: 1/B)."""
+    value, the forget loss at the first and last step, the largest weight the weighting gave one
+    sample of a batch (``mean``: 1/B), and the unlearning's and the evaluation's wall time."""
+
     md = [f"| Cell | Grad norm, median of steps 1-{early_steps} | Grad norm, median | Retain loss, median | "
-          "Retain loss, max | Forget loss, first -> last | Largest sample weight |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+          "Retain loss, max | Forget loss, first -> last | Largest sample weight | Train time (s) | Eval time (s) |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in cells:
         rows = [r for r in read_jsonl(cell / "train_log.jsonl") if "grad_norm" in r] \
             if (cell / "train_log.jsonl").is_file() else []
+        times = []
+        for info, key in (("run_info.json", "train_time_s"), ("eval/eval_info.json", "eval_time_s")):
+            value = json.loads((cell / info).read_text()).get(key) if (cell / info).is_file() else None
+            times.append(f"{value:.0f}" if isinstance(value, (int, float)) else "n/a")
         if not rows:
-            md.append(f"| {cell.name} |" + " n/a |" * 6)
+            md.append(f"| {cell.name} |" + " n/a |" * 6 + f" {times[0]} | {times[1]} |")
             continue
         grad = [r["grad_norm"] for r in rows]
         retain = [r["retain_loss"] for r in rows if r.get("retain_loss") is not None]
@@ -68,5 +74,6 @@ def training_table(cells: list[Path], early_steps: int = 10) -> list[str]:
             + (f"{statistics.median(retain):.3f} | {max(retain):.3f} | " if retain else "n/a | n/a | ")
             + f"{rows[0].get('forget_loss', float('nan')):.3g} -> {rows[-1].get('forget_loss', float('nan')):.3g} | "
             + (f"{max(weight):.3f} |" if weight else "n/a |")
+            + f" {times[0]} | {times[1]} |"
         )
     return md
