@@ -120,17 +120,17 @@ def main(argv=None) -> int:
         summary = json.loads((work / modes[0] / "MUSE_SUMMARY.json").read_text())
         print("\n" + "\n".join(f"{k}: {v:.6g}" if v is not None else f"{k}: n/a" for k, v in summary.items()))
         if len(results) == 2:
-            from baldro.eval.suite import diff_eval_logs
+            from baldro.eval.suite import ATOL, RTOL, diff_eval_logs
 
             a = json.loads((work / modes[0] / "MUSE_EVAL.json").read_text())
             b = json.loads((work / modes[1] / "MUSE_EVAL.json").read_text())
-            diffs = diff_eval_logs(a, b, rtol=1e-5, atol=1e-7)
+            diffs = diff_eval_logs(a, b, rtol=RTOL, atol=ATOL)
             print(f"\nspeed-up {modes[0]} vs {modes[1]}: {results[1]['wall_s'] / results[0]['wall_s']:.2f}x "
                   "(whole evaluation)")
             if diffs:
                 print(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
                 return 1
-            print("numbers identical between the modes (rtol 1e-5, atol 1e-7), generations included: yes")
+            print(f"numbers identical between the modes (rtol {RTOL:g}, atol {ATOL:g}), generations included: yes")
     return 0
 
 

@@ -40,12 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from baldro.eval.suite import numeric_differences
+from baldro.eval.suite import ATOL, RTOL, numeric_differences
 from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
 from baldro.eval.generation import DECODE_BATCH_FACTOR
 
 REPO = Path(__file__).resolve().parents[1]
-RTOL, ATOL = 1e-5, 1e-7  # "identical numbers": the tolerance every comparison of two eval logs uses
 DECODE_CONTEXT = 150  # cached positions of the decoding-rate probe: a prompt of ~40 tokens + ~110 generated
 SMOLLM2 = "smollm2"
 SMOLLM2_CONFIG = REPO / "configs" / "model" / "smollm2-135m-instruct.yaml"

@@ -363,7 +363,12 @@ def write_eval_files(out_dir, files: Mapping[str, dict]) -> None:
         write_json_atomic(out_dir / name, obj, indent=4)
 
 
-def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> list[str]:
+# Two evaluations "give the same numbers" when every pair is within this (float32 rounding of another
+# batch composition); `diff_eval_logs` and `numeric_differences` default to it, the benchmarks import it.
+RTOL, ATOL = 1e-5, 1e-7
+
+
+def diff_eval_logs(a, b, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
     """Where two eval logs differ: numbers beyond the tolerance, other values, missing keys.
 
     Used to check that the optimised evaluation (shared forward pass, length-sorted batches) gives
@@ -382,7 +387,7 @@ def diff_eval_logs(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> list[str]:
     return out
 
 
-def numeric_differences(a, b, atol: float = 1e-7) -> tuple[int, list[tuple[str, float]]]:
+def numeric_differences(a, b, atol: float = ATOL) -> tuple[int, list[tuple[str, float]]]:
     """How many numbers two eval logs hold at the same place, and those that differ by more than
     ``atol``, each with its relative difference |x - y| / max(|x|, |y|), largest first.
 
