@@ -102,12 +102,28 @@ class Scheduler:
     def say(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} +{time.time() - self.start:7.0f} s] {msg}", flush=True)
 
+    def needed(self, finished: set[str]) -> set[str]:
+        """Unfinished jobs that something still wants: a final job, or a dependency of a needed job.
+
+        On a fresh machine the committed results of the reference evaluations survive but the models
+        under `--work` do not: the retain model is then not fine-tuned again, the target model only
+        if a cell still has to be unlearned from it."""
+        dependants = {n: [m for m in self.order if n in self.jobs[m].deps] for n in self.order}
+        needed: set[str] = set()
+        for name in reversed(self.order):  # dependants come after their dependencies
+            if name not in finished and (not dependants[name] or any(m in needed for m in dependants[name])):
+                needed.add(name)
+        return needed
+
     def run(self) -> bool:
         finished = {n for n in self.order if self.jobs[n].done()}
-        todo = [n for n in self.order if n not in finished]
+        needed = self.needed(finished)
+        todo = [n for n in self.order if n in needed]
         total = len(todo)
-        self.say(f"{len(finished)} job(s) already done, {total} to run, {self.n_parallel} at a time, "
-                 f"{self.threads} thread(s) each")
+        unneeded = len(self.order) - len(finished) - total
+        self.say(f"{len(finished)} job(s) already done, "
+                 + (f"{unneeded} not needed (every job that needs it is done), " if unneeded else "")
+                 + f"{total} to run, {self.n_parallel} at a time, {self.threads} thread(s) each")
         running: dict[str, tuple[subprocess.Popen, float, object]] = {}
         failed: set[str] = set()
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
@@ -235,14 +251,19 @@ def build_jobs(args) -> list[Job]:
 
 
 def write_study_settings(args) -> None:
+    """Record the settings in `study.json`; a run of some seeds or methods adds to those recorded."""
+    path = Path(args.results) / "study.json"
+    before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    seeds = sorted(set(before.get("seeds", [])) | set(args.seeds))
+    ran = {f"{o}_{w}" for o, w in METHODS if not args.methods or f"{o}_{w}" in args.methods}
+    methods = [m for m in (f"{o}_{w}" for o, w in METHODS) if m in ran or m in before.get("methods", [])]
     settings = {
         "model": args.model or f"model={args.model_group}", "data": "TOFU forget01 (offline copy)",
         "target_train": "retain_perturbed (first 400 rows of full, 20 authors) + forget01 (40 rows, 2 authors)",
-        "retain_train": "retain_perturbed", "seeds": list(args.seeds), "methods": [f"{o}_{w}" for o, w in METHODS],
+        "retain_train": "retain_perturbed", "seeds": seeds, "methods": methods,
         "finetune_overrides": FINETUNE, "unlearn_overrides": UNLEARN, "eval_overrides": EVAL, "common": COMMON,
         "threads_per_job": args.threads,
     }
-    path = Path(args.results) / "study.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 

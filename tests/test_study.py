@@ -57,3 +57,12 @@ def test_smoke_study_runs_every_stage_and_skips_finished_cells(tiny_model_dir, t
     out = capsys.readouterr().out
     assert "6 job(s) already done, 2 to run" in out and "FAILED" not in out
     assert (cells / "npo_dv_seed0" / "eval" / "TOFU_SUMMARY.json").is_file()
+
+    # a fresh machine (no models, no raw runs) with one cell left: only the target model is made again
+    shutil.rmtree(cells / "npo_dv_seed0")
+    shutil.rmtree(tmp_path / "work")
+    assert study.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 job(s) already done, 1 not needed (every job that needs it is done), 3 to run" in out
+    assert "started finetune_target" in out and "finetune_retain" not in out and "FAILED" not in out
+    assert (cells / "npo_dv_seed0" / "eval" / "TOFU_SUMMARY.json").is_file()
