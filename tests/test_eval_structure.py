@@ -324,3 +324,6 @@ def test_diff_eval_logs_names_every_kind_of_difference():
     ]
     assert suite.diff_eval_logs(a, a) == []
     assert suite.diff_eval_logs({"v": 1.0}, {"v": 1.001}, rtol=1e-2) == []
+    nan = float("nan")  # an undefined metric in both logs is no difference (as in numeric_differences)
+    assert suite.diff_eval_logs({"v": nan}, {"v": nan}) == []
+    assert suite.diff_eval_logs({"v": nan}, {"v": 1.0}) == ["/v: nan vs 1.0"]

@@ -380,7 +380,7 @@ def diff_eval_logs(a, b, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
         elif isinstance(x, list) and isinstance(y, list):
             out.append(f"{path}: {len(x)} vs {len(y)} items")
         elif _is_number(x) and _is_number(y):
-            if not math.isclose(x, y, rel_tol=rtol, abs_tol=atol):
+            if not (math.isclose(x, y, rel_tol=rtol, abs_tol=atol) or (math.isnan(x) and math.isnan(y))):
                 out.append(f"{path}: {x!r} vs {y!r}")
         elif x != y:
             out.append(f"{path}: {x!r:.80} vs {y!r:.80}")
