@@ -66,3 +66,17 @@ def test_smoke_study_runs_every_stage_and_skips_finished_cells(tiny_model_dir, t
     assert "4 job(s) already done, 1 not needed (every job that needs it is done), 3 to run" in out
     assert "started finetune_target" in out and "finetune_retain" not in out and "FAILED" not in out
     assert (cells / "npo_dv_seed0" / "eval" / "TOFU_SUMMARY.json").is_file()
+
+
+@pytest.mark.slow
+def test_committed_study_tables_match_its_cells(tmp_path):
+    """RESULTS.md quotes table.md and training.md: rebuilt from the committed cells, they must not drift
+    (a changed metric, aggregation or column would otherwise leave the published numbers stale)."""
+    results = ROOT / "experiments" / "tofu_smollm2"
+    (tmp_path / "cells").symlink_to(results / "cells", target_is_directory=True)
+    _study()
+    from study_report import write_study_report
+
+    assert write_study_report(tmp_path) is not None
+    for name in ("table.md", "training.md"):
+        assert (tmp_path / name).read_text() == (results / name).read_text(), f"{name} drifted: rerun --report-only"
