@@ -27,7 +27,9 @@ def finished_cells(results: Path) -> list[Path]:
 
 def write_study_report(results: str | Path) -> Path | None:
     """Write report/ and table.md from the finished cells; None when no unlearning cell is finished."""
-    results = Path(results)
+    results = Path(results).resolve()
+    if results.is_relative_to(Path.cwd()):  # the report's rebuild command then works in any checkout
+        results = results.relative_to(Path.cwd())
     cells = finished_cells(results)
     methods = [c for c in cells if c.name not in REFERENCES]
     if not methods:
