@@ -29,7 +29,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_tofu import resolve_model  # noqa: E402
+from eval_tofu import _recorder, resolve_model  # noqa: E402
+
+
+PROFILED_STEPS = 3  # after the 2 warm-up and the `steps` timed ones
+
+
+def kv_positions_read(context: int, steps: int) -> float:
+    """Cached positions one profiled step's attention reads per row, averaged over the profiled steps:
+    step i (counting from 0 after the prefill) attends to the `context` prefilled positions, the i
+    decoded before it and its own."""
+    first = steps + 2
+    return context + first + (PROFILED_STEPS - 1) / 2 + 1
 
 
 def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -> tuple[float, dict]:
@@ -71,7 +82,7 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
         if not split:
             return median, {}
         with profile() as prof:
-            for i in range(steps + 2, steps + 5):
+            for i in range(steps + 2, steps + 2 + PROFILED_STEPS):
                 step(i)
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
@@ -146,6 +157,8 @@ def main(argv=None) -> int:
 
     from baldro.models import set_flush_denormal
 
+    report: list[str] = []
+    say = _recorder(report)  # stdout and, with --out, a .md beside the JSON
     torch.set_num_threads(args.threads)
     set_flush_denormal(True)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
@@ -154,27 +167,29 @@ def main(argv=None) -> int:
     kv_pos = kv_bytes_per_position(model)
     weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     record.update(read_gbps=gbps, kv_bytes_per_position=kv_pos, weight_mb=weight_mb)
-    print(f"decoding step, {args.context} cached positions, {args.threads} thread(s), median of {args.steps} steps; "
-          f"memory read bandwidth {gbps:.1f} GB/s (sum of 1 GiB); weights {weight_mb:.0f} MB; "
-          f"KV cache {kv_pos / 1e3:.1f} kB per position and row\n")
-    print("| rows | step ms | ms per row | matmul ms | attention ms | other ms | KV MB read | attention GB/s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    say(f"decoding step, {args.context} cached positions, {args.threads} thread(s), median of {args.steps} steps; "
+        f"memory read bandwidth {gbps:.1f} GB/s (sum of 1 GiB); weights {weight_mb:.0f} MB; "
+        f"KV cache {kv_pos / 1e3:.1f} kB per position and row; a profiled step's attention reads "
+        f"{kv_positions_read(args.context, args.steps):g} positions per row\n")
+    say("| rows | step ms | ms per row | matmul ms | attention ms | other ms | KV MB read | attention GB/s |")
+    say("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for b in [int(x) for x in args.batches.split(",")]:
         ms, parts = decode_ms(model, b, args.context, args.steps)
-        kv_mb = b * (args.context + args.steps // 2) * kv_pos / 1e6
+        kv_mb = b * kv_positions_read(args.context, args.steps) * kv_pos / 1e6
         att_gbps = kv_mb / parts["attention"] if parts["attention"] else float("nan")
         record["decode"].append({"rows": b, "step_ms": ms, "ms_per_row": ms / b, **{f"{k}_ms": v for k, v in parts.items()},
                                  "kv_mb": kv_mb, "attention_gbps": att_gbps})
-        print(f"| {b} | {ms:.1f} | {ms / b:.2f} | {parts['matmul']:.1f} | {parts['attention']:.1f} | {parts['other']:.1f} "
-              f"| {kv_mb:.0f} | {att_gbps:.1f} |", flush=True)
+        say(f"| {b} | {ms:.1f} | {ms / b:.2f} | {parts['matmul']:.1f} | {parts['attention']:.1f} | {parts['other']:.1f} "
+            f"| {kv_mb:.0f} | {att_gbps:.1f} |", flush=True)
     stats = stats_ms(model.config.vocab_size, args.rows)
     record["stats_ms_per_token"] = stats
-    print(f"\nteacher-forced statistics per scored token, vocabulary {model.config.vocab_size}:\n")
-    print("| computation | ms per token |\n| --- | ---: |")
+    say(f"\nteacher-forced statistics per scored token, vocabulary {model.config.vocab_size}:\n")
+    say("| computation | ms per token |\n| --- | ---: |")
     for k, v in stats.items():
-        print(f"| {k} | {v:.3g} |")
+        say(f"| {k} | {v:.3g} |")
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        Path(args.out).with_suffix(".md").write_text("\n".join(report).strip() + "\n", encoding="utf-8")
     return 0
 
 
