@@ -370,7 +370,7 @@ def main(argv=None) -> int:
             speed = results[1]["wall_s"] / results[0]["wall_s"]
             say(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
             say(f"largest relative difference of a number between the modes: {largest_relative_difference(a, b):.2e}")
-            say(f"{modes[0]} against {modes[1]}: {describe_differences(a, b)}")
+            say(f"{modes[0]} against {modes[1]}: {describe_differences(a, b, diffs=diffs)}")
             if diffs:
                 say(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
             else:
@@ -396,15 +396,18 @@ def main(argv=None) -> int:
     return 1 if diffs else 0
 
 
-def describe_differences(a, b, rtol: float = RTOL, atol: float = ATOL, worst: int = 3) -> str:
+def describe_differences(a, b, rtol: float = RTOL, atol: float = ATOL, worst: int = 3,
+                         diffs: list[str] | None = None) -> str:
     """One line on how two eval logs differ: how many numbers differ beyond atol and beyond rtol, the
     largest relative differences with where they are, and how many other values differ (texts, keys,
-    list lengths)."""
-    n, diffs = numeric_differences(a, b, atol=atol)
-    beyond = sum(r > rtol for _, r in diffs)
-    others = len(diff_eval_logs(a, b, rtol=rtol, atol=atol)) - beyond
-    top = ", ".join(f"{r:.2e} at {path}" for path, r in diffs[:worst])
-    return (f"{n} numbers, {len(diffs)} differ beyond atol {atol:g}, {beyond} beyond rtol {rtol:g}"
+    list lengths). `diffs`: `diff_eval_logs(a, b, rtol, atol)` when the caller has it already."""
+    n, numeric = numeric_differences(a, b, atol=atol)
+    beyond = sum(r > rtol for _, r in numeric)
+    if diffs is None:
+        diffs = diff_eval_logs(a, b, rtol=rtol, atol=atol)
+    others = len(diffs) - beyond
+    top = ", ".join(f"{r:.2e} at {path}" for path, r in numeric[:worst])
+    return (f"{n} numbers, {len(numeric)} differ beyond atol {atol:g}, {beyond} beyond rtol {rtol:g}"
             + (f"; largest {top}" if top else "")
             + (f"; {others} non-numeric difference(s) (generated texts, keys or list lengths)" if others else ""))
 
@@ -423,8 +426,9 @@ def compare_logs(paths: list[str], out: str | None) -> int:
     logs = [json.loads(Path(p).read_text()) for p in paths]
     failed = False
     for path, log in zip(paths[1:], logs[1:]):
-        failed |= bool(diff_eval_logs(logs[0], log, rtol=RTOL, atol=ATOL))
-        say(f"{paths[0]} against {path}: {describe_differences(logs[0], log)}")
+        diffs = diff_eval_logs(logs[0], log, rtol=RTOL, atol=ATOL)
+        failed |= bool(diffs)
+        say(f"{paths[0]} against {path}: {describe_differences(logs[0], log, diffs=diffs)}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text("\n".join(report) + "\n", encoding="utf-8")

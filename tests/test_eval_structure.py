@@ -327,3 +327,28 @@ def test_diff_eval_logs_names_every_kind_of_difference():
     nan = float("nan")  # an undefined metric in both logs is no difference (as in numeric_differences)
     assert suite.diff_eval_logs({"v": nan}, {"v": nan}) == []
     assert suite.diff_eval_logs({"v": nan}, {"v": 1.0}) == ["/v: nan vs 1.0"]
+
+
+def test_eval_tofu_compare_logs_counts_numbers_and_other_differences(tmp_path, capsys):
+    """`benchmarks/eval_tofu.py --compare-logs`: one line per log pair, exit 1 when a log differs."""
+    import importlib.util
+    import json as json_
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_tofu.py"
+    spec = importlib.util.spec_from_file_location("eval_tofu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logs = [{"p": [0.5, 1.0, float("nan")], "gen": ["a", "b"]},
+            {"p": [0.5 + 1e-8, 1.1, float("nan")], "gen": ["a", "c"]},
+            {"p": [0.5, 1.0, float("nan")], "gen": ["a", "b"]}]
+    files = []
+    for i, log in enumerate(logs):
+        files.append(str(tmp_path / f"{i}.json"))
+        Path(files[-1]).write_text(json_.dumps(log))
+    assert bench.compare_logs(files[:2], None) == 1
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("3 numbers, 1 differ beyond atol 1e-07, 1 beyond rtol 1e-05; largest 9.09e-02 at /p[1]; "
+                         "1 non-numeric difference(s) (generated texts, keys or list lengths)"), line
+    assert bench.compare_logs([files[0], files[2]], None) == 0
+    assert capsys.readouterr().out.strip().endswith("3 numbers, 0 differ beyond atol 1e-07, 0 beyond rtol 1e-05")
+    assert bench.compare_logs([files[0], str(tmp_path / "missing.json")], None) == 2
