@@ -32,14 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_tofu import _recorder, resolve_model  # noqa: E402
 
 
-PROFILED_STEPS = 3  # after the 2 warm-up and the `steps` timed ones
+WARMUP_STEPS = 2  # untimed, before the `steps` timed ones
+PROFILED_STEPS = 3  # after the warm-up and the timed ones
 
 
 def kv_positions_read(context: int, steps: int) -> float:
     """Cached positions one profiled step's attention reads per row, averaged over the profiled steps:
     step i (counting from 0 after the prefill) attends to the `context` prefilled positions, the i
     decoded before it and its own."""
-    first = steps + 2
+    first = WARMUP_STEPS + steps
     return context + first + (PROFILED_STEPS - 1) / 2 + 1
 
 
@@ -74,15 +75,15 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
             o.logits.max(-1)
             sync()
 
-        for i in range(steps + 2):
+        for i in range(WARMUP_STEPS + steps):
             t0 = time.perf_counter()
             step(i)
             times.append(time.perf_counter() - t0)
-        median = statistics.median(times[2:]) * 1e3
+        median = statistics.median(times[WARMUP_STEPS:]) * 1e3
         if not split:
             return median, {}
         with profile() as prof:
-            for i in range(steps + 2, steps + 2 + PROFILED_STEPS):
+            for i in range(WARMUP_STEPS + steps, WARMUP_STEPS + steps + PROFILED_STEPS):
                 step(i)
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
