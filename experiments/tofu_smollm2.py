@@ -191,6 +191,17 @@ def is_finished(dest: Path) -> bool:
     return (dest / "eval" / "TOFU_SUMMARY.json").is_file() and (dest / "run_info.json").is_file()
 
 
+def finetune_job(kind: str, run: Path, extra: list[str], model: list[str], common: list[str], seed: int,
+                 smoke: dict | None = None) -> Job:
+    """Fine-tune a reference model (`kind`: target, retain, ...) on retain_perturbed (+ `extra` overrides)
+    into `run`; resumable from its epoch checkpoints."""
+    return Job(f"finetune_{kind}", baldro(
+        "finetune", str(CONFIGS / "finetune" / "tofu.yaml"), *model, *common, f"name={kind}",
+        f"seed={seed}", f"output_dir={run}", "data.train_split=retain_perturbed", *extra,
+        *FINETUNE, *(smoke["finetune"] if smoke else []), "resume=true"),
+        done=lambda: (run / "model" / "model.safetensors").is_file() and (run / "run_info.json").is_file())
+
+
 def build_jobs(args) -> list[Job]:
     smoke = SMOKE if args.smoke else None
     seeds = smoke["seeds"] if smoke else args.seeds
@@ -200,17 +211,12 @@ def build_jobs(args) -> list[Job]:
     model = [f"model={args.model_group}"] + ([f"model.base={args.model}"] if args.model else [])
     jobs: list[Job] = []
 
-    def reference(kind: str, train: str, extra: list[str]):
-        run, dest = work / kind, cells / kind
-        jobs.append(Job(f"finetune_{kind}", baldro(
-            "finetune", str(CONFIGS / "finetune" / "tofu.yaml"), *model, *common, f"name={kind}",
-            f"seed={args.finetune_seed}", f"output_dir={run}", f"data.train_split={train}", *extra,
-            *FINETUNE, *(smoke["finetune"] if smoke else []), "resume=true"),
-            done=lambda: (run / "model" / "model.safetensors").is_file() and (run / "run_info.json").is_file()))
-        return run, dest
+    def reference(kind: str, extra: list[str]):
+        jobs.append(finetune_job(kind, work / kind, extra, model, common, args.finetune_seed, smoke))
+        return work / kind, cells / kind
 
-    target_run, target_dest = reference("target", "retain_perturbed", ["data.extra_train_splits=[forget01]"])
-    retain_run, retain_dest = reference("retain", "retain_perturbed", [])
+    target_run, target_dest = reference("target", ["data.extra_train_splits=[forget01]"])
+    retain_run, retain_dest = reference("retain", [])
     eval_common = [*model, *common, *EVAL, *(smoke["eval"] if smoke else [])]
     retain_log = retain_dest / "eval" / "TOFU_EVAL.json"
     target_log = target_dest / "eval" / "TOFU_EVAL.json"

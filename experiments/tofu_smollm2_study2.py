@@ -1,0 +1,169 @@
+"""Study 2: does balanced forgetting buy forget quality at forget05, and does it survive attacks?
+
+    python experiments/tofu_smollm2_study2.py                  # every part, resumable
+    python experiments/tofu_smollm2_study2.py --parts B        # only part B
+    python experiments/tofu_smollm2_study2.py --report-only    # tables and plots from finished cells
+
+The same model, data and rules as study 1 (`tofu_smollm2.py`, whose scheduler and settings this reuses):
+- Part B, forget05: a *target05* model fine-tuned on `retain_perturbed` + `forget05` (600 rows, study 1's
+  fine-tuning recipe), study 1's retain model evaluated on the forget05 split, then NPO x `mean`, `dv`,
+  `dv_global` x seeds unlearned from target05 with study 1's unlearning schedule on forget05 (balance
+  tracked every `BALANCE_EVERY_B` steps) and evaluated in full.
+Each finished cell copies its small files into `experiments/tofu_smollm2_study2/cells/<part>_<cell>/`
+with `machine.json` (the CPU it ran on); a rerun skips finished cells. Models live under `--work`; the
+retain model is study 1's (its work folder), made again there if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from baldro.model_sources import cache_dir  # noqa: E402
+from tofu_smollm2 import (  # noqa: E402
+    COMMON, CONFIGS, DEFAULT_DATA, EVAL, REPO, SMOKE, UNLEARN, Job, Scheduler, baldro, copy_results, finetune_job,
+    is_finished,
+)
+
+DEFAULT_RESULTS = REPO / "experiments" / "tofu_smollm2_study2"
+SEEDS = (0, 1, 2)
+PART_B_WEIGHTINGS = ("mean", "dv", "dv_global")
+# forget05 has 200 samples: 13 optimizer steps an epoch at study 1's batch (8 x 2 accumulation), 130 in
+# all. Scoring all 200 forget samples costs about 200 forward passes; a step about 16 x 2 forward and
+# backward passes (~100 forward-equivalents), so every 20 steps keeps tracking near 10 % of training.
+BALANCE_EVERY_B = 20
+
+
+def swap(overrides: list[str], **values: str) -> list[str]:
+    """`overrides` with the keys in `values` set to new values (a value of None drops the key)."""
+    out = [o for o in overrides if o.split("=", 1)[0] not in values]
+    return out + [f"{k}={v}" for k, v in values.items() if v is not None]
+
+
+def keys(overrides: list[str]) -> dict:
+    return dict(o.split("=", 1) for o in overrides)
+
+
+# Part B's unlearning: study 1's schedule on forget05; the reference log-prob cache on (current defaults:
+# study 1 turned it off only to keep an older commit's float rounding).
+UNLEARN_B = swap(UNLEARN, split="forget05", **{"balance.every_n_steps": str(BALANCE_EVERY_B),
+                                               "objective.ref_cache": None})
+EVAL_B = swap(EVAL, split="forget05")
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads_per_job": threads, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def finish_cell(run: Path, dest: Path, threads: int, keep_model: bool = False) -> None:
+    copy_results(run, dest)
+    tmp = dest / ".machine.json.tmp"
+    tmp.write_text(json.dumps(machine_info(threads), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, dest / "machine.json")
+    if not keep_model:
+        shutil.rmtree(run / "model", ignore_errors=True)
+
+
+def build_jobs(args) -> list[Job]:
+    smoke = SMOKE if args.smoke else None
+    seeds = smoke["seeds"] if smoke else args.seeds
+    work, cells = Path(args.work), Path(args.results) / "cells"
+    study1_work = Path(args.study1_work) if args.study1_work else work / "study1"
+    common = [f"data.source={args.data}", *COMMON]
+    model = [f"model={args.model_group}"] + ([f"model.base={args.model}"] if args.model else [])
+    jobs: list[Job] = []
+    retain_run = study1_work / "retain"  # study 1's retain model serves as it is
+    jobs.append(finetune_job("retain", retain_run, [], model, common, args.finetune_seed, smoke))
+
+    if "B" in args.parts:
+        target_run = work / "target05"
+        jobs.append(finetune_job("target05", target_run, ["data.extra_train_splits=[forget05]"], model, common,
+                                 args.finetune_seed, smoke))
+        eval_common = [*model, *common, *EVAL_B, *(smoke["eval"] if smoke else [])]
+        retain_dest, target_dest = cells / "B_retain", cells / "B_target"
+        retain_log, target_log = retain_dest / "eval" / "TOFU_EVAL.json", target_dest / "eval" / "TOFU_EVAL.json"
+        retain_eval = work / "retain05_eval"
+        jobs.append(Job("eval_B_retain", baldro(
+            "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={retain_run / 'model'}",
+            f"output_dir={retain_eval / 'eval'}", "overwrite=true"), deps=["finetune_retain"],
+            after=lambda: _finish_reference(retain_run, retain_eval, retain_dest, args.threads),
+            done=lambda: is_finished(retain_dest)))
+        jobs.append(Job("eval_B_target", baldro(
+            "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={target_run / 'model'}",
+            f"output_dir={target_run / 'eval'}", f"eval.retain_logs_path={retain_log}", "overwrite=true"),
+            deps=["finetune_target05", "eval_B_retain"],
+            after=lambda: finish_cell(target_run, target_dest, args.threads, keep_model=True),
+            done=lambda: is_finished(target_dest)))
+        for seed in seeds:
+            for weighting in ([w for _, w in smoke["methods"]] if smoke else PART_B_WEIGHTINGS):
+                name = f"B_npo_{weighting}_seed{seed}"
+                run, dest = work / "cells" / name, cells / name
+                jobs.append(Job(f"unlearn_{name}", baldro(
+                    "unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), *model, *common, "objective=npo",
+                    f"weighting={weighting}", f"seed={seed}", f"name=npo_{weighting}",
+                    f"model.path={target_run / 'model'}", f"output_dir={run}", *UNLEARN_B,
+                    *(smoke["unlearn"] if smoke else []), "overwrite=true"),
+                    deps=["finetune_target05"],
+                    done=lambda dest=dest, run=run: is_finished(dest) or (run / "model" / "model.safetensors").is_file()))
+                jobs.append(Job(f"eval_{name}", baldro(
+                    "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={run / 'model'}",
+                    f"output_dir={run / 'eval'}", f"eval.retain_logs_path={retain_log}",
+                    f"eval.target_logs_path={target_log}", "overwrite=true"),
+                    deps=[f"unlearn_{name}", "eval_B_retain", "eval_B_target"],
+                    after=lambda run=run, dest=dest: finish_cell(run, dest, args.threads, args.keep_models),
+                    done=lambda dest=dest: is_finished(dest)))
+    return jobs
+
+
+def _finish_reference(model_run: Path, eval_run: Path, dest: Path, threads: int) -> None:
+    """A reference model evaluated in a folder of its own: the fine-tune's files plus that evaluation."""
+    for name in ("config.yaml", "run_info.json", "train_log.jsonl"):
+        if (model_run / name).is_file():
+            shutil.copy2(model_run / name, eval_run / name)
+    finish_cell(eval_run, dest, threads, keep_model=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="TOFU folder (default: ../shared/data/tofu)")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="committed results folder")
+    p.add_argument("--work", default=str(cache_dir() / "study2_tofu_smollm2"), help="models and raw runs")
+    p.add_argument("--study1-work", default=str(cache_dir() / "study_tofu_smollm2"),
+                   help="study 1's work folder (its retain and target models)")
+    p.add_argument("--parts", default="B", help="which parts to run, e.g. AB")
+    p.add_argument("--model-group", default="smollm2-135m-instruct")
+    p.add_argument("--model", help="override the group's model.base")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--finetune-seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep-models", action="store_true")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of the pipeline (tests)")
+    args = p.parse_args(argv)
+    ok = True
+    if not args.report_only:
+        ok = Scheduler(build_jobs(args), args.jobs, args.threads, Path(args.work) / "logs").run()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
