@@ -56,6 +56,10 @@ CASES = {
                             "train.gradient_accumulation_steps=2"]),
     "lora": (UNLEARN, ["split=forget01", "objective=npo", "weighting=dv", "+model.lora.r=4",
                        "+model.lora.lora_alpha=8", "train.learning_rate=1e-2"]),
+    # extra state: RMU's steering vector; PDU's dual variable (updated from the second epoch on)
+    "rmu": (UNLEARN, ["split=forget01", "objective=rmu", "weighting=dv"]),
+    "pdu": (UNLEARN, ["split=forget01", "objective=pdu", "weighting=mean", "objective.retain_loss_eps=0.0",
+                      "objective.dual_warmup_epochs=1"]),
 }
 
 

@@ -40,12 +40,23 @@ from baldro.data.formatting import QAFormatter
 from baldro.data.tofu import load_refusals, load_split
 from baldro.distributed import barrier, check_launched_world, full_state_dict, is_sharded, loads_sharded, zero_stage
 from baldro.errors import BaldroError
+from baldro.alternates import ALTERNATES_FILE, generate_alternates, read_alternates, save_alternates
 from baldro.io import RunLock, truncate_jsonl, write_json_atomic, write_text_atomic
 from baldro.models import load_model, load_tokenizer, resolve_device, save_model, set_flush_denormal
-from baldro.objectives import get_objective, get_retain_loss
-from baldro.schema import DataConfig, EvalConfig, FormatConfig, ModelConfig, Recipe, validate, validate_model
+from baldro.objectives import PrimalDual, get_objective, get_retain_loss, set_trainable
+from baldro.schema import (
+    DataConfig,
+    EvalConfig,
+    FormatConfig,
+    ModelConfig,
+    Recipe,
+    validate,
+    validate_model,
+    weighting_args,
+)
 from baldro.trainer import (
     CHECKPOINT_MARKER,
+    OBJECTIVE_STATE_FILE,
     STAGING,
     WEIGHTING_STATE_FILE,
     EncodedDataset,
@@ -135,7 +146,7 @@ def _training_args(recipe: Recipe, run_dir: Path):
 
 # ----------------------------------------------------------------------------- run folders
 RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
-               "checkpoints", "eval", WEIGHTING_STATE_FILE)
+               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE)
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
     "name", "output_dir", "resume", "overwrite", "log_to_console", "eval", "balance",
@@ -337,6 +348,15 @@ def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: s
     del state
     if hasattr(trainer, "save_weighting_state"):
         trainer.save_weighting_state(run_dir / WEIGHTING_STATE_FILE)
+    objective_state = trainer.objective_state() if hasattr(trainer, "objective_state") else {}
+    if objective_state and trainer.is_world_process_zero():
+        import torch
+
+        tmp = run_dir / f".{OBJECTIVE_STATE_FILE}.tmp"
+        torch.save(objective_state, tmp)
+        os.replace(tmp, run_dir / OBJECTIVE_STATE_FILE)
+        if "primal_dual" in objective_state:
+            info = {**info, "dual_lambda_final": objective_state["primal_dual"]["lambda"]}
     if trainer.is_world_process_zero():
         write_json_atomic(run_dir / "run_info.json", {**info, "train_time_s": elapsed, "status": "done",
                                                       **({"processes": trainer.args.world_size}
@@ -410,10 +430,10 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     refusals = None
     if muse:
         muse_texts = _muse_texts(recipe, objective)
-        make_weighting(recipe.weighting.name, n_samples=1, **recipe.weighting.args)  # rebuilt for the chunks
+        make_weighting(recipe.weighting.name, n_samples=1, **weighting_args(recipe))  # rebuilt for the chunks
     else:
         forget_rows = _rows(recipe.data, "forget_split")
-        weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_rows), **recipe.weighting.args)
+        weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_rows), **weighting_args(recipe))
         retain_rows = _rows(recipe.data, "retain_split")
         if objective.needs_refusal:
             refusals = load_refusals(recipe.data.source, recipe.data.refusal_file)
@@ -428,13 +448,21 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         refusal_enc = None
         if muse:  # raw-text chunks; their indices are the forget sample ids
             forget_enc, retain_enc = _muse_chunks(recipe, muse_texts, tokenizer, model)
-            weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_enc), **recipe.weighting.args)
+            weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_enc), **weighting_args(recipe))
         else:
             forget_enc = _encode(formatter, forget_rows, "forget")
             retain_enc = _encode(formatter, retain_rows, "retain")
         if refusals is not None:
             picks = [refusals[(recipe.seed + i) % len(refusals)] for i in range(len(forget_rows))]
             refusal_enc = formatter.encode_many([r["question"] for r in forget_rows], picks, "refusal")
+        alternate_enc = None
+        if objective.needs.alternate:
+            texts = _alternates(recipe, model, tokenizer, formatter, forget_rows, run_dir)
+            flat = formatter.encode_many([r["question"] for r, alts in zip(forget_rows, texts) for _ in alts],
+                                         [a for alts in texts for a in alts], "alternate")
+            k = len(texts[0])
+            alternate_enc = [flat[i * k:(i + 1) * k] for i in range(len(forget_rows))]
+        n_trainable = set_trainable(model, recipe.objective.trainable_params_regex)
 
         needs_ref = objective.needs_reference or retain_loss.needs_reference
         # With LoRA the reference is the same model with its adapter disabled: no copy.
@@ -462,7 +490,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         trainer = UnlearnTrainer(
             model=model,
             args=args,
-            train_dataset=UnlearnDataset(forget_enc, retain_enc, refusal_enc, seed=recipe.seed),
+            train_dataset=UnlearnDataset(forget_enc, retain_enc, refusal_enc, seed=recipe.seed, alternates=alternate_enc),
             data_collator=UnlearnCollator(tokenizer.pad_token_id),
             callbacks=callbacks,
             objective=objective,
@@ -474,6 +502,8 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             ref_model=ref_model,
             ref_cache=recipe.objective.ref_cache,
             forget_log_path=run_dir / "forget_losses.jsonl",
+            module_regex=recipe.objective.module_regex,
+            primal_dual=_primal_dual(recipe),
         )
         if resume:
             trainer.restore_extra_state(resume)
@@ -484,8 +514,11 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             "objective": objective.name,
             "objective_args": {**objective.defaults, **objective_args},
             "weighting": recipe.weighting.name,
-            "weighting_args": dict(recipe.weighting.args),
+            "weighting_args": weighting_args(recipe),
             "retain_loss": retain_loss.name,
+            **({"module": trainer.module_name} if trainer.module_name else {}),
+            **({"trainable_parameter_tensors": n_trainable}
+               if recipe.objective.trainable_params_regex is not None else {}),
             "forget_split": recipe.data.forget_split,
             "n_forget": len(forget_enc),
             **({"benchmark": "muse", "chunk_length": recipe.data.chunk_length} if muse else {}),
@@ -504,6 +537,32 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     return run_dir
 
 
+def _primal_dual(recipe: Recipe) -> PrimalDual | None:
+    o = recipe.objective
+    if not o.primal_dual:
+        return None
+    return PrimalDual(o.alpha, o.retain_loss_eps, o.dual_step_size, o.dual_update_upon, o.dual_warmup_epochs)
+
+
+def _alternates(recipe: Recipe, model, tokenizer, formatter, rows: list[dict], run_dir: Path) -> list[list[str]]:
+    """AltPO's alternates: from objective.alternates.file, from the run folder, or generated there now
+    (by the main process, before any weight changes; the others wait and read the file)."""
+    a = recipe.objective.alternates
+    if a.file is not None:
+        return read_alternates(Path(a.file).expanduser(), rows)
+    settings = {"n": a.n, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "seed": recipe.seed,
+                "model": str(recipe.model.path), "forget_split": recipe.data.forget_split}
+    path = run_dir / ALTERNATES_FILE
+    if _is_main_process() and not path.exists():
+        start = time.time()
+        texts = generate_alternates(model, tokenizer, formatter, rows, a.n, a.max_new_tokens, a.temperature,
+                                    a.batch_size, recipe.seed)
+        save_alternates(path, rows, texts, settings)
+        log.info("alternates: %d x %d written to %s in %.0f s", len(rows), a.n, path, time.time() - start)
+    barrier()
+    return read_alternates(path, rows, settings)
+
+
 # ----------------------------------------------------------------------------- MUSE (raw text)
 BENCHMARKS = ("tofu", "muse")
 
@@ -518,9 +577,9 @@ def _muse_texts(recipe: Recipe, objective) -> tuple[str, str | None]:
     """The raw forget corpus and the raw retain corpus (None without a retain loss, alpha = 0)."""
     from baldro.data.muse import load_unlearn_texts
 
-    if objective.needs_refusal:
-        raise BaldroError(f"objective {objective.name!r} needs questions to refuse, but MUSE unlearns raw text: "
-                          "use ga, graddiff, npo, simnpo, wga or satimp")
+    if objective.needs.preferred:
+        raise BaldroError(f"objective {objective.name!r} needs questions to answer otherwise, but MUSE unlearns raw "
+                          "text: use ga, graddiff, npo, simnpo, wga, satimp, rmu, undial, ceu or pdu")
     return load_unlearn_texts(recipe.data.source, recipe.data.forget_split, recipe.data.retain_split,
                               need_retain=recipe.objective.alpha != 0)
 

@@ -22,10 +22,13 @@ CACHE_FILE = "reference_logp-{rank}.pt"  # in each checkpoint, one per process
 class ReferenceCache:
     """logp_ref per sample id, for each batch part ("forget", "refusal"); kept on the CPU."""
 
-    def __init__(self, n_samples: int, parts: tuple[str, ...] = ("forget", "refusal")):
+    def __init__(self, n_samples: int, parts: tuple[str, ...] = ("forget", "refusal"), sizes: dict | None = None):
+        """`sizes`: entries per part where a part is not indexed by the forget sample (AltPO's alternates:
+        sample i's alternate k is entry i * K + k); parts of size 0 are left out."""
         self.n_samples = int(n_samples)
-        self.values = {p: torch.zeros(self.n_samples, dtype=torch.float32) for p in parts}
-        self.known = {p: torch.zeros(self.n_samples, dtype=torch.bool) for p in parts}
+        sizes = {p: self.n_samples for p in parts} if sizes is None else {p: int(n) for p, n in sizes.items() if n}
+        self.values = {p: torch.zeros(n, dtype=torch.float32) for p, n in sizes.items()}
+        self.known = {p: torch.zeros(n, dtype=torch.bool) for p, n in sizes.items()}
 
     def lookup(self, part: str, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor | None:
         """The cached logp_ref of `ids`, or None when any of them has not been seen yet (or is a pad
@@ -54,7 +57,7 @@ class ReferenceCache:
         if int(state["n_samples"]) != self.n_samples:
             return  # another forget set: nothing in it applies
         for part, known in state["known"].items():
-            if part in self.known:
+            if part in self.known and len(known) == len(self.known[part]):
                 self.values[part][known] = state["values"][part][known]
                 self.known[part] |= known
 

@@ -94,13 +94,38 @@ class TrainConfig:
 
 
 @dataclass
+class AlternatesConfig:
+    """AltPO's alternate answers: generated once by the model before unlearning into RUN_DIR/alternates.jsonl
+    (reused when present), or read from `file`."""
+
+    n: int = 5  # alternates per forget question (one is drawn per epoch, from (seed, epoch, sample))
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # sampled, as OpenUnlearning's AltPO generator
+    batch_size: int = 16
+    file: Optional[str] = None  # JSON lines with question and alternates (a list) or alternate (one per line)
+
+
+@dataclass
 class ObjectiveConfig:
     name: str = "npo"
     args: Dict[str, Any] = field(default_factory=dict)  # the objective's keyword arguments (beta, ...)
-    retain_loss: str = "nll"
+    retain_loss: str = "nll"  # nll, kl or embed_diff (hidden states of module_regex's module vs the reference's)
     gamma: float = 1.0  # forget-loss weight
-    alpha: float = 1.0  # retain-loss weight
+    alpha: float = 1.0  # retain-loss weight (with primal_dual: the dual variable's start)
     ref_cache: bool = True  # reuse each forget sample's reference log-prob after its first batch
+    # the module whose output rmu and embed_diff read; null: model.layers.K at OpenUnlearning's relative depth (7 of 32)
+    module_regex: Optional[str] = None
+    trainable_params_regex: Optional[List[str]] = None  # train only parameters whose names match one; null: all
+    # the DV temperature in this objective's loss units: dv, dv_softmin and dv_global use it unless
+    # weighting.args.sigma is set (sigma must be of the order of the per-sample loss range)
+    dv_sigma: float = 2.0
+    # PDU's primal-dual retain constraint R <= retain_loss_eps (SPEC 2b), for any objective
+    primal_dual: bool = False
+    retain_loss_eps: Optional[float] = None  # required with primal_dual (e.g. the target model's retain loss)
+    dual_step_size: float = 1.0
+    dual_update_upon: str = "step"  # step or epoch
+    dual_warmup_epochs: float = 0
+    alternates: AlternatesConfig = field(default_factory=AlternatesConfig)  # altpo
 
 
 @dataclass
@@ -306,9 +331,40 @@ def _check_unlearning(recipe: Recipe) -> bool:
         _number(f"objective.args.{key}", value)
         if key == "beta" or key.startswith("beta"):
             _number(f"objective.args.{key}", value, low=0, low_open=key == "beta")
+        if key == "steering_coeff":
+            _number(f"objective.args.{key}", value, low=0, low_open=True, hint=" (RMU's target norm, e.g. 2)")
+        if key == "ignore_first_n_answer_tokens":
+            _number(f"objective.args.{key}", value, low=0, integer=True)
     get_retain_loss(o.retain_loss)
     _number("objective.gamma", o.gamma, low=0, hint=" (the forget-loss weight)")
     _number("objective.alpha", o.alpha, low=0, hint=" (the retain-loss weight)")
+    _number("objective.dv_sigma", o.dv_sigma, low=0, low_open=True, hint=" (the DV temperature, in loss units)")
+    if o.trainable_params_regex is not None and recipe.model.lora is not None:
+        raise BaldroError("objective.trainable_params_regex and model.lora exclude each other (LoRA trains its "
+                          "adapter): set one of them to null")
+    if o.primal_dual:
+        if o.retain_loss_eps is None:
+            raise BaldroError(f"objective.primal_dual=true ({o.name}) needs objective.retain_loss_eps, the retain loss "
+                              "to stay under (e.g. the target model's retain loss): set it")
+        _number("objective.retain_loss_eps", o.retain_loss_eps)
+        _number("objective.dual_step_size", o.dual_step_size, low=0)
+        _number("objective.dual_warmup_epochs", o.dual_warmup_epochs, low=0)
+        if o.dual_update_upon not in ("step", "epoch"):
+            raise BaldroError(f"objective.dual_update_upon={o.dual_update_upon!r} must be step or epoch")
+        if o.alpha != 0 and recipe.data.benchmark == "tofu" and not recipe.data.retain_split:
+            raise BaldroError("objective.primal_dual=true needs a retain set: set data.retain_split")
+    if objective.needs.alternate:
+        a = o.alternates
+        if a.file is not None:
+            if not Path(a.file).expanduser().is_file():
+                raise BaldroError(f"objective.alternates.file {a.file} is not a file: give a JSON-lines file of "
+                                  "alternate answers, or null to generate them")
+        else:
+            _number("objective.alternates.n", a.n, low=1, integer=True, hint=" (alternates per question)")
+            _number("objective.alternates.max_new_tokens", a.max_new_tokens, low=1, integer=True,
+                    hint=f" ({o.name} generates its alternate answers: give it a token budget)")
+            _number("objective.alternates.temperature", a.temperature, low=0, low_open=True)
+            _number("objective.alternates.batch_size", a.batch_size, low=1, integer=True)
     wargs = dict(w.args)
     for key in ("sigma", "ratio"):
         if key in wargs and _is_number(wargs[key]) and not math.isfinite(wargs[key]):
@@ -316,8 +372,21 @@ def _check_unlearning(recipe: Recipe) -> bool:
                               f"{'positive number' if key == 'sigma' else 'fraction in (0, 1]'}")
         if key in wargs and not _is_number(wargs[key]):
             raise BaldroError(f"weighting.args.{key}={wargs[key]!r} is not a number")
-    make_weighting(w.name, n_samples=1, **wargs)
+    make_weighting(w.name, n_samples=1, **weighting_args(recipe))
     return objective.needs_refusal
+
+
+def weighting_args(recipe: Recipe) -> dict:
+    """`weighting.args`, with `objective.dv_sigma` as the sigma of a weighting that takes one and was given none."""
+    import inspect
+
+    from baldro.weighting import WEIGHTINGS
+
+    args = dict(recipe.weighting.args)
+    cls = WEIGHTINGS.get(recipe.weighting.name)
+    if cls is not None and "sigma" in inspect.signature(cls.__init__).parameters and "sigma" not in args:
+        args["sigma"] = recipe.objective.dv_sigma
+    return args
 
 
 def _check_eval(e: EvalConfig, kind: str) -> None:

@@ -43,7 +43,7 @@ from baldro.io import append_jsonl, apply_umask_tree, write_json_atomic
 log = logging.getLogger(__name__)
 
 # Independent streams of derived random numbers (the first entry of every key).
-STREAM_ORDER, STREAM_RETAIN, STREAM_STEP = 0, 1, 2
+STREAM_ORDER, STREAM_RETAIN, STREAM_STEP, STREAM_ALTERNATE = 0, 1, 2, 3
 
 
 def derived_rng(stream: int, seed: int, *key: int) -> np.random.Generator:
@@ -77,9 +77,19 @@ class EpochSampler(Sampler):
         order = derived_rng(STREAM_ORDER, self.seed, self.epoch).permutation(self.n)
         offset = self.epoch * self.n if self.tag else 0
         return iter([offset + int(i) for i in order] + [PAD_ID] * (len(self) - self.n))
-from baldro.objectives import ForgetInputs, Objective, RetainLoss
+from baldro.objectives import (
+    ForgetInputs,
+    Needs,
+    Objective,
+    PrimalDual,
+    RetainInputs,
+    RetainLoss,
+    default_module_regex,
+    find_module,
+    steering_vector,
+)
 from baldro.reference import ReferenceCache
-from baldro.sequence import token_log_probs
+from baldro.sequence import AnswerHidden, AnswerLogits, TokenLogProbs, answer_hidden, answer_logits, token_log_probs
 from baldro.weighting import WEIGHT_STATS, Weighting, weight_stat_tensor
 
 STAT_NAMES = ("forget_loss", "forget_loss_mean", "retain_loss", *WEIGHT_STATS)  # train_log.jsonl's statistics
@@ -119,7 +129,9 @@ class QACollator:
 
 
 class UnlearnDataset(Dataset):
-    """One item per forget sample, paired with a random retain sample and an optional refusal.
+    """One item per forget sample, paired with a random retain sample, an optional refusal and an optional
+    alternate answer (AltPO: one of sample i's K alternates, drawn from (seed, epoch, i) alone like the
+    retain pairing; `alt_ids` = i * K + k names it for the reference cache).
 
     An epoch is one pass over the forget set (SPEC section 4). The retain sample of forget sample i in
     epoch e is drawn from (seed, e, i) alone; index `e * len(self) + i` (from `EpochSampler`) asks
@@ -135,6 +147,7 @@ class UnlearnDataset(Dataset):
         retain: Sequence[EncodedQA] | None,
         refusal: Sequence[EncodedQA] | None = None,
         seed: int = 0,
+        alternates: Sequence[Sequence[EncodedQA]] | None = None,
     ):
         if not forget:
             raise BaldroError("the forget set is empty: check data.forget_split")
@@ -142,9 +155,17 @@ class UnlearnDataset(Dataset):
             raise BaldroError("the retain set is empty: check data.retain_split")
         self.forget, self.retain, self.refusal = list(forget), (list(retain) if retain is not None else None), refusal
         self.seed = int(seed)
+        self.alternates = [list(a) for a in alternates] if alternates is not None else None
+        if self.alternates is not None and (len(self.alternates) != len(self.forget) or
+                                            len({len(a) for a in self.alternates}) != 1 or not self.alternates[0]):
+            raise BaldroError("alternates: every forget sample needs the same number (>= 1) of alternate answers")
+        self.n_alternates = len(self.alternates[0]) if self.alternates is not None else 0
 
     def __len__(self):
         return len(self.forget)
+
+    def alternate_index(self, epoch: int, i: int) -> int:
+        return int(derived_rng(STREAM_ALTERNATE, self.seed, epoch, i).integers(self.n_alternates))
 
     def retain_index(self, epoch: int, i: int) -> int:
         return int(derived_rng(STREAM_RETAIN, self.seed, epoch, i).integers(len(self.retain)))
@@ -158,6 +179,9 @@ class UnlearnDataset(Dataset):
             item["retain"] = self.retain[self.retain_index(epoch, i)]
         if self.refusal is not None:
             item["refusal"] = self.refusal[i]
+        if self.alternates is not None:
+            k = self.alternate_index(epoch, i)
+            item["alternate"], item["alt_id"] = self.alternates[i][k], i * self.n_alternates + k
         return item
 
     def _pad_item(self):
@@ -166,6 +190,8 @@ class UnlearnDataset(Dataset):
             item["retain"] = self.retain[0]
         if self.refusal is not None:
             item["refusal"] = self.refusal[0]
+        if self.alternates is not None:
+            item["alternate"], item["alt_id"] = self.alternates[0][0], PAD_ID
         return item
 
 
@@ -175,7 +201,9 @@ class UnlearnCollator:
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         out = {"forget_ids": torch.tensor([b["id"] for b in batch], dtype=torch.long)}
-        for part in ("forget", "retain", "refusal"):
+        if "alt_id" in batch[0]:
+            out["alt_ids"] = torch.tensor([b["alt_id"] for b in batch], dtype=torch.long)
+        for part in ("forget", "retain", "refusal", "alternate"):
             if part in batch[0]:
                 for key, value in collate_encoded([b[part] for b in batch], self.pad_token_id).items():
                     out[f"{part}_{key}"] = value
@@ -209,6 +237,7 @@ class JsonlLogCallback(TrainerCallback):
 
 
 WEIGHTING_STATE_FILE = "weighting_state.pt"  # a stateful weighting's state (dv_global), in every checkpoint
+OBJECTIVE_STATE_FILE = "objective_state.pt"  # RMU's steering vector, PDU's dual variable, in every checkpoint
 
 
 def restore_weighting_state(weighting: Weighting, checkpoint: str | Path) -> None:
@@ -216,6 +245,68 @@ def restore_weighting_state(weighting: Weighting, checkpoint: str | Path) -> Non
     path = Path(checkpoint) / WEIGHTING_STATE_FILE
     if weighting.stateful and path.exists():
         weighting.load_state_dict(torch.load(path))
+
+
+# --------------------------------------------------------------------------- forward passes
+@dataclass
+class ForwardOut:
+    """What one forward pass computed (None: not asked for)."""
+
+    token_lp: TokenLogProbs | None = None
+    logits: AnswerLogits | None = None
+    hidden: AnswerHidden | None = None
+
+
+class _StopForward(Exception):
+    """Raised by the hidden-state hook when nothing after the module is needed."""
+
+
+def forward_parts(model, batch: dict[str, torch.Tensor], token_logp: bool = True, logits: bool = False,
+                  hidden_module: torch.nn.Module | None = None) -> ForwardOut:
+    """A forward pass over a right-padded batch computing only what is asked: answer-token log-probs,
+    full-vocabulary logits at the answer positions (the vocabulary-sized tensor of the whole sequence is
+    not kept), the output of `hidden_module` at the answer tokens. When only that output is asked for,
+    the pass stops at the module (the layers after it and the LM head never run)."""
+    captured: list[torch.Tensor] = []
+    stop = hidden_module is not None and not (token_logp or logits)
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        if stop:
+            raise _StopForward
+
+    handle = hidden_module.register_forward_hook(hook) if hidden_module is not None else None
+    out = None
+    try:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    except _StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+    labels = batch["labels"]
+    result = ForwardOut()
+    if out is not None:
+        if token_logp:
+            result.token_lp = token_log_probs(out.logits, labels)
+        if logits:
+            result.logits = answer_logits(out.logits, labels)
+    if hidden_module is not None:
+        result.hidden = answer_hidden(captured[0], labels)
+    return result
+
+
+class _DualCallback(TrainerCallback):
+    """PDU: the dual update after each optimizer step or epoch (before that step's log and checkpoint)."""
+
+    def __init__(self, trainer: "UnlearnTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.dual_step_end()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.dual_epoch_end(state.epoch)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -418,8 +509,13 @@ class FinetuneTrainer(RunGuard, Trainer):
 class UnlearnTrainer(RunGuard, Trainer):
     """`loss = gamma * F(l_1..l_B) + alpha * R` with F a weighting of per-sample forget losses.
 
-    `ref_cache` (default on): the reference model's logp_ref of each forget and refusal sample is
-    computed once and reused in later epochs (`baldro.reference`); saved with every checkpoint.
+    The objective and the retain loss declare what they read (`baldro.objectives.Needs`); each forward
+    pass computes only that: answer-token log-probs, full-vocabulary logits at the answer positions, the
+    output of the module matched by `module_regex` (a forward that needs nothing after that module stops
+    there), and the same from the frozen reference. `ref_cache` (default on): the reference's logp_ref of
+    each forget and preferred answer is computed once and reused in later epochs (`baldro.reference`).
+    `primal_dual` (PDU) replaces alpha by a dual variable. The weighting's state, the reference cache, RMU's
+    steering vector and the dual variable are saved with every checkpoint.
     """
 
     ids_key = "forget_ids"
@@ -436,6 +532,8 @@ class UnlearnTrainer(RunGuard, Trainer):
         ref_model=None,
         ref_cache: bool = True,
         forget_log_path: str | Path | None = None,
+        module_regex: str | None = None,
+        primal_dual: PrimalDual | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -448,15 +546,33 @@ class UnlearnTrainer(RunGuard, Trainer):
         self.needs_reference = objective.needs_reference or retain_loss.needs_reference
         self.ref_model = ref_model
         if self.needs_reference and ref_model is None and not self._is_peft():
-            raise BaldroError(f"objective {objective.name!r} / retain loss {retain_loss.name!r} need a reference model")
+            raise BaldroError(f"objective {objective.name!r} / retain loss {retain_loss.name!r} need a reference "
+                              "model: none was given and the model has no LoRA adapter to switch off")
         if ref_model is not None:
             # this process's device, or sharded like the trained model (FSDP, ZeRO-3): baldro.distributed
             self.ref_model = prepare_reference(ref_model, self.accelerator, self.args.device)
         elif self.needs_reference and fsdp_version(self.accelerator) == 1:
             raise BaldroError("LoRA under FSDP1: the adapter-free reference would run outside FSDP's wrapper; use "
                               "fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+        self.module_name = None
+        if objective.needs.hidden or retain_loss.needs.hidden:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            regex = module_regex or default_module_regex(unwrapped.config.num_hidden_layers)
+            self.module_name = find_module(unwrapped, regex)[0]
+            if self.ref_model is not None:
+                find_module(self.accelerator.unwrap_model(self.ref_model), regex)
+        self.steering = None
+        if objective.needs.steering:
+            self.steering = steering_vector(self.accelerator.unwrap_model(self.model).config.hidden_size, self.args.seed)
+        self.primal_dual = primal_dual
+        self._dual_retain: list[torch.Tensor] = []
+        if primal_dual is not None:
+            self.add_callback(_DualCallback(self))
         n_forget = len(getattr(self.train_dataset, "forget", ()))
-        self.ref_cache = ReferenceCache(n_forget) if ref_cache and objective.needs_reference and n_forget else None
+        sizes = {"forget": n_forget, "refusal": n_forget,
+                 "alternate": n_forget * getattr(self.train_dataset, "n_alternates", 0)}
+        self.ref_cache = (ReferenceCache(n_forget, sizes=sizes)
+                          if ref_cache and objective.needs.reference and n_forget else None)
         self._accum: list[torch.Tensor] = []  # per micro-batch: STAT_NAMES, on the device until a logging step
         self._last_parts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gather_samples = SampleGather(self)  # the weighting's `gather`, knowing the processes
@@ -467,17 +583,36 @@ class UnlearnTrainer(RunGuard, Trainer):
     def describe(self) -> str:
         return f"objective {self.objective.name} under weighting {self.weighting.name}"
 
+    def objective_state(self) -> dict:
+        """The objective's own training state: RMU's steering vector, PDU's dual variable."""
+        state = {}
+        if self.steering is not None:
+            state["steering"] = self.steering.clone()
+        if self.primal_dual is not None:
+            state["primal_dual"] = self.primal_dual.state_dict()
+        return state
+
     def _save_extra_state(self, folder: Path) -> None:
         if self.weighting.stateful:
             torch.save(self.weighting.state_dict(), folder / WEIGHTING_STATE_FILE)
+        state = self.objective_state()
+        if state:
+            torch.save(state, folder / OBJECTIVE_STATE_FILE)
 
     def _save_process_state(self, folder: Path) -> None:
         if self.ref_cache is not None:
             self.ref_cache.save(folder, self.args.process_index)
 
     def restore_extra_state(self, checkpoint: str | Path) -> None:
-        """Continue from a checkpoint: the weighting's state and the reference log-prob cache."""
+        """Continue from a checkpoint: the weighting's and the objective's state, the reference log-prob cache."""
         restore_weighting_state(self.weighting, checkpoint)
+        path = Path(checkpoint) / OBJECTIVE_STATE_FILE
+        if path.exists():
+            state = torch.load(path)
+            if "steering" in state and self.steering is not None:
+                self.steering = state["steering"]
+            if "primal_dual" in state and self.primal_dual is not None:
+                self.primal_dual.load_state_dict(state["primal_dual"])
         if self.ref_cache is not None and self.ref_cache.load(checkpoint):
             log.info("resume: %d cached reference log-prob(s) from %s", self.ref_cache.n_known(), checkpoint)
 
@@ -563,72 +698,147 @@ class UnlearnTrainer(RunGuard, Trainer):
             if cached is not None:
                 return cached
         with self._reference(model) as ref:
-            logp = self._forward(ref, batch)[1].logp
+            logp = self._forward(ref, batch).token_lp.logp
         if self.ref_cache is not None:
             self.ref_cache.store(part, ids, logp)
         return logp
 
-    @staticmethod
-    def _forward(model, batch: dict[str, torch.Tensor]):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return out.logits, token_log_probs(out.logits, batch["labels"])
+    def _module(self, model) -> torch.nn.Module | None:
+        if self.module_name is None:
+            return None
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        return base.get_submodule(self.module_name)
+
+    def _forward(self, model, batch: dict[str, torch.Tensor], needs: Needs = Needs(), reference: bool = False):
+        """One forward pass computing what `needs` asks of the model (`reference=True`: of the reference)."""
+        logits = needs.reference_logits if reference else needs.logits
+        hidden = needs.reference_hidden if reference else needs.hidden
+        token_logp = needs.token_logp and not reference or (reference and needs.reference)
+        return forward_parts(model, batch, token_logp=token_logp, logits=logits,
+                             hidden_module=self._module(model) if hidden else None)
 
     # ------------------------------------------------------------ the loss
     def _forget_losses(self, model, parts: dict, ref_logp: dict, rows: torch.Tensor | None = None):
-        """Per-sample forget losses and mean NLLs of the batch (or of its `rows`)."""
+        """Per-sample forget losses and mean NLLs (None when the objective reads no log-probs) of the
+        batch (or of its `rows`)."""
         if rows is not None:
             parts = {k: select_rows(v, rows) for k, v in parts.items()}
             ref_logp = {k: v[rows] for k, v in ref_logp.items()}
-        _, forget_lp = self._forward(model, parts["forget"])
-        x = ForgetInputs(forget_lp, forget_ref_logp=ref_logp.get("forget"), refusal_ref_logp=ref_logp.get("refusal"))
-        if "refusal" in parts:
-            _, x.refusal = self._forward(model, parts["refusal"])
-        return self.objective(x, **self.objective_args), forget_lp.nll
+        needs = self.objective.needs
+        out = self._forward(model, parts["forget"], needs)
+        x = ForgetInputs(out.token_lp, forget_ref_logp=ref_logp.get("forget"), logits=out.logits, hidden=out.hidden,
+                         steering=None if self.steering is None else self.steering.to(model.device))
+        if needs.reference_logits:
+            with self._reference(model) as ref:
+                x.ref_logits = self._forward(ref, parts["forget"], needs, reference=True).logits.values
+        preferred = needs.preferred
+        if preferred is not None:
+            setattr(x, preferred, self._forward(model, parts[preferred]).token_lp)
+            setattr(x, f"{preferred}_ref_logp", ref_logp.get(preferred))
+        nll = out.token_lp.nll if out.token_lp is not None else None
+        return self.objective(x, **self.objective_args), nll
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["forget_ids"]
         parts = {"forget": batch_part(inputs, "forget")}
-        if self.objective.needs_refusal:
-            parts["refusal"] = batch_part(inputs, "refusal")
-            if not parts["refusal"]:
-                raise BaldroError(f"objective {self.objective.name!r} needs refusal answers: none in the batch")
+        preferred = self.objective.needs.preferred
+        if preferred is not None:
+            parts[preferred] = batch_part(inputs, preferred)
+            if not parts[preferred]:
+                raise BaldroError(f"objective {self.objective.name!r} needs {preferred} answers: none in the batch")
         ref_logp = {}
-        if self.objective.needs_reference:
-            ref_logp = {part: self._reference_logp(model, part, batch, ids) for part, batch in parts.items()}
+        if self.objective.needs.reference:
+            part_ids = {"alternate": inputs.get("alt_ids")}
+            ref_logp = {part: self._reference_logp(model, part, batch, part_ids.get(part, ids))
+                        for part, batch in parts.items()}
 
         if self.weighting.preselect is None:  # one forward pass with autograd over the batch
             losses, nll = self._forget_losses(model, parts, ref_logp)
             extra = {}
         else:  # score the batch, then train the rows the weighting selects
             with torch.set_grad_enabled(self.weighting.preselect == "grad"):
-                scores, nll = (t.detach() for t in self._forget_losses(model, parts, ref_logp))  # graph freed here
+                scores, nll = self._forget_losses(model, parts, ref_logp)
+                scores, nll = scores.detach(), (nll.detach() if nll is not None else None)  # graph freed here
             rows = self.weighting.select(scores, nll=nll)
             chosen, _ = self._forget_losses(model, parts, ref_logp, rows)
             losses = scores.detach().index_put((rows,), chosen)  # gradients through the chosen rows only
             extra = {"rows": rows}
-        weighted = self.weighting(losses, ids=ids, nll=nll.detach(), gather=self._gather_samples, **extra)
+        weighted = self.weighting(losses, ids=ids, nll=nll.detach() if nll is not None else None,
+                                  gather=self._gather_samples, **extra)
         if "retain_input_ids" in inputs:
             retain_value = self._retain_value(model, inputs, weighted, ids)
         else:  # no retain set (alpha = 0)
             retain_value = torch.zeros((), device=weighted.value.device)
 
-        loss = self.gamma * weighted.value + self.alpha * retain_value
+        if self.primal_dual is not None:
+            loss = self.gamma * weighted.value + self.primal_dual.term(retain_value)
+            self._dual_retain.append(retain_value.detach())
+        else:
+            loss = self.gamma * weighted.value + self.alpha * retain_value
         self._record(weighted, losses, retain_value, ids)
         return (loss, {"losses": losses}) if return_outputs else loss
 
-    def _retain_value(self, model, inputs, weighted, ids) -> torch.Tensor:
+    def _retain_value(self, model, inputs, weighted=None, ids=None) -> torch.Tensor:
         # A weighting may draw random rows (group's shrink_retain): from a generator seeded by the step.
-        devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._step_seed(ids))
-            retain_rows = self.weighting.retain_rows(weighted, len(inputs["retain_input_ids"]), ids.device)
+        retain_rows = None
+        if weighted is not None:
+            devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self._step_seed(ids))
+                retain_rows = self.weighting.retain_rows(weighted, len(inputs["retain_input_ids"]), ids.device)
         retain = batch_part(inputs, "retain", retain_rows)
-        retain_logits, retain_lp = self._forward(model, retain)
-        ref_logits = None
-        if self.retain_loss.needs_reference:
+        needs = self.retain_loss.needs
+        out = self._forward(model, retain, needs)
+        x = RetainInputs(out.token_lp, logits=out.logits, hidden=out.hidden)
+        if needs.reference_logits or needs.reference_hidden:
             with self._reference(model) as ref:
-                ref_logits = self._forward(ref, retain)[0]
-        return self.retain_loss.fn(retain_lp, logits=retain_logits, ref_logits=ref_logits, labels=retain["labels"])
+                ref_out = self._forward(ref, retain, needs, reference=True)
+            x.ref_logits = ref_out.logits.values if ref_out.logits is not None else None
+            x.ref_hidden = ref_out.hidden.values if ref_out.hidden is not None else None
+        return self.retain_loss.fn(x)
+
+    # ------------------------------------------------------------ PDU's dual variable
+    def dual_step_end(self) -> None:
+        """After an optimizer step: dual ascent on the step's mean retain loss (every process's)."""
+        values, self._dual_retain = self._dual_retain, []
+        if not values or not self.primal_dual.can_update or self.primal_dual.update_upon != "step":
+            return
+        mean = torch.stack(values).float().mean()
+        if self.accelerator.num_processes > 1:
+            mean = self.accelerator.gather(mean.reshape(1)).mean()
+        self.primal_dual.ascend(float(mean))
+
+    @torch.no_grad()
+    def dual_epoch_end(self, epoch: float) -> None:
+        """After an epoch: enable updates after the warm-up; an epoch update averages the retain loss
+        over one pass of the training data's retain batches (eval mode, no grad)."""
+        if not self.primal_dual.end_epoch(epoch):
+            return
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        was_training = model.training
+        model.eval()
+        total, count = torch.zeros((), device=self.args.device), 0
+        sampler = self._sampler  # the training loop's sampler stays the one the guard advances
+        try:
+            loader = self.get_train_dataloader()
+        finally:
+            self._sampler = sampler
+        for inputs in loader:
+            if "retain_input_ids" not in inputs:
+                break
+            inputs = self._prepare_inputs(inputs)
+            keep = inputs["forget_ids"] >= 0
+            if not bool(keep.any()):
+                continue
+            total += self._retain_value(model, drop_rows(inputs, keep) if not bool(keep.all()) else inputs).float()
+            count += 1
+        if self.accelerator.num_processes > 1:
+            both = self.accelerator.gather(torch.stack([total, torch.tensor(float(count), device=total.device)])[None])
+            total, count = both[:, 0].sum(), int(both[:, 1].sum())
+        model.train(was_training)
+        if count:
+            self.primal_dual.ascend(float(total) / count)
 
     # ------------------------------------------------------------ logging
     def _gather(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -684,6 +894,8 @@ class UnlearnTrainer(RunGuard, Trainer):
             if "weight_nonzero" in logs:
                 logs["weight_nonzero"] = round(logs["weight_nonzero"], 3)
             self._accum = []
+        if "loss" in logs and self.primal_dual is not None:
+            logs = {**logs, "dual_lambda": self.primal_dual.lam}
         super().log(logs, start_time)
 
 
@@ -715,7 +927,7 @@ def drop_rows(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, 
     n = len(keep)
     out = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
            for k, v in inputs.items()}
-    for part in ("forget", "retain", "refusal"):
+    for part in ("forget", "retain", "refusal", "alternate"):
         sub = batch_part(inputs, part)
         if sub.get("attention_mask") is not None and sub["attention_mask"].dim() == 2:
             out.update({f"{part}_{k}": v for k, v in select_rows(sub, keep).items()})
