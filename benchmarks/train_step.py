@@ -18,6 +18,10 @@ the resident memory just before the first measured step), on CUDA `max_memory_al
 Configurations are interleaved over `--rounds`, so a drifting load affects all alike; the tables give
 the median over rounds and the spread (min-max) of the step time.
 
+`--baseline-src DIR` runs every configuration a second time with another checkout's `src` on the
+child's PYTHONPATH (e.g. the commit before a change, from `git worktree add`), interleaved with the
+current code's run, and prints current / baseline ratios of step time and peak memory.
+
 `--model smollm2` is SmolLM2-135M-Instruct from its packaged GGUF (`model=smollm2-135m-instruct`);
 `--model PATH` any Hugging Face folder; `--random-init` builds the model from the folder's
 config.json alone (for machines without the weights: timings do not depend on them).
@@ -180,6 +184,9 @@ def run_child(args) -> None:
         + (" (synchronised)" if cuda else ""),
     }
     result["step_s"] = result[key]
+    import baldro
+
+    result["baldro"] = str(Path(baldro.__file__).resolve().parents[1])  # which code ran
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -193,7 +200,7 @@ def _table(rows: dict, objectives) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for o in objectives:
         base = rows.get((o, "mean"))
-        for w in WEIGHTINGS:
+        for w in [x for name in WEIGHTINGS for x in (name, f"{name} @baseline")]:
             runs = rows.get((o, w))
             if not runs:
                 continue
@@ -251,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="", help="write all measurements as JSON here")
+    p.add_argument("--baseline-src", default="", help="also run every configuration with this src folder's baldro")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--objective", default="", help=argparse.SUPPRESS)
     p.add_argument("--model-path", default="", help=argparse.SUPPRESS)
@@ -271,19 +279,27 @@ def main(argv=None) -> int:
         else:
             model_path = resolve_model(args.model)
         objectives = [o for o in args.objectives.split(",") if o]
-        configs = [(o, w) for o, w in _configs(objectives) if not args.weightings or w in args.weightings.split(";")]
+        configs = [(o, w, "") for o, w in _configs(objectives) if not args.weightings or w in args.weightings.split(";")]
+        if args.baseline_src:  # each configuration right after its baseline run
+            configs = [c for o, w, _ in configs for c in ((o, w, args.baseline_src), (o, w, ""))]
         rows: dict = {}
         t_start = time.time()
         for rnd in range(args.rounds):
-            for i, (o, w) in enumerate(configs):
+            for i, (o, w, src) in enumerate(configs):
                 result = Path(tmp) / "result.json"
                 cmd = [sys.executable, __file__, "--child", w, "--objective", o, "--model-path", model_path,
                        "--result", str(result), "--threads", str(args.threads), "--device", args.device,
                        "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),
                        "--tokens", str(args.tokens), *(["--random-init"] if args.random_init else [])]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                if src:
+                    env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                 r = json.loads(result.read_text())
+                if src and Path(r["baldro"]) != Path(src).resolve():
+                    raise SystemExit(f"the baseline run imported baldro from {r['baldro']}, not {src}")
+                w = f"{w} @baseline" if src else w
+                r["weighting"] = w
                 rows.setdefault((o, w), []).append(r)
                 print(f"[{time.time() - t_start:7.0f} s] round {rnd + 1}/{args.rounds} {i + 1}/{len(configs)} "
                       f"{o} / {w}: {r['step_s']:.3f} s a step ({r['wall_s']:.3f} s wall), peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
@@ -296,6 +312,18 @@ def main(argv=None) -> int:
         for o in objectives:
             if (o, "mean") in rows and (o, TWO_PASS) in rows:
                 print("\n" + _ratios(rows, o))
+        if args.baseline_src:
+            print(f"\nCurrent code / baseline ({args.baseline_src}), medians over rounds (spread: current runs' "
+                  "min-max over the baseline median):")
+            for (o, w), runs in rows.items():
+                base = rows.get((o, f"{w} @baseline"))
+                if not base or w.endswith("@baseline"):
+                    continue
+                med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+                bs = med(base, "step_s")
+                print(f"- {o} / {w}: step time {med(runs, 'step_s') / bs:.3f} "
+                      f"({min(r['step_s'] for r in runs) / bs:.3f}-{max(r['step_s'] for r in runs) / bs:.3f}), "
+                      f"peak memory {med(runs, 'peak_mib') / med(base, 'peak_mib'):.3f}")
         if args.out:
             Path(args.out).write_text(json.dumps([r for runs in rows.values() for r in runs], indent=1), encoding="utf-8")
     return 0

@@ -43,6 +43,19 @@ CONFIGS = REPO / "configs"
 # Held identical for every cell; the reasons are in experiments/RESULTS.md.
 SEEDS = (0, 1, 2)
 METHODS = [("graddiff", "mean")] + [(o, w) for o in ("npo", "simnpo") for w in ("mean", "group", "dv", "dv_softmin", "dv_global")]
+# OpenUnlearning's other methods, seed 0 only, under mean and dv (one seed: a first look, no claims beyond it).
+# Their recipes' OpenUnlearning defaults, plus what this model needs (experiments/RESULTS.md): DV's sigma in
+# each objective's loss units (experiments/loss_scales.py on the target: the start-to-forgotten distance x
+# 2/13.86, the paper's ratio for NPO) and PDU's constraint level, the target's mean retain NLL.
+NEW_METHODS = [(o, w) for o in ("rmu", "undial", "ceu", "pdu", "altpo") for w in ("mean", "dv")]
+NEW_METHOD_SEEDS = (0,)
+NEW_METHOD_ARGS = {
+    "rmu": ["objective.dv_sigma=5.6"],
+    "undial": ["objective.dv_sigma=0.36"],
+    "ceu": ["objective.dv_sigma=0.4"],
+    "pdu": ["objective.dv_sigma=75", "objective.retain_loss_eps=0.03"],
+    "altpo": [],
+}
 FINETUNE = [
     "train.learning_rate=2e-4", "train.num_train_epochs=5", "train.per_device_train_batch_size=8",
     "train.gradient_accumulation_steps=1", "train.warmup_steps=0.1", "train.weight_decay=0.01",
@@ -206,6 +219,9 @@ def build_jobs(args) -> list[Job]:
     smoke = SMOKE if args.smoke else None
     seeds = smoke["seeds"] if smoke else args.seeds
     methods = smoke["methods"] if smoke else [m for m in METHODS if not args.methods or f"{m[0]}_{m[1]}" in args.methods]
+    new_methods = [] if smoke else [m for m in NEW_METHODS if not args.methods or f"{m[0]}_{m[1]}" in args.methods]
+    cells_to_run = [(o, w, seed) for seed in seeds for o, w in methods]
+    cells_to_run += [(o, w, seed) for seed in seeds if seed in NEW_METHOD_SEEDS for o, w in new_methods]
     work, cells = Path(args.work), Path(args.results) / "cells"
     common = [f"data.source={args.data}", *COMMON]
     model = [f"model={args.model_group}"] + ([f"model.base={args.model}"] if args.model else [])
@@ -230,29 +246,28 @@ def build_jobs(args) -> list[Job]:
         deps=["finetune_target", "eval_retain"],
         after=lambda: copy_results(target_run, target_dest), done=lambda: is_finished(target_dest)))
 
-    for seed in seeds:
-        for objective, weighting in methods:
-            name = cell_name(objective, weighting, seed)
-            run, dest = work / "cells" / name, cells / name
+    for objective, weighting, seed in cells_to_run:
+        name = cell_name(objective, weighting, seed)
+        run, dest = work / "cells" / name, cells / name
 
-            def finish(run=run, dest=dest):
-                copy_results(run, dest)
-                if not args.keep_models:
-                    shutil.rmtree(run / "model", ignore_errors=True)
+        def finish(run=run, dest=dest):
+            copy_results(run, dest)
+            if not args.keep_models:
+                shutil.rmtree(run / "model", ignore_errors=True)
 
-            jobs.append(Job(f"unlearn_{name}", baldro(
-                "unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), *model, *common, f"objective={objective}",
-                f"weighting={weighting}", f"seed={seed}", f"name={objective}_{weighting}",
-                f"model.path={target_run / 'model'}", f"output_dir={run}", *UNLEARN,
-                *(ONE_PASS_GROUP if weighting == "group" else []),
-                *(smoke["unlearn"] if smoke else []), "overwrite=true"),
-                deps=["finetune_target"], done=lambda dest=dest, run=run: is_finished(dest) or (run / "model").is_dir()))
-            jobs.append(Job(f"eval_{name}", baldro(
-                "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={run / 'model'}",
-                f"output_dir={run / 'eval'}", f"eval.retain_logs_path={retain_log}",
-                f"eval.target_logs_path={target_log}"),
-                deps=[f"unlearn_{name}", "eval_retain", "eval_target"], after=finish,
-                done=lambda dest=dest: is_finished(dest)))
+        jobs.append(Job(f"unlearn_{name}", baldro(
+            "unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), *model, *common, f"objective={objective}",
+            f"weighting={weighting}", f"seed={seed}", f"name={objective}_{weighting}",
+            f"model.path={target_run / 'model'}", f"output_dir={run}", *UNLEARN,
+            *(ONE_PASS_GROUP if weighting == "group" else []), *NEW_METHOD_ARGS.get(objective, []),
+            *(smoke["unlearn"] if smoke else []), "overwrite=true"),
+            deps=["finetune_target"], done=lambda dest=dest, run=run: is_finished(dest) or (run / "model").is_dir()))
+        jobs.append(Job(f"eval_{name}", baldro(
+            "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={run / 'model'}",
+            f"output_dir={run / 'eval'}", f"eval.retain_logs_path={retain_log}",
+            f"eval.target_logs_path={target_log}"),
+            deps=[f"unlearn_{name}", "eval_retain", "eval_target"], after=finish,
+            done=lambda dest=dest: is_finished(dest)))
     return jobs
 
 
@@ -261,14 +276,15 @@ def write_study_settings(args) -> None:
     path = Path(args.results) / "study.json"
     before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     seeds = sorted(set(before.get("seeds", [])) | set(args.seeds))
-    ran = {f"{o}_{w}" for o, w in METHODS if not args.methods or f"{o}_{w}" in args.methods}
-    methods = [m for m in (f"{o}_{w}" for o, w in METHODS) if m in ran or m in before.get("methods", [])]
+    ran = {f"{o}_{w}" for o, w in METHODS + NEW_METHODS if not args.methods or f"{o}_{w}" in args.methods}
+    methods = [m for m in (f"{o}_{w}" for o, w in METHODS + NEW_METHODS) if m in ran or m in before.get("methods", [])]
     settings = {
         "model": args.model or f"model={args.model_group}", "data": "TOFU forget01 (offline copy)",
         "target_train": "retain_perturbed (first 400 rows of full, 20 authors) + forget01 (40 rows, 2 authors)",
         "retain_train": "retain_perturbed", "seeds": seeds, "methods": methods,
         "finetune_overrides": FINETUNE, "unlearn_overrides": UNLEARN, "eval_overrides": EVAL, "common": COMMON,
         "threads_per_job": args.threads,
+        "new_method_seeds": list(NEW_METHOD_SEEDS), "new_method_overrides": NEW_METHOD_ARGS,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
