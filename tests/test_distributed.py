@@ -261,6 +261,11 @@ UNLEARN_CASES = {
     "accumulation_dv": ((2, 2), (2, 4), ["weighting=dv"]),
     "accumulation_group": ((2, 2), (2, 4), ["weighting=group"]),
     "accumulation_dv_global": ((2, 2), (2, 4), ["weighting=dv_global"]),
+    # a pass that stops at RMU's module (the later layers get no gradient); PDU's dual variable
+    # averaged over every process's micro-batches of a step
+    "accumulation_rmu": ((2, 2), (2, 4), ["objective=rmu", "weighting=dv"]),
+    "accumulation_pdu": ((2, 2), (2, 4), ["objective=pdu", "weighting=mean", "objective.retain_loss_eps=0.0",
+                                          "objective.dual_warmup_epochs=0"]),
 }
 # `baldro unlearn` itself (accelerate launch -m baldro.cli), with balance tracking and the final evaluation
 CLI_EXTRA = ["weighting=dv", "balance.every_n_steps=2", "eval.at_end=true", "+eval.limit=3", "eval.max_new_tokens=4",
@@ -370,6 +375,10 @@ def test_unlearn_on_2_processes_trains_the_1_process_model(launched, name):
         for x, y in zip(a, b):
             for key in keys:
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
+    if name == "accumulation_pdu":  # the dual variable moved, and equally
+        lam2 = json.loads((two / "run_info.json").read_text())["dual_lambda_final"]
+        assert lam2 > 1.0 and lam2 == pytest.approx(json.loads((one / "run_info.json").read_text())["dual_lambda_final"],
+                                                     rel=1e-5)
     if "weighting=dv_global" in UNLEARN_CASES[name][2]:  # one state on both processes (checked when saved)
         s2 = torch.load(two / "weighting_state.pt")["running"]
         s1 = torch.load(one / "weighting_state.pt")["running"]

@@ -306,7 +306,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     (("knowmem/retain_qa_icl.json",), "eval", [], r"knowmem/retain_qa\.json has no in-context partner"),
     (("raw/forget.txt",), "unlearn", [], r"MUSE raw split 'forget' not found: expected .*raw/forget\.json"),
     ((), "unlearn", ["data.chunk_length=1024"], r"data\.chunk_length=1024.* is longer than the model's context of 512"),
-    ((), "unlearn", ["objective=idk"], r"objective 'idk' needs questions to refuse"),
+    ((), "unlearn", ["objective=idk"], r"objective 'idk' needs questions to answer otherwise"),
     ((), "eval", ["data.benchmark=tofu"], r"eval\.benchmark is muse but data\.benchmark is tofu"),
 ])
 def test_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, drop, command, overrides, message):

@@ -123,7 +123,7 @@ def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path):
 def test_show_config_prints_the_resolved_recipe_with_every_default(capsys):
     assert main(["show-config", str(CONFIGS / "unlearn" / "tofu.yaml"), "weighting=dv", "model=smollm2-135m-instruct"]) == 0
     shown = OmegaConf.create(capsys.readouterr().out)
-    assert shown.weighting.name == "dv" and shown.weighting.args.sigma == 2.0
+    assert shown.weighting.name == "dv" and shown.objective.dv_sigma == 2.0  # dv's sigma: the objective's scale
     assert shown.model.base == "package:smollm2-135m-instruct" and shown.format.date_string == "10 Apr 2025"
     assert shown.balance.batch_size == 16  # a default no YAML file sets
 

@@ -97,11 +97,11 @@ def test_cached_reference_logp_is_bitwise_the_fresh_one(tiny_model_dir):
     first = trainer._reference_logp(trainer.model, "forget", forget, ids)
     again = trainer._reference_logp(trainer.model, "forget", forget, ids)
     assert len(calls) == 1  # the second call read the cache
-    fresh = trainer._forward(trainer.ref_model, forget)[1].logp
+    fresh = trainer._forward(trainer.ref_model, forget).token_lp.logp
     assert torch.equal(first, fresh) and torch.equal(again, fresh)
     # the same samples in another batch (another padding width): equal up to float rounding
     other = {k: v.to(trainer.args.device) for k, v in UnlearnCollator(0)([trainer.train_dataset[i] for i in (5, 2)]).items()}
-    fresh_other = trainer._forward(trainer.ref_model, batch_part(other, "forget"))[1].logp
+    fresh_other = trainer._forward(trainer.ref_model, batch_part(other, "forget")).token_lp.logp
     torch.testing.assert_close(trainer.ref_cache.lookup("forget", other["forget_ids"], fresh_other.device), fresh_other,
                                rtol=1e-6, atol=1e-5)
 

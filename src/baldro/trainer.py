@@ -22,6 +22,7 @@ per-step statistics are averaged over every process before they are logged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -262,13 +263,15 @@ class _StopForward(Exception):
 
 
 def forward_parts(model, batch: dict[str, torch.Tensor], token_logp: bool = True, logits: bool = False,
-                  hidden_module: torch.nn.Module | None = None) -> ForwardOut:
+                  hidden_module: torch.nn.Module | None = None, may_stop: bool = True) -> ForwardOut:
     """A forward pass over a right-padded batch computing only what is asked: answer-token log-probs,
     full-vocabulary logits at the answer positions (the vocabulary-sized tensor of the whole sequence is
     not kept), the output of `hidden_module` at the answer tokens. When only that output is asked for,
-    the pass stops at the module (the layers after it and the LM head never run)."""
+    the pass stops at the module (the layers after it and the LM head never run), unless `may_stop` is
+    false: a DDP or FSDP wrapper must finish its forward to synchronise the gradients, so its output
+    joins the module's with weight zero (the LM head computing one position only where the model allows)."""
     captured: list[torch.Tensor] = []
-    stop = hidden_module is not None and not (token_logp or logits)
+    stop = may_stop and hidden_module is not None and not (token_logp or logits)
 
     def hook(module, args, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
@@ -276,9 +279,11 @@ def forward_parts(model, batch: dict[str, torch.Tensor], token_logp: bool = True
             raise _StopForward
 
     handle = hidden_module.register_forward_hook(hook) if hidden_module is not None else None
+    hidden_only = hidden_module is not None and not (token_logp or logits)
+    extra = {"logits_to_keep": 1} if hidden_only and _accepts_logits_to_keep(model) else {}
     out = None
     try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     except _StopForward:
         pass
     finally:
@@ -292,8 +297,19 @@ def forward_parts(model, batch: dict[str, torch.Tensor], token_logp: bool = True
         if logits:
             result.logits = answer_logits(out.logits, labels)
     if hidden_module is not None:
-        result.hidden = answer_hidden(captured[0], labels)
+        hidden = captured[0]
+        if hidden_only and out is not None:  # the wrapper's output joins the loss, with zero weight
+            hidden = hidden + 0 * out.logits.sum()
+        result.hidden = answer_hidden(hidden, labels)
     return result
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    inner = getattr(model, "module", model)  # a DDP wrapper's model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class _DualCallback(TrainerCallback):
@@ -716,7 +732,8 @@ class UnlearnTrainer(RunGuard, Trainer):
         hidden = needs.reference_hidden if reference else needs.hidden
         token_logp = needs.token_logp and not reference or (reference and needs.reference)
         return forward_parts(model, batch, token_logp=token_logp, logits=logits,
-                             hidden_module=self._module(model) if hidden else None)
+                             hidden_module=self._module(model) if hidden else None,
+                             may_stop=self.accelerator.unwrap_model(model) is model)
 
     # ------------------------------------------------------------ the loss
     def _forget_losses(self, model, parts: dict, ref_logp: dict, rows: torch.Tensor | None = None):
@@ -773,7 +790,8 @@ class UnlearnTrainer(RunGuard, Trainer):
 
         if self.primal_dual is not None:
             loss = self.gamma * weighted.value + self.primal_dual.term(retain_value)
-            self._dual_retain.append(retain_value.detach())
+            if self.accelerator.num_processes == 1 or bool((ids >= 0).any()):  # pad rows are no retain sample
+                self._dual_retain.append(retain_value.detach())
         else:
             loss = self.gamma * weighted.value + self.alpha * retain_value
         self._record(weighted, losses, retain_value, ids)
@@ -802,12 +820,14 @@ class UnlearnTrainer(RunGuard, Trainer):
     def dual_step_end(self) -> None:
         """After an optimizer step: dual ascent on the step's mean retain loss (every process's)."""
         values, self._dual_retain = self._dual_retain, []
-        if not values or not self.primal_dual.can_update or self.primal_dual.update_upon != "step":
+        if not self.primal_dual.can_update or self.primal_dual.update_upon != "step":  # the same on every process
             return
-        mean = torch.stack(values).float().mean()
-        if self.accelerator.num_processes > 1:
-            mean = self.accelerator.gather(mean.reshape(1)).mean()
-        self.primal_dual.ascend(float(mean))
+        total = torch.stack(values).float().sum() if values else torch.zeros((), device=self.args.device)
+        both = torch.stack([total.to(self.args.device), torch.tensor(float(len(values)), device=self.args.device)])
+        if self.accelerator.num_processes > 1:  # every process gathers, also one whose micro-batches were padding
+            both = self.accelerator.gather(both[None]).sum(0)
+        if float(both[1]) > 0:
+            self.primal_dual.ascend(float(both[0]) / float(both[1]))
 
     @torch.no_grad()
     def dual_epoch_end(self, epoch: float) -> None:
