@@ -44,6 +44,7 @@ from baldro.alternates import ALTERNATES_FILE, generate_alternates, read_alterna
 from baldro.io import RunLock, truncate_jsonl, write_json_atomic, write_text_atomic
 from baldro.models import load_model, load_tokenizer, resolve_device, save_model, set_flush_denormal
 from baldro.objectives import PrimalDual, get_objective, get_retain_loss, set_trainable
+from baldro.progress import train_progress_callback
 from baldro.schema import (
     DataConfig,
     EvalConfig,
@@ -121,6 +122,12 @@ def _encode(formatter: QAFormatter, rows: list[dict], what: str):
     return formatter.encode_many([r["question"] for r in rows], [r["answer"] for r in rows], what)
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.current_accelerator(check_available=True) is not None
+
+
 def _training_args(recipe: Recipe, run_dir: Path):
     from transformers import TrainingArguments
 
@@ -133,6 +140,8 @@ def _training_args(recipe: Recipe, run_dir: Path):
             raise BaldroError(f"train.extra.{key} is not a transformers TrainingArguments field"
                               + (f": did you mean {close[0]}?" if close else ""))
     args = {**train, **extra, **FIXED_TRAIN_ARGS, "seed": recipe.seed}
+    if "dataloader_pin_memory" not in extra:  # pinned memory only helps a copy to an accelerator (torch warns otherwise)
+        args["dataloader_pin_memory"] = _has_accelerator() and not recipe.train.use_cpu
     # YAML 1.1 reads `save_strategy: no` as false (and the schema's str field then as "False").
     args = {k: ("no" if k.endswith("_strategy") and str(v).lower() == "false" else v) for k, v in args.items()}
     try:
@@ -149,7 +158,7 @@ RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses
                "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE)
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
-    "name", "output_dir", "resume", "overwrite", "log_to_console", "eval", "balance",
+    "name", "output_dir", "resume", "overwrite", "log_to_console", "log_format", "eval", "balance",
     "model.base", "model.tofu_target", "model.device", "model.attn_implementation", "model.merge_lora",
     "model.gradient_checkpointing", "train.num_train_epochs", "train.max_steps", "train.logging_steps",
     "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.disable_tqdm", "train.report_to",
@@ -307,18 +316,14 @@ def _run_folder(recipe: Recipe, kind: str):
 
 
 def _console_callbacks(trainer, recipe: Recipe) -> None:
-    """`log_to_console: false` keeps the progress bar but drops the per-step dict printouts."""
-    if not recipe.log_to_console:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    """The Trainer's bar and per-step dicts give way to baldro's progress policy (`progress.py`): a bar on
+    a terminal, log lines elsewhere; each logging step's metrics as one line (`log_format`) unless
+    `log_to_console: false`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        class QuietProgress(ProgressCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                pass
-
-        for callback in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(callback)
-        if not trainer.args.disable_tqdm:
-            trainer.add_callback(QuietProgress())
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    trainer.add_callback(train_progress_callback(show_metrics=recipe.log_to_console, fmt=recipe.log_format))
 
 
 def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: str | None, info: dict) -> Path:

@@ -176,7 +176,8 @@ class Recipe:
     output_dir: Optional[str] = None
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     overwrite: bool = False  # true: replace the run in a non-empty output_dir (its outputs are deleted)
-    log_to_console: bool = True  # false: progress bar only, no per-step dicts
+    log_to_console: bool = True  # false: progress only, no per-step metric lines
+    log_format: str = "text"  # each logging step's metrics as one line: text or json
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
@@ -417,6 +418,8 @@ def validate(recipe: Recipe, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     _number("seed", recipe.seed, low=0, high=2**32 - 1, integer=True)
+    if recipe.log_format not in ("text", "json"):
+        raise BaldroError(f"log_format={recipe.log_format!r} is not a log format: use text or json")
     check_output_dir(recipe.output_dir)
     r = recipe.resume
     if kind != "eval":
