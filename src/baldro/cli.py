@@ -1,4 +1,4 @@
-"""`baldro` command line: finetune, unlearn, eval, show-config, summarize, report, demo.
+"""`baldro` command line: finetune, unlearn, eval, attack, show-config, summarize, report, demo.
 
 Recipes are YAML files plus `key=value` overrides, e.g.
     baldro unlearn configs/unlearn/tofu.yaml objective=simnpo weighting=dv split=forget05 train.learning_rate=2e-5
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
     _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
     _recipe_parser(sub, "eval", "evaluate a model on TOFU or MUSE (eval.benchmark)")
+    _recipe_parser(sub, "attack", "relearning and quantization attacks on an unlearned model (model.path), "
+                   "sample by sample")
     _recipe_parser(sub, "show-config", "print a recipe as resolved (groups, overrides, every default)")
 
     s = sub.add_parser("summarize", help="recompute every aggregate of a per-sample eval log")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.command in ("finetune", "unlearn", "eval", "show-config"):
+    if args.command in ("finetune", "unlearn", "eval", "attack", "show-config"):
         from baldro.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -68,6 +70,10 @@ def run(args: argparse.Namespace) -> None:
             from baldro.recipes import run_unlearn
 
             _say(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
+        elif args.command == "attack":
+            from baldro.attack import run_attack
+
+            _say(f"baldro: attacks in {run_attack(cfg)}")
         else:
             from baldro.recipes import run_eval
 
