@@ -286,16 +286,19 @@ def run_attack(cfg) -> Path:
 
     with _run_folder(recipe, "attack", outputs=ATTACK_OUTPUTS, free_keys=ATTACK_RESUME_FREE_KEYS, checkpoints=False) \
             as (run_dir, _):
+        done = [f for f in folders if recipe.resume.enabled and (run_dir / f / ATTACK_SUMMARY).is_file()]
+        for folder in done:
+            log.info("attack: %s is done (resume=true): skipped", run_dir / folder)
+        if len(done) == len(folders):
+            return run_dir
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
         formatter = build_formatter(recipe.format, recipe.data, tokenizer)
         before_log, before_summary, before_source = _before(recipe, model, tokenizer, formatter, run_dir, settings)
+        info = _read_json(run_dir / ATTACK_INFO)
         info = {"model_path": recipe.model.path, "name": _run_name(recipe), "benchmark": recipe.eval.benchmark,
-                "before_eval": before_source, "attacks": {}}
-        for folder in folders:
+                "before_eval": before_source, "attacks": {k: v for k, v in info.get("attacks", {}).items() if k in done}}
+        for folder in (f for f in folders if f not in done):
             out = run_dir / folder
-            if recipe.resume.enabled and (out / ATTACK_SUMMARY).is_file():
-                log.info("attack: %s is done (resume=true): skipped", out)
-                continue
             shutil.rmtree(out, ignore_errors=True)  # what an interrupted run of this attack left
             out.mkdir(parents=True)
             trained, headline_scope = None, "all"

@@ -517,7 +517,9 @@ def _check_attack(recipe: Recipe) -> None:
         check_quantization_library(q.library)
     names = metric_names(recipe.data.benchmark)
     for key, value in a.thresholds.items():
-        _one_of(f"attack.thresholds.{key} (the metric)", key, names)
+        if key not in names:
+            raise BaldroError(f"attack.thresholds.{key}: {recipe.data.benchmark.upper()} has no per-sample metric "
+                              f"{key!r}: use {', '.join(names)}")
         _number(f"attack.thresholds.{key}", value)
     if a.before_eval is not None and not Path(a.before_eval).expanduser().exists():
         raise BaldroError(f"attack.before_eval {a.before_eval} does not exist: give the unlearned model's eval folder "
