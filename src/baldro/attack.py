@@ -62,9 +62,11 @@ ATTACK_INFO = "attack_info.json"
 BEFORE = "before"
 ATTACK_FOLDERS = (*(f"relearn_{s}" for s in RELEARN_SPLITS), *(f"quantize_{b}bit" for b in QUANTIZE_BITS))
 ATTACK_OUTPUTS = ("config.yaml", ATTACK_INFO, BEFORE, *ATTACK_FOLDERS)  # what overwrite=true deletes
-# keys a resumed attack run may change: they do not change the attacks already done
+# keys a resumed attack run may change: they add attacks (the split and the bit width name the folder) and
+# leave the attacks already done as they are
 ATTACK_RESUME_FREE_KEYS = ("name", "output_dir", "resume", "overwrite", "log_to_console", "attack.attacks",
-                           "attack.quantize.bits", "train.disable_tqdm", "train.report_to", "train.logging_steps")
+                           "attack.relearn.split", "attack.quantize.bits", "train.disable_tqdm", "train.report_to",
+                           "train.logging_steps")
 # the settings that decide an evaluation's per-sample numbers: a run's own evaluation is the "before"
 # only when it was made with the same ones
 EVAL_SETTINGS = ("model.dtype", "data.source", "data.benchmark", "data.forget_split", "data.max_length",
@@ -294,10 +296,11 @@ def run_attack(cfg) -> Path:
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
         formatter = build_formatter(recipe.format, recipe.data, tokenizer)
         before_log, before_summary, before_source = _before(recipe, model, tokenizer, formatter, run_dir, settings)
-        info = _read_json(run_dir / ATTACK_INFO)
+        todo = [f for f in folders if f not in done]
+        earlier = _read_json(run_dir / ATTACK_INFO).get("attacks", {}) if recipe.resume.enabled else {}
         info = {"model_path": recipe.model.path, "name": _run_name(recipe), "benchmark": recipe.eval.benchmark,
-                "before_eval": before_source, "attacks": {k: v for k, v in info.get("attacks", {}).items() if k in done}}
-        for folder in (f for f in folders if f not in done):
+                "before_eval": before_source, "attacks": {k: v for k, v in earlier.items() if k not in todo}}
+        for folder in todo:
             out = run_dir / folder
             shutil.rmtree(out, ignore_errors=True)  # what an interrupted run of this attack left
             out.mkdir(parents=True)

@@ -177,7 +177,8 @@ def set_flush_denormal(enabled: bool) -> bool:
 
 
 QUANTIZE_BITS = (8, 4)  # bitsandbytes: LLM.int8 (one scale per output row) and 4-bit (one per block of 64)
-QUANTIZE_LIBRARIES = {"bitsandbytes": "bitsandbytes>=0.46"}  # the first version that quantizes on the CPU
+# the tested version (pyproject's `attack` extra), which quantizes on the CPU as well as on a GPU
+QUANTIZE_LIBRARIES = {"bitsandbytes": "bitsandbytes==0.50.2"}
 
 
 def check_quantization_library(library: str = "bitsandbytes") -> None:

@@ -186,7 +186,7 @@ class QuantizeConfig:
     "Catastrophic Failure of LLM Unlearning via Quantization") through transformers' BitsAndBytesConfig."""
 
     bits: List[int] = field(default_factory=lambda: [8, 4])  # 8: LLM.int8 (per row); 4: blocks of 64 weights
-    library: str = "bitsandbytes"  # the only one: it quantizes on the CPU (>= 0.46) and the GPU
+    library: str = "bitsandbytes"  # the only one: a maintained library that quantizes on the CPU and the GPU
     bnb_4bit_quant_type: str = "fp4"  # fp4 (BitsAndBytesConfig's default) or nf4
 
 
