@@ -178,6 +178,7 @@ def _before(recipe: Recipe, model, tokenizer, formatter, run_dir: Path, settings
 def _relearn(recipe: Recipe, model, tokenizer, items, out: Path):
     """Fine-tune a copy of `model` on `items`; returns (the attacked model, its cost)."""
     r = recipe.attack.relearn
+    start = time.time()  # the copy, the adapter and the trainer count as the attack's cost
     attacked = copy.deepcopy(model)
     if r.lora is not None:
         attacked = apply_lora(attacked, r.lora, seed=recipe.seed)
@@ -191,7 +192,6 @@ def _relearn(recipe: Recipe, model, tokenizer, items, out: Path):
         callbacks=[JsonlLogCallback(out / "train_log.jsonl")],
     )
     _console_callbacks(trainer, recipe)
-    start = time.time()
     trainer.train()
     cost = {"attack_seconds": time.time() - start, "steps": trainer.state.global_step, "samples": len(items)}
     with contextlib.suppress(OSError):  # transformers makes the (unused) checkpoint folder
