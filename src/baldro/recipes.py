@@ -146,7 +146,8 @@ def _training_args(recipe: Recipe, run_dir: Path):
 
 # ----------------------------------------------------------------------------- run folders
 RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
-               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE)
+               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE,
+               "attack")  # baldro attack's default folder: the attacks of the model a new run replaces
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
     "name", "output_dir", "resume", "overwrite", "log_to_console", "eval", "balance",
