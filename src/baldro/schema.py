@@ -5,7 +5,7 @@
 `baldro show-config RECIPE [overrides]` prints the result. Sections map to the code that reads them:
 `model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse`, `format` -> `QAFormatter`,
 `train` -> `transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
-`balance` -> `BalanceTracker`, `eval` -> `baldro.eval`.
+`balance` -> `BalanceTracker`, `eval` -> `baldro.eval`, `attack` -> `baldro.attack`.
 
 `validate(recipe, kind)` checks what the types cannot (ranges, names, files, the device) before a run
 loads any weights; every failure is one `BaldroError` line naming the key or file and the fix.
