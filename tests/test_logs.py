@@ -76,11 +76,17 @@ def test_show_config_refuses_what_the_run_refuses(overrides, tmp_path, capsys):
     assert run_err.count("\n") == 0
 
 
+def test_show_config_knows_every_kind_of_run():
+    from baldro import cli, schema
+
+    assert cli.KINDS == schema.KINDS
+
+
 def test_show_config_needs_the_kind_of_run_outside_configs(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\nobjective:\n  name: npo\n"
                       "data:\n  forget_split: forget01\n  retain_split: retain99\n")
     assert main(["show-config", str(recipe)]) == 2
-    assert "give --kind finetune, unlearn or eval" in capsys.readouterr().err
+    assert "give --kind finetune, unlearn, eval or attack" in capsys.readouterr().err
     assert main(["show-config", str(recipe), "--kind", "unlearn"]) == 0
     assert "name: npo" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""`baldro` command line: finetune, unlearn, eval, show-config, summarize, report, demo.
+"""`baldro` command line: finetune, unlearn, eval, attack, show-config, summarize, report, demo.
 
 Recipes are YAML files plus `key=value` overrides, e.g.
     baldro unlearn configs/unlearn/tofu.yaml objective=simnpo weighting=dv split=forget05 train.learning_rate=2e-5
@@ -13,7 +13,7 @@ import sys
 
 from baldro.errors import BaldroError
 
-KINDS = ("finetune", "unlearn", "eval")  # schema.KINDS (not imported here: it would slow `baldro --help`)
+KINDS = ("finetune", "unlearn", "eval", "attack")  # schema.KINDS (not imported here: it would slow `baldro --help`)
 
 EPILOG = "Overrides: KEY=VALUE (dotted, e.g. train.learning_rate=1e-5) or GROUP=CHOICE (objective=npo, weighting=dv, split=forget05)."
 
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
     _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
     _recipe_parser(sub, "eval", "evaluate a model on TOFU or MUSE (eval.benchmark)")
+    _recipe_parser(sub, "attack", "relearning and quantization attacks on an unlearned model (model.path), "
+                   "sample by sample")
     show = _recipe_parser(sub, "show-config", "print a recipe as resolved (groups, overrides, every default), "
                                               "checked as the run will check it")
     show.add_argument("--kind", choices=KINDS, default=None,
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.command in ("finetune", "unlearn", "eval", "show-config"):
+    if args.command in ("finetune", "unlearn", "eval", "attack", "show-config"):
         from baldro.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> None:
 
             recipe, kind = as_recipe(cfg), args.kind or _kind_of(args.config)
             if kind is None:
-                raise BaldroError(f"cannot tell which run {args.config} is for: give --kind finetune, unlearn or eval")
+                raise BaldroError(f"cannot tell which run {args.config} is for: give --kind "
+                                  f"{', '.join(KINDS[:-1])} or {KINDS[-1]}")
             # The run's own checks (names, arguments, ranges, files, the output folder), not this machine's
             # hardware: a recipe for a GPU cluster can be shown on a laptop.
             validate(recipe, kind)
@@ -80,6 +83,10 @@ def run(args: argparse.Namespace) -> None:
             from baldro.recipes import run_unlearn
 
             _say(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
+        elif args.command == "attack":
+            from baldro.attack import run_attack
+
+            _say(f"baldro: attacks in {run_attack(cfg)}")
         else:
             from baldro.recipes import run_eval
 

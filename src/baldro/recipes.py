@@ -155,7 +155,8 @@ def _training_args(recipe: Recipe, run_dir: Path):
 
 # ----------------------------------------------------------------------------- run folders
 RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
-               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE)
+               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE,
+               "attack")  # baldro attack's default folder: the attacks of the model a new run replaces
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
     "name", "output_dir", "resume", "overwrite", "log_to_console", "log_format", "eval", "balance",
@@ -185,12 +186,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def training_differences(saved: dict, current: dict) -> list[str]:
-    """`key (old -> new)` for every recipe key that changes what a run trains (see RESUME_FREE_KEYS)."""
+def training_differences(saved: dict, current: dict, free_keys=RESUME_FREE_KEYS) -> list[str]:
+    """`key (old -> new)` for every recipe key that changes what a run trains (not in `free_keys`)."""
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS):
+        if any(key == f or key.startswith(f + ".") for f in free_keys):
             continue
         old, new = a.get(key, _UNSET), b.get(key, _UNSET)
         if old != new:
@@ -242,9 +243,9 @@ def _resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     return complete[-1]
 
 
-def _remove_outputs(run_dir: Path) -> None:
+def _remove_outputs(run_dir: Path, outputs=RUN_OUTPUTS) -> None:
     """Delete what a run writes (not other files a user keeps in the folder)."""
-    for name in RUN_OUTPUTS:
+    for name in outputs:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -262,11 +263,13 @@ def _truncate_logs(run_dir: Path, step: int) -> None:
         log.info("resume: dropped %d log row(s) written after step %d", dropped, step)
 
 
-def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
+def _claim_run_dir(recipe: Recipe, run_dir: Path, outputs=RUN_OUTPUTS, free_keys=RESUME_FREE_KEYS,
+                   checkpoints: bool = True) -> str | None:
     """Check the folder against the recipe (main process, under the run lock); returns the checkpoint
     to resume from. A non-empty folder is refused unless it holds this run and the recipe resumes it,
-    or the recipe says overwrite=true."""
-    checkpoint = _resume_checkpoint(recipe, run_dir)
+    or the recipe says overwrite=true (which deletes `outputs`). A resume must not change a key outside
+    `free_keys`. Without `checkpoints` (attacks) a resume keeps the folder as it is."""
+    checkpoint = _resume_checkpoint(recipe, run_dir) if checkpoints else None
     resuming = recipe.resume.enabled or bool(recipe.resume.checkpoint)
     holds_run = (run_dir / "config.yaml").is_file()
     entries = sorted(p.name for p in run_dir.iterdir() if p.name != RunLock.NAME) if run_dir.is_dir() else []
@@ -278,16 +281,17 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
             raise BaldroError(f"output_dir {run_dir} is not empty ({len(entries)} entries, e.g. {entries[0]}) and holds no "
                               "baldro run: choose a new or empty folder, or pass overwrite=true")
     if recipe.overwrite:
-        _remove_outputs(run_dir)
+        _remove_outputs(run_dir, outputs)
     elif resuming:
         saved, source = _saved_recipe(checkpoint, run_dir)
         if saved is not None and not recipe.resume.force:
-            diffs = training_differences(saved, _recipe_dict(recipe))
+            diffs = training_differences(saved, _recipe_dict(recipe), free_keys)
             if diffs:
                 more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
                 raise BaldroError(f"resume: the recipe differs from the one in {source} in what it trains: "
                                   f"{', '.join(diffs[:6])}{more}: resume with the same recipe, or pass "
                                   "resume.force=true to continue anyway")
+    if resuming and not recipe.overwrite and checkpoints:
         shutil.rmtree(run_dir / "checkpoints" / STAGING, ignore_errors=True)
         if checkpoint is not None:
             step = checkpoint_step(checkpoint) or 0
@@ -301,8 +305,9 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _run_folder(recipe: Recipe, kind: str):
-    """Lock and claim the run folder; yields (run_dir, checkpoint to resume from or None)."""
+def _run_folder(recipe: Recipe, kind: str, **claim):
+    """Lock and claim the run folder (`claim`: `_claim_run_dir`'s options); yields (run_dir, checkpoint
+    to resume from or None)."""
     run_dir = Path(recipe.output_dir).expanduser()
     if not _is_main_process():  # the main process claims the folder; the others follow it once it has
         barrier()
@@ -310,7 +315,7 @@ def _run_folder(recipe: Recipe, kind: str):
         yield run_dir, str(checkpoint) if checkpoint is not None else None
         return
     with RunLock(run_dir, kind):
-        checkpoint = _claim_run_dir(recipe, run_dir)
+        checkpoint = _claim_run_dir(recipe, run_dir, **claim)
         barrier()
         yield run_dir, checkpoint
 

@@ -140,12 +140,12 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
     return summary
 
 
-def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
-                  model_path: str | None = None) -> Path:
-    """`baldro eval`: evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when
-    reference logs are given, or MUSE_EVAL.json, MUSE_SUMMARY.json; eval_info.json with the time,
-    eval_timings.json with each stage's rows, sequences and seconds) and print the summary table and
-    the time of every stage."""
+def evaluate_logged(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
+                    model_path: str | None = None) -> tuple[dict, dict, str, float, dict]:
+    """Evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when reference logs
+    are given, or MUSE_EVAL.json, MUSE_SUMMARY.json; eval_info.json with the time, eval_timings.json
+    with each stage's rows, sequences and seconds); returns (eval_log, summary, benchmark, seconds,
+    the stages' timings)."""
     start = time.time()
     note = _weights_note(model)
     timings: dict = {}
@@ -158,6 +158,14 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
     write_json_atomic(out / "eval_info.json", {"model_path": model_path, "eval_time_s": seconds,
                                                **({"notes": notes} if notes else {})})
     write_json_atomic(out / "eval_timings.json", {"total_s": seconds, "stages": timings})
+    return eval_log, summary, benchmark, seconds, timings
+
+
+def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
+                  model_path: str | None = None) -> Path:
+    """`baldro eval`: `evaluate_logged`, then print the summary table and the time of every stage."""
+    _, summary, benchmark, seconds, timings = evaluate_logged(model, tokenizer, formatter, out, settings,
+                                                              target_logs_path, model_path)
     print(format_table(summary))
     stages = ", ".join(f"{g} {t['seconds']:.1f} s" for g, t in timings.items())
     print(f"baldro eval: {out / f'{benchmark.upper()}_SUMMARY.json'} ({seconds:.1f} s: {stages})")
