@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from baldro.cli import main
-from baldro.progress import metrics_line
+from baldro.progress import metrics_line, rate
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = str(ROOT / "configs" / "unlearn" / "tofu.yaml")
@@ -50,6 +50,12 @@ def test_unlearn_output_to_a_file_is_plain_lines(tiny_model_dir, tofu_dir, tmp_p
     assert len(steps) == 4 and "forget_loss " in steps[0] and "{" not in steps[0]  # one readable line per step
     assert any("train: 4/4 steps in" in line for line in lines)
     assert lines[-1].startswith("baldro: unlearned model in ")
+
+
+def test_rate_reads_either_way():
+    assert rate(10, 4.0, "step") == "2.50 steps/s"
+    assert rate(3, 123.0, "step") == "41.0 s/step"
+    assert rate(0, 5.0, "step") == "0.00 steps/s"
 
 
 def test_metrics_line_text_and_json():

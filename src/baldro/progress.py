@@ -79,6 +79,13 @@ def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "seq"
                 dynamic_ncols=True)
 
 
+def rate(count: int, seconds: float, unit: str) -> str:
+    """`3.2 steps/s`, or `41.0 s/step` when slower than one per second."""
+    if count and seconds / count > 1:
+        return f"{seconds / count:.1f} s/{unit}"
+    return f"{count / max(seconds, 1e-9):.2f} {unit}s/s"
+
+
 def _number(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
@@ -125,8 +132,8 @@ def train_progress_callback(show_metrics: bool = True, fmt: str = "text", every_
                 now = time.perf_counter()
                 if now - self.last >= every_s:
                     self.last = now
-                    log.info("train: step %d/%d, %.2f steps/s, %.0f s", state.global_step, state.max_steps,
-                             (state.global_step - self.first) / (now - self.start), now - self.start)
+                    log.info("train: step %d/%d, %s, %.0f s", state.global_step, state.max_steps,
+                             rate(state.global_step - self.first, now - self.start, "step"), now - self.start)
             self.step = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
