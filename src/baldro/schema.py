@@ -327,7 +327,8 @@ def _check_data(d: DataConfig, kind: str, needs_refusal: bool = False) -> None:
     source = Path(str(d.source)).expanduser()
     if str(d.source).startswith((".", "/", "~")) or source.exists():
         if not source.exists():
-            raise BaldroError(f"data folder {d.source} does not exist: set data.source to a TOFU folder or a hub id")
+            what = {"muse": "MUSE", "wmdp": "WMDP-corpora"}.get(getattr(d, "benchmark", "tofu"), "TOFU")
+            raise BaldroError(f"data folder {d.source} does not exist: set data.source to a {what} folder or a hub id")
         if not source.is_dir():
             raise BaldroError(f"data.source {d.source} is a file: set data.source to the folder that holds the split "
                               "files")

@@ -266,12 +266,12 @@ def evaluate_lm_eval(
     names = resolve_tasks(tasks, include_path, key)
     manager = task_manager(include_path)
     batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
-    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
     log.info("lm-eval: %s (%s-shot, limit %s, batch %d%s)", ", ".join(names),
              "default" if num_fewshot is None else num_fewshot, limit, batch_size,
              ", chat template" if apply_chat_template else "")
     start = time.perf_counter()
-    with _caller_state(model):
+    with _caller_state(model):  # HFLM puts the model in eval mode
+        lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
         try:
             results = simple_evaluate(
                 model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
