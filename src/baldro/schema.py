@@ -3,9 +3,10 @@
 `baldro.config.load_config` merges YAML recipes, config groups and command-line overrides onto
 `Recipe`, so an unknown key or a value of the wrong type is an error, not a silent default.
 `baldro show-config RECIPE [overrides]` prints the result. Sections map to the code that reads them:
-`model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse`, `format` -> `QAFormatter`,
-`train` -> `transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
-`balance` -> `BalanceTracker`, `eval` -> `baldro.eval`.
+`model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse` / `baldro.data.wmdp`,
+`format` -> `QAFormatter`, `train` -> `transformers.TrainingArguments`, `objective` / `weighting` ->
+`baldro.objectives` / `baldro.weighting`, `balance` -> `BalanceTracker`, `eval` -> `baldro.eval` (the
+lm-evaluation-harness options -> `baldro.eval.lm_eval`).
 
 `validate(recipe, kind)` checks what the types cannot (ranges, names, files, the device) before a run
 loads any weights; every failure is one `BaldroError` line naming the key or file and the fix.
