@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             "versions": {"lm_eval": lm_eval.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "harness_command": " ".join(harness_cmd[1:]).replace(str(work), "TMP"),
-            "baldro_command": " ".join(ours_cmd[2:]).replace(str(work), "TMP"),
+            "baldro_command": " ".join(ours_cmd[2:]).replace(str(work), "TMP").replace(f"{ROOT}{os.sep}", ""),
             "summary": {"baldro": our_summary, "harness": their_summary, "equal": our_summary == their_summary},
             "samples": compare_samples(our_samples, their_samples),
             "seconds": {
