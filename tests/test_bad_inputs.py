@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = str(ROOT / "configs" / "unlearn" / "tofu.yaml")
 FINETUNE = str(ROOT / "configs" / "finetune" / "tofu.yaml")
 EVAL = str(ROOT / "configs" / "eval" / "tofu.yaml")
+ATTACK = str(ROOT / "configs" / "attack" / "all.yaml")
 LOGS = ROOT.parent / "shared" / "data" / "reference_logs"
 
 
@@ -34,6 +35,7 @@ def files(tiny_model_dir, tofu_dir, tmp_path_factory) -> dict[str, Path]:
 
     f["no_tokenizer"] = model_copy("no_tokenizer", ("tokenizer.json", "tokenizer_config.json"))
     f["no_config"] = model_copy("no_config", ("config.json",))
+    f["no_weights"] = model_copy("no_weights", ("model.safetensors",))
     f["truncated"] = model_copy("truncated")
     weights = f["truncated"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
@@ -87,6 +89,11 @@ def finetune(f, *extra) -> list[str]:
 def evaluate(f, *extra) -> list[str]:
     return ["eval", EVAL, f"model.path={f['model']}", "model.device=cpu", "format.use_chat_template=false",
             f"data.source={f['tofu']}", "split=forget01", f"output_dir={f['root'] / 'out_eval'}", *extra]
+
+
+def attack(f, *extra) -> list[str]:
+    return ["attack", ATTACK, f"model.path={f['model']}", "model.device=cpu", "format.use_chat_template=false",
+            f"data.source={f['tofu']}", "split=forget01", f"output_dir={f['root'] / 'out_attack'}", *extra]
 
 
 NO_CUDA = not torch.cuda.is_available()
@@ -203,6 +210,30 @@ CASES = [
     ("resume from a half checkpoint", lambda f: unlearn(f, f"resume={f['half_checkpoint']}", "train.bf16=false"),
      "checkpoint-4: the checkpoint is incomplete"),
     ("resume and overwrite", lambda f: unlearn(f, "resume=true", "overwrite=true"), "overwrite=true and resume"),
+    # attacks
+    ("attack without a model", lambda f: attack(f, "model.path=null"), "baldro attack needs the unlearned model"),
+    ("attack a folder without weights", lambda f: attack(f, f"model.path={f['no_weights']}"),
+     "no_weights has no weights"),
+    ("attack bit width", lambda f: attack(f, "attack.quantize.bits=[3]"),
+     "attack.quantize.bits=3 is not supported: use 8 or 4"),
+    ("attack library", lambda f: attack(f, "attack.quantize.library=gptq"),
+     "attack.quantize.library='gptq' is not supported: use bitsandbytes"),
+    ("relearn split larger than the forget set", lambda f: attack(f, "attack.relearn.n_samples=41"),
+     "attack.relearn.n_samples=41 is larger than the forget set (40 rows of forget01): use at most 40"),
+    ("held-out split without held-out rows", lambda f: attack(f, "attack.relearn.split=heldout",
+                                                              "attack.relearn.n_samples=40"), "leaves none held out"),
+    ("retain split larger than data.limit", lambda f: attack(f, "attack.relearn.split=retain", "data.limit=4",
+                                                             "attack.relearn.n_samples=5"),
+     "attack.relearn.n_samples=5 is larger than the retain set (4 rows of retain99)"),
+    ("unknown attack", lambda f: attack(f, "attack.attacks=[relearnn]"), "did you mean relearn?"),
+    ("relearn split name", lambda f: attack(f, "attack.relearn.split=forget"), "attack.relearn.split='forget' is not one"),
+    ("relearn steps 0", lambda f: attack(f, "attack.relearn.steps=0"), "attack.relearn.steps=0 must be >= 1"),
+    ("relearn lora field", lambda f: attack(f, "+attack.relearn.lora.rank=4"), "attack.relearn.lora.rank is not a LoraConfig"),
+    ("threshold of no metric", lambda f: attack(f, "+attack.thresholds.probability=0.2"),
+     "TOFU has no per-sample metric 'probability'"),
+    ("attack resume path", lambda f: attack(f, "resume=/no/such/path"), "an attack has no checkpoints"),
+    ("before eval missing", lambda f: attack(f, "attack.before_eval=/nonexistent/eval"),
+     "attack.before_eval /nonexistent/eval does not exist"),
     # summarize
     ("summarize --out folder", lambda f: ["summarize", str(LOGS / "tofu_Llama-2-7b-chat-hf_retain99" / "TOFU_EVAL.json"),
                                           "--out", str(f["root"])], "is a folder: give a file path"),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pathlib import Path
-
 from baldro.cli import main
 from baldro.demo import METHODS
+from test_logs import assert_clean_log
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -33,11 +36,16 @@ def _seed_table(markdown: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_demo_quick(tmp_path, capsys):
+def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    stdout = capsys.readouterr().out
-    assert "baldro demo: done in" in stdout
+    log = tmp_path / "demo.log"  # as in a batch job: `baldro demo --quick > demo.log 2>&1`
+    with log.open("w") as f:
+        rc = subprocess.run([sys.executable, "-m", "baldro.cli", "demo", "--quick", "--out", str(out)],
+                            stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    text = log.read_text()
+    assert rc == 0, text[-2000:]
+    assert "baldro demo: done in" in text
+    assert_clean_log(text)
 
     runs = out / "runs"
     names = ["target", "retain"] + [m[0] for m in METHODS]

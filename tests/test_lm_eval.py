@@ -255,7 +255,7 @@ def test_groups_keep_their_aggregate_and_the_caller_state(tiny_model_dir, tasks_
     per_task = json.loads((tmp_path / "LMEVAL_RESULTS.json").read_text())["results"]
     accs = [per_task[t]["acc,none"] for t in ("tiny_mc", "tiny_mc2")]
     assert summary["tiny_group/acc"] == pytest.approx(sum(accs) / 2)  # 3 documents each
-    assert any("lm-eval loglikelihood: 24/24 sequences" in r.getMessage() for r in caplog.records)
+    assert any("lm-eval loglikelihood: 24/24 requests" in r.getMessage() for r in caplog.records)
     assert timings["lm_eval loglikelihood"]["rows"] == 6
 
 

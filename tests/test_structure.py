@@ -73,7 +73,7 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_layers_read_top_down():
     graph = import_graph()
-    upper = {"baldro.recipes", "baldro.config", "baldro.schema", "baldro.cli", "baldro.demo"}
+    upper = {"baldro.recipes", "baldro.config", "baldro.schema", "baldro.cli", "baldro.demo", "baldro.attack"}
     for name, deps in graph.items():
         if name.startswith(("baldro.eval", "baldro.data", "baldro.objectives", "baldro.weighting",
                             "baldro.trainer", "baldro.models", "baldro.sequence")):
@@ -82,7 +82,7 @@ def test_layers_read_top_down():
 
 
 def _recipes() -> list[Path]:
-    return sorted(p for folder in ("finetune", "unlearn", "eval") for p in (CONFIGS / folder).glob("*.yaml"))
+    return sorted(p for folder in ("finetune", "unlearn", "eval", "attack") for p in (CONFIGS / folder).glob("*.yaml"))
 
 
 def test_every_yaml_file_fits_the_schema():

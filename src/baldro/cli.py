@@ -1,4 +1,4 @@
-"""`baldro` command line: finetune, unlearn, eval, show-config, summarize, report, demo.
+"""`baldro` command line: finetune, unlearn, eval, attack, show-config, summarize, report, demo.
 
 Recipes are YAML files plus `key=value` overrides, e.g.
     baldro unlearn configs/unlearn/tofu.yaml objective=simnpo weighting=dv split=forget05 train.learning_rate=2e-5
@@ -12,6 +12,8 @@ import os
 import sys
 
 from baldro.errors import BaldroError
+
+KINDS = ("finetune", "unlearn", "eval", "attack")  # schema.KINDS (not imported here: it would slow `baldro --help`)
 
 EPILOG = "Overrides: KEY=VALUE (dotted, e.g. train.learning_rate=1e-5) or GROUP=CHOICE (objective=npo, weighting=dv, split=forget05)."
 
@@ -31,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
     _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
     _recipe_parser(sub, "eval", "evaluate a model on TOFU, MUSE or lm-evaluation-harness tasks (eval.benchmark)")
-    _recipe_parser(sub, "show-config", "print a recipe as resolved (groups, overrides, every default)")
+    _recipe_parser(sub, "attack", "relearning and quantization attacks on an unlearned model (model.path), "
+                   "sample by sample")
+    show = _recipe_parser(sub, "show-config", "print a recipe as resolved (groups, overrides, every default), "
+                                              "checked as the run will check it")
+    show.add_argument("--kind", choices=KINDS, default=None,
+                      help="the run the recipe is for (default: the recipe's folder, e.g. configs/unlearn/)")
 
     s = sub.add_parser("summarize", help="recompute every aggregate of a per-sample eval log")
     s.add_argument("eval_json", help="TOFU_EVAL.json or MUSE_EVAL.json (ours or OpenUnlearning's)")
@@ -52,14 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.command in ("finetune", "unlearn", "eval", "show-config"):
+    if args.command in ("finetune", "unlearn", "eval", "attack", "show-config"):
         from baldro.config import load_config
 
         cfg = load_config(args.config, args.overrides)
         if args.command == "show-config":
             from baldro.config import as_recipe, dump_config
+            from baldro.schema import validate
 
-            print(dump_config(as_recipe(cfg)), end="")
+            recipe, kind = as_recipe(cfg), args.kind or _kind_of(args.config)
+            if kind is None:
+                raise BaldroError(f"cannot tell which run {args.config} is for: give --kind "
+                                  f"{', '.join(KINDS[:-1])} or {KINDS[-1]}")
+            # The run's own checks (names, arguments, ranges, files, the output folder), not this machine's
+            # hardware: a recipe for a GPU cluster can be shown on a laptop.
+            validate(recipe, kind)
+            print(dump_config(recipe), end="")
         elif args.command == "finetune":
             from baldro.recipes import run_finetune
 
@@ -68,6 +83,10 @@ def run(args: argparse.Namespace) -> None:
             from baldro.recipes import run_unlearn
 
             _say(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
+        elif args.command == "attack":
+            from baldro.attack import run_attack
+
+            _say(f"baldro: attacks in {run_attack(cfg)}")
         else:
             from baldro.recipes import run_eval
 
@@ -87,6 +106,14 @@ def run(args: argparse.Namespace) -> None:
                  overwrite=args.overwrite)
 
 
+def _kind_of(config_path: str) -> str | None:
+    """finetune, unlearn or eval from the recipe's folder (configs/unlearn/tofu.yaml -> unlearn)."""
+    from pathlib import Path
+
+    folders = [part for part in Path(config_path).parts[:-1] if part in KINDS]
+    return folders[-1] if folders else None
+
+
 def _say(text: str) -> None:
     """Print once in a run of several processes (from the main one)."""
     if int(os.environ.get("RANK", "0") or 0) == 0:
@@ -104,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.command not in ("show-config", "summarize"):
+            from baldro.progress import follow_terminal_policy
+
+            follow_terminal_policy()
         run(args)
     except BaldroError as e:
         if args.debug:

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import queue as queue_lib
 import shutil
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from transformers import TrainerCallback
 from baldro.data.formatting import PLAIN_PROMPT
 from baldro.errors import BaldroError
 from baldro.io import write_json_atomic
+from baldro.progress import EVERY_S, follow_terminal_policy, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -137,40 +139,44 @@ def _worker_setup() -> None:
     logging.getLogger("baldro").setLevel(logging.ERROR)
 
 
-def _job_finetune(cfg: dict, data_dir: str, max_new_tokens: int, progress_queue) -> dict:
+def _job_finetune(cfg: dict, data_dir: str, max_new_tokens: int, progress_queue, job: str) -> dict:
     from omegaconf import OmegaConf
 
     from baldro.eval.run import evaluate_model_dir
     from baldro.recipes import run_finetune
 
     _worker_setup()
-    run_dir = run_finetune(OmegaConf.create(cfg), extra_callbacks=[_QueueProgress(progress_queue, cfg["name"])])
-    progress_queue.put((cfg["name"], "eval", None))
+    run_dir = run_finetune(OmegaConf.create(cfg), extra_callbacks=[_QueueProgress(progress_queue, job)])
+    progress_queue.put((job, "eval", None))
     evaluate_model_dir(run_dir, data_dir, FORGET_SPLIT, max_new_tokens, max_length=128, progress=False)
     return {}
 
 
 def _job_unlearn(cfg: dict, data_dir: str, max_new_tokens: int, retain_eval: str, target_eval: str,
-                 progress_queue) -> dict:
+                 progress_queue, job: str) -> dict:
     from omegaconf import OmegaConf
 
     from baldro.eval.run import evaluate_model_dir, resummarize
     from baldro.recipes import run_unlearn
 
     _worker_setup()
-    run_dir = run_unlearn(OmegaConf.create(cfg), extra_callbacks=[_QueueProgress(progress_queue, cfg["name"])])
-    progress_queue.put((cfg["name"], "eval", None))
+    run_dir = run_unlearn(OmegaConf.create(cfg), extra_callbacks=[_QueueProgress(progress_queue, job)])
+    progress_queue.put((job, "eval", None))
     eval_dir = evaluate_model_dir(run_dir, data_dir, FORGET_SPLIT, max_new_tokens, max_length=128, progress=False)
     return resummarize(eval_dir, retain_eval, target_eval)
 
 
-def _run_jobs(jobs: list[tuple[str, callable, tuple]], workers: int, on_done) -> None:
-    """Run `fn(*args, progress_queue)` jobs on `workers` processes, one progress bar per job."""
+def _run_jobs(jobs: list[tuple[str, callable, tuple]], workers: int, on_done, say) -> None:
+    """Run `fn(*args, progress_queue, name)` jobs on `workers` processes: one progress bar per job on a
+    terminal, elsewhere a `say` line with every running job's step count at most every `EVERY_S` seconds."""
     ctx = multiprocessing.get_context("spawn")
+    bars_on = on_terminal()
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         progress_queue = manager.Queue()
-        futures = {pool.submit(fn, *args, progress_queue): name for name, fn, args in jobs}
+        futures = {pool.submit(fn, *args, progress_queue, name): name for name, fn, args in jobs}
         bars: dict[str, tqdm] = {}
+        steps: dict[str, str] = {}  # job -> "12/180 steps" or "evaluating", for the log lines
+        last_line = time.perf_counter()
         pending = set(futures)
         try:
             while pending:
@@ -180,6 +186,9 @@ def _run_jobs(jobs: list[tuple[str, callable, tuple]], workers: int, on_done) ->
                         job, step, total = progress_queue.get_nowait()
                     except queue_lib.Empty:
                         break
+                    steps[job] = "evaluating" if step == "eval" else f"{step}/{total} steps"
+                    if not bars_on:
+                        continue
                     if job not in bars:
                         bars[job] = tqdm(total=total, desc=f"{job:>15s}", unit="step", leave=False, dynamic_ncols=True)
                     if step == "eval":
@@ -193,7 +202,12 @@ def _run_jobs(jobs: list[tuple[str, callable, tuple]], workers: int, on_done) ->
                     result = future.result()  # re-raises a worker's error here
                     if name in bars:
                         bars.pop(name).close()
+                    steps.pop(name, None)
                     on_done(name, result)
+                now = time.perf_counter()
+                if not bars_on and steps and now - last_line >= EVERY_S:
+                    last_line = now
+                    say("running", ", ".join(f"{job} {state}" for job, state in steps.items()))
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -256,9 +270,11 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
                               "to delete it first")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     start = time.time()
+    follow_terminal_policy()
 
     def stage(name: str, detail: str) -> None:
         tqdm.write(f"[{time.time() - start:6.1f}s] {name}: {detail}")
+        sys.stdout.flush()
 
     print(f"baldro demo ({preset} preset, seeds {seed}..{seed + p.n_seeds - 1}, {workers} workers, {cpu_name()}) "
           f"-> {out}", flush=True)
@@ -281,6 +297,7 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
          for name, split in (("target", "full"), ("retain", RETAIN_SPLIT))],
         workers,
         lambda name, _: stage(f"finetune {name}", f"{p.finetune_epochs} epochs, evaluated"),
+        stage,
     )
     for name in ("retain", "target"):
         s = resummarize(runs / name / "eval", retain_eval, target_eval if name != "target" else None)
@@ -301,6 +318,7 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
          for s in seeds for m in METHODS],
         workers,
         unlearned,
+        stage,
     )
     report = build_report([runs / "target", runs / "retain", *folders], out / "report",
                           retain_run=runs / "retain", target_run=runs / "target", by_seed=True)

@@ -176,6 +176,35 @@ def set_flush_denormal(enabled: bool) -> bool:
     return torch.set_flush_denormal(bool(enabled))
 
 
+QUANTIZE_BITS = (8, 4)  # bitsandbytes: LLM.int8 (one scale per output row) and 4-bit (one per block of 64)
+# the tested version (pyproject's `attack` extra), which quantizes on the CPU as well as on a GPU
+QUANTIZE_LIBRARIES = {"bitsandbytes": "bitsandbytes==0.50.2"}
+
+
+def check_quantization_library(library: str = "bitsandbytes") -> None:
+    """`library` is one baldro quantizes with, and it is installed (checked before any weights load)."""
+    import importlib.util
+
+    if library not in QUANTIZE_LIBRARIES:
+        raise BaldroError(f"attack.quantize.library={library!r} is not supported: use "
+                          f"{', '.join(QUANTIZE_LIBRARIES)}")
+    if importlib.util.find_spec(library) is None:
+        raise BaldroError(f"quantizing needs the {library} package, which is not installed: pip install "
+                          f"'{QUANTIZE_LIBRARIES[library]}' (or pip install 'baldro[attack]')")
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype, quant_type_4bit: str = "fp4"):
+    """transformers' `BitsAndBytesConfig` for `bits`-bit weights (the linear layers but the LM head)."""
+    from transformers import BitsAndBytesConfig
+
+    if bits not in QUANTIZE_BITS:
+        raise BaldroError(f"{bits}-bit weights are not supported: use {' or '.join(map(str, QUANTIZE_BITS))}")
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_type=quant_type_4bit)
+
+
 def load_model(
     path: str,
     dtype: str | None = "auto",
@@ -186,9 +215,12 @@ def load_model(
     gradient_checkpointing: bool = False,
     device_map_for_training: bool = True,
     seed: int = 0,
+    quantize_bits: int | None = None,
+    quant_type_4bit: str = "fp4",
 ):
     """`AutoModelForCausalLM` on `device` (or left for accelerate to place when `device="accelerate"`);
-    a LoRA adapter is initialised from `seed` alone."""
+    a LoRA adapter is initialised from `seed` alone. `quantize_bits` (8 or 4): bitsandbytes weights,
+    placed on the device as they load (on the CPU or a GPU)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(path)
@@ -199,6 +231,12 @@ def load_model(
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantize_bits is not None:
+        check_quantization_library("bitsandbytes")
+        dev = dev or resolve_device(None)
+        kwargs["quantization_config"] = quantization_config(quantize_bits, torch_dtype, quant_type_4bit)
+        kwargs["device_map"] = {"": str(dev)}  # quantized weights cannot be moved after loading
+        dev = None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:

@@ -44,6 +44,7 @@ from baldro.alternates import ALTERNATES_FILE, generate_alternates, read_alterna
 from baldro.io import RunLock, truncate_jsonl, write_json_atomic, write_text_atomic
 from baldro.models import load_model, load_tokenizer, resolve_device, save_model, set_flush_denormal
 from baldro.objectives import PrimalDual, get_objective, get_retain_loss, set_trainable
+from baldro.progress import train_progress_callback
 from baldro.schema import (
     DataConfig,
     EvalConfig,
@@ -121,6 +122,12 @@ def _encode(formatter: QAFormatter, rows: list[dict], what: str):
     return formatter.encode_many([r["question"] for r in rows], [r["answer"] for r in rows], what)
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.current_accelerator(check_available=True) is not None
+
+
 def _training_args(recipe: Recipe, run_dir: Path):
     from transformers import TrainingArguments
 
@@ -133,6 +140,8 @@ def _training_args(recipe: Recipe, run_dir: Path):
             raise BaldroError(f"train.extra.{key} is not a transformers TrainingArguments field"
                               + (f": did you mean {close[0]}?" if close else ""))
     args = {**train, **extra, **FIXED_TRAIN_ARGS, "seed": recipe.seed}
+    if "dataloader_pin_memory" not in extra:  # pinned memory only helps a copy to an accelerator (torch warns otherwise)
+        args["dataloader_pin_memory"] = _has_accelerator() and not recipe.train.use_cpu
     # YAML 1.1 reads `save_strategy: no` as false (and the schema's str field then as "False").
     args = {k: ("no" if k.endswith("_strategy") and str(v).lower() == "false" else v) for k, v in args.items()}
     try:
@@ -146,10 +155,11 @@ def _training_args(recipe: Recipe, run_dir: Path):
 
 # ----------------------------------------------------------------------------- run folders
 RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
-               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE)
+               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE,
+               "attack")  # baldro attack's default folder: the attacks of the model a new run replaces
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
-    "name", "output_dir", "resume", "overwrite", "log_to_console", "eval", "balance",
+    "name", "output_dir", "resume", "overwrite", "log_to_console", "log_format", "eval", "balance",
     "model.base", "model.tofu_target", "model.device", "model.attn_implementation", "model.merge_lora",
     "model.gradient_checkpointing", "train.num_train_epochs", "train.max_steps", "train.logging_steps",
     "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.disable_tqdm", "train.report_to",
@@ -176,12 +186,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def training_differences(saved: dict, current: dict) -> list[str]:
-    """`key (old -> new)` for every recipe key that changes what a run trains (see RESUME_FREE_KEYS)."""
+def training_differences(saved: dict, current: dict, free_keys=RESUME_FREE_KEYS) -> list[str]:
+    """`key (old -> new)` for every recipe key that changes what a run trains (not in `free_keys`)."""
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS):
+        if any(key == f or key.startswith(f + ".") for f in free_keys):
             continue
         old, new = a.get(key, _UNSET), b.get(key, _UNSET)
         if old != new:
@@ -233,9 +243,9 @@ def _resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     return complete[-1]
 
 
-def _remove_outputs(run_dir: Path) -> None:
+def _remove_outputs(run_dir: Path, outputs=RUN_OUTPUTS) -> None:
     """Delete what a run writes (not other files a user keeps in the folder)."""
-    for name in RUN_OUTPUTS:
+    for name in outputs:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -253,11 +263,13 @@ def _truncate_logs(run_dir: Path, step: int) -> None:
         log.info("resume: dropped %d log row(s) written after step %d", dropped, step)
 
 
-def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
+def _claim_run_dir(recipe: Recipe, run_dir: Path, outputs=RUN_OUTPUTS, free_keys=RESUME_FREE_KEYS,
+                   checkpoints: bool = True) -> str | None:
     """Check the folder against the recipe (main process, under the run lock); returns the checkpoint
     to resume from. A non-empty folder is refused unless it holds this run and the recipe resumes it,
-    or the recipe says overwrite=true."""
-    checkpoint = _resume_checkpoint(recipe, run_dir)
+    or the recipe says overwrite=true (which deletes `outputs`). A resume must not change a key outside
+    `free_keys`. Without `checkpoints` (attacks) a resume keeps the folder as it is."""
+    checkpoint = _resume_checkpoint(recipe, run_dir) if checkpoints else None
     resuming = recipe.resume.enabled or bool(recipe.resume.checkpoint)
     holds_run = (run_dir / "config.yaml").is_file()
     entries = sorted(p.name for p in run_dir.iterdir() if p.name != RunLock.NAME) if run_dir.is_dir() else []
@@ -269,16 +281,17 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
             raise BaldroError(f"output_dir {run_dir} is not empty ({len(entries)} entries, e.g. {entries[0]}) and holds no "
                               "baldro run: choose a new or empty folder, or pass overwrite=true")
     if recipe.overwrite:
-        _remove_outputs(run_dir)
+        _remove_outputs(run_dir, outputs)
     elif resuming:
         saved, source = _saved_recipe(checkpoint, run_dir)
         if saved is not None and not recipe.resume.force:
-            diffs = training_differences(saved, _recipe_dict(recipe))
+            diffs = training_differences(saved, _recipe_dict(recipe), free_keys)
             if diffs:
                 more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
                 raise BaldroError(f"resume: the recipe differs from the one in {source} in what it trains: "
                                   f"{', '.join(diffs[:6])}{more}: resume with the same recipe, or pass "
                                   "resume.force=true to continue anyway")
+    if resuming and not recipe.overwrite and checkpoints:
         shutil.rmtree(run_dir / "checkpoints" / STAGING, ignore_errors=True)
         if checkpoint is not None:
             step = checkpoint_step(checkpoint) or 0
@@ -292,8 +305,9 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _run_folder(recipe: Recipe, kind: str):
-    """Lock and claim the run folder; yields (run_dir, checkpoint to resume from or None)."""
+def _run_folder(recipe: Recipe, kind: str, **claim):
+    """Lock and claim the run folder (`claim`: `_claim_run_dir`'s options); yields (run_dir, checkpoint
+    to resume from or None)."""
     run_dir = Path(recipe.output_dir).expanduser()
     if not _is_main_process():  # the main process claims the folder; the others follow it once it has
         barrier()
@@ -301,24 +315,20 @@ def _run_folder(recipe: Recipe, kind: str):
         yield run_dir, str(checkpoint) if checkpoint is not None else None
         return
     with RunLock(run_dir, kind):
-        checkpoint = _claim_run_dir(recipe, run_dir)
+        checkpoint = _claim_run_dir(recipe, run_dir, **claim)
         barrier()
         yield run_dir, checkpoint
 
 
 def _console_callbacks(trainer, recipe: Recipe) -> None:
-    """`log_to_console: false` keeps the progress bar but drops the per-step dict printouts."""
-    if not recipe.log_to_console:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    """The Trainer's bar and per-step dicts give way to baldro's progress policy (`progress.py`): a bar on
+    a terminal, log lines elsewhere; each logging step's metrics as one line (`log_format`) unless
+    `log_to_console: false`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        class QuietProgress(ProgressCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                pass
-
-        for callback in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(callback)
-        if not trainer.args.disable_tqdm:
-            trainer.add_callback(QuietProgress())
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    trainer.add_callback(train_progress_callback(show_metrics=recipe.log_to_console, fmt=recipe.log_format))
 
 
 def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: str | None, info: dict) -> Path:

@@ -9,7 +9,10 @@ of lm-eval tasks, one column per task; every file but one of run_info.json / eva
 - ``fq_vs_mu.png``: forget quality vs model utility, one point per run;
 - ``trajectories.png``: per-sample answer probability over training, one panel per method;
 - ``spread.png``: spread of the per-sample probability vs mean probability over training;
-- ``dro_weights.png``: the effective DRO weights (max weight, entropy, non-zero count) over training.
+- ``dro_weights.png``: the effective DRO weights (max weight, entropy, non-zero count) over training;
+- ``attacks.png`` (when a run has ``RUN/attack/``, or an attack folder of ``baldro attack`` is passed):
+  per-sample forget probability (MUSE: VerbMem) before vs after every attack, one panel per method, with
+  a table per method of what each attack brought back and what it cost.
 
 Plots are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
 switch) and written atomically; a plot with nothing to show is left out and the report says why.
@@ -31,6 +34,7 @@ import numpy as np
 from baldro.balance import balance_from_eval_logs
 from baldro.errors import BaldroError
 from baldro.eval import metrics
+from baldro.eval.recovery import ATTACK_SUMMARY, HEADLINE_METRIC, load_attack_summaries
 from baldro.eval.summarize import truth_ratios
 from baldro.io import read_jsonl, write_bytes_atomic, write_text_atomic
 
@@ -128,6 +132,33 @@ def load_run(run_dir: str | Path) -> RunRecord:
         benchmark=benchmark,
         lm_eval=lm_eval,
     )
+
+
+@dataclass
+class AttackRecord:
+    """The attacks of one unlearned model: an attack folder of ``baldro attack`` (``RUN/attack``)."""
+
+    paths: list[Path]
+    name: str
+    attacks: list[tuple[str, dict]]  # (folder, attack_summary.json), in folder order
+
+
+def is_attack_folder(path: str | Path) -> bool:
+    """A folder that ``baldro attack`` wrote (its attack_info.json, or an attack's summary)."""
+    path = Path(path)
+    return (path / "attack_info.json").is_file() or any(path.glob(f"*/{ATTACK_SUMMARY}"))
+
+
+def load_attacks(path: str | Path, name: str | None = None) -> AttackRecord | None:
+    """The attacks in an attack folder (None when it holds no finished attack)."""
+    path = Path(path)
+    attacks = load_attack_summaries(path)
+    if not attacks:
+        return None
+    info = _read_json(path / "attack_info.json") if (path / "attack_info.json").is_file() else {}
+    name = name or (info.get("name") if isinstance(info, dict) else None) or attacks[0][1].get("name") \
+        or path.parent.name
+    return AttackRecord([path], str(name), attacks)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -513,6 +544,125 @@ def _plot_seeds(groups: dict[str, list[int]], values: list[dict[str, Any]], path
     return _save(fig, path)
 
 
+def merge_attacks(records: Sequence[AttackRecord]) -> list[AttackRecord]:
+    """One record per method name: the attack folders of one unlearned model (e.g. a relearning run and
+    its retain-only control written to two folders) in one table and one panel."""
+    merged: dict[str, AttackRecord] = {}
+    for rec in records:
+        if rec.name not in merged:
+            merged[rec.name] = AttackRecord(list(rec.paths), rec.name, list(rec.attacks))
+            continue
+        have = merged[rec.name]
+        seen = {folder for folder, _ in have.attacks}
+        have.paths += rec.paths
+        have.attacks += [(f"{folder} ({rec.paths[0]})" if folder in seen else folder, s) for folder, s in rec.attacks]
+    return list(merged.values())
+
+
+def _seconds(value: Any) -> str:
+    v = _num(value)
+    return "n/a" if v is None else f"{v:.1f}" if v >= 0.95 else f"{v:.2f}"
+
+
+def _plot_attacks(records: Sequence[AttackRecord], path: Path) -> Path | None:
+    """Per-sample headline value before (x) vs after (y) every attack, one panel per method."""
+    panels = []
+    for rec in records:
+        points = []
+        for folder, summary in rec.attacks:
+            metric = HEADLINE_METRIC.get(summary.get("benchmark", "tofu"), "prob")
+            rows = (summary.get("per_sample") or {}).get(metric) or {}
+            before = np.array([_num(v) for v in rows.get("before", [])], dtype=float)
+            after = np.array([_num(v) for v in rows.get("after", [])], dtype=float)
+            if before.size and before.size == after.size:
+                t = ((summary.get("thresholds") or {}).get(metric) or {}).get("value")
+                points.append((folder, before, after, _num(t), metric))
+        if points:
+            panels.append((rec.name, points))
+    if not panels:
+        return None
+    nrows, ncols = _grid(len(panels))
+    fig = _new_figure(4.8 * ncols, 4.4 * nrows + 0.3)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, (name, points) in zip(axes.flat, panels):
+        metric = points[0][4]
+        log_scale = metric == "prob"
+        values = np.concatenate([np.concatenate([b, a]) for _, b, a, _, _ in points])
+        values = values[np.isfinite(values) & (values > 0 if log_scale else True)]
+        low = float(values.min()) / 2 if log_scale and values.size else 0.0
+        for (folder, before, after, t, _), colour in zip(points, _palette(len(points))):
+            ax.scatter(np.maximum(before, low) if log_scale else before, np.maximum(after, low) if log_scale else after,
+                       s=14, alpha=0.7, color=colour, label=folder)
+        ax.plot([low, 1], [low, 1], color="grey", linewidth=1, linestyle=":")
+        t = points[0][3]
+        if t is not None and t > low:
+            ax.axhline(t, color="tab:red", linestyle="--", linewidth=1, label=f"came-back threshold {t:.3g}")
+            ax.axvline(t, color="tab:red", linestyle="--", linewidth=1)
+        if log_scale:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        label = {"prob": "answer probability", "verbmem": "VerbMem ROUGE-L F1"}.get(metric, metric)
+        ax.set(xlabel=f"{label} before the attack", ylabel=f"{label} after", title=name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Per-sample before vs after each attack", fontsize=10)
+    return _save(fig, path)
+
+
+def _before_after(summary: dict, key: str, fmt=format_value) -> str:
+    values = summary.get("summary") or {}
+    return f"{fmt((values.get('before') or {}).get(key))} → {fmt((values.get('after') or {}).get(key))}"
+
+
+def attack_table(rec: AttackRecord) -> list[str]:
+    """Markdown: one row per attack of a method (what came back, the headline numbers, the cost)."""
+    muse = any(s.get("benchmark") == "muse" for _, s in rec.attacks)
+    keys = ([("VerbMem", "forget_verbmem_ROUGE"), ("KnowMem (forget)", "forget_knowmem_ROUGE"),
+             ("KnowMem (retain)", "retain_knowmem_ROUGE"), ("PrivLeak", "privleak")] if muse else
+            [("Forget prob", "forget_Q_A_Prob"), ("Forget ROUGE-L", "forget_Q_A_ROUGE"),
+             ("Model utility", "model_utility")])
+    md = ["| Attack | Came back | " + ("" if muse else "Forget quality | ") + " | ".join(h for h, _ in keys)
+          + " | Attack (s) | Eval (s) |",
+          "| --- | ---: |" + ("" if muse else " ---: |") + " ---: |" * len(keys) + " ---: | ---: |"]
+    for folder, s in rec.attacks:
+        h = s.get("headline")
+        came = (f"{h['came_back']} of {h['forgotten_before']} ({h['metric']}"
+                + (", held out" if h.get("scope") == "held_out" else "") + ")") if h else "n/a"
+        cells = [_md_cell(folder), came]
+        if not muse:
+            fq = (s.get("forget_quality") or {}).get("held_out" if h and h.get("scope") == "held_out" else "all")
+            cells.append(f"{format_fq(fq.get('before'))} → {format_fq(fq.get('after'))}" if fq else
+                         _before_after(s, "forget_quality", format_fq))
+        cells += [_before_after(s, key) for _, key in keys]
+        cost = s.get("cost") or {}
+        cells += [_seconds(cost.get("attack_seconds")), _seconds(cost.get("eval_seconds"))]
+        md.append("| " + " | ".join(cells) + " |")
+    return md
+
+
+def _attack_section(records: Sequence[AttackRecord], plot: Path | None) -> list[str]:
+    md = ["## Attacks", ""]
+    if plot:
+        md += ["![per-sample before vs after each attack](attacks.png)", "",
+               "**How to read this.** One panel per unlearned model; each point is one forget sample, its "
+               "answer probability (MUSE: VerbMem ROUGE) before the attack on the x-axis and after it on the "
+               "y-axis. Points on the dotted diagonal did not move; points above it were brought back. The dashed "
+               "red lines are the came-back threshold: a sample came back when it moves from the left of the "
+               "vertical line to above the horizontal one. A balanced unlearning leaves no sample barely "
+               "forgotten, so fewer points should cross.", ""]
+    for rec in records:
+        where = ", ".join(f"`{p}`" for p in rec.paths)
+        md += [f"### {_md_cell(rec.name)}", "", f"Attacks in {where}.", ""] + attack_table(rec) + [""]
+    md += ["*Came back*: forget samples that the attack moved from the forgotten to the remembered side of the "
+           "threshold (default: the retain model's median per-sample value, see attack_summary.json's "
+           "`thresholds`), of those forgotten before it; relearning on the held-out split counts only the samples "
+           "it did not train on. Before → after: the unlearned model, then the attacked one. *Attack (s)*: the "
+           "relearning's training or the quantized model's loading; *Eval (s)*: the evaluation that follows it.", ""]
+    return md
+
+
 # ----------------------------------------------------------------------------- report
 def _as_run(run: str | Path | RunRecord) -> RunRecord:
     return run if isinstance(run, RunRecord) else load_run(run)
@@ -612,6 +762,7 @@ def build_report(
     retain_run: str | Path | RunRecord | None = None,
     target_run: str | Path | RunRecord | None = None,
     by_seed: bool | None = None,
+    attacks: Sequence[AttackRecord] = (),
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNG plots; return the path of report.md.
 
@@ -620,18 +771,23 @@ def build_report(
 
     ``run_dirs`` are the methods to compare (runs among them named "target" / "retain" are used as
     the references when ``target_run`` / ``retain_run`` are not given). Balance metrics missing from
-    a run's summary are computed from its eval log against the references' eval logs.
+    a run's summary are computed from its eval log against the references' eval logs. ``attacks``:
+    what ``baldro attack`` found for each method (the Attacks section).
     """
     runs = [_as_run(r) for r in run_dirs]
     retain = _as_run(retain_run) if retain_run is not None else None
     target = _as_run(target_run) if target_run is not None else None
     methods, retain, target = _split_references(runs, retain, target)
-    if not methods and retain is None and target is None:
+    if not methods and retain is None and target is None and not attacks:
         raise BaldroError("no runs to report; pass at least one run directory")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BaldroError(f"--out {out} is a file; pass a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
+    attacks = merge_attacks(attacks)
+    if not runs and retain is None and target is None:  # attack folders alone
+        md = ["# baldro attack report", "", *_attack_section(attacks, _plot_attacks(attacks, out / "attacks.png"))]
+        return write_text_atomic(out / "report.md", "\n".join(md))
     every = [r for r in [*methods, retain, target] if r is not None]
     is_muse = all(r.benchmark == "muse" for r in every)
     only_lm_eval = all(r.benchmark == "lm_eval" for r in every)  # e.g. WMDP runs: the harness's tasks only
@@ -700,6 +856,7 @@ def build_report(
     plots["trajectories"] = _plot_trajectories(labelled, out / "trajectories.png", retain_median)
     plots["spread"] = _plot_spread(labelled, out / "spread.png")
     plots["dro_weights"] = _plot_dro_weights(labelled, out / "dro_weights.png")
+    plots["attacks"] = _plot_attacks(attacks, out / "attacks.png")
     for name, p in plots.items():  # a stale plot from an earlier report must not linger
         stale = out / f"{name}.png"
         if p is None and stale.exists():
@@ -837,14 +994,25 @@ def build_report(
         ]
     else:
         md += ["No run logs weight_max / weight_entropy / weight_nonzero in train_log.jsonl, so there is no weight plot.", ""]
+    if attacks:
+        md += _attack_section(attacks, plots["attacks"])
 
     return write_text_atomic(out / "report.md", "\n".join(md))
 
 
 def report_main(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> Path:
     """CLI entry (``baldro report RUN_DIR... [--out DIR]``): runs named "target" / "retain" (by
-    run_info name) become the references. ``out_dir`` defaults to ``./report``."""
+    run_info name) become the references; a run's ``RUN/attack`` folder, or an attack folder passed
+    itself, adds the Attacks section. ``out_dir`` defaults to ``./report``."""
     if not run_dirs:
         raise BaldroError("baldro report needs at least one run directory: baldro report RUN_DIR... --out DIR")
-    runs = [load_run(d) for d in run_dirs]
-    return build_report(runs, Path(out_dir) if out_dir is not None else Path("report"))
+    runs, attacks = [], []
+    for d in run_dirs:
+        if is_attack_folder(d) and not (Path(d) / "run_info.json").is_file():  # baldro attack's output folder
+            record = load_attacks(d)
+        else:
+            runs.append(load_run(d))
+            record = load_attacks(Path(d) / "attack", runs[-1].name) if (Path(d) / "attack").is_dir() else None
+        if record is not None:
+            attacks.append(record)
+    return build_report(runs, Path(out_dir) if out_dir is not None else Path("report"), attacks=attacks)

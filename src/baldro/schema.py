@@ -6,7 +6,7 @@
 `model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse` / `baldro.data.wmdp`,
 `format` -> `QAFormatter`, `train` -> `transformers.TrainingArguments`, `objective` / `weighting` ->
 `baldro.objectives` / `baldro.weighting`, `balance` -> `BalanceTracker`, `eval` -> `baldro.eval` (the
-lm-evaluation-harness options -> `baldro.eval.lm_eval`).
+lm-evaluation-harness options -> `baldro.eval.lm_eval`), `attack` -> `baldro.attack`.
 
 `validate(recipe, kind)` checks what the types cannot (ranges, names, files, the device) before a run
 loads any weights; every failure is one `BaldroError` line naming the key or file and the fix.
@@ -184,6 +184,52 @@ class EvalConfig:
 
 
 @dataclass
+class RelearnConfig:
+    """`attack.relearn`: fine-tune a copy of the attacked model with the model's own answer NLL (the
+    recipe's `train` section, with the rate, steps and batch size below) on part of the forget set.
+    Defaults: TOFU's fine-tuning rate 1e-5 (Maini et al. 2024, the recipe that taught the model the forget
+    set), on a seeded half of the forget set as in the relearning attacks of Hu et al. (ICLR 2025,
+    "Unlearning or Obfuscating? Jogging the Memory of Unlearned LLMs via Benign Relearning"); `heldout`
+    scores the half not trained on, as Deeb & Roger (2025, "Do Unlearning Methods Remove Information from
+    Language Model Weights?") do."""
+
+    # half: a seeded half of the forget set, verdict on every forget sample; heldout: the same half, verdict
+    # on the other half (TOFU); retain: as many rows of data.retain_split and no forget row (the control)
+    split: str = "half"
+    n_samples: Optional[int] = None  # rows trained on; null: half the forget set (MUSE: half its chunks)
+    steps: int = 20  # optimizer steps
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    lora: Optional[Dict[str, Any]] = None  # peft LoraConfig fields: relearn a LoRA adapter; null: every weight
+
+
+@dataclass
+class QuantizeConfig:
+    """`attack.quantize`: load the attacked model with 8-bit or 4-bit weights (Zhang et al., ICLR 2025,
+    "Catastrophic Failure of LLM Unlearning via Quantization") through transformers' BitsAndBytesConfig."""
+
+    bits: List[int] = field(default_factory=lambda: [8, 4])  # 8: LLM.int8 (per row); 4: blocks of 64 weights
+    library: str = "bitsandbytes"  # the only one: a maintained library that quantizes on the CPU and the GPU
+    bnb_4bit_quant_type: str = "fp4"  # fp4 (BitsAndBytesConfig's default) or nf4
+
+
+@dataclass
+class AttackConfig:
+    """`baldro attack`: attacks on an unlearned model (`model.path`), each evaluated like `baldro eval`
+    into OUTPUT_DIR/NAME/ with a per-sample before vs after in attack_summary.json."""
+
+    attacks: List[str] = field(default_factory=lambda: ["relearn", "quantize"])  # run in this order
+    relearn: RelearnConfig = field(default_factory=RelearnConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    # the unlearned model's evaluation (a folder or TOFU_EVAL.json / MUSE_EVAL.json); null: RUN/eval when the
+    # run evaluated with this recipe's settings, else evaluated once into OUTPUT_DIR/before
+    before_eval: Optional[str] = None
+    # a sample "came back" when an attack moves it past a threshold; per metric (prob, rouge, truth_ratio;
+    # verbmem, knowmem); unset: the median of the retain model's log (eval.retain_logs_path), else a default
+    thresholds: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class ResumeConfig:
     """`resume=true` and `resume=PATH` on the command line (or in a YAML file) fill this section."""
 
@@ -199,7 +245,8 @@ class Recipe:
     output_dir: Optional[str] = None
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     overwrite: bool = False  # true: replace the run in a non-empty output_dir (its outputs are deleted)
-    log_to_console: bool = True  # false: progress bar only, no per-step dicts
+    log_to_console: bool = True  # false: progress only, no per-step metric lines
+    log_format: str = "text"  # each logging step's metrics as one line: text or json
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
@@ -208,10 +255,11 @@ class Recipe:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 # ----------------------------------------------------------------------------- validation
-KINDS = ("finetune", "unlearn", "eval")
+KINDS = ("finetune", "unlearn", "eval", "attack")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 
@@ -285,31 +333,31 @@ def _check_train(t: TrainConfig) -> None:
         raise BaldroError(f"train.save_strategy={t.save_strategy!r} is not one of {list(SAVE_STRATEGIES)}")
 
 
-def _check_lora(lora) -> None:
+def _check_lora(lora, key: str = "model.lora") -> None:
     if lora is None:
         return
     if not isinstance(lora, dict):
-        raise BaldroError(f"model.lora must be a mapping of LoraConfig fields (r, lora_alpha, ...) or null, got {lora!r}")
+        raise BaldroError(f"{key} must be a mapping of LoraConfig fields (r, lora_alpha, ...) or null, got {lora!r}")
     import dataclasses
 
     from peft import LoraConfig
 
     fields = sorted(f.name for f in dataclasses.fields(LoraConfig))
-    for key in lora:
-        if key not in fields:
+    for name in lora:
+        if name not in fields:
             import difflib
 
-            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
-            raise BaldroError(f"model.lora.{key} is not a LoraConfig field" + (f": did you mean model.lora.{close[0]}?"
-                                                                               if close else ""))
+            close = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.6)
+            raise BaldroError(f"{key}.{name} is not a LoraConfig field" + (f": did you mean {key}.{close[0]}?"
+                                                                           if close else ""))
     if "r" in lora:
-        _number("model.lora.r", lora["r"], low=1, integer=True, hint=" (the adapter rank, e.g. 8)")
+        _number(f"{key}.r", lora["r"], low=1, integer=True, hint=" (the adapter rank, e.g. 8)")
     if "lora_alpha" in lora:
-        _number("model.lora.lora_alpha", lora["lora_alpha"], low=0, low_open=True)
+        _number(f"{key}.lora_alpha", lora["lora_alpha"], low=0, low_open=True)
     if "lora_dropout" in lora:
-        _number("model.lora.lora_dropout", lora["lora_dropout"], low=0, high=1)
+        _number(f"{key}.lora_dropout", lora["lora_dropout"], low=0, high=1)
         if lora["lora_dropout"] >= 1:
-            raise BaldroError(f"model.lora.lora_dropout={lora['lora_dropout']} must be < 1")
+            raise BaldroError(f"{key}.lora_dropout={lora['lora_dropout']} must be < 1")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -333,7 +381,8 @@ def _check_data(d: DataConfig, kind: str, needs_refusal: bool = False) -> None:
         if not source.is_dir():
             raise BaldroError(f"data.source {d.source} is a file: set data.source to the folder that holds the split "
                               "files")
-    needed = {"finetune": ("train_split",), "unlearn": ("forget_split", "retain_split"), "eval": ("forget_split",)}
+    needed = {"finetune": ("train_split",), "unlearn": ("forget_split", "retain_split"), "eval": ("forget_split",),
+              "attack": ("forget_split",)}
     for key in needed[kind] if getattr(d, "benchmark", "tofu") == "tofu" else ():  # MUSE checks its own files
         if not getattr(d, key):
             raise BaldroError(f"data.{key} is not set: name a split (e.g. data.{key}=...) or pick one with split=...")
@@ -443,7 +492,7 @@ def _check_eval(e: EvalConfig, kind: str) -> None:
     _number("eval.max_new_tokens", e.max_new_tokens, low=1, integer=True)
     _optional_positive_int("eval.limit", e.limit)
     _number("eval.every_n_steps", e.every_n_steps, low=0, integer=True, hint=" (0: never)")
-    evaluates = kind == "eval" or e.at_end or e.every_n_steps > 0
+    evaluates = kind in ("eval", "attack") or e.at_end or e.every_n_steps > 0
     if e.benchmark == "lm_eval":
         if e.lm_eval.tasks:
             raise BaldroError("eval.lm_eval.tasks is the extra stage of a TOFU or MUSE evaluation: with "
@@ -465,6 +514,74 @@ def _check_eval(e: EvalConfig, kind: str) -> None:
                               f"leave eval.{key} unset)")
 
 
+ATTACKS = ("relearn", "quantize")
+RELEARN_SPLITS = ("half", "heldout", "retain")
+
+
+def _one_of(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        raise BaldroError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}"
+                          + (f": did you mean {close[0]}?" if close else ""))
+
+
+def _check_attack(recipe: Recipe) -> None:
+    """The `attack` section: attack names, the relearning split and its training, the bit widths and the
+    quantization library (installed), the thresholds and the before-evaluation file."""
+    from baldro.eval.recovery import metric_names
+    from baldro.models import QUANTIZE_BITS, check_quantization_library
+
+    a = recipe.attack
+    if not a.attacks:
+        raise BaldroError(f"attack.attacks is empty: name at least one of {', '.join(ATTACKS)}")
+    for name in a.attacks:
+        _one_of("attack.attacks", name, ATTACKS)
+    if len(set(a.attacks)) != len(a.attacks):
+        raise BaldroError(f"attack.attacks={list(a.attacks)} names an attack twice: name each once")
+    if recipe.model.lora is not None:
+        raise BaldroError("model.lora adds a new adapter to the attacked model: set model.lora=null (to relearn "
+                          "with LoRA, set attack.relearn.lora)")
+    if "relearn" in a.attacks:
+        r = a.relearn
+        _one_of("attack.relearn.split", r.split, RELEARN_SPLITS)
+        if r.split == "heldout" and recipe.data.benchmark == "muse":
+            raise BaldroError("attack.relearn.split=heldout scores the forget samples it did not train on, but MUSE's "
+                              "evaluation sets are not its training chunks: use half or retain on MUSE")
+        if r.split == "retain" and recipe.data.benchmark == "tofu" and not recipe.data.retain_split:
+            raise BaldroError("attack.relearn.split=retain trains on retain rows: set data.retain_split (or pick a "
+                              "split group, e.g. split=forget10)")
+        _optional_positive_int("attack.relearn.n_samples", r.n_samples, ": use null (half the forget set) or a "
+                               "count >= 1")
+        _number("attack.relearn.steps", r.steps, low=1, integer=True, hint=" (optimizer steps)")
+        _number("attack.relearn.learning_rate", r.learning_rate, low=0, low_open=True)
+        _number("attack.relearn.batch_size", r.batch_size, low=1, integer=True)
+        _check_lora(r.lora, "attack.relearn.lora")
+        _check_train(recipe.train)
+    if "quantize" in a.attacks:
+        q = a.quantize
+        if not q.bits:
+            raise BaldroError("attack.quantize.bits is empty: use [8], [4] or [8, 4]")
+        for bits in q.bits:
+            if bits not in QUANTIZE_BITS:
+                raise BaldroError(f"attack.quantize.bits={bits} is not supported: use "
+                                  f"{' or '.join(map(str, QUANTIZE_BITS))} (e.g. attack.quantize.bits=[4])")
+        if len(set(q.bits)) != len(q.bits):
+            raise BaldroError(f"attack.quantize.bits={list(q.bits)} names a bit width twice")
+        _one_of("attack.quantize.bnb_4bit_quant_type", q.bnb_4bit_quant_type, ("fp4", "nf4"))
+        check_quantization_library(q.library)
+    names = metric_names(recipe.data.benchmark)
+    for key, value in a.thresholds.items():
+        if key not in names:
+            raise BaldroError(f"attack.thresholds.{key}: {recipe.data.benchmark.upper()} has no per-sample metric "
+                              f"{key!r}: use {', '.join(names)}")
+        _number(f"attack.thresholds.{key}", value)
+    if a.before_eval is not None and not Path(a.before_eval).expanduser().exists():
+        raise BaldroError(f"attack.before_eval {a.before_eval} does not exist: give the unlearned model's eval folder "
+                          "or its TOFU_EVAL.json / MUSE_EVAL.json, or null to evaluate it here")
+
+
 def validate(recipe: Recipe, kind: str) -> None:
     """Check a typed recipe for a `kind` of run before anything heavy happens: ranges, names and
     arguments, the output folder and the resume checkpoint. The recipes then read the data files
@@ -472,9 +589,14 @@ def validate(recipe: Recipe, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     _number("seed", recipe.seed, low=0, high=2**32 - 1, integer=True)
+    if recipe.log_format not in ("text", "json"):
+        raise BaldroError(f"log_format={recipe.log_format!r} is not a log format: use text or json")
     check_output_dir(recipe.output_dir)
     r = recipe.resume
     if kind != "eval":
+        if r.checkpoint and kind == "attack":
+            raise BaldroError(f"resume={r.checkpoint}: an attack has no checkpoints; resume=true reruns only the "
+                              "attacks whose attack_summary.json is missing")
         if r.checkpoint:
             ckpt = Path(r.checkpoint).expanduser()
             if not ckpt.is_dir():
@@ -482,7 +604,8 @@ def validate(recipe: Recipe, kind: str) -> None:
                                   "or resume=true (the newest complete one)")
         if recipe.overwrite and (r.enabled or r.checkpoint):
             raise BaldroError("overwrite=true and resume exclude each other: drop one")
-        _check_train(recipe.train)
+        if kind != "attack":
+            _check_train(recipe.train)
         b = recipe.balance
         _number("balance.every_n_steps", b.every_n_steps, low=0, integer=True, hint=" (0: off)")
         _number("balance.batch_size", b.batch_size, low=1, integer=True)
@@ -490,9 +613,14 @@ def validate(recipe: Recipe, kind: str) -> None:
         raise BaldroError(f"format.prompt_template must contain '{{question}}', got {recipe.format.prompt_template!r}")
     needs_refusal = _check_unlearning(recipe) if kind == "unlearn" else False
     _check_eval(recipe.eval, kind)
+    if kind == "attack":
+        _check_attack(recipe)
+        if recipe.eval.benchmark == "lm_eval":
+            raise BaldroError("baldro attack compares TOFU or MUSE evaluations sample by sample: set eval.benchmark to "
+                              "tofu or muse (eval.lm_eval.tasks adds lm-eval tasks to each evaluation)")
     if kind == "eval" and recipe.eval.benchmark == "lm_eval":
         return  # the harness's tasks bring their own data
-    if kind == "eval" and recipe.eval.benchmark != recipe.data.benchmark:
+    if kind in ("eval", "attack") and recipe.eval.benchmark != recipe.data.benchmark:
         raise BaldroError(f"eval.benchmark is {recipe.eval.benchmark} but data.benchmark is {recipe.data.benchmark}: "
                           "set both to the benchmark of data.source")
     _check_data(recipe.data, kind, needs_refusal)

@@ -44,7 +44,7 @@ from baldro.io import append_jsonl, apply_umask_tree, write_json_atomic
 log = logging.getLogger(__name__)
 
 # Independent streams of derived random numbers (the first entry of every key).
-STREAM_ORDER, STREAM_RETAIN, STREAM_STEP, STREAM_ALTERNATE = 0, 1, 2, 3
+STREAM_ORDER, STREAM_RETAIN, STREAM_STEP, STREAM_ALTERNATE, STREAM_RELEARN = 0, 1, 2, 3, 4  # relearn: baldro.attack's pick
 
 
 def derived_rng(stream: int, seed: int, *key: int) -> np.random.Generator:

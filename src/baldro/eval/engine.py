@@ -29,18 +29,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import sys
-import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from baldro.data.formatting import IGNORE_INDEX, EncodedQA, check_compat, openunlearning_batch, pad_batch
 from baldro.errors import BaldroError
 from baldro.eval.kv_cache import cache_from_layers, cache_kwarg, cache_layers, output_cache
 from baldro.eval.metrics import logprob_moments
+from baldro.progress import LogProgress, progress_bar  # noqa: F401  (the evaluator's progress)
 
 log = logging.getLogger(__name__)
 
@@ -109,38 +107,6 @@ def supports_logits_to_keep(model) -> bool:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-class LogProgress:
-    """Progress for logs (batch jobs, `nohup`, CI): a log line with the count and seconds at most
-    every `every_s` seconds, and one at the end. The part of tqdm's interface the evaluator uses."""
-
-    def __init__(self, total: int, desc: str, every_s: float = 30.0):
-        self.total, self.desc, self.every_s = total, desc, every_s
-        self.n, self.start = 0, time.perf_counter()
-        self.last = self.start
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
-            log.info("%s: %d/%d sequences, %.0f s", self.desc, self.n, self.total, now - self.start)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None and self.total:
-            log.info("%s: %d/%d sequences in %.1f s", self.desc, self.n, self.total, time.perf_counter() - self.start)
-
-
-def progress_bar(total: int, desc: str, progress: bool | None):
-    """A tqdm bar on a terminal, log lines elsewhere (progress=None); forced on or off with True/False."""
-    if progress is None and not sys.stderr.isatty():
-        return LogProgress(total, desc)
-    return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=not progress and progress is not None,
-                dynamic_ncols=True)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool = True) -> list[list[int]]:

@@ -32,7 +32,6 @@ import difflib
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -135,7 +134,7 @@ def _lm_class():
     from lm_eval.api.model import CacheHook
     from lm_eval.models.huggingface import HFLM
 
-    from baldro.eval.engine import LogProgress
+    from baldro.progress import LogProgress, on_terminal
 
     class _Counter(CacheHook):
         """The harness reports every finished request to its cache hook: count it."""
@@ -156,8 +155,9 @@ def _lm_class():
             self.set_cache_hook(_Counter(self))
 
         def _timed(self, reqtype: str, requests, run):
-            bar_off = self.progress is False or (self.progress is None and not sys.stderr.isatty())
-            self.bar = LogProgress(len(requests), f"lm-eval {reqtype}") if self.progress is None and bar_off else None
+            bar_off = self.progress is False or (self.progress is None and not on_terminal())
+            self.bar = (LogProgress(len(requests), f"lm-eval {reqtype}", unit="requests")
+                        if self.progress is None and bar_off else None)
             start = time.perf_counter()
             try:
                 out = run(bar_off)

@@ -89,8 +89,11 @@ def truth_ratio_true_better(tr) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
+    import logging
+
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # its "Using default tokenizer." on every scorer
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 
 

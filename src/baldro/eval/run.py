@@ -156,18 +156,16 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
     return summary
 
 
-def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
-                  model_path: str | None = None) -> Path:
-    """`baldro eval`: evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when
-    reference logs are given, or MUSE_EVAL.json, MUSE_SUMMARY.json, or LMEVAL_EVAL.json,
-    LMEVAL_SUMMARY.json, plus the lm-eval stage's files; eval_info.json with the time, eval_timings.json
-    with each stage's rows, sequences and seconds) and print the summary table(s) and the time of every
-    stage."""
+def evaluate_logged(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
+                    model_path: str | None = None) -> tuple[dict, dict, str, float, dict]:
+    """Evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when reference logs
+    are given, or MUSE_EVAL.json, MUSE_SUMMARY.json, or LMEVAL_EVAL.json, LMEVAL_SUMMARY.json, plus the
+    lm-eval stage's files; eval_info.json with the time, eval_timings.json with each stage's rows,
+    sequences and seconds); returns (eval_log, summary, benchmark, seconds, the stages' timings)."""
     start = time.time()
     note = _weights_note(model)
     timings: dict = {}
-    eval_log, summary, benchmark, stage_summary = _evaluate(model, tokenizer, formatter, out, settings,
-                                                            timings=timings)
+    eval_log, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings, timings=timings)
     if benchmark == "tofu" and (settings["retain_logs_path"] or target_logs_path):
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     summary = _add_weights_note(summary, note)
@@ -176,6 +174,17 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
     write_json_atomic(out / "eval_info.json", {"model_path": model_path, "eval_time_s": seconds,
                                                **({"notes": notes} if notes else {})})
     write_json_atomic(out / "eval_timings.json", {"total_s": seconds, "stages": timings})
+    return eval_log, summary, benchmark, seconds, timings
+
+
+def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
+                  model_path: str | None = None) -> Path:
+    """`baldro eval`: `evaluate_logged`, then print the summary table(s) and the time of every stage."""
+    from baldro.eval.lm_eval import load_summary
+
+    _, summary, benchmark, seconds, timings = evaluate_logged(model, tokenizer, formatter, out, settings,
+                                                              target_logs_path, model_path)
+    stage_summary = load_summary(out) if (settings.get("lm_eval") or {}).get("tasks") else None
     print(format_table(summary))
     if stage_summary:
         print()
