@@ -45,7 +45,7 @@ from baldro.recipes import (
     _console_callbacks,
     _eval_kwargs,
     _flatten,
-    _muse_chunks,
+    _raw_chunks,
     _recipe_dict,
     _rows,
     _run_folder,
@@ -236,7 +236,7 @@ def _relearn_items(recipe: Recipe, formatter, tokenizer, model, rows: dict) -> t
 
         d = recipe.data
         texts = load_unlearn_texts(d.source, d.forget_split, d.retain_split, need_retain=r.split == "retain")
-        forget, retain = _muse_chunks(recipe, texts, tokenizer, model)
+        forget, retain = _raw_chunks(recipe, texts, tokenizer, model)
         _check_pick(recipe, len(forget), len(retain) if retain is not None else None)
         pool = retain if r.split == "retain" else forget
         pick = relearn_pick(len(pool), _relearn_count(recipe, len(forget)), recipe.seed)

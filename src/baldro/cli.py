@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
     _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
-    _recipe_parser(sub, "eval", "evaluate a model on TOFU or MUSE (eval.benchmark)")
+    _recipe_parser(sub, "eval", "evaluate a model on TOFU, MUSE or lm-evaluation-harness tasks (eval.benchmark)")
     _recipe_parser(sub, "attack", "relearning and quantization attacks on an unlearned model (model.path), "
                    "sample by sample")
     show = _recipe_parser(sub, "show-config", "print a recipe as resolved (groups, overrides, every default), "

@@ -436,10 +436,11 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     objective = get_objective(recipe.objective.name)
     objective_args = dict(recipe.objective.args)
     retain_loss = get_retain_loss(recipe.objective.retain_loss)
-    muse = _benchmark(recipe.data.benchmark) == "muse"
+    benchmark = _benchmark(recipe.data.benchmark)
+    raw = benchmark in RAW_TEXT  # MUSE, WMDP: raw-text chunks, not QA pairs
     refusals = None
-    if muse:
-        muse_texts = _muse_texts(recipe, objective)
+    if raw:
+        raw_texts = _raw_texts(recipe, objective)
         make_weighting(recipe.weighting.name, n_samples=1, **weighting_args(recipe))  # rebuilt for the chunks
     else:
         forget_rows = _rows(recipe.data, "forget_split")
@@ -456,8 +457,8 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
         formatter = build_formatter(recipe.format, recipe.data, tokenizer)
         refusal_enc = None
-        if muse:  # raw-text chunks; their indices are the forget sample ids
-            forget_enc, retain_enc = _muse_chunks(recipe, muse_texts, tokenizer, model)
+        if raw:  # raw-text chunks; their indices are the forget sample ids
+            forget_enc, retain_enc = _raw_chunks(recipe, raw_texts, tokenizer, model)
             weighting = make_weighting(recipe.weighting.name, n_samples=len(forget_enc), **weighting_args(recipe))
         else:
             forget_enc = _encode(formatter, forget_rows, "forget")
@@ -531,7 +532,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
                if recipe.objective.trainable_params_regex is not None else {}),
             "forget_split": recipe.data.forget_split,
             "n_forget": len(forget_enc),
-            **({"benchmark": "muse", "chunk_length": recipe.data.chunk_length} if muse else {}),
+            **({"benchmark": benchmark, "chunk_length": recipe.data.chunk_length} if raw else {}),
         })
         if recipe.eval.at_end and trainer.is_world_process_zero():  # once, in the main process
             from baldro.eval.run import evaluate_final_model
@@ -574,7 +575,8 @@ def _alternates(recipe: Recipe, model, tokenizer, formatter, rows: list[dict], r
 
 
 # ----------------------------------------------------------------------------- MUSE (raw text)
-BENCHMARKS = ("tofu", "muse")
+BENCHMARKS = ("tofu", "muse", "wmdp")  # data.benchmark
+RAW_TEXT = ("muse", "wmdp")  # unlearned as raw-text chunks
 
 
 def _benchmark(name: str, key: str = "data.benchmark") -> str:
@@ -583,18 +585,23 @@ def _benchmark(name: str, key: str = "data.benchmark") -> str:
     return name
 
 
-def _muse_texts(recipe: Recipe, objective) -> tuple[str, str | None]:
-    """The raw forget corpus and the raw retain corpus (None without a retain loss, alpha = 0)."""
-    from baldro.data.muse import load_unlearn_texts
+def _raw_texts(recipe: Recipe, objective) -> tuple[str, str | None]:
+    """The raw forget corpus and the raw retain corpus (None without a retain loss, alpha = 0): MUSE's
+    raw/ splits or the WMDP corpora."""
+    if recipe.data.benchmark == "wmdp":
+        from baldro.data.wmdp import load_unlearn_texts
+    else:
+        from baldro.data.muse import load_unlearn_texts
 
     if objective.needs.preferred:
-        raise BaldroError(f"objective {objective.name!r} needs questions to answer otherwise, but MUSE unlearns raw "
-                          "text: use ga, graddiff, npo, simnpo, wga, satimp, rmu, undial, ceu or pdu")
+        raise BaldroError(f"objective {objective.name!r} needs questions to answer otherwise, but "
+                          f"{recipe.data.benchmark.upper()} unlearns raw text: use ga, graddiff, npo, simnpo, wga, "
+                          "satimp, rmu, undial, ceu or pdu")
     return load_unlearn_texts(recipe.data.source, recipe.data.forget_split, recipe.data.retain_split,
                               need_retain=recipe.objective.alpha != 0)
 
 
-def _muse_chunks(recipe: Recipe, texts: tuple[str, str | None], tokenizer, model):
+def _raw_chunks(recipe: Recipe, texts: tuple[str, str | None], tokenizer, model):
     """The forget and retain corpora cut into `data.chunk_length`-token chunks (`data.limit`: the first N)."""
     from baldro.data.muse import chunk_tokens, model_context
 
@@ -603,7 +610,7 @@ def _muse_chunks(recipe: Recipe, texts: tuple[str, str | None], tokenizer, model
     retain = None
     if texts[1] is not None:
         retain = chunk_tokens(tokenizer, texts[1], d.chunk_length, d.limit, context, what=f"retain ({d.retain_split})")
-    log.info("MUSE: %d forget and %s retain chunks of up to %d tokens", len(forget),
+    log.info("%s: %d forget and %s retain chunks of up to %d tokens", d.benchmark.upper(), len(forget),
              len(retain) if retain is not None else "no", d.chunk_length)
     return forget, retain
 
@@ -613,15 +620,34 @@ DEFAULT_EVAL_BATCH = 16  # eval.batch_size=null
 OPENUNLEARNING_EVAL_BATCH = 32  # eval.batch_size=null with eval.compat=openunlearning (OpenUnlearning's TOFU batch)
 
 
+def _lm_eval_stage(ev: EvalConfig) -> dict:
+    """`eval.lm_eval` as `evaluate_lm_eval` keyword arguments (limit and batch size default to eval's)."""
+    s = ev.lm_eval
+    return {"tasks": list(s.tasks), "num_fewshot": s.num_fewshot, "limit": s.limit if s.limit is not None else ev.limit,
+            "include_path": s.include_path, "batch_size": s.batch_size or ev.batch_size or DEFAULT_EVAL_BATCH,
+            "apply_chat_template": s.apply_chat_template}
+
+
 def _eval_kwargs(recipe: Recipe) -> dict:
-    """The recipe's `eval` and `data` sections as `evaluate_tofu` / `evaluate_muse` keyword arguments
-    (the MUSE ones with "benchmark": "muse", which `baldro.eval.run` dispatches on)."""
+    """The recipe's `eval` and `data` sections as `evaluate_tofu` / `evaluate_muse` / `evaluate_lm_eval`
+    keyword arguments (with "benchmark": "muse" or "lm_eval", which `baldro.eval.run` dispatches on;
+    "lm_eval": the extra stage's arguments when eval.lm_eval.tasks are set)."""
     ev: EvalConfig = recipe.eval
-    if _benchmark(ev.benchmark, "eval.benchmark") != _benchmark(recipe.data.benchmark):
+    if ev.benchmark not in ("lm_eval", *BENCHMARKS):
+        raise BaldroError(f"unknown eval.benchmark {ev.benchmark!r}: use one of tofu, muse, lm_eval")
+    if ev.benchmark == "lm_eval":
+        return {"benchmark": "lm_eval", "tasks": list(ev.tasks), "num_fewshot": ev.num_fewshot, "limit": ev.limit,
+                "include_path": ev.include_path, "batch_size": ev.batch_size or DEFAULT_EVAL_BATCH,
+                "apply_chat_template": ev.apply_chat_template}
+    if _benchmark(recipe.data.benchmark) == "wmdp":
+        raise BaldroError(f"eval.benchmark={ev.benchmark} cannot evaluate the WMDP corpora: WMDP is evaluated with "
+                          "lm-eval tasks, eval.benchmark=lm_eval eval.tasks=[wmdp_cyber,mmlu] (configs/unlearn/wmdp.yaml)")
+    if ev.benchmark != recipe.data.benchmark:
         raise BaldroError(f"eval.benchmark is {ev.benchmark} but data.benchmark is {recipe.data.benchmark}: set both "
                           f"to the benchmark of data.source (the configs/*/muse.yaml recipes set muse)")
+    stage = {"lm_eval": _lm_eval_stage(ev)} if ev.lm_eval.tasks else {}
     if ev.benchmark == "muse":
-        return {
+        return {**stage,
             "benchmark": "muse",
             "data_source": recipe.data.source,
             "retain_logs_path": ev.retain_logs_path,
@@ -633,6 +659,7 @@ def _eval_kwargs(recipe: Recipe) -> dict:
             "limit": ev.limit,
         }
     return {
+        **stage,
         "data_source": recipe.data.source,
         "forget_split": recipe.data.forget_split or "forget10",
         "retain_logs_path": ev.retain_logs_path,
@@ -645,8 +672,9 @@ def _eval_kwargs(recipe: Recipe) -> dict:
 
 
 def run_eval(cfg: Recipe | DictConfig | dict) -> Path:
-    """Evaluate `model.path` on TOFU or MUSE (`eval.benchmark`); writes TOFU_EVAL.json /
-    TOFU_SUMMARY.json or MUSE_EVAL.json / MUSE_SUMMARY.json to `output_dir`."""
+    """Evaluate `model.path` on TOFU, MUSE or lm-eval tasks (`eval.benchmark`); writes TOFU_EVAL.json /
+    TOFU_SUMMARY.json, MUSE_EVAL.json / MUSE_SUMMARY.json or LMEVAL_EVAL.json / LMEVAL_SUMMARY.json (and
+    the lm-eval stage's files beside TOFU's or MUSE's) to `output_dir`."""
     from baldro.eval.run import evaluate_into
 
     recipe = as_recipe(cfg)
@@ -661,5 +689,7 @@ def run_eval(cfg: Recipe | DictConfig | dict) -> Path:
     with RunLock(out, "eval"):
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
         write_text_atomic(out / "config.yaml", dump_config(recipe))
-        return evaluate_into(model, tokenizer, build_formatter(recipe.format, recipe.data, tokenizer), out, kwargs,
-                             recipe.eval.target_logs_path, model_path=recipe.model.path)
+        # lm-eval tasks format their own prompts (eval.apply_chat_template): no formatter
+        formatter = None if kwargs.get("benchmark") == "lm_eval" else build_formatter(recipe.format, recipe.data, tokenizer)
+        return evaluate_into(model, tokenizer, formatter, out, kwargs, recipe.eval.target_logs_path,
+                             model_path=recipe.model.path)

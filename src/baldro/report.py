@@ -2,8 +2,8 @@
 
 `build_report` reads run directories written by the trainers (``run_info.json``,
 ``train_log.jsonl``, ``forget_losses.jsonl``, ``balance.jsonl``, ``eval/TOFU_SUMMARY.json``,
-``eval/TOFU_EVAL.json``, or for MUSE runs ``eval/MUSE_SUMMARY.json``; every file but one of run_info.json
-/ eval/ is optional) and writes
+``eval/TOFU_EVAL.json``, or for MUSE runs ``eval/MUSE_SUMMARY.json``, and ``eval/LMEVAL_SUMMARY.json``
+of lm-eval tasks, one column per task; every file but one of run_info.json / eval/ is optional) and writes
 ``report.md`` with a results table and four plots:
 
 - ``fq_vs_mu.png``: forget quality vs model utility, one point per run;
@@ -40,6 +40,7 @@ from baldro.io import read_jsonl, write_bytes_atomic, write_text_atomic
 
 DPI = 120
 REFERENCE_NAMES = ("target", "retain")
+LMEVAL_SUMMARY = "LMEVAL_SUMMARY.json"  # baldro.eval.lm_eval.SUMMARY_FILE (read without importing the harness)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -55,7 +56,8 @@ class RunRecord:
     train_log: list[dict[str, Any]] = field(default_factory=list)
     balance: list[dict[str, Any]] = field(default_factory=list)
     forget_losses: list[dict[str, Any]] = field(default_factory=list)
-    benchmark: str = "tofu"  # "muse" when the run's summary is eval/MUSE_SUMMARY.json
+    benchmark: str = "tofu"  # "muse" when the run's summary is eval/MUSE_SUMMARY.json, "lm_eval" when it has only lm-eval's
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # eval/LMEVAL_SUMMARY.json: {"TASK/METRIC": value}
 
     def load_eval_log(self) -> dict[str, Any] | None:
         """The parsed eval/TOFU_EVAL.json (None when the run has none)."""
@@ -84,7 +86,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
-    """Load a run directory: one with ``run_info.json`` and/or ``eval/TOFU_SUMMARY.json``."""
+    """Load a run directory: one with ``run_info.json`` and/or an eval summary in ``eval/`` (TOFU, MUSE, lm-eval)."""
     path = Path(run_dir)
     if not path.exists():
         raise BaldroError(f"run directory {path} does not exist; pass the folder a training or eval run wrote")
@@ -94,13 +96,19 @@ def load_run(run_dir: str | Path) -> RunRecord:
     benchmark = "tofu"
     if not summary_path.is_file() and (path / "eval" / "MUSE_SUMMARY.json").is_file():
         summary_path, benchmark = path / "eval" / "MUSE_SUMMARY.json", "muse"
-    if not info_path.is_file() and not summary_path.is_file():
+    lm_path = path / "eval" / LMEVAL_SUMMARY
+    if not summary_path.is_file() and lm_path.is_file():
+        benchmark = "lm_eval"
+    if not info_path.is_file() and not summary_path.is_file() and not lm_path.is_file():
         raise BaldroError(
-            f"{path} is not a run directory (no run_info.json and no eval/TOFU_SUMMARY.json); "
-            "pass the folder a training or eval run wrote"
+            f"{path} is not a run directory (no run_info.json and no eval/TOFU_SUMMARY.json, MUSE_SUMMARY.json or "
+            f"{LMEVAL_SUMMARY}); pass the folder a training or eval run wrote"
         )
     info = _read_json(info_path) if info_path.is_file() else {}
     summary = _read_json(summary_path) if summary_path.is_file() else {}
+    lm_eval = _read_json(lm_path) if lm_path.is_file() else {}
+    if not isinstance(lm_eval, dict):
+        raise BaldroError(f"{lm_path} must hold a JSON object {{TASK/METRIC: value}}; re-run the evaluation")
     if isinstance(info, dict) and "seed" not in info and (path / "config.yaml").is_file():
         import yaml
 
@@ -122,6 +130,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         balance=_read_rows(path / "balance.jsonl"),
         forget_losses=_read_rows(path / "forget_losses.jsonl"),
         benchmark=benchmark,
+        lm_eval=lm_eval,
     )
 
 
@@ -237,6 +246,18 @@ MUSE_NOTE = (
     "extraction strength on the VerbMem texts. Lower VerbMem and forget KnowMem = more forgotten; retain "
     "KnowMem measures utility. \"n/a\" = not available."
 )
+
+
+def lm_eval_columns(runs: Iterable[RunRecord]) -> list[tuple[str, str, Any]]:
+    """One column per lm-eval task of any run: its first metric that is not a standard error
+    (`wmdp_cyber/acc`, `mmlu/acc`), in the order the runs' summaries list them."""
+    columns: dict[str, str] = {}
+    for run in runs:
+        for key in run.lm_eval:
+            task, _, metric = str(key).rpartition("/")
+            if task and task not in columns and "_stderr" not in metric:
+                columns[task] = key
+    return [(f"{task} {key.rpartition('/')[2]}", key, format_value) for task, key in columns.items()]
 
 
 def mean_std(values: Iterable[Any], fmt=format_value) -> str:
@@ -767,8 +788,13 @@ def build_report(
     if not runs and retain is None and target is None:  # attack folders alone
         md = ["# baldro attack report", "", *_attack_section(attacks, _plot_attacks(attacks, out / "attacks.png"))]
         return write_text_atomic(out / "report.md", "\n".join(md))
-    is_muse = all(r.benchmark == "muse" for r in [*methods, retain, target] if r is not None)
-    columns = MUSE_COLUMNS if is_muse else COLUMNS
+    every = [r for r in [*methods, retain, target] if r is not None]
+    is_muse = all(r.benchmark == "muse" for r in every)
+    only_lm_eval = all(r.benchmark == "lm_eval" for r in every)  # e.g. WMDP runs: the harness's tasks only
+    lm_columns = lm_eval_columns(every)
+    train_time = [c for c in COLUMNS if c[1] == "train_time_s"]
+    base = train_time if only_lm_eval else MUSE_COLUMNS if is_muse else COLUMNS
+    columns = [*base[:-1], *lm_columns, base[-1]]  # lm-eval tasks before the training time
 
     ref_logs = {
         "retain": retain.load_eval_log() if retain is not None else None,
@@ -786,7 +812,7 @@ def build_report(
     values: list[dict[str, Any]] = []
     notes: list[str] = []
     for label, kind, run in rows:
-        v: dict[str, Any] = dict(run.summary)
+        v: dict[str, Any] = {**run.summary, **run.lm_eval}
         v["train_time_s"] = run.info.get("train_time_s")
         needs = [k for _, k, _ in columns if k.startswith("balance_") and _num(v.get(k)) is None]
         if needs and run.eval_log is not None:
@@ -858,10 +884,14 @@ def build_report(
     ]
     for (label, kind, run), v in zip(rows, values):
         cells = [fmt(v.get(key)) for _, key, fmt in columns]
-        if v.get("_fq_by_definition") and not is_muse:
+        if v.get("_fq_by_definition") and not is_muse and not only_lm_eval:
             cells[0] += " (by definition)"
         md.append(f"| {_md_cell(label)} | " + " | ".join(cells) + " |")
-    md += ["", MUSE_NOTE, ""] if is_muse else [
+    if lm_columns:
+        md += ["", "lm-eval columns: each task's first metric in eval/LMEVAL_SUMMARY.json (lm-evaluation-harness; a "
+                   "group's aggregate, e.g. MMLU's accuracy over its subjects); for WMDP, lower accuracy on the "
+                   "hazardous questions (chance: 0.25) and unchanged MMLU is the aim."]
+    md += [""] if only_lm_eval else ["", MUSE_NOTE, ""] if is_muse else [
         "",
         "Forget quality is the KS-test p-value between the run's and the retain model's per-sample forget "
         "truth ratios (higher = closer to never having seen the forget set); model utility is the harmonic "
@@ -879,9 +909,10 @@ def build_report(
     if has_seeds:
         names = list(groups)
         md += ["## Mean ± std over seeds", ""]
+        seed_base = train_time if only_lm_eval else MUSE_COLUMNS if is_muse else SEED_COLUMNS
         md += seed_table(names, [[methods[i].info.get("seed") for i in groups[n]] for n in names],
                          [[method_values[i] for i in groups[n]] for n in names],
-                         MUSE_COLUMNS if is_muse else SEED_COLUMNS)
+                         [*seed_base[:-1], *lm_columns, seed_base[-1]])
         md += [
             "",
             "Runs with the same name are one method under several seeds: mean ± sample standard deviation. "

@@ -3,9 +3,10 @@
 `baldro.config.load_config` merges YAML recipes, config groups and command-line overrides onto
 `Recipe`, so an unknown key or a value of the wrong type is an error, not a silent default.
 `baldro show-config RECIPE [overrides]` prints the result. Sections map to the code that reads them:
-`model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse`, `format` -> `QAFormatter`,
-`train` -> `transformers.TrainingArguments`, `objective` / `weighting` -> `baldro.objectives` / `baldro.weighting`,
-`balance` -> `BalanceTracker`, `eval` -> `baldro.eval`, `attack` -> `baldro.attack`.
+`model` -> `baldro.models`, `data` -> `baldro.data.tofu` / `baldro.data.muse` / `baldro.data.wmdp`,
+`format` -> `QAFormatter`, `train` -> `transformers.TrainingArguments`, `objective` / `weighting` ->
+`baldro.objectives` / `baldro.weighting`, `balance` -> `BalanceTracker`, `eval` -> `baldro.eval` (the
+lm-evaluation-harness options -> `baldro.eval.lm_eval`), `attack` -> `baldro.attack`.
 
 `validate(recipe, kind)` checks what the types cannot (ranges, names, files, the device) before a run
 loads any weights; every failure is one `BaldroError` line naming the key or file and the fix.
@@ -44,8 +45,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    benchmark: str = "tofu"  # tofu: QA pairs; muse: raw text cut into chunks (splits name raw/ corpora)
-    source: str = "locuslab/TOFU"  # a TOFU or MUSE folder (shared/data/...) or a hub dataset id
+    # tofu: QA pairs; muse: raw text cut into chunks (splits name raw/ corpora); wmdp: raw text of the WMDP
+    # corpora (splits name {cyber,bio}-{forget,retain}-corpus JSON-lines files), cut into chunks
+    benchmark: str = "tofu"
+    source: str = "locuslab/TOFU"  # a TOFU, MUSE or WMDP-corpora folder (shared/data/...) or a hub dataset id
     forget_split: Optional[str] = None
     retain_split: Optional[str] = None
     holdout_split: Optional[str] = None
@@ -141,7 +144,21 @@ class BalanceConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """The lm-evaluation-harness stage of a TOFU or MUSE evaluation: its tasks on the same model, into
+    the same folder (LMEVAL_EVAL.json, LMEVAL_SUMMARY.json). The harness's names for its options."""
+
+    tasks: List[str] = field(default_factory=list)  # harness tasks, groups, tags or globs; empty: no stage
+    num_fewshot: Optional[int] = None  # null: each task's default
+    limit: Optional[int] = None  # null: eval.limit (documents per task)
+    include_path: Optional[str] = None  # a folder of the user's own task YAML files
+    batch_size: Optional[int] = None  # null: eval.batch_size, else 16
+    apply_chat_template: bool = False
+
+
+@dataclass
 class EvalConfig:
+    # tofu, muse, or lm_eval (eval.tasks of lm-evaluation-harness; needs `pip install 'baldro[lm-eval]'`)
     benchmark: str = "tofu"
     at_end: bool = False  # unlearning runs: evaluate the final model into RUN_DIR/eval
     every_n_steps: int = 0  # unlearning runs: evaluate every N steps into RUN_DIR/eval/step-N
@@ -158,6 +175,12 @@ class EvalConfig:
     # none: baldro's evaluator; openunlearning: reproduce OpenUnlearning's TOFU evaluator, quirks included
     # (attention mask from the pad id, its positions, padding sides, batches in dataset order; README)
     compat: str = "none"
+    # benchmark=lm_eval: the harness's tasks and options (eval.limit: documents per task; eval.batch_size: 16 if null)
+    tasks: List[str] = field(default_factory=list)  # e.g. [wmdp_cyber, mmlu]; groups, tags and globs too
+    num_fewshot: Optional[int] = None  # null: each task's default
+    include_path: Optional[str] = None  # a folder of the user's own task YAML files (local JSON data)
+    apply_chat_template: bool = False  # prompts through the chat template (few-shot as a multi-turn chat)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)  # tofu / muse: harness tasks as an extra stage
 
 
 @dataclass
@@ -353,7 +376,8 @@ def _check_data(d: DataConfig, kind: str, needs_refusal: bool = False) -> None:
     source = Path(str(d.source)).expanduser()
     if str(d.source).startswith((".", "/", "~")) or source.exists():
         if not source.exists():
-            raise BaldroError(f"data folder {d.source} does not exist: set data.source to a TOFU folder or a hub id")
+            what = {"muse": "MUSE", "wmdp": "WMDP-corpora"}.get(getattr(d, "benchmark", "tofu"), "TOFU")
+            raise BaldroError(f"data folder {d.source} does not exist: set data.source to a {what} folder or a hub id")
         if not source.is_dir():
             raise BaldroError(f"data.source {d.source} is a file: set data.source to the folder that holds the split "
                               "files")
@@ -438,9 +462,26 @@ def weighting_args(recipe: Recipe) -> dict:
     return args
 
 
+EVAL_BENCHMARKS = ("tofu", "muse", "lm_eval")
+
+
+def _check_lm_eval(prefix: str, tasks, num_fewshot, limit, include_path, batch_size) -> None:
+    """lm-evaluation-harness options: installed, counts, the task folder, every task name known to it
+    (its task index is built here, once per process, and reused by the evaluation)."""
+    from baldro.eval.lm_eval import check_include_path, require_lm_eval, resolve_tasks
+
+    require_lm_eval()
+    if num_fewshot is not None:
+        _number(f"{prefix}.num_fewshot", num_fewshot, low=0, integer=True, hint=" (null: each task's default)")
+    _optional_positive_int(f"{prefix}.limit", limit)
+    _optional_positive_int(f"{prefix}.batch_size", batch_size, hint=": use null (the default) or a count >= 1")
+    path = check_include_path(include_path, f"{prefix}.include_path")
+    resolve_tasks(list(tasks), path, f"{prefix}.tasks")
+
+
 def _check_eval(e: EvalConfig, kind: str) -> None:
-    if e.benchmark not in ("tofu", "muse"):
-        raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu or muse")
+    if e.benchmark not in EVAL_BENCHMARKS:
+        raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu, muse or lm_eval")
     _optional_positive_int("eval.batch_size", e.batch_size, hint=": use null (the default) or a count >= 1")
     _optional_positive_int("eval.generation_batch_size", e.generation_batch_size,
                            hint=": use null (the default, 3 x eval.batch_size) or a count >= 1")
@@ -452,6 +493,20 @@ def _check_eval(e: EvalConfig, kind: str) -> None:
     _optional_positive_int("eval.limit", e.limit)
     _number("eval.every_n_steps", e.every_n_steps, low=0, integer=True, hint=" (0: never)")
     evaluates = kind in ("eval", "attack") or e.at_end or e.every_n_steps > 0
+    if e.benchmark == "lm_eval":
+        if e.lm_eval.tasks:
+            raise BaldroError("eval.lm_eval.tasks is the extra stage of a TOFU or MUSE evaluation: with "
+                              "eval.benchmark=lm_eval list every task in eval.tasks")
+        if evaluates:
+            if not e.tasks:
+                raise BaldroError("eval.tasks is empty: name the lm-eval tasks to run, e.g. eval.tasks=[wmdp_cyber,mmlu]")
+            _check_lm_eval("eval", e.tasks, e.num_fewshot, None, e.include_path, None)
+    elif e.tasks:
+        raise BaldroError(f"eval.tasks runs lm-eval tasks with eval.benchmark=lm_eval; beside {e.benchmark} they go "
+                          f"in eval.lm_eval.tasks (an extra stage)")
+    elif e.lm_eval.tasks and evaluates:
+        s = e.lm_eval
+        _check_lm_eval("eval.lm_eval", s.tasks, s.num_fewshot, s.limit, s.include_path, s.batch_size)
     for key in ("retain_logs_path", "target_logs_path"):
         path = getattr(e, key)
         if evaluates and path and not Path(path).expanduser().exists():
@@ -560,6 +615,11 @@ def validate(recipe: Recipe, kind: str) -> None:
     _check_eval(recipe.eval, kind)
     if kind == "attack":
         _check_attack(recipe)
+        if recipe.eval.benchmark == "lm_eval":
+            raise BaldroError("baldro attack compares TOFU or MUSE evaluations sample by sample: set eval.benchmark to "
+                              "tofu or muse (eval.lm_eval.tasks adds lm-eval tasks to each evaluation)")
+    if kind == "eval" and recipe.eval.benchmark == "lm_eval":
+        return  # the harness's tasks bring their own data
     if kind in ("eval", "attack") and recipe.eval.benchmark != recipe.data.benchmark:
         raise BaldroError(f"eval.benchmark is {recipe.eval.benchmark} but data.benchmark is {recipe.data.benchmark}: "
                           "set both to the benchmark of data.source")

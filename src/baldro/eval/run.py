@@ -1,7 +1,9 @@
-"""Evaluation around `evaluate_tofu` and `evaluate_muse`: into a folder with balance metrics (TOFU),
-re-summarising against reference logs, and the evaluate-every-N-steps callback used during
-unlearning. Knows nothing of recipes: `baldro.recipes` turns a recipe into the keyword arguments used
-here (`settings`; `settings["benchmark"]` = "muse" picks the MUSE evaluator, TOFU otherwise)."""
+"""Evaluation around `evaluate_tofu`, `evaluate_muse` and `evaluate_lm_eval`: into a folder with balance
+metrics (TOFU), re-summarising against reference logs, and the evaluate-every-N-steps callback used
+during unlearning. Knows nothing of recipes: `baldro.recipes` turns a recipe into the keyword arguments
+used here (`settings`; `settings["benchmark"]` = "muse" picks the MUSE evaluator, "lm_eval" the
+lm-evaluation-harness tasks, TOFU otherwise; `settings["lm_eval"]`, when present, runs harness tasks
+as an extra stage of a TOFU or MUSE evaluation, into the same folder)."""
 
 from __future__ import annotations
 
@@ -21,20 +23,34 @@ from baldro.io import write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> tuple[dict, dict, str]:
-    """Run the benchmark's evaluator; returns (eval_log, summary, benchmark). `settings["compat"]`
-    = "openunlearning" picks `evaluate_tofu_openunlearning` (TOFU only)."""
+def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> tuple[dict, dict, str, dict | None]:
+    """Run the benchmark's evaluator, then the lm-eval stage if any; returns (eval_log, summary,
+    benchmark, the stage's summary or None). `settings["compat"]` = "openunlearning" picks
+    `evaluate_tofu_openunlearning` (TOFU only)."""
     settings = dict(settings)
     benchmark = settings.pop("benchmark", "tofu")
     compat = settings.pop("compat", "none")
+    stage = settings.pop("lm_eval", None)
+    if benchmark == "lm_eval":
+        from baldro.eval.lm_eval import evaluate_lm_eval
+
+        return (*evaluate_lm_eval(model, tokenizer, out_dir=out_dir, **settings, **extra), benchmark, None)
     if benchmark == "muse":
         from baldro.eval.muse import evaluate_muse
 
         if compat != "none":
             raise BaldroError(f"eval.compat={compat} is only implemented for TOFU: set eval.compat=none")
-        return (*evaluate_muse(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra), benchmark)
-    fn = evaluate_tofu_openunlearning if check_compat(compat) == "openunlearning" else evaluate_tofu
-    return (*fn(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra), benchmark)
+        eval_log, summary = evaluate_muse(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra)
+    else:
+        fn = evaluate_tofu_openunlearning if check_compat(compat) == "openunlearning" else evaluate_tofu
+        eval_log, summary = fn(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra)
+    stage_summary = None
+    if stage and stage.get("tasks"):
+        from baldro.eval.lm_eval import evaluate_lm_eval
+
+        _, stage_summary = evaluate_lm_eval(model, tokenizer, out_dir=out_dir, key="eval.lm_eval.tasks", **stage,
+                                            **extra)
+    return eval_log, summary, benchmark, stage_summary
 
 
 def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=None, target_logs_path=None) -> dict:
@@ -132,7 +148,7 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
     out = Path(run_dir) / "eval"
     start = time.time()
     note = _weights_note(model)
-    eval_log, summary, benchmark = _evaluate(model, tokenizer, formatter, out, settings)
+    eval_log, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings)
     if benchmark == "tofu":
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     summary = _add_weights_note(summary, note)
@@ -143,13 +159,13 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
 def evaluate_logged(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
                     model_path: str | None = None) -> tuple[dict, dict, str, float, dict]:
     """Evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when reference logs
-    are given, or MUSE_EVAL.json, MUSE_SUMMARY.json; eval_info.json with the time, eval_timings.json
-    with each stage's rows, sequences and seconds); returns (eval_log, summary, benchmark, seconds,
-    the stages' timings)."""
+    are given, or MUSE_EVAL.json, MUSE_SUMMARY.json, or LMEVAL_EVAL.json, LMEVAL_SUMMARY.json, plus the
+    lm-eval stage's files; eval_info.json with the time, eval_timings.json with each stage's rows,
+    sequences and seconds); returns (eval_log, summary, benchmark, seconds, the stages' timings)."""
     start = time.time()
     note = _weights_note(model)
     timings: dict = {}
-    eval_log, summary, benchmark = _evaluate(model, tokenizer, formatter, out, settings, timings=timings)
+    eval_log, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings, timings=timings)
     if benchmark == "tofu" and (settings["retain_logs_path"] or target_logs_path):
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     summary = _add_weights_note(summary, note)
@@ -163,12 +179,20 @@ def evaluate_logged(model, tokenizer, formatter, out: Path, settings: dict, targ
 
 def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
                   model_path: str | None = None) -> Path:
-    """`baldro eval`: `evaluate_logged`, then print the summary table and the time of every stage."""
+    """`baldro eval`: `evaluate_logged`, then print the summary table(s) and the time of every stage."""
+    from baldro.eval.lm_eval import load_summary
+
     _, summary, benchmark, seconds, timings = evaluate_logged(model, tokenizer, formatter, out, settings,
                                                               target_logs_path, model_path)
+    stage_summary = load_summary(out) if (settings.get("lm_eval") or {}).get("tasks") else None
     print(format_table(summary))
+    if stage_summary:
+        print()
+        print(format_table(stage_summary))
     stages = ", ".join(f"{g} {t['seconds']:.1f} s" for g, t in timings.items())
-    print(f"baldro eval: {out / f'{benchmark.upper()}_SUMMARY.json'} ({seconds:.1f} s: {stages})")
+    name = "LMEVAL" if benchmark == "lm_eval" else benchmark.upper()
+    also = f" and {out / 'LMEVAL_SUMMARY.json'}" if stage_summary else ""
+    print(f"baldro eval: {out / f'{name}_SUMMARY.json'}{also} ({seconds:.1f} s: {stages})")
     return out
 
 
@@ -185,7 +209,7 @@ class PeriodicEvalCallback(TrainerCallback):
         if args.world_size > 1:
             raise BaldroError("eval.every_n_steps runs in a single process: unset it for multi-GPU runs")
         was_training = model.training
-        _, summary, _ = _evaluate(model, self.tokenizer, self.formatter,
+        _, summary, _, _ = _evaluate(model, self.tokenizer, self.formatter,
                                   self.run_dir / "eval" / f"step-{state.global_step}", self.settings, progress=False)
         model.train(was_training)
         log.info("step %d: %s", state.global_step, " ".join(f"{k}={v}" for k, v in list(summary.items())[:3]))
