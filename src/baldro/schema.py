@@ -91,13 +91,13 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     report_to: str = "none"
     # Evaluation during unlearning (transformers' names; baldro runs the benchmark's evaluator itself, on the
-    # model in memory and on the main process, not the Trainer's `evaluate`): README "Evaluation during unlearning"
+    # model in memory, on the main process; not the Trainer's `evaluate`): README "Evaluation during unlearning"
     eval_strategy: str = "no"  # no, steps or epoch (each also evaluates at step 0, the starting model)
-    eval_steps: Optional[float] = None  # steps: every N optimizer steps, or a fraction of the run below 1 (and the last)
+    eval_steps: Optional[float] = None  # steps: every N optimizer steps or a fraction of the run below 1 (+ the last)
     metric_for_best_model: Optional[str] = None  # a summary key (forget_quality, ...): the best evaluation's
     greater_is_better: Optional[bool] = None  # null: lower is better for forget_*_Prob / _ROUGE and memorisation
     load_best_model_at_end: bool = False  # save the best evaluation's model, not the last step's (RUN/best keeps it)
-    early_stopping_patience: Optional[int] = None  # stop after N evaluations without a better metric (or below the floor)
+    early_stopping_patience: Optional[int] = None  # stop after N evaluations with no better metric, or below the floor
     extra: Dict[str, Any] = field(default_factory=dict)
 
 

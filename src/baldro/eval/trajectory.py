@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from baldro.distributed import all_gather_objects, barrier
 from baldro.errors import BaldroError
-from baldro.io import append_jsonl, read_jsonl, write_json_atomic
+from baldro.io import append_jsonl, read_jsonl, truncate_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,6 @@ def _step_dirs(root: Path) -> dict[int, Path]:
 def truncate_outputs(run_dir: Path, step: int) -> int:
     """Resume from a checkpoint of `step`: drop the trajectory lines, evaluation folders and best weights of
     later steps (the resumed run writes them again); returns how many lines were dropped."""
-    from baldro.io import truncate_jsonl
-
     dropped = truncate_jsonl(run_dir / TRAJECTORY_FILE, lambda r: r.get("step", 0) <= step)
     for root in (run_dir / EVALS_DIR, run_dir / BEST_DIR):
         for s, folder in _step_dirs(root).items():
@@ -252,7 +250,8 @@ class EvalDuringTraining(TrainerCallback):
         if self.rule is None:
             return {"best": None, "stop": None}
         best = best_evaluation(self.rows, self.rule)
-        return {"best": None if best is None else best["step"], "stop": stop_reason(self.rows, self.rule, self.patience)}
+        return {"best": None if best is None else best["step"],
+                "stop": stop_reason(self.rows, self.rule, self.patience)}
 
     def _share(self, state, decision: dict | None) -> dict:
         """The main process's `decision` on every process (one collective, which the others wait in)."""
@@ -319,7 +318,8 @@ class EvalDuringTraining(TrainerCallback):
         self.best_step = decision["best"]
         if decision["stop"] and not self.stopped:
             self.stopped = {"step": state.global_step, "reason": decision["stop"]}
-            log.info("early stopping at step %d: %s", state.global_step, decision["stop"])
+            if state.is_world_process_zero:
+                log.info("early stopping at step %d: %s", state.global_step, decision["stop"])
         if decision["stop"]:
             control.should_training_stop = True
 
@@ -363,12 +363,15 @@ class EvalDuringTraining(TrainerCallback):
                 if self.path.exists() else []
         step = state.global_step
         epoch_end = abs((state.epoch or 0) - round(state.epoch or 0)) < 1e-6
-        due = step == 0 or (self.strategy == "steps" and (step % self.interval == 0 or step >= state.max_steps)) \
-            or (self.strategy == "epoch" and epoch_end)
+        due = step == 0 or (self.strategy == "steps" and self._due(state)) or (self.strategy == "epoch" and epoch_end)
         self._point(state, control, model, evaluate=due)
 
+    def _due(self, state) -> bool:
+        """A `steps` evaluation point: every `interval` steps and the last step."""
+        return state.global_step % self.interval == 0 or state.global_step >= state.max_steps
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.strategy == "steps" and (state.global_step % self.interval == 0 or state.global_step >= state.max_steps):
+        if self.strategy == "steps" and self._due(state):
             self._point(state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
@@ -383,21 +386,23 @@ class EvalDuringTraining(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.load_best:
             barrier()  # the main process wrote the best weights before it shared its last decision
-            if self.best_step is None:
+            main = state.is_world_process_zero
+            if self.best_step is None and main:
                 log.warning("train.load_best_model_at_end: no evaluation qualifies as the best (%s): the final "
                             "model is the last step's", self._why_no_best())
-            elif self.best_step != state.global_step:
+            elif self.best_step is not None and self.best_step != state.global_step:
                 folder = self.run_dir / BEST_DIR / f"step-{self.best_step}"
                 if (folder / BEST_WEIGHTS).is_file():
                     load_trainable(model, folder)
                     self.best_loaded = True
-                    log.info("train.load_best_model_at_end: the final model is step %d's (best %s)", self.best_step,
-                             self.rule.metric)
-                else:
+                    if main:
+                        log.info("train.load_best_model_at_end: the final model is step %d's (best %s)",
+                                 self.best_step, self.rule.metric)
+                elif main:
                     log.warning("train.load_best_model_at_end: the weights of the best step %d are not on disk (the "
                                 "run resumed from an older checkpoint?): the final model is the last step's",
                                 self.best_step)
-            else:
+            elif self.best_step is not None:
                 self.best_loaded = True  # the last step is the best: the model in memory is its model
 
     def _why_no_best(self) -> str:
