@@ -255,3 +255,45 @@ def test_fine_tuning_and_sharded_weights_are_refused(tiny_model_dir, tofu_dir, t
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(BaldroError, match="FSDP or DeepSpeed ZeRO-3 each process holds only a shard"):
         _check_processes(recipe, SimpleNamespace(world_size=2))
+
+
+# ----------------------------------------------------------------------------- baldro report
+def _fake_run(folder: Path, name: str, seed: int, best_step: int, scale: float) -> Path:
+    from baldro.io import write_json_atomic, write_jsonl_atomic
+
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / "run_info.json", {"name": name, "seed": seed, "kind": "unlearn", "status": "done",
+                                                 "train_time_s": 10.0, "best_step": best_step,
+                                                 "metric_for_best_model": "forget_quality"})
+    write_jsonl_atomic(folder / "eval_trajectory.jsonl", [
+        {"step": s, "epoch": s / 5, "forget_quality": scale * fq, "model_utility": mu, "forget_Q_A_Prob": p}
+        for s, fq, mu, p in [(0, 1e-5, 0.6, 0.9), (5, 1e-2, 0.55, 0.3), (10, 0.3, 0.5, 0.05), (15, 0.1, 0.3, 0.01)]])
+    return folder
+
+
+def test_report_plots_the_trajectories_and_tables_the_best_step(tmp_path):
+    from baldro.report import build_report
+
+    runs = [_fake_run(tmp_path / "a0", "npo_dv", 0, 10, 1.0), _fake_run(tmp_path / "a1", "npo_dv", 1, 15, 2.0),
+            _fake_run(tmp_path / "b0", "npo_mean", 0, 5, 0.5)]
+    md = build_report(runs, tmp_path / "report").read_text()
+    assert (tmp_path / "report" / "eval_trajectory.png").stat().st_size > 10_000
+    assert "![evaluations during unlearning](eval_trajectory.png)" in md and "`forget_quality`" in md
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| Method |"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    col = cells.index("Best step")
+    results = lines[:lines.index("## Mean ± std over seeds")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in results
+            if line.startswith("| npo_")}
+    assert rows["npo_mean"][col] == "5" and rows["npo_dv (a0)"][col] == "10" and rows["npo_dv (a1)"][col] == "15"
+    seeds = lines[lines.index("## Mean ± std over seeds") + 2:]
+    seed_header = [c.strip() for c in seeds[0].strip("|").split("|")]
+    dv = next(line for line in seeds if line.startswith("| npo_dv |"))
+    assert [c.strip() for c in dv.strip("|").split("|")][seed_header.index("Best step")] == "12.5 ± 3.5"
+    # without trajectories: no column, and the report says why there is no plot
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "run_info.json").write_text(json.dumps({"name": "x", "status": "done"}))
+    md = build_report([plain], tmp_path / "report2").read_text()
+    assert "Best step" not in md and "no plot of evaluations during unlearning" in md
