@@ -297,3 +297,35 @@ def test_report_plots_the_trajectories_and_tables_the_best_step(tmp_path):
     (plain / "run_info.json").write_text(json.dumps({"name": "x", "status": "done"}))
     md = build_report([plain], tmp_path / "report2").read_text()
     assert "Best step" not in md and "no plot of evaluations during unlearning" in md
+
+
+# ----------------------------------------------------------------------------- MUSE
+@pytest.mark.slow
+def test_muse_evaluations_during_unlearning(tiny_model_dir, tmp_path, capsys):
+    from test_muse import EVAL as MUSE_EVAL, UNLEARN as MUSE_UNLEARN, books_slice, cpu
+
+    books = books_slice(tmp_path / "books")
+    common = [*cpu(tiny_model_dir), f"data.source={books}", "data.limit=4", "train.num_train_epochs=2",
+              "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.learning_rate=1e-3",
+              "eval.trajectory_limit=2"]
+    run_dir = tmp_path / "run"
+    assert main(["unlearn", MUSE_UNLEARN, *common, "train.eval_strategy=epoch", "train.save_strategy=epoch",
+                 "train.save_total_limit=null",
+                 "train.metric_for_best_model=forget_knowmem_ROUGE", "eval.utility_floor=0.5",
+                 f"output_dir={run_dir}"]) == 0
+    trajectory = read_jsonl(run_dir / "eval_trajectory.jsonl")
+    assert [r["step"] for r in trajectory] == [0, 2, 4]
+    assert {"forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE"} <= set(trajectory[0])
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["greater_is_better"] is False and info["utility_floor"] == 0.5 and info["best_step"] in (0, 2, 4)
+    # the evaluation of epoch 1 is `baldro eval` of its checkpoint
+    out = tmp_path / "eval-2"
+    assert main(["eval", MUSE_EVAL, *cpu(run_dir / "checkpoints" / "checkpoint-2"), f"model.tokenizer={tiny_model_dir}",
+                 f"data.source={books}", "eval.limit=2", f"output_dir={out}"]) == 0
+    for name in ("MUSE_SUMMARY.json", "MUSE_EVAL.json"):
+        assert json.loads((out / name).read_text()) == json.loads((run_dir / "evals" / "step-2" / name).read_text())
+    # eval_steps beyond a MUSE run (its chunks are counted once the tokenizer is loaded): refused at step 0
+    capsys.readouterr()
+    assert main(["unlearn", MUSE_UNLEARN, *common, "train.eval_strategy=steps", "train.eval_steps=9",
+                 f"output_dir={tmp_path / 'beyond'}"]) == 2
+    assert "train.eval_steps=9 is beyond the run (4 optimizer steps)" in capsys.readouterr().err.strip().splitlines()[-1]
