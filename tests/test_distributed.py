@@ -437,7 +437,7 @@ def test_baldro_unlearn_launched_on_2_processes(launched):
     assert (run / "eval" / "TOFU_SUMMARY.json").is_file()
     assert "eval_time_s" in json.loads((run / "run_info.json").read_text())
     finished = [line for line in launched["cli_log"].splitlines() if "sequences in" in line]
-    stages = [line.split("INFO baldro.eval.engine: ")[-1].split(":")[0] for line in finished]
+    stages = [line.split(": ", 1)[-1].split(":")[0] for line in finished]  # "INFO baldro: STAGE: n/n sequences in"
     assert stages and len(stages) == len(set(stages)), finished  # each evaluation stage ran once
     assert launched["cli_log"].count("baldro: unlearned model in") == 1
 

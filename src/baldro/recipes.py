@@ -497,7 +497,7 @@ def _trajectory_callback(recipe: Recipe, tokenizer, formatter, run_dir: Path, ev
         greater = t.greater_is_better if t.greater_is_better is not None else not lower_is_better(t.metric_for_best_model)
         rule = BestRule(t.metric_for_best_model, greater, UTILITY_KEY[ev.benchmark], ev.utility_floor)
     return EvalDuringTraining(
-        lambda model, out: evaluate_during_training(model, tokenizer, formatter, out, settings),
+        lambda model, out, quiet: evaluate_during_training(model, tokenizer, formatter, out, settings, quiet),
         run_dir, strategy(t.eval_strategy), t.eval_steps, ev.benchmark, rule=rule,
         patience=t.early_stopping_patience, load_best=t.load_best_model_at_end)
 

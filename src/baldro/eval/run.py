@@ -163,23 +163,37 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
     return out
 
 
-def evaluate_during_training(model, tokenizer, formatter, out: Path, settings: dict) -> tuple[dict, str]:
+# The evaluators' loggers, quiet after the first evaluation during training (their notes and stage lines
+# would repeat at every evaluation; the stages' seconds are in each evaluation's eval_timings.json).
+_EVALUATOR_LOGGERS = ("baldro.eval.tofu", "baldro.eval.muse", "baldro.eval.suite", "baldro.eval.engine",
+                      "baldro.eval.generation", "baldro.eval.summarize")
+
+
+def evaluate_during_training(model, tokenizer, formatter, out: Path, settings: dict,
+                             quiet: bool = False) -> tuple[dict, str]:
     """One evaluation during unlearning (`baldro.eval.trajectory`): the model as it is in memory, in eval
     mode and with the random number generators left as they were (training goes on as without it), into
-    `out` (the evaluator's files and eval_timings.json); returns (summary, benchmark). Its mode is restored."""
+    `out` (the evaluator's files and eval_timings.json); returns (summary, benchmark). Its mode is restored.
+    `quiet`: the evaluator logs only errors (a note on non-finite weights is still logged)."""
     import torch
 
     was_training = model.training
     timings: dict = {}
     start = time.time()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    loggers = [logging.getLogger(name) for name in _EVALUATOR_LOGGERS] if quiet else []
+    levels = [lg.level for lg in loggers]
     try:
         with torch.random.fork_rng(devices=devices):
             model.eval()
             note = _weights_note(model)
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
             _, summary, benchmark = _evaluate(model, tokenizer, formatter, out, settings, timings=timings,
                                               progress=False)
     finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         model.train(was_training)
     write_json_atomic(Path(out) / "eval_timings.json", {"total_s": time.time() - start, "stages": timings})
     return _add_weights_note(summary, note), benchmark

@@ -208,14 +208,16 @@ def truncate_outputs(run_dir: Path, step: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the callback
-EvaluateFn = Callable[[Any, Path], tuple[dict, str]]  # (model, out folder) -> (summary, benchmark)
+# (model, out folder, quiet) -> (summary, benchmark); quiet after the first evaluation of a process
+EvaluateFn = Callable[[Any, Path, bool], tuple[dict, str]]
 
 
 class EvalDuringTraining(TrainerCallback):
     """Evaluates at step 0 and at every `strategy` point (steps: every `eval_steps` and the last step;
     epoch: every epoch's end), appends to the trajectory, logs the headline numbers (the run's logger and
     `trainer.log`, hence `report_to`), tracks the best evaluation, stops early and loads the best weights
-    at the end. `evaluate_fn(model, out)` runs the benchmark's evaluator into `out` on the main process.
+    at the end. `evaluate_fn(model, out, quiet)` runs the benchmark's evaluator into `out` on the main process
+    (`quiet` after the first evaluation: its notes would repeat).
     Set `trainer` (for `trainer.log`) once the Trainer exists."""
 
     def __init__(self, evaluate_fn: EvaluateFn, run_dir: str | Path, strategy: str, eval_steps: float | None,
@@ -239,6 +241,7 @@ class EvalDuringTraining(TrainerCallback):
         self.seconds = 0.0
         self._failure: BaseException | None = None
         self._warned: set[int] = set()
+        self._evaluated = 0  # by this process
 
     @property
     def path(self) -> Path:
@@ -279,7 +282,8 @@ class EvalDuringTraining(TrainerCallback):
         """(main process) one evaluation into evals/step-N and one trajectory line."""
         step = state.global_step
         start = time.time()
-        summary, benchmark = self.evaluate_fn(model, self.run_dir / EVALS_DIR / f"step-{step}")
+        summary, benchmark = self.evaluate_fn(model, self.run_dir / EVALS_DIR / f"step-{step}", self._evaluated > 0)
+        self._evaluated += 1
         seconds = time.time() - start
         self.seconds += seconds
         if not self.rows:
@@ -361,6 +365,10 @@ class EvalDuringTraining(TrainerCallback):
         if state.is_world_process_zero:
             self.rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= state.global_step] \
                 if self.path.exists() else []
+            if self.rule is not None and self.rows and self.rule.metric not in self.rows[0]:
+                log.warning("%s does not record %s (the run started with another train.metric_for_best_model): "
+                            "its %d evaluation(s) so far are not candidates for the best", self.path,
+                            self.rule.metric, len(self.rows))
         step = state.global_step
         epoch_end = abs((state.epoch or 0) - round(state.epoch or 0)) < 1e-6
         due = step == 0 or (self.strategy == "steps" and self._due(state)) or (self.strategy == "epoch" and epoch_end)
