@@ -377,6 +377,7 @@ def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: s
     elapsed = time.time() - start
     if more_info is not None:
         info = {**info, **more_info()}
+        elapsed -= info.get("trajectory_eval_time_s", 0.0)  # train_time_s: the training alone
     # A sharded model (FSDP, ZeRO-3) is gathered by every process; the main process saves it once.
     state = full_state_dict(trainer.model_wrapped, trainer.accelerator)
     if trainer.is_world_process_zero():
