@@ -83,6 +83,21 @@ def test_eval_steps_and_directions():
     assert "seconds" not in json.dumps(row)
 
 
+def test_the_cheaper_subset_of_evaluations_during_training():
+    from baldro.config import as_recipe
+    from baldro.recipes import trajectory_settings
+
+    def settings(recipe, *overrides):
+        return trajectory_settings(as_recipe(load_config(recipe, ["train.eval_strategy=epoch", *overrides])))
+
+    assert settings(UNLEARN)["limit"] == 20 and settings(UNLEARN)["max_new_tokens"] == 200  # the defaults
+    assert settings(UNLEARN, "eval.limit=5")["limit"] == 5  # never more rows than the final evaluation
+    assert settings(UNLEARN, "eval.trajectory_limit=null")["limit"] is None
+    assert settings(UNLEARN, "eval.trajectory_max_new_tokens=32")["max_new_tokens"] == 32
+    muse = settings(ROOT / "configs" / "unlearn" / "muse.yaml", "eval.trajectory_max_new_tokens=64")
+    assert muse["benchmark"] == "muse" and muse["verbmem_max_new_tokens"] == 64 and muse["knowmem_max_new_tokens"] == 32
+
+
 # ----------------------------------------------------------------------------- runs of the tiny model
 def unlearn(model, tofu, out, *extra, callbacks=()):
     """test_resume's "mean" case (6 samples, batches of 2, 2 epochs: 6 steps, checkpoints every 2 steps)."""

@@ -480,19 +480,28 @@ def _check_eval_steps(recipe: Recipe, n_samples: int, world_size: int) -> None:
         eval_interval(recipe.train.eval_steps, planned_steps(recipe, n_samples, world_size))
 
 
-def _trajectory_callback(recipe: Recipe, tokenizer, formatter, run_dir: Path, eval_kwargs: dict):
-    """`train.eval_strategy`: the callback that evaluates during training (`baldro.eval.trajectory`)."""
-    from baldro.eval.run import evaluate_during_training
-    from baldro.eval.trajectory import UTILITY_KEY, BestRule, EvalDuringTraining, lower_is_better
-
-    t, ev = recipe.train, recipe.eval
-    settings = {**eval_kwargs, "limit": ev.trajectory_limit if ev.trajectory_limit is not None else ev.limit}
+def trajectory_settings(recipe: Recipe) -> dict:
+    """The evaluator's keyword arguments for evaluations during training: the final evaluation's, on the
+    first `eval.trajectory_limit` rows (at most `eval.limit`), with `eval.trajectory_max_new_tokens`."""
+    ev = recipe.eval
+    limits = [n for n in (ev.trajectory_limit, ev.limit) if n is not None]
+    settings = {**_eval_kwargs(recipe), "limit": min(limits) if limits else None}
     if ev.trajectory_max_new_tokens is not None:
         if ev.benchmark == "muse":
             for key in ("verbmem_max_new_tokens", "knowmem_max_new_tokens"):
                 settings[key] = min(settings[key], ev.trajectory_max_new_tokens)
         else:
             settings["max_new_tokens"] = ev.trajectory_max_new_tokens
+    return settings
+
+
+def _trajectory_callback(recipe: Recipe, tokenizer, formatter, run_dir: Path):
+    """`train.eval_strategy`: the callback that evaluates during training (`baldro.eval.trajectory`)."""
+    from baldro.eval.run import evaluate_during_training
+    from baldro.eval.trajectory import UTILITY_KEY, BestRule, EvalDuringTraining, lower_is_better
+
+    t, ev = recipe.train, recipe.eval
+    settings = trajectory_settings(recipe)
     rule = None
     if t.metric_for_best_model:
         greater = t.greater_is_better if t.greater_is_better is not None else not lower_is_better(t.metric_for_best_model)
@@ -568,7 +577,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
 
             callbacks.append(BalanceTracker(forget_nll, run_dir / "balance.jsonl",
                                             every_n_steps=recipe.balance.every_n_steps))
-        trajectory = _trajectory_callback(recipe, tokenizer, formatter, run_dir, eval_kwargs) if during else None
+        trajectory = _trajectory_callback(recipe, tokenizer, formatter, run_dir) if during else None
         if trajectory is not None:
             callbacks.append(trajectory)
         callbacks.extend(extra_callbacks)

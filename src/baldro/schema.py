@@ -153,7 +153,7 @@ class EvalConfig:
     benchmark: str = "tofu"
     at_end: bool = False  # unlearning runs: evaluate the final model into RUN_DIR/eval
     # evaluations during unlearning (train.eval_strategy): into RUN_DIR/evals/step-N and RUN_DIR/eval_trajectory.jsonl
-    trajectory_limit: Optional[int] = 20  # only the first N rows of every set (null: eval.limit); keeps them cheap
+    trajectory_limit: Optional[int] = 20  # only the first N rows of every set (at most eval.limit; null: all)
     trajectory_max_new_tokens: Optional[int] = None  # null: eval.max_new_tokens (MUSE: caps both of its budgets)
     # in [0, 1]: an evaluation whose utility (TOFU model_utility, MUSE retain_knowmem_ROUGE) is below this
     # fraction of the first evaluation's (step 0) is never the best; early stopping stops there
