@@ -343,4 +343,5 @@ def test_muse_evaluations_during_unlearning(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["unlearn", MUSE_UNLEARN, *common, "train.eval_strategy=steps", "train.eval_steps=9",
                  f"output_dir={tmp_path / 'beyond'}"]) == 2
-    assert "train.eval_steps=9 is beyond the run (4 optimizer steps)" in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train.eval_steps=9 is beyond the run (4 optimizer steps)" in err

@@ -455,9 +455,9 @@ def _check_processes(recipe: Recipe, args) -> None:
     how = strategy(recipe.train.eval_strategy)
     if how != "no" and args.world_size > 1 and shards_weights(args):
         raise BaldroError(f"train.eval_strategy={how} evaluates the model in memory on the main process, and under "
-                          "FSDP or DeepSpeed ZeRO-3 each process holds only a shard of its weights: use DDP or ZeRO-1/2 "
-                          "(configs/accelerate/ddp.yaml, zero2.yaml), or save checkpoints (train.save_strategy=epoch) "
-                          "and evaluate them afterwards with baldro eval")
+                          "FSDP or DeepSpeed ZeRO-3 each process holds only a shard of its weights: use DDP or "
+                          "ZeRO-1/2 (configs/accelerate/ddp.yaml, zero2.yaml), or save checkpoints "
+                          "(train.save_strategy=epoch) and evaluate them afterwards with baldro eval")
 
 
 def planned_steps(recipe: Recipe, n_samples: int, world_size: int = 1) -> int:
@@ -504,7 +504,8 @@ def _trajectory_callback(recipe: Recipe, tokenizer, formatter, run_dir: Path):
     settings = trajectory_settings(recipe)
     rule = None
     if t.metric_for_best_model:
-        greater = t.greater_is_better if t.greater_is_better is not None else not lower_is_better(t.metric_for_best_model)
+        greater = (t.greater_is_better if t.greater_is_better is not None
+                   else not lower_is_better(t.metric_for_best_model))
         rule = BestRule(t.metric_for_best_model, greater, UTILITY_KEY[ev.benchmark], ev.utility_floor)
     return EvalDuringTraining(
         lambda model, out, quiet: evaluate_during_training(model, tokenizer, formatter, out, settings, quiet),
