@@ -98,6 +98,39 @@ def test_the_cheaper_subset_of_evaluations_during_training():
     assert muse["benchmark"] == "muse" and muse["verbmem_max_new_tokens"] == 64 and muse["knowmem_max_new_tokens"] == 32
 
 
+def test_the_callback_on_a_fake_evaluator(tmp_path):
+    """EvalDuringTraining without a Trainer: what it writes and decides, and an evaluator that fails."""
+    from baldro.eval.trajectory import EvalDuringTraining
+
+    probs = {0: 0.5, 2: 0.2, 4: 0.3, 6: 0.4}
+
+    def evaluate(model, out, quiet):
+        out.mkdir(parents=True)
+        return {"forget_Q_A_Prob": probs[int(out.name[5:])], "model_utility": 0.5, "forget_quality": None}, "tofu"
+
+    cb = EvalDuringTraining(evaluate, tmp_path, "steps", 2, "tofu",
+                            rule=BestRule("forget_Q_A_Prob", greater_is_better=False), patience=2)
+    args = SimpleNamespace(save_strategy="no")
+    state = SimpleNamespace(global_step=0, epoch=0.0, max_steps=8, is_world_process_zero=True)
+    control = SimpleNamespace(should_training_stop=False)
+    cb.on_train_begin(args, state, control, model=None)
+    for step in (1, 2, 3, 4, 5, 6):
+        state.global_step, state.epoch = step, step / 4
+        cb.on_step_end(args, state, control, model=None)
+        assert control.should_training_stop == (step == 6)  # steps 4 and 6 are not better than step 2
+    assert [r["step"] for r in read_jsonl(tmp_path / "eval_trajectory.jsonl")] == [0, 2, 4, 6]
+    assert cb.best_step == 2 and cb.stopped["step"] == 6
+    assert cb.info()["best_step"] == 2 and cb.info()["best_metric"] == 0.2 and cb.info()["evaluations"] == 4
+
+    def broken(model, out, quiet):
+        raise RuntimeError("out of memory")
+
+    cb = EvalDuringTraining(broken, tmp_path / "b", "epoch", None, "tofu")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cb.on_train_begin(args, SimpleNamespace(global_step=0, epoch=0.0, max_steps=8, is_world_process_zero=True),
+                          control, model=None)
+
+
 # ----------------------------------------------------------------------------- runs of the tiny model
 def unlearn(model, tofu, out, *extra, callbacks=()):
     """test_resume's "mean" case (6 samples, batches of 2, 2 epochs: 6 steps, checkpoints every 2 steps)."""

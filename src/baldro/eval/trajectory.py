@@ -315,9 +315,10 @@ class EvalDuringTraining(TrainerCallback):
                     self._keep_best(model, decision["best"])
             except BaseException as e:  # the others wait in the collective: tell them, then raise
                 self._failure = e
-                decision = {"error": str(e).splitlines()[0] if isinstance(e, BaldroError) else
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                decision = {"error": first if isinstance(e, BaldroError) else
                             f"the evaluation at step {state.global_step} failed on the main process "
-                            f"({type(e).__name__}: {e})"}
+                            f"({type(e).__name__}: {first})"}
         decision = self._share(state, decision)
         self.best_step = decision["best"]
         if decision["stop"] and not self.stopped:
