@@ -146,12 +146,13 @@ def test_resume_from_checkpoint(target_model, tofu_dir, tmp_path):
 @pytest.mark.slow
 def test_periodic_eval_during_unlearning(target_model, tofu_dir, tmp_path):
     out = tmp_path / "periodic"
-    rc = unlearn(target_model, tofu_dir, out, "simnpo", "group", "data.limit=8", "eval.every_n_steps=1",
-                 "+eval.limit=4", "+eval.max_new_tokens=4", "+eval.batch_size=8")
+    rc = unlearn(target_model, tofu_dir, out, "simnpo", "group", "data.limit=8", "train.eval_strategy=steps",
+                 "train.eval_steps=1", "eval.trajectory_limit=4", "eval.max_new_tokens=4", "eval.batch_size=8")
     assert rc == 0
-    for step in (1, 2):
-        summary = json.loads((out / "eval" / f"step-{step}" / "TOFU_SUMMARY.json").read_text())
+    for step in (0, 1, 2):  # step 0: the starting model
+        summary = json.loads((out / "evals" / f"step-{step}" / "TOFU_SUMMARY.json").read_text())
         assert summary["model_utility"] is not None and summary["forget_quality"] is None
+    assert [r["step"] for r in read_jsonl(out / "eval_trajectory.jsonl")] == [0, 1, 2]
 
 
 @pytest.mark.slow

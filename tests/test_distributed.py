@@ -266,7 +266,16 @@ UNLEARN_CASES = {
     "accumulation_rmu": ((2, 2), (2, 4), ["objective=rmu", "weighting=dv"]),
     "accumulation_pdu": ((2, 2), (2, 4), ["objective=pdu", "weighting=mean", "objective.retain_loss_eps=0.0",
                                           "objective.dual_warmup_epochs=0"]),
+    # evaluations during training (the main process evaluates, the other waits): the same model
+    "evaluated": ((2, 1), (4, 1), ["weighting=mean", "objective.alpha=0", "train.eval_strategy=steps",
+                                   "train.eval_steps=3", "train.metric_for_best_model=forget_Q_A_Prob",
+                                   "eval.trajectory_limit=3", "eval.max_new_tokens=4", "eval.batch_size=4"]),
 }
+# Early stopping at step 2 and the best model (step 0's) loaded on both processes
+EARLY_STOP = ["weighting=mean", "train.eval_strategy=steps", "train.eval_steps=2",
+              "train.metric_for_best_model=forget_Q_A_Prob", "train.greater_is_better=true",
+              "train.early_stopping_patience=1", "train.load_best_model_at_end=true", "eval.trajectory_limit=3",
+              "eval.max_new_tokens=4", "eval.batch_size=4"]
 # `baldro unlearn` itself (accelerate launch -m baldro.cli), with balance tracking and the final evaluation
 CLI_EXTRA = ["weighting=dv", "balance.every_n_steps=2", "eval.at_end=true", "+eval.limit=3", "eval.max_new_tokens=4",
              "eval.batch_size=4"]
@@ -305,6 +314,7 @@ def launched(tiny_model_dir, tofu_dir, tmp_path_factory):
     runs = [_finetune(tiny_model_dir, tofu_dir, two / "finetune", 2)]
     runs += [_unlearn(tiny_model_dir, tofu_dir, two / name, *proc2, *extra)
              for name, (proc2, _, extra) in UNLEARN_CASES.items()]
+    runs += [_unlearn(tiny_model_dir, tofu_dir, two / "early_stop", 2, 1, *EARLY_STOP)]
     (root / "runs.json").write_text(json.dumps(runs))
     _launch([str(ROOT / "tests" / "multiproc" / "runs.py"), str(root / "runs.json")], root / "runs.log")
     _launch(["-m", "baldro.cli", *_unlearn(tiny_model_dir, tofu_dir, two / "cli", 2, 1, *CLI_EXTRA)], root / "cli.log")
@@ -314,7 +324,8 @@ def launched(tiny_model_dir, tofu_dir, tmp_path_factory):
         assert main(_unlearn(tiny_model_dir, tofu_dir, one / name, *proc1, *extra)) == 0
     # the CLI run's single-process twin: 1 process x 2 accumulation steps of the same micro-batches
     assert main(_unlearn(tiny_model_dir, tofu_dir, one / "cli", 2, 2, *CLI_EXTRA[:2])) == 0
-    return {"two": two, "one": one, "cli_log": (root / "cli.log").read_text(), "base": tiny_model_dir}
+    return {"two": two, "one": one, "cli_log": (root / "cli.log").read_text(), "base": tiny_model_dir,
+            "runs_log": (root / "runs.log").read_text()}
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -375,6 +386,15 @@ def test_unlearn_on_2_processes_trains_the_1_process_model(launched, name):
         for x, y in zip(a, b):
             for key in keys:
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
+    if name == "evaluated":  # each evaluation once, of the 1-process model
+        t2, t1 = read_jsonl(two / "eval_trajectory.jsonl"), read_jsonl(one / "eval_trajectory.jsonl")
+        assert [r["step"] for r in t2] == [r["step"] for r in t1] == [0, 3, 6]
+        assert sorted(p.name for p in (two / "evals").iterdir()) == ["step-0", "step-3", "step-6"]
+        for x, y in zip(t2, t1):
+            for key in ("forget_Q_A_Prob", "forget_truth_ratio"):
+                assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
+        info = json.loads((two / "run_info.json").read_text())
+        assert info["evaluations"] == 3 and info["best_step"] == 6 and info["processes"] == 2
     if name == "accumulation_pdu":  # the dual variable moved, and equally
         lam2 = json.loads((two / "run_info.json").read_text())["dual_lambda_final"]
         assert lam2 > 1.0 and lam2 == pytest.approx(json.loads((one / "run_info.json").read_text())["dual_lambda_final"],
@@ -385,6 +405,23 @@ def test_unlearn_on_2_processes_trains_the_1_process_model(launched, name):
         assert not s2.isnan().any()
         if name == "dv_global":  # and the 1-process state
             assert torch.allclose(s2, s1, atol=STATE_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_early_stopping_and_the_best_model_reach_both_processes(launched):
+    """The main process decides to stop at step 2 and that step 0 is the best: both processes stop there
+    (no process waits for the other) and the saved model is the starting model."""
+    from safetensors.torch import load_file
+
+    run = launched["two"] / "early_stop"
+    assert [r["step"] for r in read_jsonl(run / "eval_trajectory.jsonl")] == [0, 2]
+    assert read_jsonl(run / "train_log.jsonl")[-1]["step"] == 2
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["stopped_early"]["step"] == 2 and info["best_step"] == 0 and info["best_model_loaded"] is True
+    before = load_file(Path(launched["base"]) / "model.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in _weights(run).items())
+    evaluated = [line for line in launched["runs_log"].splitlines() if "baldro.eval.trajectory: eval at step" in line]
+    assert len(evaluated) == 3 + 2, evaluated  # "evaluated" (steps 0, 3, 6) and "early_stop" (0, 2), once each
 
 
 @pytest.mark.slow
@@ -400,7 +437,7 @@ def test_baldro_unlearn_launched_on_2_processes(launched):
     assert (run / "eval" / "TOFU_SUMMARY.json").is_file()
     assert "eval_time_s" in json.loads((run / "run_info.json").read_text())
     finished = [line for line in launched["cli_log"].splitlines() if "sequences in" in line]
-    stages = [line.split("INFO baldro.eval.engine: ")[-1].split(":")[0] for line in finished]
+    stages = [line.split(": ", 1)[-1].split(":")[0] for line in finished]  # "INFO baldro: STAGE: n/n sequences in"
     assert stages and len(stages) == len(set(stages)), finished  # each evaluation stage ran once
     assert launched["cli_log"].count("baldro: unlearned model in") == 1
 

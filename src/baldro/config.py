@@ -69,12 +69,20 @@ def _split_overrides(recipe: Path, overrides: Sequence[str]) -> tuple[dict[str, 
     return groups, values
 
 
+# Keys that were replaced: their replacement, named in the unknown-key error.
+RENAMED = {
+    "eval.every_n_steps": "train.eval_strategy=steps with train.eval_steps=N (evaluations into RUN/evals/step-N)",
+}
+
+
 def _schema_error(e: OmegaConfBaseException, where: str) -> BaldroError:
     """One line: the key, what is wrong with it, where it came from, and the closest valid key."""
     key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
     problem = (str(getattr(e, "msg", None) or e)).splitlines()[0]
     owner = getattr(e, "object_type", None)
     hint = ""
+    if isinstance(e, ConfigKeyError) and str(key) in RENAMED:
+        return BaldroError(f"{where}: {key} was replaced: use {RENAMED[str(key)]}")
     if isinstance(e, ConfigKeyError) and owner is not None and dataclasses.is_dataclass(owner):
         names = [f.name for f in dataclasses.fields(owner)]
         prefix = key.rsplit(".", 1)[0] + "." if "." in str(key) else ""

@@ -119,6 +119,16 @@ def loads_sharded(args) -> bool:
     return launched_strategy() == "fsdp" and _flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
 
 
+def shards_weights(args) -> bool:
+    """Whether the trained model's weights will be split over the processes (FSDP, DeepSpeed ZeRO-3): no
+    process can then run the model alone. Known from the launch before any weights load."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        is_deepspeed_zero3_enabled = lambda: False  # noqa: E731
+    return launched_strategy() == "fsdp" or is_deepspeed_zero3_enabled()
+
+
 def prepare_reference(ref_model, accelerator, device):
     """Place the frozen reference model for this run's strategy (it is never trained and has no optimizer):
 

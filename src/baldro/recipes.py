@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -38,8 +39,17 @@ from omegaconf import DictConfig
 from baldro.config import as_recipe, dump_config
 from baldro.data.formatting import QAFormatter
 from baldro.data.tofu import load_refusals, load_split
-from baldro.distributed import barrier, check_launched_world, full_state_dict, is_sharded, loads_sharded, zero_stage
+from baldro.distributed import (
+    barrier,
+    check_launched_world,
+    full_state_dict,
+    is_sharded,
+    loads_sharded,
+    shards_weights,
+    zero_stage,
+)
 from baldro.errors import BaldroError
+from baldro.eval.trajectory import BEST_DIR, EVALS_DIR, TRAJECTORY_FILE, truncate_outputs
 from baldro.alternates import ALTERNATES_FILE, generate_alternates, read_alternates, save_alternates
 from baldro.io import RunLock, truncate_jsonl, write_json_atomic, write_text_atomic
 from baldro.models import load_model, load_tokenizer, resolve_device, save_model, set_flush_denormal
@@ -51,6 +61,7 @@ from baldro.schema import (
     FormatConfig,
     ModelConfig,
     Recipe,
+    strategy,
     validate,
     validate_model,
     weighting_args,
@@ -78,6 +89,10 @@ log = logging.getLogger(__name__)
 
 # TrainingArguments that the trainers need as they are (the data collators build their own batches).
 FIXED_TRAIN_ARGS = {"remove_unused_columns": False, "dataloader_drop_last": False}
+# TrainConfig fields with transformers' names that baldro handles itself (`baldro.eval.trajectory`): the
+# Trainer's own evaluation loop needs an eval dataset and would keep whole checkpoints for the best model.
+BALDRO_TRAIN_KEYS = ("eval_strategy", "eval_steps", "metric_for_best_model", "greater_is_better",
+                     "load_best_model_at_end", "early_stopping_patience")
 
 
 def build_formatter(format: FormatConfig, data: DataConfig, tokenizer) -> QAFormatter:
@@ -132,9 +147,16 @@ def _training_args(recipe: Recipe, run_dir: Path):
     from transformers import TrainingArguments
 
     train = dataclasses.asdict(recipe.train)
+    for key in BALDRO_TRAIN_KEYS:  # baldro evaluates during training itself (EvalDuringTraining), not the Trainer
+        train.pop(key)
     extra = train.pop("extra")
     valid = {f.name for f in dataclasses.fields(TrainingArguments)}
     for key in extra:
+        if key in BALDRO_TRAIN_KEYS:
+            raise BaldroError(f"train.extra.{key}: baldro evaluates during training itself: set train.{key} instead")
+        if key in ("eval_on_start", "eval_delay"):
+            raise BaldroError(f"train.extra.{key} is not used: baldro evaluates at step 0 and at every "
+                              "train.eval_strategy point: remove it")
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
             raise BaldroError(f"train.extra.{key} is not a transformers TrainingArguments field"
@@ -155,7 +177,8 @@ def _training_args(recipe: Recipe, run_dir: Path):
 
 # ----------------------------------------------------------------------------- run folders
 RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
-               "checkpoints", "eval", WEIGHTING_STATE_FILE, OBJECTIVE_STATE_FILE, ALTERNATES_FILE,
+               "checkpoints", "eval", TRAJECTORY_FILE, EVALS_DIR, BEST_DIR, WEIGHTING_STATE_FILE,
+               OBJECTIVE_STATE_FILE, ALTERNATES_FILE,
                "attack")  # baldro attack's default folder: the attacks of the model a new run replaces
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
@@ -164,6 +187,9 @@ RESUME_FREE_KEYS = (
     "model.gradient_checkpointing", "train.num_train_epochs", "train.max_steps", "train.logging_steps",
     "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.disable_tqdm", "train.report_to",
     "train.dataloader_num_workers", "train.use_cpu",
+    # evaluation during training: what is evaluated, and when a run stops early or which model it saves
+    "train.eval_strategy", "train.eval_steps", "train.metric_for_best_model", "train.greater_is_better",
+    "train.load_best_model_at_end", "train.early_stopping_patience",
 )
 _UNSET = object()
 
@@ -259,6 +285,8 @@ def _truncate_logs(run_dir: Path, step: int) -> None:
     dropped += truncate_jsonl(run_dir / "forget_losses.jsonl", lambda r: r.get("step", 0) <= step)
     # BalanceTracker records the resumed step itself when it is one of its steps
     dropped += truncate_jsonl(run_dir / "balance.jsonl", lambda r: r.get("step", 0) < step)
+    # the evaluation at a checkpoint's step ran before the checkpoint was saved: it stays
+    dropped += truncate_outputs(run_dir, step)
     if dropped:
         log.info("resume: dropped %d log row(s) written after step %d", dropped, step)
 
@@ -331,9 +359,11 @@ def _console_callbacks(trainer, recipe: Recipe) -> None:
     trainer.add_callback(train_progress_callback(show_metrics=recipe.log_to_console, fmt=recipe.log_format))
 
 
-def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: str | None, info: dict) -> Path:
-    """Train (or resume), then save the final model and `run_info.json` from the main process. A
-    non-finite loss or gradient marks the run failed (its checkpoints stay) and is a `BaldroError`."""
+def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: str | None, info: dict,
+                    more_info=None) -> Path:
+    """Train (or resume), then save the final model and `run_info.json` from the main process (with
+    `more_info()`, what is known after training). A non-finite loss or gradient marks the run failed (its
+    checkpoints stay) and is a `BaldroError`."""
     _console_callbacks(trainer, recipe)
     trainer.checkpoint_info = {"recipe": _recipe_dict(recipe)}
     start = time.time()
@@ -350,6 +380,9 @@ def _train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: s
         raise BaldroError(f"{e}: the run stopped and is marked failed in {run_dir / 'run_info.json'}; {kept}; lower "
                           "train.learning_rate or use model.dtype=float32") from None
     elapsed = time.time() - start
+    if more_info is not None:
+        info = {**info, **more_info()}
+        elapsed -= info.get("trajectory_eval_time_s", 0.0)  # train_time_s: the training alone
     # A sharded model (FSDP, ZeRO-3) is gathered by every process; the main process saves it once.
     state = full_state_dict(trainer.model_wrapped, trainer.accelerator)
     if trainer.is_world_process_zero():
@@ -424,9 +457,65 @@ def _reference_model(recipe: Recipe, model, args):
 def _check_processes(recipe: Recipe, args) -> None:
     """What a launch of several processes cannot do, refused on every process before training."""
     check_launched_world(args)
-    if args.world_size > 1 and recipe.eval.every_n_steps > 0:
-        raise BaldroError("eval.every_n_steps runs in a single process: unset it for a run of several processes "
-                          "(eval.at_end=true evaluates the final model once)")
+    how = strategy(recipe.train.eval_strategy)
+    if how != "no" and args.world_size > 1 and shards_weights(args):
+        raise BaldroError(f"train.eval_strategy={how} evaluates the model in memory on the main process, and under "
+                          "FSDP or DeepSpeed ZeRO-3 each process holds only a shard of its weights: use DDP or "
+                          "ZeRO-1/2 (configs/accelerate/ddp.yaml, zero2.yaml), or save checkpoints "
+                          "(train.save_strategy=epoch) and evaluate them afterwards with baldro eval")
+
+
+def planned_steps(recipe: Recipe, n_samples: int, world_size: int = 1) -> int:
+    """The optimizer steps of a run over `n_samples` forget samples, as transformers counts them (each
+    process's epoch padded to whole global batches when there are several, `EpochSampler`)."""
+    t = recipe.train
+    if t.max_steps > 0:
+        return t.max_steps
+    b = t.per_device_train_batch_size
+    batches = math.ceil(n_samples / (b * world_size)) if n_samples else 0
+    per_epoch = max(batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0), 1)
+    return math.ceil(t.num_train_epochs * per_epoch)
+
+
+def _check_eval_steps(recipe: Recipe, n_samples: int, world_size: int) -> None:
+    """`train.eval_steps` within the run (TOFU: known before any weights load; MUSE checks it at step 0)."""
+    from baldro.eval.trajectory import eval_interval
+
+    if strategy(recipe.train.eval_strategy) == "steps":
+        eval_interval(recipe.train.eval_steps, planned_steps(recipe, n_samples, world_size))
+
+
+def trajectory_settings(recipe: Recipe) -> dict:
+    """The evaluator's keyword arguments for evaluations during training: the final evaluation's, on the
+    first `eval.trajectory_limit` rows (at most `eval.limit`), with `eval.trajectory_max_new_tokens`."""
+    ev = recipe.eval
+    limits = [n for n in (ev.trajectory_limit, ev.limit) if n is not None]
+    settings = {**_eval_kwargs(recipe), "limit": min(limits) if limits else None}
+    if ev.trajectory_max_new_tokens is not None:
+        if ev.benchmark == "muse":
+            for key in ("verbmem_max_new_tokens", "knowmem_max_new_tokens"):
+                settings[key] = min(settings[key], ev.trajectory_max_new_tokens)
+        else:
+            settings["max_new_tokens"] = ev.trajectory_max_new_tokens
+    return settings
+
+
+def _trajectory_callback(recipe: Recipe, tokenizer, formatter, run_dir: Path):
+    """`train.eval_strategy`: the callback that evaluates during training (`baldro.eval.trajectory`)."""
+    from baldro.eval.run import evaluate_during_training
+    from baldro.eval.trajectory import UTILITY_KEY, BestRule, EvalDuringTraining, lower_is_better
+
+    t, ev = recipe.train, recipe.eval
+    settings = trajectory_settings(recipe)
+    rule = None
+    if t.metric_for_best_model:
+        greater = (t.greater_is_better if t.greater_is_better is not None
+                   else not lower_is_better(t.metric_for_best_model))
+        rule = BestRule(t.metric_for_best_model, greater, UTILITY_KEY[ev.benchmark], ev.utility_floor)
+    return EvalDuringTraining(
+        lambda model, out, quiet: evaluate_during_training(model, tokenizer, formatter, out, settings, quiet),
+        run_dir, strategy(t.eval_strategy), t.eval_steps, ev.benchmark, rule=rule,
+        patience=t.early_stopping_patience, load_best=t.load_best_model_at_end)
 
 
 def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
@@ -448,10 +537,13 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         retain_rows = _rows(recipe.data, "retain_split")
         if objective.needs_refusal:
             refusals = load_refusals(recipe.data.source, recipe.data.refusal_file)
-    eval_kwargs = _eval_kwargs(recipe) if recipe.eval.at_end or recipe.eval.every_n_steps > 0 else None
+    during = strategy(recipe.train.eval_strategy) != "no"
+    eval_kwargs = _eval_kwargs(recipe) if recipe.eval.at_end or during else None
     validate_model(recipe.model, recipe.train)
     args = _training_args(recipe, Path(recipe.output_dir).expanduser())
     _check_processes(recipe, args)
+    if not raw:
+        _check_eval_steps(recipe, len(forget_rows), args.world_size)
 
     with _run_folder(recipe, "unlearn") as (run_dir, resume):
         model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
@@ -492,10 +584,9 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
 
             callbacks.append(BalanceTracker(forget_nll, run_dir / "balance.jsonl",
                                             every_n_steps=recipe.balance.every_n_steps))
-        if recipe.eval.every_n_steps > 0:
-            from baldro.eval.run import PeriodicEvalCallback
-
-            callbacks.append(PeriodicEvalCallback(tokenizer, formatter, run_dir, recipe.eval.every_n_steps, eval_kwargs))
+        trajectory = _trajectory_callback(recipe, tokenizer, formatter, run_dir) if during else None
+        if trajectory is not None:
+            callbacks.append(trajectory)
         callbacks.extend(extra_callbacks)
 
         trainer = UnlearnTrainer(
@@ -518,6 +609,8 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         )
         if resume:
             trainer.restore_extra_state(resume)
+        if trajectory is not None:
+            trajectory.trainer = trainer  # its headline numbers go through trainer.log (report_to)
         _train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
             "name": recipe.name or f"{objective.name}_{recipe.weighting.name}",
             "kind": "unlearn",
@@ -533,7 +626,7 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             "forget_split": recipe.data.forget_split,
             "n_forget": len(forget_enc),
             **({"benchmark": benchmark, "chunk_length": recipe.data.chunk_length} if raw else {}),
-        })
+        }, more_info=trajectory.info if trajectory is not None else None)
         if recipe.eval.at_end and trainer.is_world_process_zero():  # once, in the main process
             from baldro.eval.run import evaluate_final_model
 

@@ -13,6 +13,10 @@ of lm-eval tasks, one column per task; every file but one of run_info.json / eva
 - ``attacks.png`` (when a run has ``RUN/attack/``, or an attack folder of ``baldro attack`` is passed):
   per-sample forget probability (MUSE: VerbMem) before vs after every attack, one panel per method, with
   a table per method of what each attack brought back and what it cost.
+- ``eval_trajectory.png``: forget quality, model utility and forget probability (MUSE: VerbMem, forget and
+  retain KnowMem) against the step, from each run's ``eval_trajectory.jsonl`` (evaluations during
+  unlearning); runs that share a name are one line, their seeds' range shaded. The best step of each run
+  (``run_info.json`` ``best_step``) is a column of the tables.
 
 Plots are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
 switch) and written atomically; a plot with nothing to show is left out and the report says why.
@@ -56,6 +60,7 @@ class RunRecord:
     train_log: list[dict[str, Any]] = field(default_factory=list)
     balance: list[dict[str, Any]] = field(default_factory=list)
     forget_losses: list[dict[str, Any]] = field(default_factory=list)
+    trajectory: list[dict[str, Any]] = field(default_factory=list)  # eval_trajectory.jsonl
     benchmark: str = "tofu"  # "muse" when the run's summary is eval/MUSE_SUMMARY.json, "lm_eval" when it has only lm-eval's
     lm_eval: dict[str, Any] = field(default_factory=dict)  # eval/LMEVAL_SUMMARY.json: {"TASK/METRIC": value}
 
@@ -129,6 +134,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         train_log=_read_rows(path / "train_log.jsonl"),
         balance=_read_rows(path / "balance.jsonl"),
         forget_losses=_read_rows(path / "forget_losses.jsonl"),
+        trajectory=_read_rows(path / "eval_trajectory.jsonl"),
         benchmark=benchmark,
         lm_eval=lm_eval,
     )
@@ -258,6 +264,23 @@ def lm_eval_columns(runs: Iterable[RunRecord]) -> list[tuple[str, str, Any]]:
             if task and task not in columns and "_stderr" not in metric:
                 columns[task] = key
     return [(f"{task} {key.rpartition('/')[2]}", key, format_value) for task, key in columns.items()]
+
+
+def format_step(value: Any) -> str:
+    """A step (or a mean of steps, to one decimal)."""
+    v = _num(value)
+    return "n/a" if v is None else f"{int(v)}" if v.is_integer() else f"{v:.1f}"
+
+
+# Runs that evaluated during unlearning with a train.metric_for_best_model: the step of the best evaluation.
+BEST_STEP_COLUMN = ("Best step", "best_step", format_step)
+
+
+def _with_best_step(columns: list, runs: Iterable["RunRecord"]) -> list:
+    """The columns with "Best step" before the train time, when a run has one."""
+    if not any(r.info.get("best_step") is not None for r in runs):
+        return list(columns)
+    return [*columns[:-1], BEST_STEP_COLUMN, columns[-1]]
 
 
 def mean_std(values: Iterable[Any], fmt=format_value) -> str:
@@ -663,6 +686,66 @@ def _attack_section(records: Sequence[AttackRecord], plot: Path | None) -> list[
     return md
 
 
+
+
+# (summary key, panel title, log scale), per benchmark
+TRAJECTORY_PANELS = {
+    "tofu": [("forget_quality", "forget quality (KS p-value, higher = better)", True),
+             ("model_utility", "model utility (higher = better)", False),
+             ("forget_Q_A_Prob", "forget probability (lower = more forgotten)", True)],
+    "muse": [("forget_verbmem_ROUGE", "VerbMem on the forget set (lower = more forgotten)", False),
+             ("forget_knowmem_ROUGE", "KnowMem on the forget set (lower = more forgotten)", False),
+             ("retain_knowmem_ROUGE", "KnowMem on the retain set (utility, higher = better)", False)],
+}
+
+
+def _group_series(runs: Sequence[RunRecord], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, low, high) of `key` over the runs of one method, at the steps every run evaluated."""
+    series = [dict(zip(*_series(r.trajectory, key))) for r in runs]
+    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    vals = np.array([[s[t] for t in common] for s in series], dtype=float).reshape(len(series), len(common))
+    return (np.asarray(common, dtype=float), vals.mean(axis=0), vals.min(axis=0), vals.max(axis=0))
+
+
+def _plot_eval_trajectories(groups: dict[str, list[RunRecord]], benchmark: str, path: Path) -> Path | None:
+    """One panel per headline metric; one line per method (its seeds' min-max shaded), the best step starred."""
+    panels = [p for p in TRAJECTORY_PANELS[benchmark]
+              if any(_series(r.trajectory, p[0])[0].size for runs in groups.values() for r in runs)]
+    if not panels:
+        return None
+    fig = _new_figure(4.8 * len(panels), 4.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colours = dict(zip(groups, _palette(len(groups))))
+    for ax, (key, title, log) in zip(axes, panels):
+        for k, (name, runs) in enumerate(groups.items()):
+            steps, mean, low, high = _group_series(runs, key)
+            if not steps.size:
+                continue
+            positive = (mean > 0) if log else np.ones_like(mean, dtype=bool)
+            label = name + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+            ax.plot(steps[positive], mean[positive], color=colours[name], linestyle=LINESTYLES[k % len(LINESTYLES)],
+                    marker=".", linewidth=1.4, label=label)
+            if len(runs) > 1:
+                ok = positive & (low > 0) if log else positive
+                ax.fill_between(steps[ok], low[ok], high[ok], color=colours[name], alpha=0.2, linewidth=0)
+            else:
+                best = _num(runs[0].info.get("best_step"))
+                at = dict(zip(steps, mean))
+                if best is not None and best in at and (at[best] > 0 or not log):
+                    ax.scatter([best], [at[best]], marker="*", s=160, color=colours[name], edgecolor="black",
+                               zorder=4)
+        if log:
+            ax.set_yscale("log")
+        if key == "forget_quality":
+            ax.axhline(0.05, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Evaluations during unlearning (star = best step)")
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- report
 def _as_run(run: str | Path | RunRecord) -> RunRecord:
     return run if isinstance(run, RunRecord) else load_run(run)
@@ -794,7 +877,7 @@ def build_report(
     lm_columns = lm_eval_columns(every)
     train_time = [c for c in COLUMNS if c[1] == "train_time_s"]
     base = train_time if only_lm_eval else MUSE_COLUMNS if is_muse else COLUMNS
-    columns = [*base[:-1], *lm_columns, base[-1]]  # lm-eval tasks before the training time
+    columns = _with_best_step([*base[:-1], *lm_columns, base[-1]], methods)  # lm-eval tasks before the training time
 
     ref_logs = {
         "retain": retain.load_eval_log() if retain is not None else None,
@@ -814,6 +897,7 @@ def build_report(
     for label, kind, run in rows:
         v: dict[str, Any] = {**run.summary, **run.lm_eval}
         v["train_time_s"] = run.info.get("train_time_s")
+        v["best_step"] = run.info.get("best_step")
         needs = [k for _, k, _ in columns if k.startswith("balance_") and _num(v.get(k)) is None]
         if needs and run.eval_log is not None:
             try:
@@ -857,6 +941,12 @@ def build_report(
     plots["spread"] = _plot_spread(labelled, out / "spread.png")
     plots["dro_weights"] = _plot_dro_weights(labelled, out / "dro_weights.png")
     plots["attacks"] = _plot_attacks(attacks, out / "attacks.png")
+    by_name: dict[str, list[RunRecord]] = {}
+    for run in methods:
+        if run.trajectory:
+            by_name.setdefault(run.name, []).append(run)
+    plots["eval_trajectory"] = _plot_eval_trajectories(by_name, "muse" if is_muse else "tofu",
+                                                       out / "eval_trajectory.png")
     for name, p in plots.items():  # a stale plot from an earlier report must not linger
         stale = out / f"{name}.png"
         if p is None and stale.exists():
@@ -912,7 +1002,7 @@ def build_report(
         seed_base = train_time if only_lm_eval else MUSE_COLUMNS if is_muse else SEED_COLUMNS
         md += seed_table(names, [[methods[i].info.get("seed") for i in groups[n]] for n in names],
                          [[method_values[i] for i in groups[n]] for n in names],
-                         [*seed_base[:-1], *lm_columns, seed_base[-1]])
+                         _with_best_step([*seed_base[:-1], *lm_columns, seed_base[-1]], methods))
         md += [
             "",
             "Runs with the same name are one method under several seeds: mean ± sample standard deviation. "
@@ -928,6 +1018,26 @@ def build_report(
                    "the mean of each method (outlined). Right: the spread at equal mean forgetting of every "
                    "seed, the bar its mean; methods whose points overlap cannot be told apart at this number "
                    "of seeds.", ""]
+
+    md += ["## Evaluations during unlearning", ""]
+    if plots["eval_trajectory"]:
+        best = sorted({f"`{r.info['metric_for_best_model']}`" for r in methods if r.info.get("metric_for_best_model")})
+        md += [
+            "![evaluations during unlearning](eval_trajectory.png)",
+            "",
+            "**How to read this.** The benchmark's evaluation of each run's model at step 0 (the starting model) and "
+            "at every evaluation point (`train.eval_strategy`; its rows may be a subset, `eval.trajectory_limit`, so "
+            "the numbers can differ from the final evaluation's). Runs that share a name are one line, the mean of "
+            "their seeds at the steps they all evaluated, with the seeds' range shaded. A star marks a run's best "
+            "step"
+            + (f" (the best {', '.join(best)} among evaluations whose utility stays above `eval.utility_floor` x "
+               "step 0's; *Best step* in the tables)" if best else "")
+            + ". Unlearning often over-shoots: forget quality rises, then falls while utility decays.",
+            "",
+        ]
+    else:
+        md += ["No run has an eval_trajectory.jsonl (train.eval_strategy=no), so there is no plot of evaluations "
+               "during unlearning.", ""]
 
     md += ["## Forget quality vs model utility", ""]
     if plots["fq_vs_mu"]:

@@ -93,6 +93,14 @@ class TrainConfig:
     disable_tqdm: bool = False
     dataloader_num_workers: int = 0
     report_to: str = "none"
+    # Evaluation during unlearning (transformers' names; baldro runs the benchmark's evaluator itself, on the
+    # model in memory, on the main process; not the Trainer's `evaluate`): README "Evaluation during unlearning"
+    eval_strategy: str = "no"  # no, steps or epoch (each also evaluates at step 0, the starting model)
+    eval_steps: Optional[float] = None  # steps: every N optimizer steps or a fraction of the run below 1 (+ the last)
+    metric_for_best_model: Optional[str] = None  # a summary key (forget_quality, ...): the best evaluation's
+    greater_is_better: Optional[bool] = None  # null: lower is better for forget_*_Prob / _ROUGE and memorisation
+    load_best_model_at_end: bool = False  # save the best evaluation's model, not the last step's (RUN/best keeps it)
+    early_stopping_patience: Optional[int] = None  # stop after N evaluations with no better metric, or below the floor
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,7 +169,12 @@ class EvalConfig:
     # tofu, muse, or lm_eval (eval.tasks of lm-evaluation-harness; needs `pip install 'baldro[lm-eval]'`)
     benchmark: str = "tofu"
     at_end: bool = False  # unlearning runs: evaluate the final model into RUN_DIR/eval
-    every_n_steps: int = 0  # unlearning runs: evaluate every N steps into RUN_DIR/eval/step-N
+    # evaluations during unlearning (train.eval_strategy): into RUN_DIR/evals/step-N and RUN_DIR/eval_trajectory.jsonl
+    trajectory_limit: Optional[int] = 20  # only the first N rows of every set (at most eval.limit; null: all)
+    trajectory_max_new_tokens: Optional[int] = None  # null: eval.max_new_tokens (MUSE: caps both of its budgets)
+    # in [0, 1]: an evaluation whose utility (TOFU model_utility, MUSE retain_knowmem_ROUGE) is below this
+    # fraction of the first evaluation's (step 0) is never the best; early stopping stops there
+    utility_floor: Optional[float] = None
     retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json (muse: the retrained model's MUSE_EVAL.json)
     target_logs_path: Optional[str] = None  # the target model's TOFU_EVAL.json: the over-forgotten criterion
     batch_size: Optional[int] = None  # null: 16, or OpenUnlearning's 32 with compat=openunlearning
@@ -479,7 +492,66 @@ def _check_lm_eval(prefix: str, tasks, num_fewshot, limit, include_path, batch_s
     resolve_tasks(list(tasks), path, f"{prefix}.tasks")
 
 
-def _check_eval(e: EvalConfig, kind: str) -> None:
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+
+
+def strategy(value) -> str:
+    """A `*_strategy` value as transformers reads it (YAML 1.1 reads `no` as false)."""
+    return "no" if str(value).lower() == "false" else str(value)
+
+
+def _check_eval_during_training(recipe: Recipe, kind: str) -> bool:
+    """train.eval_strategy and what goes with it; returns whether the run evaluates during training."""
+    t, e = recipe.train, recipe.eval
+    how = strategy(t.eval_strategy)
+    if how not in EVAL_STRATEGIES:
+        raise BaldroError(f"train.eval_strategy={t.eval_strategy!r} is not one of {list(EVAL_STRATEGIES)}")
+    on = how != "no"
+    if on and e.benchmark not in ("tofu", "muse"):
+        raise BaldroError(f"train.eval_strategy={how} runs the TOFU or MUSE evaluator during unlearning, not "
+                          f"eval.benchmark={e.benchmark}: set train.eval_strategy=no (eval.at_end evaluates the final "
+                          "model; eval.lm_eval.tasks adds lm-eval tasks to a TOFU or MUSE evaluation)")
+    if on and kind != "unlearn":
+        raise BaldroError(f"train.eval_strategy={how} evaluates during unlearning runs only: set "
+                          "train.eval_strategy=no (evaluate a fine-tuned model with baldro eval)")
+    if t.eval_steps is not None:
+        steps = int(t.eval_steps) if _is_number(t.eval_steps) and float(t.eval_steps).is_integer() else t.eval_steps
+        if how != "steps":
+            raise BaldroError(f"train.eval_steps={steps} needs train.eval_strategy=steps (it is {how})")
+        hint = " (a step count >= 1, or a fraction of the run in (0, 1))"
+        _number("train.eval_steps", steps, low=0, low_open=True, hint=hint)
+        if t.eval_steps >= 1 and not float(t.eval_steps).is_integer():
+            raise BaldroError(f"train.eval_steps={t.eval_steps} is not an integer{hint}")
+        if t.eval_steps >= 1 and t.max_steps > 0 and t.eval_steps > t.max_steps:
+            raise BaldroError(f"train.eval_steps={t.eval_steps:g} is beyond the run (train.max_steps={t.max_steps}): "
+                              "use a count <= train.max_steps or a fraction of the run")
+    elif how == "steps":
+        raise BaldroError("train.eval_strategy=steps needs train.eval_steps (a step count, or a fraction of the run "
+                          "below 1, e.g. train.eval_steps=0.1)")
+    metric = t.metric_for_best_model
+    for key, value in (("train.metric_for_best_model", metric), ("eval.utility_floor", e.utility_floor),
+                       ("train.early_stopping_patience", t.early_stopping_patience)):
+        if value is not None and not on:
+            raise BaldroError(f"{key}={value} needs evaluations during training: set train.eval_strategy=epoch "
+                              "(or steps with train.eval_steps)")
+    if t.load_best_model_at_end and not metric:
+        raise BaldroError("train.load_best_model_at_end=true needs train.metric_for_best_model (e.g. forget_quality): "
+                          "set it")
+    if t.early_stopping_patience is not None:
+        _number("train.early_stopping_patience", t.early_stopping_patience, low=1, integer=True,
+                hint=" (evaluations without a better metric)")
+        if not metric:
+            raise BaldroError("train.early_stopping_patience needs train.metric_for_best_model (e.g. forget_quality): "
+                              "set it")
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise BaldroError(f"train.metric_for_best_model={metric!r} must name a summary key (e.g. forget_quality)")
+    if metric == "forget_quality" and e.benchmark == "tofu" and not e.retain_logs_path:
+        raise BaldroError("train.metric_for_best_model=forget_quality needs the retain model's eval log: set "
+                          "eval.retain_logs_path (forget quality is a test against it)")
+    return on
+
+
+def _check_eval(e: EvalConfig, kind: str, during_training: bool = False) -> None:
     if e.benchmark not in EVAL_BENCHMARKS:
         raise BaldroError(f"eval.benchmark={e.benchmark!r} is not supported: use tofu, muse or lm_eval")
     _optional_positive_int("eval.batch_size", e.batch_size, hint=": use null (the default) or a count >= 1")
@@ -491,8 +563,14 @@ def _check_eval(e: EvalConfig, kind: str) -> None:
                           f"eval.benchmark={e.benchmark}")
     _number("eval.max_new_tokens", e.max_new_tokens, low=1, integer=True)
     _optional_positive_int("eval.limit", e.limit)
-    _number("eval.every_n_steps", e.every_n_steps, low=0, integer=True, hint=" (0: never)")
-    evaluates = kind in ("eval", "attack") or e.at_end or e.every_n_steps > 0
+    _optional_positive_int("eval.trajectory_limit", e.trajectory_limit,
+                           hint=": use null (every row, or eval.limit) or a count >= 1")
+    _optional_positive_int("eval.trajectory_max_new_tokens", e.trajectory_max_new_tokens,
+                           hint=": use null (eval.max_new_tokens) or a count >= 1")
+    if e.utility_floor is not None:
+        _number("eval.utility_floor", e.utility_floor, low=0, high=1,
+                hint=" (a fraction of the first evaluation's utility, in [0, 1], e.g. 0.9)")
+    evaluates = kind in ("eval", "attack") or e.at_end or during_training
     if e.benchmark == "lm_eval":
         if e.lm_eval.tasks:
             raise BaldroError("eval.lm_eval.tasks is the extra stage of a TOFU or MUSE evaluation: with "
@@ -612,7 +690,8 @@ def validate(recipe: Recipe, kind: str) -> None:
     if "{question}" not in recipe.format.prompt_template:
         raise BaldroError(f"format.prompt_template must contain '{{question}}', got {recipe.format.prompt_template!r}")
     needs_refusal = _check_unlearning(recipe) if kind == "unlearn" else False
-    _check_eval(recipe.eval, kind)
+    during_training = _check_eval_during_training(recipe, kind) if kind != "eval" else False
+    _check_eval(recipe.eval, kind, during_training)
     if kind == "attack":
         _check_attack(recipe)
         if recipe.eval.benchmark == "lm_eval":

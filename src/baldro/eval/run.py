@@ -1,9 +1,10 @@
 """Evaluation around `evaluate_tofu`, `evaluate_muse` and `evaluate_lm_eval`: into a folder with balance
-metrics (TOFU), re-summarising against reference logs, and the evaluate-every-N-steps callback used
-during unlearning. Knows nothing of recipes: `baldro.recipes` turns a recipe into the keyword arguments
-used here (`settings`; `settings["benchmark"]` = "muse" picks the MUSE evaluator, "lm_eval" the
-lm-evaluation-harness tasks, TOFU otherwise; `settings["lm_eval"]`, when present, runs harness tasks
-as an extra stage of a TOFU or MUSE evaluation, into the same folder)."""
+metrics (TOFU), re-summarising against reference logs, and one evaluation during unlearning
+(`evaluate_during_training`, which `baldro.eval.trajectory` calls). Knows nothing of recipes:
+`baldro.recipes` turns a recipe into the keyword arguments used here (`settings`; `settings["benchmark"]`
+= "muse" picks the MUSE evaluator, "lm_eval" the lm-evaluation-harness tasks, TOFU otherwise;
+`settings["lm_eval"]`, when present, runs harness tasks as an extra stage of a TOFU or MUSE evaluation,
+into the same folder)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import json
 import logging
 import time
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from baldro.data.formatting import check_compat
 from baldro.errors import BaldroError
@@ -196,20 +195,37 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
     return out
 
 
-class PeriodicEvalCallback(TrainerCallback):
-    """Runs the evaluation every N optimizer steps into `RUN_DIR/eval/step-N/` (single process)."""
+# The evaluators' loggers, quiet after the first evaluation during training (their notes and stage lines
+# would repeat at every evaluation; the stages' seconds are in each evaluation's eval_timings.json).
+_EVALUATOR_LOGGERS = ("baldro.eval.tofu", "baldro.eval.muse", "baldro.eval.suite", "baldro.eval.engine",
+                      "baldro.eval.generation", "baldro.eval.summarize")
 
-    def __init__(self, tokenizer, formatter, run_dir: str | Path, every_n_steps: int, settings: dict):
-        self.tokenizer, self.formatter = tokenizer, formatter
-        self.run_dir, self.every, self.settings = Path(run_dir), every_n_steps, settings
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every or not state.is_world_process_zero:
-            return
-        if args.world_size > 1:
-            raise BaldroError("eval.every_n_steps runs in a single process: unset it for multi-GPU runs")
-        was_training = model.training
-        _, summary, _, _ = _evaluate(model, self.tokenizer, self.formatter,
-                                  self.run_dir / "eval" / f"step-{state.global_step}", self.settings, progress=False)
+def evaluate_during_training(model, tokenizer, formatter, out: Path, settings: dict,
+                             quiet: bool = False) -> tuple[dict, str]:
+    """One evaluation during unlearning (`baldro.eval.trajectory`): the model as it is in memory, in eval
+    mode and with the random number generators left as they were (training goes on as without it), into
+    `out` (the evaluator's files and eval_timings.json); returns (summary, benchmark). Its mode is restored.
+    `quiet`: the evaluator logs only errors (a note on non-finite weights is still logged)."""
+    import torch
+
+    was_training = model.training
+    timings: dict = {}
+    start = time.time()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    loggers = [logging.getLogger(name) for name in _EVALUATOR_LOGGERS] if quiet else []
+    levels = [lg.level for lg in loggers]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            note = _weights_note(model)
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            _, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings, timings=timings,
+                                              progress=False)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         model.train(was_training)
-        log.info("step %d: %s", state.global_step, " ".join(f"{k}={v}" for k, v in list(summary.items())[:3]))
+    write_json_atomic(Path(out) / "eval_timings.json", {"total_s": time.time() - start, "stages": timings})
+    return _add_weights_note(summary, note), benchmark
