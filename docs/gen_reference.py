@@ -131,20 +131,20 @@ def config_reference() -> str:
     """The configuration reference: one table per section, every key with its type, default and comment."""
     from baldro.schema import Recipe
 
-    sections: list[tuple[str, type, list[Key]]] = [("", Recipe, [])]
+    sections: list[tuple[str, type, str, list[Key]]] = [("", Recipe, "", [])]
     for k in schema_keys():
         if dataclasses.is_dataclass(k.default):
-            sections.append((k.key, type(k.default), []))
+            sections.append((k.key, type(k.default), k.comment, []))
             continue
         parent = k.key.rpartition(".")[0]
-        next(s for s in reversed(sections) if s[0] == parent)[2].append(k)
+        next(s for s in reversed(sections) if s[0] == parent)[3].append(k)
     out: list[str] = []
-    for name, cls, keys in sections:
+    for name, cls, comment, keys in sections:
         out.append(f"## `{name}`" if name else "## Top level")
         out.append("")
-        doc = _section_doc(cls)
-        if doc:
-            out += [_prose(doc), ""]
+        for text in (comment, _section_doc(cls)):  # the comment beside the section's field, its docstring
+            if text:
+                out += [_prose(text), ""]
         if not keys:
             out += ["(Only the sections below.)", ""]
             continue

@@ -4,6 +4,7 @@ checks every link, anchor, include and API reference), and the README keeps the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -48,8 +49,16 @@ def test_config_reference_keeps_each_fields_comments():
     assert "saturated forget losses reach them" in page
     row = next(line for line in page.splitlines() if line.startswith("| `train.warmup_steps`"))
     assert row.endswith("| a count, or a fraction of the run when below 1 |")
-    # a section's docstring
+    # a section's docstring, and the comment beside a section's field
     assert "AltPO's alternate answers" in page
+    assert "tofu / muse: harness tasks as an extra stage" in page
+    # every comment at the end of a field's line in schema.py
+    source = (ROOT / "src" / "baldro" / "schema.py").read_text(encoding="utf-8")
+    fields = source[:source.index("# ------")]
+    comments = re.findall(r"^    \w+: [^#\n]+  # (.+)$", fields, flags=re.M)
+    assert len(comments) > 50
+    for comment in comments:
+        assert gen_reference._prose(comment.strip()) in page, comment
 
 
 def test_api_reference_documents_every_public_name():
