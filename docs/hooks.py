@@ -72,7 +72,8 @@ def on_files(files: Files, config):
     _mount(readme, "index.md", files, config)
     if SPEC.is_file():
         _mount(SPEC, "spec.md", files, config)
-    else:  # a checkout without shared/ beside it
+    else:  # a checkout without shared/ beside it: links to it lead to this page
+        _MOUNTS[SPEC] = "spec.md"
         files.append(File.generated(config, "spec.md", content=(
             "# Specification\n\nThe specification, `SPEC.md`, is shipped beside the repository as "
             "`shared/SPEC.md`; this checkout has no `shared/` folder beside it.\n")))
