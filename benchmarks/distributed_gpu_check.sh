@@ -1,6 +1,6 @@
 #!/bin/bash
 # The distributed paths on GPUs, as a prepared check (NOT RUN in this repository: no machine with
-# several GPUs was available; see README, "Several processes").
+# several GPUs was available; see docs/guides/scale.md).
 #
 #   bash benchmarks/distributed_gpu_check.sh TOFU_DIR OUT_DIR [NPROC]
 #

@@ -14,7 +14,7 @@ evaluator (attention mask over padding positions) and once with OpenUnlearning's
   `baldro.eval.generation.generate` (skipped with --max-new-tokens 0).
 
 It prints the largest absolute probability difference, how many generations differ, a few examples,
-and writes everything to --out (JSON). One torch thread; the numbers quoted in the README came from
+and writes everything to --out (JSON). One torch thread; the numbers quoted in docs/guides/openunlearning.md came from
 the command above.
 """
 

@@ -1,4 +1,4 @@
-"""`eval.compat=openunlearning`: OpenUnlearning's TOFU evaluator, quirks included (README, SPEC section 4).
+"""`eval.compat=openunlearning`: OpenUnlearning's TOFU evaluator, quirks included (docs/guides/openunlearning.md, SPEC section 4).
 
 The mask and positions are checked on hand-made token sequences of a ChatML-style and a Llama-3-style
 template, in which the pad id (= EOS) also closes turns inside the sequence; then that the scoring and

@@ -186,7 +186,7 @@ class EvalConfig:
     knowmem_max_new_tokens: int = 32  # muse KnowMem answers
     limit: Optional[int] = None  # only the first N rows of every set
     # none: baldro's evaluator; openunlearning: reproduce OpenUnlearning's TOFU evaluator, quirks included
-    # (attention mask from the pad id, its positions, padding sides, batches in dataset order; README)
+    # (attention mask from the pad id, its positions, padding sides, batches in dataset order; docs/guides/openunlearning.md)
     compat: str = "none"
     # benchmark=lm_eval: the harness's tasks and options (eval.limit: documents per task; eval.batch_size: 16 if null)
     tasks: List[str] = field(default_factory=list)  # e.g. [wmdp_cyber, mmlu]; groups, tags and globs too

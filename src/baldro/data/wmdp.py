@@ -99,7 +99,7 @@ def load_corpus(source, split: str) -> list[str]:
         path = Path(str(source)).expanduser() / f"{split}.jsonl"
         if not path.is_file():
             have = sorted(p.stem for p in path.parent.glob("*.jsonl"))
-            note = (f" (the bio forget corpus is gated: see `{BIO_FORGET_HUB_ID}` in the README)"
+            note = (f" (the bio forget corpus is gated: see `{BIO_FORGET_HUB_ID}` in docs/guides/lm-eval.md)"
                     if split == "bio-forget-corpus" else "")
             raise BaldroError(f"WMDP corpus {split!r} not found: expected {path}" + (f"; the folder has {have}" if have else "")
                               + note)
