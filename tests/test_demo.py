@@ -74,7 +74,7 @@ def test_demo_quick(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"({png})" in report
     info = json.loads((out / "demo_info.json").read_text())
-    assert info["total_time_s"] < 180
+    assert info["total_time_s"] < 900  # a runaway guard, not a speed goal (benchmarks time the demo; CI cores are shared)
 
     # the documentation's demo table has the rows and columns this report writes
     ours, documented = _seed_table(report), _seed_table(RESULTS_PAGE.read_text(encoding="utf-8"))
