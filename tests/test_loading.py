@@ -69,3 +69,14 @@ def test_reference_model_only_when_needed(monkeypatch, tiny_model_dir, tofu_dir,
                "train.num_train_epochs=1", "train.per_device_train_batch_size=4", f"output_dir={tmp_path / 'r'}"])
     assert rc == 0
     assert len(made) == copies
+
+
+def test_a_source_is_a_local_folder_a_hub_id_or_a_missing_path(tmp_path):
+    from baldro.data.sources import is_local_folder, looks_like_path
+    from baldro.errors import BaldroError
+
+    assert is_local_folder(tmp_path, "unused") is True
+    assert is_local_folder("locuslab/TOFU", "unused") is False and not looks_like_path("locuslab/TOFU")
+    for missing in (tmp_path / "nope", "./nope", "~/nope-baldro", "data.json"):
+        with pytest.raises(BaldroError, match="give a folder"):
+            is_local_folder(missing, "give a folder")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from baldro.data.formatting import IGNORE_INDEX, EncodedQA
+from baldro.data.sources import is_local_folder
 from baldro.errors import BaldroError
 
 HUB_IDS = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
@@ -41,13 +42,8 @@ _PREFIX_MARGIN_TOKENS = 64
 
 
 def _is_local(source) -> bool:
-    folder = Path(source)
-    if folder.is_dir():
-        return True
-    if str(source).startswith((".", "/", "~")) or folder.suffix:
-        raise BaldroError(f"MUSE data folder {source} does not exist: set data.source to a MUSE folder "
-                          f"(e.g. ../shared/data/muse/books) or a hub id ({', '.join(HUB_IDS.values())})")
-    return False
+    return is_local_folder(source, f"MUSE data folder {source} does not exist: set data.source to a MUSE folder "
+                                   f"(e.g. ../shared/data/muse/books) or a hub id ({', '.join(HUB_IDS.values())})")
 
 
 def _hub(source: str, config: str, split: str):
@@ -80,7 +76,7 @@ def load_raw_text(source, split: str) -> str:
     """The raw corpus `split` (forget, retain1, retain2, holdout) as one text: its documents joined by
     a blank line (what the MUSE unlearning code trains on)."""
     if _is_local(source):
-        folder = Path(source)
+        folder = Path(source).expanduser()
         json_path, txt_path = folder / "raw" / f"{split}.json", folder / "raw" / f"{split}.txt"
         if json_path.is_file():
             docs = _read_json(json_path)
@@ -187,7 +183,7 @@ def chunk_tokens(
 # ---------------------------------------------------------------------------------- evaluation sets
 def _eval_rows(source, config: str, split: str, what: str) -> list:
     if _is_local(source):
-        path = Path(source) / config / f"{split}.json"
+        path = Path(source).expanduser() / config / f"{split}.json"
         if not path.is_file():
             raise BaldroError(f"MUSE {what} file {path} not found: data.source must be a MUSE folder with "
                               f"{config}/{split}.json (see shared/data/README.md)")
@@ -215,8 +211,8 @@ def load_knowmem(source, which: str, limit: int | None = None) -> tuple[list[dic
         raise BaldroError(f"unknown knowmem set {which!r}: use one of {sorted(KNOWMEM_SPLITS)}")
     split = KNOWMEM_SPLITS[which]
     if _is_local(source):
-        icl_path = Path(source) / "knowmem" / f"{split}_icl.json"
-        if (Path(source) / "knowmem" / f"{split}.json").is_file() and not icl_path.is_file():
+        icl_path = Path(source).expanduser() / "knowmem" / f"{split}_icl.json"
+        if (Path(source).expanduser() / "knowmem" / f"{split}.json").is_file() and not icl_path.is_file():
             raise BaldroError(f"knowmem/{split}.json has no in-context partner {icl_path}: KnowMem prompts are "
                               "built from it; add the file")
     rows = _check_fields(_eval_rows(source, "knowmem", split, f"knowmem {which}"), ("question", "answer"),

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from baldro.data.sources import looks_like_path
 from baldro.errors import BaldroError
 
 HUB_ID = "locuslab/TOFU"
@@ -96,7 +97,7 @@ def load_split(source: str | Path, name: str, fields: Sequence[str] = ("question
         where = str(path)
     elif folder.exists():
         raise BaldroError(f"data.source {source} is a file: set data.source to the folder that holds the split files")
-    elif str(source).startswith((".", "/", "~")) or Path(source).suffix:
+    elif looks_like_path(source):
         raise BaldroError(f"data folder {source} does not exist: set data.source to a TOFU folder or a hub id")
     else:
         rows, where = [(0, r) for r in _load_hub(str(source), name)], f"{source}:{name}"

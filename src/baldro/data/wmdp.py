@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from baldro.data.sources import is_local_folder
 from baldro.errors import BaldroError
 
 HUB_ID = "cais/wmdp-corpora"
@@ -33,13 +34,8 @@ TEXT_KEY = "text"
 
 
 def _is_local(source) -> bool:
-    folder = Path(str(source)).expanduser()
-    if folder.is_dir():
-        return True
-    if str(source).startswith((".", "/", "~")) or folder.suffix:
-        raise BaldroError(f"WMDP corpora folder {source} does not exist: set data.source to a folder of "
-                          f"*-forget-corpus.jsonl / *-retain-corpus.jsonl files or to the hub id {HUB_ID}")
-    return False
+    return is_local_folder(source, f"WMDP corpora folder {source} does not exist: set data.source to a folder of "
+                                   f"*-forget-corpus.jsonl / *-retain-corpus.jsonl files or to the hub id {HUB_ID}")
 
 
 def _check_split(split: str | None, key: str) -> str:
