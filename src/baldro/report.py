@@ -168,14 +168,7 @@ def load_attacks(path: str | Path, name: str | None = None) -> AttackRecord | No
 
 
 # ----------------------------------------------------------------------------- formatting
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+_num = metrics.finite_float
 
 
 def format_fq(value: Any) -> str:

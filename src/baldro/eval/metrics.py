@@ -13,12 +13,25 @@ mask of the positions to score. OpenUnlearning scores every answer position exce
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.stats
 import torch
+
+
+def finite_float(value) -> float | None:
+    """`value` as a finite float; None for None, a boolean, a non-number, NaN or an infinity."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
 
 # OpenUnlearning adds 1e-10 to denominators (truth ratio, normalised probability, privleak). It is
 # not negligible: for a correct-answer probability of ~1e-8 (world facts under a small model) it

@@ -23,7 +23,6 @@ samples' truth ratios against the retain model's truth ratios of the same sample
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -78,13 +77,7 @@ def _number(value: Any) -> float | None:
     """A per-sample value as one finite float (a list of several answers' values: their mean)."""
     if isinstance(value, (list, tuple)):
         value = float(np.mean(value)) if value and all(_number(v) is not None for v in value) else None
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+    return metrics.finite_float(value)
 
 
 def _index_key(i: str):

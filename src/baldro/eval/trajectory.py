@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 
 from baldro.distributed import all_gather_objects, barrier
 from baldro.errors import BaldroError
+from baldro.eval.metrics import finite_float
 from baldro.io import append_jsonl, read_jsonl, truncate_jsonl
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,7 @@ def lower_is_better(metric: str) -> bool:
     return metric in _LOWER_IS_BETTER or (metric.startswith("forget_") and metric.endswith(("_Prob", "_ROUGE")))
 
 
-def _finite(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+_finite = finite_float
 
 
 @dataclass(frozen=True)
