@@ -36,7 +36,7 @@ PLAIN = ["format.use_chat_template=false", "format.prompt_template='Question: {q
 
 def _tiny_model(work: Path, data: Path) -> Path:
     """The test suite's tiny Llama (random weights, a tokenizer trained on TOFU text)."""
-    from baldro.tiny import build_tiny_model
+    from baldro.models.tiny import build_tiny_model
 
     out = work / "tiny"
     if (out / "model.safetensors").is_file():

@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_tofu import _recorder, resolve_model  # noqa: E402
 
-
 WARMUP_STEPS = 2  # untimed, before the `steps` timed ones
 PROFILED_STEPS = 3  # after the warm-up and the timed ones
 
@@ -49,7 +48,12 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
     three more steps under the profiler (a CPU's split; on a GPU the kernels run asynchronously)."""
     from torch.profiler import profile
 
-    from baldro.eval.kv_cache import cache_kwarg, cache_layers, growing_cache, output_cache
+    from baldro.eval.kv_cache import (
+        cache_kwarg,
+        cache_layers,
+        growing_cache,
+        output_cache,
+    )
 
     g = torch.Generator().manual_seed(batch)
     vocab = model.config.vocab_size
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from baldro.models import set_flush_denormal
+    from baldro.models.loading import set_flush_denormal
 
     report: list[str] = []
     say = _recorder(report)  # stdout and, with --out, a .md beside the JSON

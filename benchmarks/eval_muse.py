@@ -35,7 +35,7 @@ def run_child(args) -> None:
 
     from baldro.data.formatting import QAFormatter
     from baldro.eval.muse import evaluate_muse
-    from baldro.models import load_model, load_tokenizer
+    from baldro.models.loading import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ and prompt-lookup speculation (`baldro.eval.generation`). The naive mode evaluat
 its own forward passes, keeps the input order and generates with `model.generate` on fixed batches
 (what an unoptimised tool does); the script
 asserts that both modes give the same numbers (to float tolerance) and prints markdown tables of
-rows/s per metric group. Without --model, a small random Llama (`baldro.tiny`, preset "demo") with a
+rows/s per metric group. Without --model, a small random Llama (`baldro.models.tiny`, preset "demo") with a
 byte-level BPE tokenizer trained on the TOFU texts is built in a temporary folder; `--model smollm2` is
 SmolLM2-135M-Instruct from its packaged GGUF (`model=smollm2-135m-instruct`), formatted as that config
 group says (ChatML, system prompt "You are a helpful assistant.").
@@ -40,9 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from baldro.eval.generation import DECODE_BATCH_FACTOR
 from baldro.eval.suite import ATOL, RTOL, numeric_differences
 from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
-from baldro.eval.generation import DECODE_BATCH_FACTOR
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE_CONTEXT = 150  # cached positions of the decoding-rate probe: a prompt of ~40 tokens + ~110 generated
@@ -69,7 +69,7 @@ def _tofu_texts(data: Path, n: int = 4000) -> list[str]:
 
 def build_default_model(out_dir: Path, data: Path) -> Path:
     """A small random Llama and a tokenizer trained on the TOFU texts (nothing downloaded)."""
-    from baldro.tiny import build_tiny_model
+    from baldro.models.tiny import build_tiny_model
 
     return build_tiny_model(out_dir, _tofu_texts(data), preset="demo")
 
@@ -77,7 +77,7 @@ def build_default_model(out_dir: Path, data: Path) -> Path:
 def resolve_model(model: str) -> str:
     """A model folder; `smollm2` materialises SmolLM2-135M-Instruct from its packaged GGUF."""
     if model == SMOLLM2:
-        from baldro.model_sources import resolve_model_path
+        from baldro.models.sources import resolve_model_path
 
         return resolve_model_path("package:smollm2-135m-instruct")
     return model

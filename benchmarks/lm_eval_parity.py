@@ -76,11 +76,11 @@ metric_list:
 
 def resolve_model(name: str, work: Path, data: Path) -> Path:
     if name == "smollm2":
-        from baldro.model_sources import resolve_model_path
+        from baldro.models.sources import resolve_model_path
 
         return Path(resolve_model_path("package:smollm2-135m-instruct"))
     if name == "tiny":
-        from baldro.tiny import build_tiny_model
+        from baldro.models.tiny import build_tiny_model
 
         texts = []
         for line in (data / "full.jsonl").read_text().splitlines()[:400]:

@@ -44,11 +44,11 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from baldro.config import as_recipe, load_config
     from baldro.eval import engine, generation
     from baldro.eval.suite import pad_token_id
     from baldro.eval.tofu import load_tofu_eval_data
-    from baldro.recipes import build_formatter, load_model_and_tokenizer
+    from baldro.recipes.common import build_formatter, load_model_and_tokenizer
+    from baldro.recipes.config import as_recipe, load_config
 
     recipe = as_recipe(load_config(REPO / "configs" / "eval" / "tofu.yaml", [
         "model=smollm2-135m-instruct", f"model.path={args.model}", "model.dtype=float32", "model.device=cpu",

@@ -110,11 +110,12 @@ def run_child(args) -> None:
     from transformers import TrainerCallback, TrainingArguments
 
     from baldro.data.formatting import EncodedQA
-    from baldro.models import set_flush_denormal
-    from baldro.recipes import make_reference_model
-    from baldro.objectives import get_objective, get_retain_loss
-    from baldro.trainer import UnlearnCollator, UnlearnDataset, UnlearnTrainer
-    from baldro.weighting import make_weighting
+    from baldro.models.loading import set_flush_denormal
+    from baldro.recipes.unlearn import make_reference_model
+    from baldro.train.batching import UnlearnCollator, UnlearnDataset
+    from baldro.train.objectives import get_objective, get_retain_loss
+    from baldro.train.trainers import UnlearnTrainer
+    from baldro.train.weighting import make_weighting
 
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
         if args.model == "tiny":
             from transformers import LlamaConfig
 
-            from baldro.tiny import PRESETS
+            from baldro.models.tiny import PRESETS
 
             LlamaConfig(vocab_size=1024, tie_word_embeddings=True, **PRESETS["demo"]).save_pretrained(tmp)
             model_path, args.random_init = tmp, True

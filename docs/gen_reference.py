@@ -1,7 +1,7 @@
 """Reference pages generated at build time, so that they cannot drift from the code.
 
-- `config_reference()`: every recipe key of `baldro.schema.Recipe` (nested sections flattened to
-  dotted keys), its type, its default and the comments beside it in `src/baldro/schema.py`.
+- `config_reference()`: every recipe key of `baldro.recipes.schema.Recipe` (nested sections flattened to
+  dotted keys), its type, its default and the comments beside it in `src/baldro/recipes/schema.py`.
 - `cli_reference()`: `baldro --help` and each command's `--help`, from `baldro.cli.build_parser()`.
 - `api_reference()`: a mkdocstrings block for every public name of `baldro` (`baldro._API`, the
   lazily imported names of `baldro.__init__`), pointing at the module that defines it.
@@ -73,7 +73,7 @@ def schema_keys(cls: type | None = None, prefix: str = "") -> Iterator[Key]:
     """Every key of the recipe, depth first in the order of `schema.py`: a nested section gives its own
     row (type: the section's dataclass) followed by its keys."""
     if cls is None:
-        from baldro.schema import Recipe
+        from baldro.recipes.schema import Recipe
 
         cls = Recipe
     comments = _field_comments(cls)
@@ -129,7 +129,7 @@ def _code(text: str) -> str:
 
 def config_reference() -> str:
     """The configuration reference: one table per section, every key with its type, default and comment."""
-    from baldro.schema import Recipe
+    from baldro.recipes.schema import Recipe
 
     sections: list[tuple[str, type, str, list[Key]]] = [("", Recipe, "", [])]
     for k in schema_keys():

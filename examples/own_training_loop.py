@@ -43,7 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     model_path = args.model
     if model_path is None:
-        from baldro.tiny import build_tiny_model
+        from baldro.models.tiny import build_tiny_model
 
         model_path = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", FORGET * 8, preset="test", vocab_size=300)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -9,7 +9,7 @@ at (2/beta) ln 2 = 13.86) to full forgetting (0). This script measures, on the m
 forget set, each objective's per-sample loss at step 0 and the distance to its forgotten level (RMU, PDU:
 0; UNDIAL, CE-U: the entropy of their target distribution, which the loss cannot go below; NPO, AltPO,
 DPO: 0), and proposes sigma = that distance x 2 / 13.86, the paper's ratio. Batches of 8 through the
-library's own forward pass (`baldro.trainer.forward_parts`); the reference is the model itself (step 0).
+library's own forward pass (`baldro.train.forward.forward_parts`); the reference is the model itself (step 0).
 """
 
 from __future__ import annotations
@@ -22,13 +22,19 @@ from pathlib import Path
 
 import torch
 
-from baldro.config import as_recipe, load_config
 from baldro.data.formatting import collate_encoded
 from baldro.data.tofu import load_split
-from baldro.objectives import ForgetInputs, default_module_regex, find_module, get_objective, steering_vector
-from baldro.recipes import build_formatter, load_model_and_tokenizer
-from baldro.schema import Recipe
-from baldro.trainer import forward_parts
+from baldro.recipes.common import build_formatter, load_model_and_tokenizer
+from baldro.recipes.config import as_recipe, load_config
+from baldro.recipes.schema import Recipe
+from baldro.train.forward import forward_parts
+from baldro.train.objectives import (
+    ForgetInputs,
+    default_module_regex,
+    find_module,
+    get_objective,
+    steering_vector,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NPO_RATIO = 2.0 / (20 * math.log(2))  # the paper's sigma over NPO's start-to-forgotten distance

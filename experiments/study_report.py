@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from baldro.io import read_jsonl, write_text_atomic
-from baldro.report import build_report
+from baldro.report.build import build_report
 
 REFERENCES = ("target", "retain")
 

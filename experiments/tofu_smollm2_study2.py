@@ -27,12 +27,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
-from baldro.model_sources import cache_dir  # noqa: E402
 from tofu_smollm2 import (  # noqa: E402
-    COMMON, CONFIGS, DEFAULT_DATA, EVAL, REPO, SMOKE, UNLEARN, Job, Scheduler, baldro, copy_results, finetune_job,
+    COMMON,
+    CONFIGS,
+    DEFAULT_DATA,
+    EVAL,
+    REPO,
+    SMOKE,
+    UNLEARN,
+    Job,
+    Scheduler,
+    baldro,
+    copy_results,
+    finetune_job,
     is_finished,
 )
+
+from baldro.models.sources import cache_dir  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "experiments" / "tofu_smollm2_study2"
 SEEDS = (0, 1, 2)

@@ -29,7 +29,7 @@ def tofu_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A few-hundred-thousand-parameter Llama with a BPE tokenizer trained on TOFU text."""
-    from baldro.tiny import build_tiny_model
+    from baldro.models.tiny import build_tiny_model
 
     tofu = require_tofu()
     texts = []

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from baldro.cli import main
-from baldro.eval.recovery import came_back, recovery, threshold, METRICS
+from baldro.eval.recovery import METRICS, came_back, recovery, threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -120,7 +120,7 @@ def test_quantized_weights_take_at_most_2_to_the_bits_values_per_group(unlearned
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from baldro.models import load_model
+    from baldro.models.loading import load_model
 
     full = load_model(str(unlearned / "model"), dtype="float32", device="cpu")
     quantized = load_model(str(unlearned / "model"), dtype="float32", device="cpu", quantize_bits=bits)

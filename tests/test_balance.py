@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from baldro.balance import (
+from baldro.errors import BaldroError
+from baldro.eval.balance import (
     BALANCE_KEYS,
     BalanceTracker,
     balance_from_eval_logs,
     balance_metrics,
     trajectory_spread,
 )
-from baldro.errors import BaldroError
 from baldro.io import read_jsonl
 
 PROB = [0.1, 0.2, 0.4, 0.8]
@@ -266,7 +266,7 @@ def test_balance_tracker_in_a_real_trainer(tmp_path):
 
 
 def test_spread_at_mean_forgetting():
-    from baldro.balance import spread_at_mean_forgetting
+    from baldro.eval.balance import spread_at_mean_forgetting
 
     rows = [
         {"step": 0, "prob": [0.9, 0.9]},
@@ -281,7 +281,7 @@ def test_spread_at_mean_forgetting():
 
 
 def test_spread_at_mean_forgetting_interpolates_to_the_level():
-    from baldro.balance import spread_at_mean_forgetting
+    from baldro.eval.balance import spread_at_mean_forgetting
 
     rows = [
         {"step": 0, "prob": [0.9, 0.9]},  # mean 0.9, std 0

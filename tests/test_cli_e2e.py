@@ -190,7 +190,7 @@ def module_norms(model_dir, tofu_dir, split: str, layer: int, n: int = 16):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from baldro.data.formatting import QAFormatter, collate_encoded
-    from baldro.sequence import answer_hidden
+    from baldro.train.sequence import answer_hidden
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -234,7 +234,7 @@ def test_rmu_steers_forget_hidden_states_and_keeps_retain_ones(target_model, tof
 
 @pytest.mark.slow
 def test_altpo_generates_alternates_once_and_reuses_them(target_model, tofu_dir, tmp_path, monkeypatch):
-    import baldro.recipes as recipes
+    import baldro.recipes.unlearn as recipes
 
     out = tmp_path / "altpo"
     args = ["objective.alternates.n=3", "objective.alternates.max_new_tokens=5", "data.limit=4",
@@ -248,7 +248,7 @@ def test_altpo_generates_alternates_once_and_reuses_them(target_model, tofu_dir,
     again.mkdir()
     (again / "alternates.jsonl").write_text((out / "alternates.jsonl").read_text())
     monkeypatch.setattr(recipes, "generate_alternates", lambda *a, **k: pytest.fail("generated again"))
-    from baldro.alternates import read_alternates
+    from baldro.train.alternates import read_alternates
 
     rows = [json.loads(line) for line in (tofu_dir / "forget01.jsonl").read_text().splitlines()[:4]]
     assert read_alternates(again / "alternates.jsonl", rows) == [json.loads(line)["alternates"] for line in lines[1:]]
@@ -291,7 +291,7 @@ def test_forward_computes_only_what_is_declared(tiny_model_dir):
     """A pass that needs a module's output alone stops there: no later layer, no LM head, no logits."""
     from transformers import AutoModelForCausalLM
 
-    from baldro.trainer import forward_parts
+    from baldro.train.forward import forward_parts
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     calls = []

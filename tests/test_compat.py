@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from baldro.cli import main
-from baldro.config import as_recipe, load_config
 from baldro.data.formatting import (
     IGNORE_INDEX,
     EncodedQA,
@@ -28,7 +27,8 @@ from baldro.data.formatting import (
 from baldro.errors import BaldroError
 from baldro.eval import engine, generation
 from baldro.eval.tofu import openunlearning_rouge_texts
-from baldro.recipes import _eval_kwargs
+from baldro.recipes.config import as_recipe, load_config
+from baldro.recipes.evaluate import eval_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = str(ROOT / "configs" / "eval" / "tofu.yaml")
@@ -211,7 +211,7 @@ def test_rouge_texts_and_decoding(tiny_model_dir):
 # ------------------------------------------------------------------------------------- recipes
 def test_recipe_switch_and_batch_size_defaults():
     def kwargs(*over):
-        return _eval_kwargs(as_recipe(load_config(EVAL, ["model.path=x", *over])))
+        return eval_settings(as_recipe(load_config(EVAL, ["model.path=x", *over])))
 
     assert kwargs()["compat"] == "none" and kwargs()["batch_size"] == 16
     ou = kwargs("eval.compat=openunlearning")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from baldro.config import as_recipe, load_config
-from baldro.objectives import get_objective
-from baldro.schema import weighting_args
-from baldro.weighting import make_weighting
+from baldro.recipes.config import as_recipe, load_config
+from baldro.recipes.validation import weighting_args
+from baldro.train.objectives import get_objective
+from baldro.train.weighting import make_weighting
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

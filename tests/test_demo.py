@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_logs import assert_clean_log
 
 from baldro.cli import main
-from baldro.demo import METHODS
-from test_logs import assert_clean_log
+from baldro.recipes.demo import METHODS
 
 # the demo's table of the documentation (docs/results.md, "The demo"): what `baldro demo` wrote on this project's machine
 RESULTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "results.md"

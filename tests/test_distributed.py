@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,8 @@ import torch
 from baldro.distributed import PAD_ID
 from baldro.errors import BaldroError
 from baldro.io import read_jsonl
-from baldro.trainer import EpochSampler, UnlearnDataset, drop_rows
-from baldro.weighting import GlobalBatchWeighting, make_weighting
+from baldro.train.batching import EpochSampler, UnlearnDataset, drop_rows
+from baldro.train.weighting import GlobalBatchWeighting, make_weighting
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = str(ROOT / "configs" / "unlearn" / "tofu.yaml")
@@ -145,8 +144,8 @@ def test_the_sampler_pads_an_epoch_to_whole_global_batches():
 def test_pad_rows_and_dropping_them(tiny_model_dir, tofu_dir):
     from baldro.data.formatting import QAFormatter
     from baldro.data.tofu import load_split
-    from baldro.models import load_tokenizer
-    from baldro.trainer import UnlearnCollator
+    from baldro.models.loading import load_tokenizer
+    from baldro.train.batching import UnlearnCollator
 
     tok = load_tokenizer(str(tiny_model_dir))
     fmt = QAFormatter(tok, use_chat_template=False, max_length=512)
@@ -168,7 +167,7 @@ def test_every_process_loads_onto_its_own_gpu(monkeypatch):
     """Fault (a). Before: `model.device` unset resolved to a bare `cuda`, i.e. the *current* GPU, which is
     GPU 0 in a fresh process; the recipes were saved only because TrainingArguments (built before the
     model) had already called `torch.cuda.set_device(LOCAL_RANK)`. Now every process names its GPU."""
-    from baldro import models
+    from baldro.models import loading as models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

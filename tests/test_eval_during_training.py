@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_resume import KillAfterStep, Killed, assert_same_run, base, run
 
 from baldro.cli import main
-from baldro.config import load_config
 from baldro.errors import BaldroError
 from baldro.eval.trajectory import (
     BestRule,
@@ -22,7 +22,7 @@ from baldro.eval.trajectory import (
     trajectory_row,
 )
 from baldro.io import read_jsonl
-from test_resume import KillAfterStep, Killed, assert_same_run, base, run
+from baldro.recipes.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = ROOT / "configs" / "unlearn" / "tofu.yaml"
@@ -84,8 +84,8 @@ def test_eval_steps_and_directions():
 
 
 def test_the_cheaper_subset_of_evaluations_during_training():
-    from baldro.config import as_recipe
-    from baldro.recipes import trajectory_settings
+    from baldro.recipes.config import as_recipe
+    from baldro.recipes.unlearn import trajectory_settings
 
     def settings(recipe, *overrides):
         return trajectory_settings(as_recipe(load_config(recipe, ["train.eval_strategy=epoch", *overrides])))
@@ -292,17 +292,17 @@ def test_fine_tuning_and_sharded_weights_are_refused(tiny_model_dir, tofu_dir, t
                *base(tiny_model_dir, tofu_dir, tmp_path / "ft"), "data.train_split=forget01",
                "train.eval_strategy=epoch"])
     assert rc == 2 and "evaluates during unlearning runs only" in capsys.readouterr().err
-    from baldro.recipes import _check_processes
+    from baldro.recipes.common import check_processes
 
     recipe = load_config(UNLEARN, ["train.eval_strategy=epoch"])
-    from baldro.config import as_recipe
+    from baldro.recipes.config import as_recipe
 
     recipe = as_recipe(recipe)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    _check_processes(recipe, SimpleNamespace(world_size=2))  # DDP: the main process evaluates
+    check_processes(recipe, SimpleNamespace(world_size=2))  # DDP: the main process evaluates
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(BaldroError, match="FSDP or DeepSpeed ZeRO-3 each process holds only a shard"):
-        _check_processes(recipe, SimpleNamespace(world_size=2))
+        check_processes(recipe, SimpleNamespace(world_size=2))
 
 
 # ----------------------------------------------------------------------------- baldro report
@@ -320,7 +320,7 @@ def _fake_run(folder: Path, name: str, seed: int, best_step: int, scale: float) 
 
 
 def test_report_plots_the_trajectories_and_tables_the_best_step(tmp_path):
-    from baldro.report import build_report
+    from baldro.report.build import build_report
 
     runs = [_fake_run(tmp_path / "a0", "npo_dv", 0, 10, 1.0), _fake_run(tmp_path / "a1", "npo_dv", 1, 15, 2.0),
             _fake_run(tmp_path / "b0", "npo_mean", 0, 5, 0.5)]
@@ -350,7 +350,9 @@ def test_report_plots_the_trajectories_and_tables_the_best_step(tmp_path):
 # ----------------------------------------------------------------------------- MUSE
 @pytest.mark.slow
 def test_muse_evaluations_during_unlearning(tiny_model_dir, tmp_path, capsys):
-    from test_muse import EVAL as MUSE_EVAL, UNLEARN as MUSE_UNLEARN, books_slice, cpu
+    from test_muse import EVAL as MUSE_EVAL
+    from test_muse import UNLEARN as MUSE_UNLEARN
+    from test_muse import books_slice, cpu
 
     books = books_slice(tmp_path / "books")
     common = [*cpu(tiny_model_dir), f"data.source={books}", "data.limit=4", "train.num_train_epochs=2",

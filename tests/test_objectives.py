@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from baldro.errors import BaldroError
-from baldro.objectives import (
+from baldro.train.objectives import (
     FORGET_OBJECTIVES,
     ForgetInputs,
     PrimalDual,
@@ -15,7 +15,12 @@ from baldro.objectives import (
     get_retain_loss,
     steering_vector,
 )
-from baldro.sequence import TokenLogProbs, answer_hidden, answer_logits, token_log_probs
+from baldro.train.sequence import (
+    TokenLogProbs,
+    answer_hidden,
+    answer_logits,
+    token_log_probs,
+)
 
 # Two samples: the first has 2 answer tokens, the second 3.
 P = torch.tensor([[0.5, 0.25, 1.0], [0.8, 0.1, 0.5]])

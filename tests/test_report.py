@@ -6,10 +6,12 @@ import re
 import numpy as np
 import pytest
 
-from baldro.balance import balance_metrics
 from baldro.errors import BaldroError
+from baldro.eval.balance import balance_metrics
 from baldro.io import append_jsonl, write_json_atomic
-from baldro.report import build_report, format_fq, load_run, report_main
+from baldro.report.build import build_report, report_main
+from baldro.report.runs import load_run
+from baldro.report.tables import format_fq
 
 N = 20  # forget samples
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

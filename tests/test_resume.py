@@ -13,8 +13,9 @@ import pytest
 from transformers import Trainer, TrainerCallback
 
 from baldro.cli import main
-from baldro.config import load_config
-from baldro.recipes import run_finetune, run_unlearn
+from baldro.recipes.config import load_config
+from baldro.recipes.finetune import run_finetune
+from baldro.recipes.unlearn import run_unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = ROOT / "configs" / "unlearn" / "tofu.yaml"
@@ -369,7 +370,7 @@ def test_retain_pairing_is_the_same_with_any_number_of_workers():
     """The retain sample of forget sample i in epoch e depends on (seed, e, i) only."""
     from torch.utils.data import DataLoader
 
-    from baldro.trainer import EpochSampler, UnlearnDataset
+    from baldro.train.batching import EpochSampler, UnlearnDataset
 
     dataset = UnlearnDataset(list(range(10)), [f"r{j}" for j in range(50)], seed=3)
 

@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from baldro.data.synthetic import SyntheticConfig, build
-from baldro.tiny import BOS, EOS, PAD, PRESETS, build_tiny_model, count_parameters, tiny_llama_config, train_tokenizer
+from baldro.models.tiny import (
+    BOS,
+    EOS,
+    PAD,
+    PRESETS,
+    build_tiny_model,
+    count_parameters,
+    tiny_llama_config,
+    train_tokenizer,
+)
 
-# Parameter counts at vocab 1024 (documented in baldro.tiny); "test" is a few hundred thousand, "demo" 2-5M.
+# Parameter counts at vocab 1024 (documented in baldro.models.tiny); "test" is a few hundred thousand, "demo" 2-5M.
 EXPECTED = {"test": 147_776, "demo": 2_885_888}
 RANGES = {"test": (5e4, 1e6), "demo": (2e6, 5e6)}
 

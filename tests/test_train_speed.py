@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import KillAfterStep, Killed, base
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from baldro.config import load_config
-from baldro.objectives import get_objective, get_retain_loss
-from baldro.recipes import run_unlearn
-from baldro.reference import ReferenceCache
-from baldro.trainer import UnlearnCollator, UnlearnTrainer, batch_part
-from baldro.weighting import GroupWeighting, make_weighting
-
-from test_resume import Killed, KillAfterStep, base
+from baldro.recipes.config import load_config
+from baldro.recipes.unlearn import run_unlearn
+from baldro.train.batching import UnlearnCollator, batch_part
+from baldro.train.objectives import get_objective, get_retain_loss
+from baldro.train.reference import ReferenceCache
+from baldro.train.trainers import UnlearnTrainer
+from baldro.train.weighting import GroupWeighting, make_weighting
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = ROOT / "configs" / "unlearn" / "tofu.yaml"
@@ -69,7 +69,7 @@ def _trainer(model_dir, weighting, ref_cache=True, objective="npo", batch=None):
 
     forget = [qa(int(n)) for n in torch.randint(8, 20, (8,), generator=gen)]
     retain = [qa(12) for _ in range(8)]
-    from baldro.trainer import UnlearnDataset
+    from baldro.train.batching import UnlearnDataset
 
     args = TrainingArguments(output_dir="/tmp/unused", use_cpu=DEVICE == "cpu", report_to="none", per_device_train_batch_size=4,
                              remove_unused_columns=False, learning_rate=1e-3, disable_tqdm=True)
@@ -190,8 +190,8 @@ def test_a_resumed_run_reads_the_cache_from_its_checkpoint(tiny_model_dir, tofu_
 
 
 def test_recipes_flush_subnormal_floats_on_cpu_unless_told_not_to(tiny_model_dir):
-    from baldro.recipes import load_model_and_tokenizer
-    from baldro.schema import ModelConfig
+    from baldro.recipes.common import load_model_and_tokenizer
+    from baldro.recipes.schema import ModelConfig
 
     # the smallest subnormal float, made from its bits (a float conversion could already flush it);
     # one element, so the op runs on this thread, whose flag torch.set_flush_denormal sets

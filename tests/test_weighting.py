@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from baldro.errors import BaldroError
-from baldro.weighting import (
+from baldro.train.weighting import (
     GlobalDVWeighting,
     dv,
     dv_softmin,

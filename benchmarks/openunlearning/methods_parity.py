@@ -10,8 +10,8 @@ DPO trainer with the alternates as the preferred answers), on one model, one bat
   `steering_coeff`, so both sides use one u. This mode imports only torch, transformers and OpenUnlearning's
   `src/` (which imports deepspeed for RMU's isinstance check; if deepspeed cannot be imported, a stub module
   holding an empty `DeepSpeedEngine` class is put into `sys.modules` and the output says so).
-- baldro's side runs in the main environment with baldro's pieces (`baldro.trainer.forward_parts`,
-  `baldro.objectives.get_objective / get_retain_loss / steering_vector / PrimalDual`, `baldro.weighting.mean`),
+- baldro's side runs in the main environment with baldro's pieces (`baldro.train.forward.forward_parts`,
+  `baldro.train.objectives.get_objective / get_retain_loss / steering_vector / PrimalDual`, `baldro.train.weighting.mean`),
   and, as a cross-check of the trainer's glue, `UnlearnTrainer.compute_loss` on the same batch.
 - The two processes talk through files: baldro's side writes the model folders (the trained model, a seeded
   perturbation of the original so that it differs from the reference, and the reference, both also as
@@ -232,7 +232,7 @@ def prepare_models(source: str, work: Path, perturb: float, seed: int) -> dict:
 
     if source == "tiny":
         from baldro.data.tofu import load_split
-        from baldro.tiny import build_tiny_model
+        from baldro.models.tiny import build_tiny_model
 
         src = work / "tiny-src"
         if not (src / "config.json").exists():  # as tests/conftest.py's tiny_model_dir
@@ -242,7 +242,7 @@ def prepare_models(source: str, work: Path, perturb: float, seed: int) -> dict:
                     texts += [row["question"], row["answer"]]
             build_tiny_model(src, texts, preset="test", vocab_size=512, seed=0)
     elif source == "smollm2":
-        from baldro.model_sources import resolve_model_path
+        from baldro.models.sources import resolve_model_path
 
         src = Path(resolve_model_path("package:smollm2-135m-instruct"))
     else:
@@ -289,9 +289,9 @@ def first_equal(encoded, batch_size: int, what: str) -> list[int]:
 
 def build_batches(tok, batch_size: int, model, seed: int, max_new_tokens: int) -> tuple[dict, dict]:
     """The three batch kinds (forget, retain, alternate parts) and what they hold."""
-    from baldro.alternates import generate_alternates
     from baldro.data.formatting import EncodedQA, QAFormatter
     from baldro.data.tofu import load_split
+    from baldro.train.alternates import generate_alternates
 
     fmt = QAFormatter(tok, max_length=512)
     forget_rows, retain_rows = load_split(TOFU, "forget10"), load_split(TOFU, "retain90")
@@ -363,8 +363,8 @@ def flat_token_log_probs():
     torch's fp32 log-softmax over the middle dimension of a 3-D tensor is the less accurate of the two."""
     import torch.nn.functional as F
 
-    import baldro.trainer as trainer_module
-    from baldro.sequence import TokenLogProbs, shift_for_next_token
+    import baldro.train.forward as forward_module
+    from baldro.train.sequence import TokenLogProbs, shift_for_next_token
 
     def flat(logits, labels):
         logits, labels = shift_for_next_token(logits, labels)
@@ -373,12 +373,12 @@ def flat_token_log_probs():
                              reduction="none").view_as(labels)
         return TokenLogProbs(token_logp=(-ce).masked_fill(~mask, 0.0), mask=mask)
 
-    original = trainer_module.token_log_probs
-    trainer_module.token_log_probs = flat
+    original = forward_module.token_log_probs
+    forward_module.token_log_probs = flat
     try:
         yield
     finally:
-        trainer_module.token_log_probs = original
+        forward_module.token_log_probs = original
 
 
 def baldro_loss(method: str, model, ref, batch: dict, steering: torch.Tensor, module_regex: str,
@@ -388,11 +388,17 @@ def baldro_loss(method: str, model, ref, batch: dict, steering: torch.Tensor, mo
     retain loss's (and the control's) token log-probs over [N, V] rows, as transformers' loss (which
     OpenUnlearning's NLL retain loss is) does."""
     nll_layout = flat_token_log_probs if flat_nll else contextlib.nullcontext
-    from baldro import weighting
-    from baldro.objectives import (ForgetInputs, PrimalDual, RetainInputs, find_module, get_objective,
-                                   get_retain_loss)
-    from baldro.sequence import AnswerHidden
-    from baldro.trainer import forward_parts
+    from baldro.train import weighting
+    from baldro.train.forward import forward_parts
+    from baldro.train.objectives import (
+        ForgetInputs,
+        PrimalDual,
+        RetainInputs,
+        find_module,
+        get_objective,
+        get_retain_loss,
+    )
+    from baldro.train.sequence import AnswerHidden
 
     forget = dict(batch["forget"])
     if method == "control_nll":
@@ -471,7 +477,7 @@ def baldro_loss(method: str, model, ref, batch: dict, steering: torch.Tensor, mo
 def layout_check(model, batch: dict) -> dict:
     """Per-token NLL of the answer tokens from baldro's `token_log_probs` ([B, V, T] cross-entropy) and from the
     [N, V] layout, both fp32, against fp64 (the same logits), on one batch."""
-    from baldro.sequence import token_log_probs
+    from baldro.train.sequence import token_log_probs
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
@@ -479,8 +485,8 @@ def layout_check(model, batch: dict) -> dict:
     exact = -logits[:, :-1].double().log_softmax(-1).gather(-1, labels.masked_fill(~mask, 0)[..., None])[..., 0][mask]
     out = {"tokens": int(mask.sum()), "mean_nll_fp64": float(exact.mean())}
     with flat_token_log_probs():
-        import baldro.trainer as trainer_module
-        flat = -trainer_module.token_log_probs(logits, batch["labels"]).token_logp[mask]
+        import baldro.train.forward as forward_module
+        flat = -forward_module.token_log_probs(logits, batch["labels"]).token_logp[mask]
     for name, nll in (("baldro_BVT", -token_log_probs(logits, batch["labels"]).token_logp[mask]), ("flat_NV", flat)):
         out[f"{name}_max_abs_err"] = float((nll.double() - exact).abs().max())
         out[f"{name}_mean_nll"] = float(nll.double().mean())
@@ -491,9 +497,9 @@ def make_trainer(method: str, model, ref, steering, module_regex: str, batch_siz
     """baldro's UnlearnTrainer for the method (weighting mean), for the compute_loss cross-check."""
     from transformers import TrainingArguments
 
-    from baldro.objectives import PrimalDual, get_objective, get_retain_loss
-    from baldro.trainer import UnlearnTrainer
-    from baldro.weighting import make_weighting
+    from baldro.train.objectives import PrimalDual, get_objective, get_retain_loss
+    from baldro.train.trainers import UnlearnTrainer
+    from baldro.train.weighting import make_weighting
 
     hp = METHODS[method]
     args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to="none", seed=0, disable_tqdm=True,
@@ -570,7 +576,7 @@ def within(c: dict) -> bool:
 def run_model(name: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from baldro.objectives import default_module_regex, steering_vector
+    from baldro.train.objectives import default_module_regex, steering_vector
 
     work = Path(args.work) / "methods_parity" / name
     work.mkdir(parents=True, exist_ok=True)

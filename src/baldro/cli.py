@@ -13,7 +13,7 @@ import sys
 
 from baldro.errors import BaldroError
 
-KINDS = ("finetune", "unlearn", "eval", "attack")  # schema.KINDS (not imported here: it would slow `baldro --help`)
+KINDS = ("finetune", "unlearn", "eval", "attack")  # validation.KINDS (not imported here: it would slow `baldro --help`)
 
 EPILOG = "Overrides: KEY=VALUE (dotted, e.g. train.learning_rate=1e-5) or GROUP=CHOICE (objective=npo, weighting=dv, split=forget05)."
 
@@ -60,12 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     if args.command in ("finetune", "unlearn", "eval", "attack", "show-config"):
-        from baldro.config import load_config
+        from baldro.recipes.config import load_config
 
         cfg = load_config(args.config, args.overrides)
         if args.command == "show-config":
-            from baldro.config import as_recipe, dump_config
-            from baldro.schema import validate
+            from baldro.recipes.config import as_recipe, dump_config
+            from baldro.recipes.validation import validate
 
             recipe, kind = as_recipe(cfg), args.kind or _kind_of(args.config)
             if kind is None:
@@ -76,19 +76,19 @@ def run(args: argparse.Namespace) -> None:
             validate(recipe, kind)
             print(dump_config(recipe), end="")
         elif args.command == "finetune":
-            from baldro.recipes import run_finetune
+            from baldro.recipes.finetune import run_finetune
 
             _say(f"baldro: fine-tuned model in {run_finetune(cfg) / 'model'}")
         elif args.command == "unlearn":
-            from baldro.recipes import run_unlearn
+            from baldro.recipes.unlearn import run_unlearn
 
             _say(f"baldro: unlearned model in {run_unlearn(cfg) / 'model'}")
         elif args.command == "attack":
-            from baldro.attack import run_attack
+            from baldro.recipes.attack import run_attack
 
             _say(f"baldro: attacks in {run_attack(cfg)}")
         else:
-            from baldro.recipes import run_eval
+            from baldro.recipes.evaluate import run_eval
 
             run_eval(cfg)
     elif args.command == "summarize":
@@ -96,11 +96,11 @@ def run(args: argparse.Namespace) -> None:
 
         run_summarize(args.eval_json, args.reference, args.out)
     elif args.command == "report":
-        from baldro.report import report_main
+        from baldro.report.build import report_main
 
         print(f"baldro: report in {report_main(args.run_dirs, args.out)}")
     elif args.command == "demo":
-        from baldro.demo import run_demo
+        from baldro.recipes.demo import run_demo
 
         run_demo(args.out, seed=args.seed, preset=args.preset or ("quick" if args.quick else "default"),
                  overwrite=args.overwrite)

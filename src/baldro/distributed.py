@@ -35,14 +35,11 @@ Semantics (SPEC section 3 notation; P processes, A accumulation micro-batches of
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from baldro.errors import BaldroError
-
-log = logging.getLogger(__name__)
 
 PAD_ID = -1  # the sample id (and sampler index) of a pad row
 
@@ -220,7 +217,10 @@ def full_state_dict(model, accelerator=None) -> dict | None:
         return state
     if not is_sharded(model):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from baldro.distributed import full_state_dict, is_main_process, is_sharded
-from baldro.models import apply_lora, load_model, load_tokenizer, save_model
-from baldro.trainer import NonFiniteError, RunGuard
+from baldro.models.loading import apply_lora, load_model, load_tokenizer, save_model
+from baldro.train.guard import NonFiniteError, RunGuard
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 lora = len(sys.argv) > 3 and sys.argv[3] == "lora"  # else "plain"
@@ -58,7 +58,7 @@ if is_main_process():
               "nan_in_other_shard_seen": nan_seen,
               "full_shapes": {k: tuple(v.shape) for k, v in full_before.items()}}
     if lora:  # what the merged model should hold: merge the unsharded copy
-        from baldro.models import unsharded_copy
+        from baldro.models.loading import unsharded_copy
 
         merged = unsharded_copy(model, full_before).merge_and_unload()
         report["merged"] = {k: v.tolist() for k, v in merged.state_dict().items() if k.endswith("q_proj.weight")}

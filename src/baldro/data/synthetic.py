@@ -23,6 +23,9 @@ the same value; each perturbed answer is the *paraphrased* sentence with the val
 wrong value from the same attribute's pool (as in TOFU, where perturbed answers perturb the
 paraphrase), so a perturbed answer differs from the paraphrased answer in exactly the value.
 All names, places and titles are invented from the word lists below; no text is taken from TOFU.
+
+Over 500 lines for a reason: most of it is the generator's vocabulary (names, places, templates), data that
+reads best beside the code that draws from it.
 """
 
 from __future__ import annotations

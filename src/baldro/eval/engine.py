@@ -22,25 +22,36 @@ padding positions, never a token id (SPEC section 4), except with `compat="openu
 right padding, mask `input_ids != pad_token_id`, no position ids). Prompt sharing is not valid under
 that mask (its prompts run left padded, with positions that skip masked tokens), so
 `score_sequences_shared_prompts` falls back to plain `score_sequences` batches in that mode.
+
+Over 500 lines for a reason: one forward pass per sequence serves every teacher-forced metric; the batching
+and length-bucketing that make it fast belong with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from baldro.data.formatting import IGNORE_INDEX, EncodedQA, check_compat, openunlearning_batch, pad_batch
+from baldro.data.formatting import (
+    IGNORE_INDEX,
+    EncodedQA,
+    check_compat,
+    openunlearning_batch,
+    pad_batch,
+)
 from baldro.errors import BaldroError
-from baldro.eval.kv_cache import cache_from_layers, cache_kwarg, cache_layers, output_cache
+from baldro.eval.kv_cache import (
+    cache_from_layers,
+    cache_kwarg,
+    cache_layers,
+    output_cache,
+)
 from baldro.eval.metrics import logprob_moments
 from baldro.progress import LogProgress, progress_bar  # noqa: F401  (the evaluator's progress)
-
-log = logging.getLogger(__name__)
 
 WANT_ALL = ("logp", "argmax", "vocab_stats")
 _VALID_WANT = frozenset(WANT_ALL)

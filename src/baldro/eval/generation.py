@@ -27,6 +27,9 @@ and its positions skip them, which neither a draft from a teacher-forced pass (s
 positions) nor a prefix cache built without that mask reproduces. It runs `model.generate` on fixed
 batches in input order (`_static_greedy`), left padded, with OpenUnlearning's mask, from which
 `generate` derives the positions `cumsum(mask) - 1` (`formatting.openunlearning_batch`).
+
+Over 500 lines for a reason: the three ways of making greedy decoding cheap share one decoding loop and its
+exactness argument; split apart, each would need the others' invariants restated.
 """
 
 from __future__ import annotations
@@ -37,9 +40,20 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from baldro.data.formatting import check_compat, openunlearning_batch, openunlearning_decode, pad_batch
+from baldro.data.formatting import (
+    check_compat,
+    openunlearning_batch,
+    openunlearning_decode,
+    pad_batch,
+)
 from baldro.errors import BaldroError
-from baldro.eval.engine import eval_mode, length_batches, model_device, progress_bar, supports_logits_to_keep
+from baldro.eval.engine import (
+    eval_mode,
+    length_batches,
+    model_device,
+    progress_bar,
+    supports_logits_to_keep,
+)
 from baldro.eval.kv_cache import (
     append_rows,
     cache_from_layers,

@@ -1,5 +1,5 @@
 """What an attack brought back, sample by sample: an unlearned model's eval log (before) against the
-attacked model's (after). Pure functions of eval logs in OpenUnlearning's layout; `baldro.attack` writes
+attacked model's (after). Pure functions of eval logs in OpenUnlearning's layout; `baldro.recipes.attack` writes
 their result into each attack's attack_summary.json and `baldro.report` reads it.
 
 Per-sample metrics: TOFU's forget answer probability, ROUGE-L recall and truth ratio; MUSE's VerbMem and

@@ -54,7 +54,7 @@ def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> 
 
 def add_balance(out_dir: Path, eval_log: dict, summary: dict, retain_logs_path=None, target_logs_path=None) -> dict:
     """Add the balance metrics (SPEC section 6) to a TOFU summary and rewrite TOFU_SUMMARY.json."""
-    from baldro.balance import balance_from_eval_logs
+    from baldro.eval.balance import balance_from_eval_logs
     from baldro.eval.summarize import load_eval_log, note_non_finite
 
     retain = load_eval_log(retain_logs_path) if retain_logs_path else None
@@ -82,7 +82,7 @@ def _with_notes(values: dict, notes: dict) -> dict:
 
 def _weights_note(model) -> str | None:
     """A note when the model's weights are not all finite (every score it gives is then NaN)."""
-    from baldro.models import count_nonfinite
+    from baldro.models.loading import count_nonfinite
 
     bad = count_nonfinite(model)
     if not bad:
@@ -120,7 +120,7 @@ def evaluate_model_dir(run_dir: str | Path, data_source, forget_split: str, max_
     Aggregates against reference models are left to `resummarize`, so evaluations run in any order.
     """
     from baldro.data.formatting import QAFormatter
-    from baldro.models import load_model, load_tokenizer
+    from baldro.models.loading import load_model, load_tokenizer
 
     run_dir = Path(run_dir)
     model = load_model(str(run_dir / "model"), dtype="float32", device="cpu")

@@ -5,6 +5,9 @@ Works on our logs and on OpenUnlearning's `TOFU_EVAL.json` / `MUSE_EVAL.json`
 `{"forget": {...}, "holdout": {...}, "auc", "agg_value"}`), against any reference log (the retain
 model's for TOFU forget quality and PrivLeak, the retrained model's for MUSE PrivLeak). Every
 number goes through `baldro.eval.metrics`, so there is one definition of each metric.
+
+Over 500 lines for a reason: every aggregate of both benchmarks' logs, OpenUnlearning's layout included, is
+recomputed here, in one place, from the per-sample values.
 """
 
 from __future__ import annotations

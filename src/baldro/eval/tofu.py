@@ -44,7 +44,12 @@ from typing import Sequence
 
 import numpy as np
 
-from baldro.data.formatting import EncodedQA, QAFormatter, check_compat, openunlearning_decode
+from baldro.data.formatting import (
+    EncodedQA,
+    QAFormatter,
+    check_compat,
+    openunlearning_decode,
+)
 from baldro.data.tofu import holdout_split_for, load_split, retain_split_for
 from baldro.errors import BaldroError
 from baldro.eval import metrics

@@ -35,26 +35,32 @@ from pathlib import Path
 
 import yaml
 
-from baldro.config import as_recipe
 from baldro.distributed import launch_world
 from baldro.errors import BaldroError
 from baldro.eval.recovery import ATTACK_SUMMARY, recovery, summary_values
 from baldro.io import write_json_atomic
-from baldro.models import QUANTIZE_BITS, apply_lora, load_model
-from baldro.recipes import (
-    _console_callbacks,
-    _eval_kwargs,
-    _flatten,
-    _raw_chunks,
-    _recipe_dict,
-    _rows,
-    _run_folder,
-    _training_args,
+from baldro.models.loading import QUANTIZE_BITS, apply_lora, load_model
+from baldro.recipes.common import (
     build_formatter,
+    console_callbacks,
     load_model_and_tokenizer,
+    raw_chunks,
+    read_rows,
+    training_args,
 )
-from baldro.schema import RELEARN_SPLITS, Recipe, validate, validate_model
-from baldro.trainer import STREAM_RELEARN, EncodedDataset, FinetuneTrainer, JsonlLogCallback, QACollator, derived_rng
+from baldro.recipes.config import as_recipe
+from baldro.recipes.evaluate import eval_settings
+from baldro.recipes.folders import _flatten, _recipe_dict, run_folder
+from baldro.recipes.schema import Recipe
+from baldro.recipes.validation import RELEARN_SPLITS, validate, validate_model
+from baldro.train.batching import (
+    STREAM_RELEARN,
+    EncodedDataset,
+    QACollator,
+    derived_rng,
+)
+from baldro.train.guard import JsonlLogCallback
+from baldro.train.trainers import FinetuneTrainer
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +192,12 @@ def _relearn(recipe: Recipe, model, tokenizer, items, out: Path):
                                 per_device_train_batch_size=r.batch_size, save_strategy="no")
     trainer = FinetuneTrainer(
         model=attacked,
-        args=_training_args(dataclasses.replace(recipe, train=train), out),
+        args=training_args(dataclasses.replace(recipe, train=train), out),
         train_dataset=EncodedDataset(items),
         data_collator=QACollator(tokenizer.pad_token_id),
         callbacks=[JsonlLogCallback(out / "train_log.jsonl")],
     )
-    _console_callbacks(trainer, recipe)
+    console_callbacks(trainer, recipe)
     trainer.train()
     cost = {"attack_seconds": time.time() - start, "steps": trainer.state.global_step, "samples": len(items)}
     with contextlib.suppress(OSError):  # transformers makes the (unused) checkpoint folder
@@ -236,7 +242,7 @@ def _relearn_items(recipe: Recipe, formatter, tokenizer, model, rows: dict) -> t
 
         d = recipe.data
         texts = load_unlearn_texts(d.source, d.forget_split, d.retain_split, need_retain=r.split == "retain")
-        forget, retain = _raw_chunks(recipe, texts, tokenizer, model)
+        forget, retain = raw_chunks(recipe, texts, tokenizer, model)
         _check_pick(recipe, len(forget), len(retain) if retain is not None else None)
         pool = retain if r.split == "retain" else forget
         pick = relearn_pick(len(pool), _relearn_count(recipe, len(forget)), recipe.seed)
@@ -274,19 +280,19 @@ def run_attack(cfg) -> Path:
     validate(recipe, "attack")
     if launch_world()[0] > 1:
         raise BaldroError("baldro attack runs in one process: start it without accelerate launch")
-    settings = _eval_kwargs(recipe)
+    settings = eval_settings(recipe)
     a, muse = recipe.attack, recipe.data.benchmark == "muse"
     relearn = "relearn" in a.attacks
     rows: dict = {}
     if relearn and not muse:
-        rows["forget"] = _rows(recipe.data, "forget_split")
-        rows["retain"] = _rows(recipe.data, "retain_split") if a.relearn.split == "retain" else None
+        rows["forget"] = read_rows(recipe.data, "forget_split")
+        rows["retain"] = read_rows(recipe.data, "retain_split") if a.relearn.split == "retain" else None
         _check_pick(recipe, len(rows["forget"]), len(rows["retain"]) if rows["retain"] is not None else None)
     validate_model(recipe.model, recipe.train if relearn else None)
     reference = load_eval_log(settings["retain_logs_path"], "retain model log") if settings["retain_logs_path"] else None
     folders = attack_folders(recipe)
 
-    with _run_folder(recipe, "attack", outputs=ATTACK_OUTPUTS, free_keys=ATTACK_RESUME_FREE_KEYS, checkpoints=False) \
+    with run_folder(recipe, "attack", outputs=ATTACK_OUTPUTS, free_keys=ATTACK_RESUME_FREE_KEYS, checkpoints=False) \
             as (run_dir, _):
         done = [f for f in folders if recipe.resume.enabled and (run_dir / f / ATTACK_SUMMARY).is_file()]
         for folder in done:

@@ -1,5 +1,5 @@
 """Load any Hugging Face causal LM and its tokenizer by hub id, local path, GGUF file or packaged model
-(`baldro.model_sources`), optionally with LoRA."""
+(`baldro.models.sources`), optionally with LoRA."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from baldro.distributed import launch_world, launched_strategy
 from baldro.errors import BaldroError
 from baldro.io import apply_umask_tree
-from baldro.model_sources import resolve_model_path
+from baldro.models.sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 

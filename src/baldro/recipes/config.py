@@ -6,7 +6,7 @@ A recipe may start with a `defaults` list naming config-group choices, e.g.
 the root (so it says where its keys go). On the command line, `objective=simnpo` picks another
 group file and `objective.args.beta=0.2` sets one value; later overrides win.
 
-Every piece is merged onto the schema (`baldro.schema.Recipe`): an unknown key or a value of the
+Every piece is merged onto the schema (`baldro.recipes.schema.Recipe`): an unknown key or a value of the
 wrong type is a one-line error naming the key, where it came from, and the closest valid key.
 """
 
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from baldro.errors import BaldroError
-from baldro.schema import Recipe
+from baldro.recipes.schema import Recipe
 
 
 def _load_yaml(path: Path) -> dict:

@@ -5,80 +5,47 @@ one forward pass per batch part gives per-token log-probs, the objective turns t
 losses, the weighting reduces them, and the loss is `gamma * F(l) + alpha * R`. Everything the DRO did
 is logged per step (weight statistics, per-sample losses with sample ids).
 
-Both trainers (`FinetuneTrainer`, `UnlearnTrainer`) share `RunGuard`: every random choice (the sample
-order, the retain sample paired with a forget sample, the retain rows a weighting keeps) is drawn from
-(seed, epoch, step, process, sample) alone, so a resumed run, and any number of data-loader workers
-or processes, draw exactly what an uninterrupted run draws; a checkpoint is written into
-`checkpoints/.staging/` and renamed to `checkpoint-N` when it is complete; a non-finite loss or
-gradient stops the run (`NonFiniteError`) before the optimizer step, naming the step and the samples.
+Both trainers (`FinetuneTrainer`, `UnlearnTrainer`) share `RunGuard` (`guard.py`: stateless sampling, staged
+checkpoints, non-finite checks); their batches come from `batching.py`, their forward passes from `forward.py`.
 
 Several processes (see `baldro.distributed` for the semantics): the epoch's permutation is padded with
 pad rows (id -1) to a multiple of processes x batch size; each optimizer step is planned once
 (`UnlearnTrainer.get_batch_samples`: which micro-batches hold real samples) so that its gradient is
 the mean over the step's real micro-batches (or, with a global-batch weighting, its micro-steps), and
 per-step statistics are averaged over every process before they are logged.
+
+Over 500 lines for a reason: `UnlearnTrainer` is one class (the step plan, the loss, the statistics and the
+state it checkpoints); its pieces without trainer state live in `batching.py`, `forward.py` and `guard.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback
 
-from baldro.data.formatting import IGNORE_INDEX, EncodedQA, collate_encoded
-from baldro.distributed import PAD_ID, all_gather_objects, fsdp_version, prepare_reference
+from baldro.distributed import (
+    all_gather_objects,
+    fsdp_version,
+    prepare_reference,
+)
 from baldro.errors import BaldroError
-from baldro.io import append_jsonl, apply_umask_tree, write_json_atomic
-
-log = logging.getLogger(__name__)
-
-# Independent streams of derived random numbers (the first entry of every key).
-STREAM_ORDER, STREAM_RETAIN, STREAM_STEP, STREAM_ALTERNATE, STREAM_RELEARN = 0, 1, 2, 3, 4  # relearn: baldro.attack's pick
-
-
-def derived_rng(stream: int, seed: int, *key: int) -> np.random.Generator:
-    """A generator that depends on its key alone (no hidden state): the same key gives the same draws
-    in an uninterrupted run, a resumed run, a data-loader worker or another process."""
-    return np.random.default_rng([int(stream), int(seed), *(int(k) for k in key)])
-
-
-class EpochSampler(Sampler):
-    """A permutation of the dataset per epoch, drawn from (seed, epoch) alone.
-
-    The Trainer calls `set_epoch` before each epoch (also when it resumes in the middle of one). For a
-    dataset with `epoch_aware = True` the indices carry the epoch, `epoch * len(dataset) + i`, so that
-    the dataset's own draws know it too, in every worker process, without shared state.
-    """
-
-    def __init__(self, dataset, seed: int, pad_to: int = 1):
-        self.n, self.seed, self.epoch = len(dataset), int(seed), 0
-        self.tag = bool(getattr(dataset, "epoch_aware", False))
-        # Several processes: pad the epoch with PAD_ID to a multiple of processes x batch size, so that
-        # every process gets as many batches and none re-uses samples (baldro.distributed).
-        self.pad_to = max(1, int(pad_to))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return -(-self.n // self.pad_to) * self.pad_to
-
-    def __iter__(self):
-        order = derived_rng(STREAM_ORDER, self.seed, self.epoch).permutation(self.n)
-        offset = self.epoch * self.n if self.tag else 0
-        return iter([offset + int(i) for i in order] + [PAD_ID] * (len(self) - self.n))
-from baldro.objectives import (
+from baldro.io import append_jsonl
+from baldro.train.batching import (
+    STREAM_STEP,
+    batch_part,
+    derived_rng,
+    drop_rows,
+    select_rows,
+)
+from baldro.train.forward import forward_parts
+from baldro.train.guard import RunGuard
+from baldro.train.objectives import (
     ForgetInputs,
     Needs,
     Objective,
@@ -89,152 +56,12 @@ from baldro.objectives import (
     find_module,
     steering_vector,
 )
-from baldro.reference import ReferenceCache
-from baldro.sequence import AnswerHidden, AnswerLogits, TokenLogProbs, answer_hidden, answer_logits, token_log_probs
-from baldro.weighting import WEIGHT_STATS, Weighting, weight_stat_tensor
+from baldro.train.reference import ReferenceCache
+from baldro.train.weighting import WEIGHT_STATS, Weighting, weight_stat_tensor
+
+log = logging.getLogger(__name__)
 
 STAT_NAMES = ("forget_loss", "forget_loss_mean", "retain_loss", *WEIGHT_STATS)  # train_log.jsonl's statistics
-
-
-# --------------------------------------------------------------------------- data
-class EncodedDataset(Dataset):
-    """A list of `EncodedQA` (fine-tuning): item i is `{"id": i, "qa": items[i]}`."""
-
-    def __init__(self, items: Sequence[EncodedQA]):
-        self.items = list(items)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        if int(i) < 0:  # a pad row (several processes): scored nowhere
-            return {"id": PAD_ID, "qa": self.items[0]}
-        return {"id": int(i), "qa": self.items[i]}
-
-
-@dataclass
-class QACollator:
-    """Pads `EncodedQA` items (or `EncodedDataset` items, whose ids become `sample_ids`)."""
-
-    pad_token_id: int
-
-    def __call__(self, batch: Sequence) -> dict[str, torch.Tensor]:
-        if batch and isinstance(batch[0], dict):
-            out = collate_encoded([b["qa"] for b in batch], self.pad_token_id)
-            out["sample_ids"] = torch.tensor([b["id"] for b in batch], dtype=torch.long)
-            pad = out["sample_ids"] < 0
-            if pad.any():  # pad rows (several processes) have no label: the token-mean loss never sees them
-                out["labels"][pad] = IGNORE_INDEX
-            return out
-        return collate_encoded(batch, self.pad_token_id)
-
-
-class UnlearnDataset(Dataset):
-    """One item per forget sample, paired with a random retain sample, an optional refusal and an optional
-    alternate answer (AltPO: one of sample i's K alternates, drawn from (seed, epoch, i) alone like the
-    retain pairing; `alt_ids` = i * K + k names it for the reference cache).
-
-    An epoch is one pass over the forget set (SPEC section 4). The retain sample of forget sample i in
-    epoch e is drawn from (seed, e, i) alone; index `e * len(self) + i` (from `EpochSampler`) asks
-    for it, a plain index i means epoch 0. `retain=None`: no retain samples (a run without a retain
-    loss, alpha = 0).
-    """
-
-    epoch_aware = True
-
-    def __init__(
-        self,
-        forget: Sequence[EncodedQA],
-        retain: Sequence[EncodedQA] | None,
-        refusal: Sequence[EncodedQA] | None = None,
-        seed: int = 0,
-        alternates: Sequence[Sequence[EncodedQA]] | None = None,
-    ):
-        if not forget:
-            raise BaldroError("the forget set is empty: check data.forget_split")
-        if retain is not None and not retain:
-            raise BaldroError("the retain set is empty: check data.retain_split")
-        self.forget, self.retain, self.refusal = list(forget), (list(retain) if retain is not None else None), refusal
-        self.seed = int(seed)
-        self.alternates = [list(a) for a in alternates] if alternates is not None else None
-        if self.alternates is not None and (len(self.alternates) != len(self.forget) or
-                                            len({len(a) for a in self.alternates}) != 1 or not self.alternates[0]):
-            raise BaldroError("alternates: every forget sample needs the same number (>= 1) of alternate answers")
-        self.n_alternates = len(self.alternates[0]) if self.alternates is not None else 0
-
-    def __len__(self):
-        return len(self.forget)
-
-    def alternate_index(self, epoch: int, i: int) -> int:
-        return int(derived_rng(STREAM_ALTERNATE, self.seed, epoch, i).integers(self.n_alternates))
-
-    def retain_index(self, epoch: int, i: int) -> int:
-        return int(derived_rng(STREAM_RETAIN, self.seed, epoch, i).integers(len(self.retain)))
-
-    def __getitem__(self, index):
-        if int(index) < 0:  # a pad row (several processes): forwarded, never counted
-            return self._pad_item()
-        epoch, i = divmod(int(index), len(self.forget))
-        item = {"id": i, "forget": self.forget[i]}
-        if self.retain is not None:
-            item["retain"] = self.retain[self.retain_index(epoch, i)]
-        if self.refusal is not None:
-            item["refusal"] = self.refusal[i]
-        if self.alternates is not None:
-            k = self.alternate_index(epoch, i)
-            item["alternate"], item["alt_id"] = self.alternates[i][k], i * self.n_alternates + k
-        return item
-
-    def _pad_item(self):
-        item = {"id": PAD_ID, "forget": self.forget[0]}
-        if self.retain is not None:
-            item["retain"] = self.retain[0]
-        if self.refusal is not None:
-            item["refusal"] = self.refusal[0]
-        if self.alternates is not None:
-            item["alternate"], item["alt_id"] = self.alternates[0][0], PAD_ID
-        return item
-
-
-@dataclass
-class UnlearnCollator:
-    pad_token_id: int
-
-    def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
-        out = {"forget_ids": torch.tensor([b["id"] for b in batch], dtype=torch.long)}
-        if "alt_id" in batch[0]:
-            out["alt_ids"] = torch.tensor([b["alt_id"] for b in batch], dtype=torch.long)
-        for part in ("forget", "retain", "refusal", "alternate"):
-            if part in batch[0]:
-                for key, value in collate_encoded([b[part] for b in batch], self.pad_token_id).items():
-                    out[f"{part}_{key}"] = value
-        return out
-
-
-def batch_part(inputs: dict[str, torch.Tensor], part: str, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """`forget_input_ids` etc. -> `input_ids` etc., optionally keeping only some rows."""
-    out = {k[len(part) + 1 :]: v for k, v in inputs.items() if k.startswith(part + "_") and k != "forget_ids"}
-    if rows is not None:
-        out = {k: v[rows] for k, v in out.items()}
-    return out
-
-
-def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Some rows of a right-padded batch, without the columns that are padding in all of them."""
-    width = int(batch["attention_mask"][rows].sum(-1).max())
-    return {k: v[rows, :width] for k, v in batch.items()}
-
-
-# --------------------------------------------------------------------------- callbacks
-class JsonlLogCallback(TrainerCallback):
-    """Appends every training log (one row per logging step) to a JSON-lines file."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "loss" in logs:
-            append_jsonl(self.path, {"step": state.global_step, **logs})
 
 
 WEIGHTING_STATE_FILE = "weighting_state.pt"  # a stateful weighting's state (dv_global), in every checkpoint
@@ -248,70 +75,6 @@ def restore_weighting_state(weighting: Weighting, checkpoint: str | Path) -> Non
         weighting.load_state_dict(torch.load(path))
 
 
-# --------------------------------------------------------------------------- forward passes
-@dataclass
-class ForwardOut:
-    """What one forward pass computed (None: not asked for)."""
-
-    token_lp: TokenLogProbs | None = None
-    logits: AnswerLogits | None = None
-    hidden: AnswerHidden | None = None
-
-
-class _StopForward(Exception):
-    """Raised by the hidden-state hook when nothing after the module is needed."""
-
-
-def forward_parts(model, batch: dict[str, torch.Tensor], token_logp: bool = True, logits: bool = False,
-                  hidden_module: torch.nn.Module | None = None, may_stop: bool = True) -> ForwardOut:
-    """A forward pass over a right-padded batch computing only what is asked: answer-token log-probs,
-    full-vocabulary logits at the answer positions (the vocabulary-sized tensor of the whole sequence is
-    not kept), the output of `hidden_module` at the answer tokens. When only that output is asked for,
-    the pass stops at the module (the layers after it and the LM head never run), unless `may_stop` is
-    false: a DDP or FSDP wrapper must finish its forward to synchronise the gradients, so its output
-    joins the module's with weight zero (the LM head computing one position only where the model allows)."""
-    captured: list[torch.Tensor] = []
-    stop = may_stop and hidden_module is not None and not (token_logp or logits)
-
-    def hook(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        if stop:
-            raise _StopForward
-
-    handle = hidden_module.register_forward_hook(hook) if hidden_module is not None else None
-    hidden_only = hidden_module is not None and not (token_logp or logits)
-    extra = {"logits_to_keep": 1} if hidden_only and _accepts_logits_to_keep(model) else {}
-    out = None
-    try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-    except _StopForward:
-        pass
-    finally:
-        if handle is not None:
-            handle.remove()
-    labels = batch["labels"]
-    result = ForwardOut()
-    if out is not None:
-        if token_logp:
-            result.token_lp = token_log_probs(out.logits, labels)
-        if logits:
-            result.logits = answer_logits(out.logits, labels)
-    if hidden_module is not None:
-        hidden = captured[0]
-        if hidden_only and out is not None:  # the wrapper's output joins the loss, with zero weight
-            hidden = hidden + 0 * out.logits.sum()
-        result.hidden = answer_hidden(hidden, labels)
-    return result
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    inner = getattr(model, "module", model)  # a DDP wrapper's model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class _DualCallback(TrainerCallback):
     """PDU: the dual update after each optimizer step or epoch (before that step's log and checkpoint)."""
 
@@ -323,189 +86,6 @@ class _DualCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer.dual_epoch_end(state.epoch)
-
-
-# --------------------------------------------------------------------------- checkpoints
-CHECKPOINT_MARKER = "baldro_checkpoint.json"  # written last: the checkpoint is complete
-STAGING = ".staging"  # checkpoints are written here, then renamed into place
-
-
-def checkpoint_step(folder: str | Path) -> int | None:
-    name = Path(folder).name
-    head, _, tail = name.rpartition("-")
-    return int(tail) if head == "checkpoint" and tail.isdigit() else None
-
-
-def is_complete_checkpoint(folder: str | Path) -> bool:
-    """Complete: renamed into place with its marker; a checkpoint of an older version counts when
-    it has the files transformers writes (weights, optimizer, trainer_state.json)."""
-    folder = Path(folder)
-    if (folder / CHECKPOINT_MARKER).is_file():
-        return True
-    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
-    return ((folder / "trainer_state.json").is_file() and any((folder / w).exists() for w in weights)
-            and (folder / "optimizer.pt").is_file())
-
-
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """The complete `checkpoint-N` folders under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete_checkpoint(p)]
-    return sorted(found, key=checkpoint_step)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _discard(folder: Path, staging: Path) -> None:
-    """Remove a folder by renaming it into the staging area first (a kill never leaves half of it)."""
-    trash = staging / f".trash-{folder.name}-{os.getpid()}"
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- the guard both trainers share
-class NonFiniteError(BaldroError):
-    """A NaN or inf loss or gradient: the run stops before the optimizer step."""
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step
-
-
-class _GuardCallback(TrainerCallback):
-    def __init__(self, trainer: "RunGuard"):
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        # The Trainer also passes the epoch down through the data loader, but not through every wrapper
-        # (a multi-process loader that skips the batches of a resumed epoch): set it here as well.
-        if self.trainer._sampler is not None:
-            self.trainer._sampler.set_epoch(int(state.epoch + 1e-6))
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._check_gradients()
-
-
-class RunGuard:
-    """Mixed into a `transformers.Trainer`: stateless sampling, staged checkpoints, non-finite checks.
-
-    `checkpoint_info` (a JSON-able dict, e.g. the recipe) is written into each checkpoint's marker file.
-    """
-
-    checkpoint_info: dict = {}
-    ids_key = "sample_ids"  # the batch's sample ids (named in a non-finite error)
-
-    def _guard_init(self) -> None:
-        self._step_ids: list[int] = []
-        self._step_ids_at = -1
-        self._staging_root: Path | None = None
-        self._sampler: EpochSampler | None = None
-        self.checkpoint_info = {}
-        self.add_callback(_GuardCallback(self))
-
-    def describe(self) -> str:
-        """What is being trained, for error messages."""
-        return "fine-tuning (NLL)"
-
-    # ------------------------------------------------------------ sampling
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        world = self.args.world_size
-        self._sampler = EpochSampler(dataset, self.args.seed,
-                                     pad_to=world * self.args.per_device_train_batch_size if world > 1 else 1)
-        return self._sampler
-
-    # ------------------------------------------------------------ non-finite loss and gradients
-    def _note_ids(self, inputs) -> None:
-        if self.state.global_step != self._step_ids_at:
-            self._step_ids, self._step_ids_at = [], self.state.global_step
-        ids = inputs.get(self.ids_key) if isinstance(inputs, dict) else None
-        if ids is not None:
-            self._step_ids += [int(i) for i in ids.tolist()]
-
-    def _non_finite(self, what: str, detail: str = "") -> NonFiniteError:
-        step = self.state.global_step + 1
-        ids = self._step_ids if len(self._step_ids) <= 64 else self._step_ids[:64] + ["..."]
-        return NonFiniteError(f"non-finite {what} at step {step} ({self.describe()}; sample ids "
-                              f"{', '.join(map(str, ids)) or '?'}{'; ' + detail if detail else ''})", step)
-
-    def _loss_detail(self) -> str:
-        """The parts of a non-finite loss, for its error message."""
-        return ""
-
-    def training_step(self, model, inputs, *args, **kwargs):
-        self._note_ids(inputs)
-        loss = super().training_step(model, inputs, *args, **kwargs)
-        if not torch.isfinite(loss.detach()).all():  # the step's one sync besides the gradient check
-            raise self._non_finite("loss", self._loss_detail())
-        return loss
-
-    def _check_gradients(self) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for norm in torch._foreach_norm(grads) if grads else ():
-            by_device.setdefault(norm.device, []).append(norm.float())
-        if any(not bool(torch.isfinite(torch.stack(norms)).all()) for norms in by_device.values()):  # one sync per device
-            raise self._non_finite("gradient")
-
-    # ------------------------------------------------------------ checkpoints: staged, then renamed
-    def _get_output_dir(self, trial):
-        if self._staging_root is not None:
-            return str(self._staging_root)
-        return super()._get_output_dir(trial)
-
-    def _save_extra_state(self, folder: Path) -> None:
-        """Anything beyond what transformers saves (main process, before the checkpoint is renamed)."""
-
-    def _save_process_state(self, folder: Path) -> None:
-        """Every process's own state beyond what transformers saves (before the checkpoint is renamed)."""
-
-    def _save_checkpoint(self, model, trial):
-        root = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staging = root / STAGING
-        tmp, final = staging / name, root / name
-        main = self.is_world_process_zero()
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            staging.mkdir(parents=True, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_root = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        self._save_process_state(tmp)
-        if main:
-            self._save_extra_state(tmp)
-            apply_umask_tree(tmp)
-            write_json_atomic(tmp / CHECKPOINT_MARKER, {"step": self.state.global_step, "epoch": self.state.epoch,
-                                                        **self.checkpoint_info})
-        self.accelerator.wait_for_everyone()
-        if main:
-            if final.exists():
-                _discard(final, staging)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            limit = self.args.save_total_limit
-            if limit:
-                for old in complete_checkpoints(root)[:-limit]:
-                    _discard(old, staging)
-        self.accelerator.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -525,11 +105,11 @@ class FinetuneTrainer(RunGuard, Trainer):
 class UnlearnTrainer(RunGuard, Trainer):
     """`loss = gamma * F(l_1..l_B) + alpha * R` with F a weighting of per-sample forget losses.
 
-    The objective and the retain loss declare what they read (`baldro.objectives.Needs`); each forward
+    The objective and the retain loss declare what they read (`baldro.train.objectives.Needs`); each forward
     pass computes only that: answer-token log-probs, full-vocabulary logits at the answer positions, the
     output of the module matched by `module_regex` (a forward that needs nothing after that module stops
     there), and the same from the frozen reference. `ref_cache` (default on): the reference's logp_ref of
-    each forget and preferred answer is computed once and reused in later epochs (`baldro.reference`).
+    each forget and preferred answer is computed once and reused in later epochs (`baldro.train.reference`).
     `primal_dual` (PDU) replaces alpha by a dual variable. The weighting's state, the reference cache, RMU's
     steering vector and the dual variable are saved with every checkpoint.
     """
@@ -939,19 +519,6 @@ def _same_state(a: dict, b: dict) -> bool:
         elif x != y:
             return False
     return True
-
-
-def drop_rows(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Keep the rows `keep` of every batch tensor; each part's padding columns are trimmed to its
-    longest kept row (`select_rows`), so that the kept rows are collated as if they were the whole batch."""
-    n = len(keep)
-    out = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-           for k, v in inputs.items()}
-    for part in ("forget", "retain", "refusal", "alternate"):
-        sub = batch_part(inputs, part)
-        if sub.get("attention_mask") is not None and sub["attention_mask"].dim() == 2:
-            out.update({f"{part}_{k}": v for k, v in select_rows(sub, keep).items()})
-    return out
 
 
 class SampleGather:

@@ -42,7 +42,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     `add_special_tokens=True`, EOS is not added (baldro's formatter appends it). Decoding round-trips
     any text exactly (`clean_up_tokenization_spaces=False`).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + 3 + 1:

@@ -1,7 +1,7 @@
 """Forget objectives (per-sample losses) and retain losses (SPEC section 2).
 
 A forget objective is a pure function of `ForgetInputs` that returns a vector of B per-sample losses,
-lower = more forgotten. It never averages: a weighting (`baldro.weighting`) reduces the vector, so every
+lower = more forgotten. It never averages: a weighting (`baldro.train.weighting`) reduces the vector, so every
 weighting wraps every objective. A new objective is one decorated function that declares what it reads
 beyond the answer tokens' log-probs (`Needs`: the reference's log-probs, a preferred answer, full-vocabulary
 logits of the model or of the reference, the hidden states of one module, RMU's steering vector); the
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from baldro.errors import BaldroError
-from baldro.sequence import AnswerHidden, AnswerLogits, TokenLogProbs
+from baldro.train.sequence import AnswerHidden, AnswerLogits, TokenLogProbs
 
 
 @dataclass(frozen=True)

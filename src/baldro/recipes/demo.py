@@ -29,8 +29,6 @@ from baldro.errors import BaldroError
 from baldro.io import write_json_atomic
 from baldro.progress import EVERY_S, follow_terminal_policy, on_terminal
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class DemoPreset:
@@ -143,7 +141,7 @@ def _job_finetune(cfg: dict, data_dir: str, max_new_tokens: int, progress_queue,
     from omegaconf import OmegaConf
 
     from baldro.eval.run import evaluate_model_dir
-    from baldro.recipes import run_finetune
+    from baldro.recipes.finetune import run_finetune
 
     _worker_setup()
     run_dir = run_finetune(OmegaConf.create(cfg), extra_callbacks=[_QueueProgress(progress_queue, job)])
@@ -157,7 +155,7 @@ def _job_unlearn(cfg: dict, data_dir: str, max_new_tokens: int, retain_eval: str
     from omegaconf import OmegaConf
 
     from baldro.eval.run import evaluate_model_dir, resummarize
-    from baldro.recipes import run_unlearn
+    from baldro.recipes.unlearn import run_unlearn
 
     _worker_setup()
     run_dir = run_unlearn(OmegaConf.create(cfg), extra_callbacks=[_QueueProgress(progress_queue, job)])
@@ -252,12 +250,12 @@ def _fmt(x) -> str:
 def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default", workers: int | None = None,
              overwrite: bool = False) -> Path:
     """Run the demo into `out` (a new or empty folder, or any with `overwrite`) and return the report path."""
-    from baldro.data.synthetic import SyntheticConfig, generate
-    from baldro.eval.run import resummarize
-    from baldro.report import build_report
     from transformers import AutoModelForCausalLM
 
-    from baldro.tiny import build_tiny_model, count_parameters
+    from baldro.data.synthetic import SyntheticConfig, generate
+    from baldro.eval.run import resummarize
+    from baldro.models.tiny import build_tiny_model, count_parameters
+    from baldro.report.build import build_report
 
     if preset not in PRESETS:
         raise BaldroError(f"unknown demo preset {preset!r}: use one of {sorted(PRESETS)}")

@@ -1,0 +1,1 @@
+"""`baldro report`: Markdown tables and plots from any set of run folders."""
