@@ -62,8 +62,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="an unlearned model folder (RUN/model); default: unlearn SmolLM2 briefly first")
     p.add_argument("--tiny", action="store_true", help="the tests' tiny model instead of SmolLM2 (a smoke run)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="the TOFU folder")
-    p.add_argument("--work", default=str(Path.home() / ".cache" / "baldro" / "attack_cost"),
-                   help="models and attack folders (not committed)")
+    p.add_argument(
+        "--work",
+        default=str(Path.home() / ".cache" / "baldro" / "attack_cost"),
+        help="models and attack folders (not committed)",
+    )
     p.add_argument("--runs", type=int, default=1, help="attack runs, each into a fresh folder")
     p.add_argument("--unlearn-steps", type=int, default=5, help="GradDiff steps of the unlearning (no --model)")
     p.add_argument("--eval-limit", type=int, default=None, help="rows of every TOFU set (default: all)")
@@ -71,7 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default="", help="write the measurements as JSON here")
-    p.add_argument("overrides", nargs="*", help="more KEY=VALUE overrides for baldro attack (e.g. attack.quantize.bits=[4])")
+    p.add_argument(
+        "overrides", nargs="*", help="more KEY=VALUE overrides for baldro attack (e.g. attack.quantize.bits=[4])"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -85,10 +90,17 @@ def main(argv=None) -> int:
     else:
         model_args = ["model=smollm2-135m-instruct"]
         base = "package:smollm2-135m-instruct"
-    common = [*model_args, "model.device=cpu" if not torch.cuda.is_available() else "model.device=auto",
-              f"data.source={data}", "split=forget01", "train.disable_tqdm=true", "log_to_console=false",
-              f"eval.max_new_tokens={args.max_new_tokens}", f"eval.batch_size={args.eval_batch_size}",
-              *([f"eval.limit={args.eval_limit}"] if args.eval_limit else [])]
+    common = [
+        *model_args,
+        "model.device=cpu" if not torch.cuda.is_available() else "model.device=auto",
+        f"data.source={data}",
+        "split=forget01",
+        "train.disable_tqdm=true",
+        "log_to_console=false",
+        f"eval.max_new_tokens={args.max_new_tokens}",
+        f"eval.batch_size={args.eval_batch_size}",
+        *([f"eval.limit={args.eval_limit}"] if args.eval_limit else []),
+    ]
 
     unlearn_info = None
     if args.model:
@@ -96,11 +108,24 @@ def main(argv=None) -> int:
     else:  # a brief GradDiff unlearning, evaluated with the attacks' settings (their "before")
         run = work / ("unlearn_tiny" if args.tiny else "unlearn")
         if not (run / "model" / "model.safetensors").is_file() or not (run / "eval").is_dir():
-            _baldro("unlearn", UNLEARN, *common, f"model.path={base}", "objective=graddiff", "weighting=mean",
-                    f"train.max_steps={args.unlearn_steps}", "train.per_device_train_batch_size=8",
-                    "train.gradient_accumulation_steps=1", "train.learning_rate=1e-5", "train.warmup_steps=0",
-                    "train.save_strategy=no", "train.bf16=false", "eval.at_end=true", f"output_dir={run}",
-                    "overwrite=true")
+            _baldro(
+                "unlearn",
+                UNLEARN,
+                *common,
+                f"model.path={base}",
+                "objective=graddiff",
+                "weighting=mean",
+                f"train.max_steps={args.unlearn_steps}",
+                "train.per_device_train_batch_size=8",
+                "train.gradient_accumulation_steps=1",
+                "train.learning_rate=1e-5",
+                "train.warmup_steps=0",
+                "train.save_strategy=no",
+                "train.bf16=false",
+                "eval.at_end=true",
+                f"output_dir={run}",
+                "overwrite=true",
+            )
         model = run / "model"
         unlearn_info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
 
@@ -108,39 +133,74 @@ def main(argv=None) -> int:
     for r in range(args.runs):
         out = work / f"attack_{r}"
         start = time.perf_counter()
-        _baldro("attack", ATTACK, *common, f"model.path={model}", f"output_dir={out}", "overwrite=true",
-                "train.bf16=false", *args.overrides)
+        _baldro(
+            "attack",
+            ATTACK,
+            *common,
+            f"model.path={model}",
+            f"output_dir={out}",
+            "overwrite=true",
+            "train.bf16=false",
+            *args.overrides,
+        )
         info = json.loads((out / "attack_info.json").read_text(encoding="utf-8"))
-        runs.append({"wall_seconds": time.perf_counter() - start, "before_eval": info["before_eval"],
-                     "attacks": info["attacks"]})
+        runs.append(
+            {
+                "wall_seconds": time.perf_counter() - start,
+                "before_eval": info["before_eval"],
+                "attacks": info["attacks"],
+            }
+        )
 
     names = list(runs[0]["attacks"])
     medians = {}
     for name in names:
         attack_s = statistics.median(r["attacks"][name]["attack_seconds"] for r in runs)
         eval_s = statistics.median(r["attacks"][name]["eval_seconds"] for r in runs)
-        medians[name] = {"attack_seconds": attack_s, "eval_seconds": eval_s, "attack_over_eval": attack_s / eval_s,
-                         "steps": runs[0]["attacks"][name]["steps"]}
+        medians[name] = {
+            "attack_seconds": attack_s,
+            "eval_seconds": eval_s,
+            "attack_over_eval": attack_s / eval_s,
+            "steps": runs[0]["attacks"][name]["steps"],
+        }
     import bitsandbytes
     import transformers
 
     result = {
         "model": "tiny (tests)" if args.tiny else ("SmolLM2-135M-Instruct" if not args.model else str(model)),
-        "model_path": str(model), "data": str(data), "split": "forget01", "runs": args.runs,
-        "threads": args.threads, "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
+        "model_path": str(model),
+        "data": str(data),
+        "split": "forget01",
+        "runs": args.runs,
+        "threads": args.threads,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
         "eval": {"limit": args.eval_limit, "max_new_tokens": args.max_new_tokens, "batch_size": args.eval_batch_size},
         "overrides": args.overrides,
-        **({"unlearn": {"steps": args.unlearn_steps, "train_seconds": unlearn_info.get("train_time_s"),
-                        "eval_seconds": unlearn_info.get("eval_time_s")}} if unlearn_info else {}),
-        "median": medians, "all_runs": runs,
+        **(
+            {
+                "unlearn": {
+                    "steps": args.unlearn_steps,
+                    "train_seconds": unlearn_info.get("train_time_s"),
+                    "eval_seconds": unlearn_info.get("eval_time_s"),
+                }
+            }
+            if unlearn_info
+            else {}
+        ),
+        "median": medians,
+        "all_runs": runs,
     }
     print(f"\n{result['model']}, {args.threads} thread(s), median of {args.runs} run(s)\n")
     print("| attack | steps | attack s | evaluation s | attack / evaluation |\n| --- | ---: | ---: | ---: | ---: |")
     for name, m in medians.items():
-        print(f"| {name} | {m['steps']} | {m['attack_seconds']:.1f} | {m['eval_seconds']:.1f} | "
-              f"{m['attack_over_eval']:.3f} |")
+        print(
+            f"| {name} | {m['steps']} | {m['attack_seconds']:.1f} | {m['eval_seconds']:.1f} | "
+            f"{m['attack_over_eval']:.3f} |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"\nwritten to {args.out}")

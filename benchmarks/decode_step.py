@@ -64,8 +64,13 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=(attn.cumsum(1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = growing_cache(cache_layers(output_cache(out)), batch)
         pos = attn.sum(1)
 
@@ -73,8 +78,13 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
             nonlocal attn, cache
             attn = torch.cat([attn, torch.ones(batch, 1, dtype=torch.long, device=device)], 1)
             nxt = torch.randint(0, vocab, (batch, 1), generator=g).to(device)
-            o = model(input_ids=nxt, attention_mask=attn, position_ids=(pos + i)[:, None], use_cache=True,
-                      **{cache_kwarg(model): cache})
+            o = model(
+                input_ids=nxt,
+                attention_mask=attn,
+                position_ids=(pos + i)[:, None],
+                use_cache=True,
+                **{cache_kwarg(model): cache},
+            )
             cache = output_cache(o)
             o.logits.max(-1)
             sync()
@@ -91,8 +101,13 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
                 step(i)
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
-        kind = "matmul" if ev.key in ("aten::mm", "aten::addmm", "aten::bmm") else \
-            "attention" if "scaled_dot_product" in ev.key or "flash_attention" in ev.key else "other"
+        kind = (
+            "matmul"
+            if ev.key in ("aten::mm", "aten::addmm", "aten::bmm")
+            else "attention"
+            if "scaled_dot_product" in ev.key or "flash_attention" in ev.key
+            else "other"
+        )
         parts[kind] += ev.self_cpu_time_total
     total = sum(parts.values()) or 1.0
     return median, {k: median * v / total for k, v in parts.items()}
@@ -122,8 +137,11 @@ def float64_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     lg = logits.double()
     lsm = torch.log_softmax(lg, dim=-1)
     top = lg.topk(2, dim=-1).values
-    return {"token_logp": lsm.gather(1, targets[:, None]).squeeze(1), "argmax": lg.argmax(-1),
-            "argmax_margin": top[:, 0] - top[:, 1]}
+    return {
+        "token_logp": lsm.gather(1, targets[:, None]).squeeze(1),
+        "argmax": lg.argmax(-1),
+        "argmax_margin": top[:, 0] - top[:, 1],
+    }
 
 
 def stats_ms(vocab: int, rows: int) -> dict:
@@ -133,8 +151,10 @@ def stats_ms(vocab: int, rows: int) -> dict:
     logits = torch.randn(rows, vocab, generator=g) * 4
     targets = torch.randint(0, vocab, (rows,), generator=g)
     out = {}
-    for name, fn in [("float64 log-softmax", lambda: float64_stats(logits, targets)),
-                     ("engine (float32 exp-sum)", lambda: _vocab_chunk_stats(logits, targets, frozenset({"argmax"})))]:
+    for name, fn in [
+        ("float64 log-softmax", lambda: float64_stats(logits, targets)),
+        ("engine (float32 exp-sum)", lambda: _vocab_chunk_stats(logits, targets, frozenset({"argmax"}))),
+    ]:
         fn()
         times = []
         for _ in range(5):
@@ -172,20 +192,33 @@ def main(argv=None) -> int:
     kv_pos = kv_bytes_per_position(model)
     weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     record.update(read_gbps=gbps, kv_bytes_per_position=kv_pos, weight_mb=weight_mb)
-    say(f"decoding step, {args.context} cached positions, {args.threads} thread(s), median of {args.steps} steps; "
+    say(
+        f"decoding step, {args.context} cached positions, {args.threads} thread(s), median of {args.steps} steps; "
         f"memory read bandwidth {gbps:.1f} GB/s (sum of 1 GiB); weights {weight_mb:.0f} MB; "
         f"KV cache {kv_pos / 1e3:.1f} kB per position and row; a profiled step's attention reads "
-        f"{kv_positions_read(args.context, args.steps):g} positions per row\n")
+        f"{kv_positions_read(args.context, args.steps):g} positions per row\n"
+    )
     say("| rows | step ms | ms per row | matmul ms | attention ms | other ms | KV MB read | attention GB/s |")
     say("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for b in [int(x) for x in args.batches.split(",")]:
         ms, parts = decode_ms(model, b, args.context, args.steps)
         kv_mb = b * kv_positions_read(args.context, args.steps) * kv_pos / 1e6
         att_gbps = kv_mb / parts["attention"] if parts["attention"] else float("nan")
-        record["decode"].append({"rows": b, "step_ms": ms, "ms_per_row": ms / b, **{f"{k}_ms": v for k, v in parts.items()},
-                                 "kv_mb": kv_mb, "attention_gbps": att_gbps})
-        say(f"| {b} | {ms:.1f} | {ms / b:.2f} | {parts['matmul']:.1f} | {parts['attention']:.1f} | {parts['other']:.1f} "
-            f"| {kv_mb:.0f} | {att_gbps:.1f} |", flush=True)
+        record["decode"].append(
+            {
+                "rows": b,
+                "step_ms": ms,
+                "ms_per_row": ms / b,
+                **{f"{k}_ms": v for k, v in parts.items()},
+                "kv_mb": kv_mb,
+                "attention_gbps": att_gbps,
+            }
+        )
+        say(
+            f"| {b} | {ms:.1f} | {ms / b:.2f} | {parts['matmul']:.1f} | {parts['attention']:.1f} | {parts['other']:.1f} "
+            f"| {kv_mb:.0f} | {att_gbps:.1f} |",
+            flush=True,
+        )
     stats = stats_ms(model.config.vocab_size, args.rows)
     record["stats_ms_per_token"] = stats
     say(f"\nteacher-forced statistics per scored token, vocabulary {model.config.vocab_size}:\n")

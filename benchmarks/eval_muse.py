@@ -46,22 +46,43 @@ def run_child(args) -> None:
     timings: dict = {}
     start = time.perf_counter()
     evaluate_muse(
-        model, tokenizer, QAFormatter(tokenizer, system_prompt=args.system_prompt), args.data, out_dir=args.out_dir,
-        batch_size=args.batch_size, verbmem_max_new_tokens=args.verbmem_max_new_tokens,
-        knowmem_max_new_tokens=args.knowmem_max_new_tokens, max_length=args.max_length, limit=args.limit,
-        timings=timings, progress=False, **MODES[args.child],
+        model,
+        tokenizer,
+        QAFormatter(tokenizer, system_prompt=args.system_prompt),
+        args.data,
+        out_dir=args.out_dir,
+        batch_size=args.batch_size,
+        verbmem_max_new_tokens=args.verbmem_max_new_tokens,
+        knowmem_max_new_tokens=args.knowmem_max_new_tokens,
+        max_length=args.max_length,
+        limit=args.limit,
+        timings=timings,
+        progress=False,
+        **MODES[args.child],
     )
     wall = time.perf_counter() - start
-    Path(args.result).write_text(json.dumps({
-        "mode": args.child, "wall_s": wall, "timings": timings, "peak_mem_mib": _peak_memory_mib(device),
-        "mem_before_eval_mib": mem_before, "device": str(device), "threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()),
-    }), encoding="utf-8")
+    Path(args.result).write_text(
+        json.dumps(
+            {
+                "mode": args.child,
+                "wall_s": wall,
+                "timings": timings,
+                "peak_mem_mib": _peak_memory_mib(device),
+                "mem_before_eval_mib": mem_before,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        ),
+        encoding="utf-8",
+    )
 
 
 def _summary_table(results: list[dict]) -> str:
-    lines = ["| mode | teacher-forced s | forward sequences | generation s | whole evaluation s | peak memory MiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| mode | teacher-forced s | forward sequences | generation s | whole evaluation s | peak memory MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         t = r["timings"]
         tf = sum(v["seconds"] for g, v in t.items() if g not in GENERATION)
@@ -98,22 +119,46 @@ def main(argv=None) -> int:
         results = []
         for mode in modes:
             res = Path(tmp) / f"{mode}.json"
-            cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--data", args.data,
-                   "--max-length", str(args.max_length), "--verbmem-max-new-tokens", str(args.verbmem_max_new_tokens),
-                   "--knowmem-max-new-tokens", str(args.knowmem_max_new_tokens), "--batch-size", str(args.batch_size),
-                   "--out-dir", str(work / mode), "--result", str(res)]
-            for flag, value in (("--limit", args.limit), ("--threads", args.threads), ("--device", args.device),
-                                ("--system-prompt", args.system_prompt)):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--model",
+                args.model,
+                "--data",
+                args.data,
+                "--max-length",
+                str(args.max_length),
+                "--verbmem-max-new-tokens",
+                str(args.verbmem_max_new_tokens),
+                "--knowmem-max-new-tokens",
+                str(args.knowmem_max_new_tokens),
+                "--batch-size",
+                str(args.batch_size),
+                "--out-dir",
+                str(work / mode),
+                "--result",
+                str(res),
+            ]
+            for flag, value in (
+                ("--limit", args.limit),
+                ("--threads", args.threads),
+                ("--device", args.device),
+                ("--system-prompt", args.system_prompt),
+            ):
                 if value is not None:
                     cmd += [flag, str(value)]
             subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             results.append(json.loads(res.read_text()))
             print(f"{mode}: {results[-1]['wall_s']:.1f} s", flush=True)
         r0 = results[0]
-        print(f"\nMUSE evaluation benchmark: {args.data}, limit={args.limit or 'all'}, max_length={args.max_length}, "
-              f"verbmem {args.verbmem_max_new_tokens} / knowmem {args.knowmem_max_new_tokens} new tokens, "
-              f"batch_size={args.batch_size}, device={r0['device']}, {r0['params']:,} parameters, "
-              f"{r0['threads']} torch threads\n")
+        print(
+            f"\nMUSE evaluation benchmark: {args.data}, limit={args.limit or 'all'}, max_length={args.max_length}, "
+            f"verbmem {args.verbmem_max_new_tokens} / knowmem {args.knowmem_max_new_tokens} new tokens, "
+            f"batch_size={args.batch_size}, device={r0['device']}, {r0['params']:,} parameters, "
+            f"{r0['threads']} torch threads\n"
+        )
         print(_table(results))
         print()
         print(_summary_table(results))
@@ -125,8 +170,10 @@ def main(argv=None) -> int:
             a = json.loads((work / modes[0] / "MUSE_EVAL.json").read_text())
             b = json.loads((work / modes[1] / "MUSE_EVAL.json").read_text())
             diffs = diff_eval_logs(a, b, rtol=RTOL, atol=ATOL)
-            print(f"\nspeed-up {modes[0]} vs {modes[1]}: {results[1]['wall_s'] / results[0]['wall_s']:.2f}x "
-                  "(whole evaluation)")
+            print(
+                f"\nspeed-up {modes[0]} vs {modes[1]}: {results[1]['wall_s'] / results[0]['wall_s']:.2f}x "
+                "(whole evaluation)"
+            )
             if diffs:
                 print(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
                 return 1

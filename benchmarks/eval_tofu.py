@@ -124,7 +124,9 @@ def needed_tokens(tokenizer, formatter, data_dir: str, forget_split: str, limit,
         for r in data.rows[s.key]:
             prompt = formatter.encode_prompt(r["question"])
             answers = [r["answer"], *([r["paraphrased_answer"]] if s.paraphrase else []), *r["perturbed_answer"]]
-            scored += len(prompt) + sum(len(formatter.encode(r["question"], a).input_ids) - len(prompt) for a in answers)
+            scored += len(prompt) + sum(
+                len(formatter.encode(r["question"], a).input_ids) - len(prompt) for a in answers
+            )
     scored += sum(len(formatter.encode(r["question"], r["answer"]).input_ids) for r in data.rows["holdout"])
     generated = 0
     for key, entry in eval_log.items():
@@ -167,8 +169,9 @@ def run_child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[args.dtype]
+    dtype = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype
+    ]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -182,9 +185,18 @@ def run_child(args) -> None:
     timings: dict = {}
     start = time.perf_counter()
     evaluate_tofu(
-        model, tokenizer, build_formatter(tokenizer, args.smollm2), args.data, forget_split=args.forget_split, out_dir=args.out_dir,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit, timings=timings,
-        progress=False, **MODES[args.child],
+        model,
+        tokenizer,
+        build_formatter(tokenizer, args.smollm2),
+        args.data,
+        forget_split=args.forget_split,
+        out_dir=args.out_dir,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        timings=timings,
+        progress=False,
+        **MODES[args.child],
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -219,8 +231,10 @@ def _table(results: list[dict]) -> str:
     for r in results:
         for group, t in r["timings"].items():
             rate = t["rows"] / t["seconds"] if t["seconds"] > 0 else float("inf")
-            lines.append(f"| {r['mode']} | {group} | {t['rows']} | {t['sequences']} | {t.get('model_tokens', 0)} | "
-                         f"{t['seconds']:.2f} | {rate:.1f} |")
+            lines.append(
+                f"| {r['mode']} | {group} | {t['rows']} | {t['sequences']} | {t.get('model_tokens', 0)} | "
+                f"{t['seconds']:.2f} | {rate:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -278,10 +292,12 @@ def _floor_table(results: list[dict], need: dict) -> str:
         tf_tokens, tf_seconds = teacher_forced_totals(r, "model_tokens"), teacher_forced_totals(r, "seconds")
         own = own_rate_seconds(need, r)
         decode = f"{r['decode_ms_per_row']:.2f} ({r['decode_rows']})" if "decode_ms_per_row" in r else "n/a"
-        lines.append(f"| {r['mode']} | {r['matmul_gflops']:.1f} | {floor:.1f} | {tf_tokens / tf_seconds if tf_seconds else 0:.0f} | "
-                     f"{decode} | {own if own is not None else float('nan'):.1f} | {r['wall_s']:.1f} | "
-                     f"{r['wall_s'] / floor:.2f} | {r['wall_s'] / own if own else float('nan'):.2f} | {ran:,} | "
-                     f"{ran / total_need:.2f} |")
+        lines.append(
+            f"| {r['mode']} | {r['matmul_gflops']:.1f} | {floor:.1f} | {tf_tokens / tf_seconds if tf_seconds else 0:.0f} | "
+            f"{decode} | {own if own is not None else float('nan'):.1f} | {r['wall_s']:.1f} | "
+            f"{r['wall_s'] / floor:.2f} | {r['wall_s'] / own if own else float('nan'):.2f} | {ran:,} | "
+            f"{ran / total_need:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -294,19 +310,37 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16", "float16"],
-                   help="float64: whether the modes differ by more than float32 rounding")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float64", "float32", "bfloat16", "float16"],
+        help="float64: whether the modes differ by more than float32 rounding",
+    )
     p.add_argument("--modes", default="optimised,naive", help="comma-separated subset of optimised,naive")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run the modes alternately N times and report each mode's fastest run (noisy machines)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the modes alternately N times and report each mode's fastest run (noisy machines)",
+    )
     p.add_argument("--keep", help="keep the eval logs in this folder")
-    p.add_argument("--diff-against", help="also compare the first mode's log with this TOFU_EVAL.json (e.g. the same "
-                   "mode at another thread count: how much float rounding alone moves the numbers)")
-    p.add_argument("--out", help="write every run's figures to this JSON file and the tables to the same name .md "
-                   "(with --compare-logs: the lines it prints, to this file)")
-    p.add_argument("--compare-logs", nargs="+", metavar="LOG",
-                   help="run nothing: compare the first TOFU_EVAL.json with each of the others and exit")
+    p.add_argument(
+        "--diff-against",
+        help="also compare the first mode's log with this TOFU_EVAL.json (e.g. the same "
+        "mode at another thread count: how much float rounding alone moves the numbers)",
+    )
+    p.add_argument(
+        "--out",
+        help="write every run's figures to this JSON file and the tables to the same name .md "
+        "(with --compare-logs: the lines it prints, to this file)",
+    )
+    p.add_argument(
+        "--compare-logs",
+        nargs="+",
+        metavar="LOG",
+        help="run nothing: compare the first TOFU_EVAL.json with each of the others and exit",
+    )
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--smollm2", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -333,13 +367,35 @@ def main(argv=None) -> int:
         for rep, mode in [(i, m) for i in range(max(1, args.repeat)) for m in modes]:
             out = work / mode if rep == 0 else Path(tmp) / f"{mode}-{rep}"
             res = Path(tmp) / f"{mode}-{rep}.json"
-            cmd = [
-                sys.executable, __file__, "--child", mode, "--model", model, "--data", args.data,
-                "--forget-split", args.forget_split, "--max-new-tokens", str(args.max_new_tokens),
-                "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype,
-                "--out-dir", str(out), "--result", str(res),
-            ] + (["--smollm2"] if args.model == SMOLLM2 else []) + (["--limit", str(args.limit)] if args.limit else []) + (
-                ["--threads", str(args.threads)] if args.threads else [])
+            cmd = (
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--model",
+                    model,
+                    "--data",
+                    args.data,
+                    "--forget-split",
+                    args.forget_split,
+                    "--max-new-tokens",
+                    str(args.max_new_tokens),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                    "--out-dir",
+                    str(out),
+                    "--result",
+                    str(res),
+                ]
+                + (["--smollm2"] if args.model == SMOLLM2 else [])
+                + (["--limit", str(args.limit)] if args.limit else [])
+                + (["--threads", str(args.threads)] if args.threads else [])
+            )
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
             subprocess.run(cmd, check=True, env=env)
             r = json.loads(res.read_text())
@@ -355,10 +411,12 @@ def main(argv=None) -> int:
         r0 = results[0]
         report: list[str] = []
         say = _recorder(report)  # the tables go to stdout and, with --out, to a file
-        say(f"\nTOFU evaluation benchmark: {args.forget_split}, limit={args.limit or 'all'}, "
-              f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, device={r0['device']}, "
-              f"dtype={args.dtype}, {r0['params']:,} parameters, {r0['threads']} torch threads; "
-              f"memory = {r0['memory_kind']}; fastest of {max(1, args.repeat)} run(s) per mode\n")
+        say(
+            f"\nTOFU evaluation benchmark: {args.forget_split}, limit={args.limit or 'all'}, "
+            f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, device={r0['device']}, "
+            f"dtype={args.dtype}, {r0['params']:,} parameters, {r0['threads']} torch threads; "
+            f"memory = {r0['memory_kind']}; fastest of {max(1, args.repeat)} run(s) per mode\n"
+        )
         say(_table(results))
         say()
         say(_summary_table(results))
@@ -383,21 +441,27 @@ def main(argv=None) -> int:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(model)
-            need = needed_tokens(tok, build_formatter(tok, args.model == SMOLLM2), args.data, args.forget_split,
-                                 args.limit, first_log)
+            need = needed_tokens(
+                tok, build_formatter(tok, args.model == SMOLLM2), args.data, args.forget_split, args.limit, first_log
+            )
             say("\n" + _floor_table(results, need))
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            record = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "out_dir", "result")},
-                      "results": results, "needed_tokens": need, "differences": diffs}
+            record = {
+                "args": {k: v for k, v in vars(args).items() if k not in ("child", "out_dir", "result")},
+                "results": results,
+                "needed_tokens": need,
+                "differences": diffs,
+            }
             out.write_text(json.dumps(record, indent=1), encoding="utf-8")
             out.with_suffix(".md").write_text("\n".join(report).strip() + "\n", encoding="utf-8")
     return 1 if diffs else 0
 
 
-def describe_differences(a, b, rtol: float = RTOL, atol: float = ATOL, worst: int = 3,
-                         diffs: list[str] | None = None) -> str:
+def describe_differences(
+    a, b, rtol: float = RTOL, atol: float = ATOL, worst: int = 3, diffs: list[str] | None = None
+) -> str:
     """One line on how two eval logs differ: how many numbers differ beyond atol and beyond rtol, the
     largest relative differences with where they are, and how many other values differ (texts, keys,
     list lengths). `diffs`: `diff_eval_logs(a, b, rtol, atol)` when the caller has it already."""
@@ -407,9 +471,11 @@ def describe_differences(a, b, rtol: float = RTOL, atol: float = ATOL, worst: in
         diffs = diff_eval_logs(a, b, rtol=rtol, atol=atol)
     others = len(diffs) - beyond
     top = ", ".join(f"{r:.2e} at {path}" for path, r in numeric[:worst])
-    return (f"{n} numbers, {len(numeric)} differ beyond atol {atol:g}, {beyond} beyond rtol {rtol:g}"
-            + (f"; largest {top}" if top else "")
-            + (f"; {others} non-numeric difference(s) (generated texts, keys or list lengths)" if others else ""))
+    return (
+        f"{n} numbers, {len(numeric)} differ beyond atol {atol:g}, {beyond} beyond rtol {rtol:g}"
+        + (f"; largest {top}" if top else "")
+        + (f"; {others} non-numeric difference(s) (generated texts, keys or list lengths)" if others else "")
+    )
 
 
 def compare_logs(paths: list[str], out: str | None) -> int:
@@ -418,8 +484,11 @@ def compare_logs(paths: list[str], out: str | None) -> int:
     beyond `diff_eval_logs`'s tolerance, 2 when a file is missing."""
     missing = [p for p in paths if not Path(p).is_file()]
     if len(paths) < 2 or missing:
-        print(f"--compare-logs needs two or more TOFU_EVAL.json files ({', '.join(missing) or 'got ' + str(len(paths))} "
-              "not found): pass the logs --keep kept", file=sys.stderr)
+        print(
+            f"--compare-logs needs two or more TOFU_EVAL.json files ({', '.join(missing) or 'got ' + str(len(paths))} "
+            "not found): pass the logs --keep kept",
+            file=sys.stderr,
+        )
         return 2
     report: list[str] = []
     say = _recorder(report)

@@ -37,13 +37,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tofu"
 TASK = "world_facts_mc"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def build_task(folder: Path, data: Path, seed: int = 0) -> Path:
     """`world_facts_mc`: TOFU's world facts as four-choice questions (WMDP's layout and prompt)."""
-    rows = [json.loads(line) for line in (data / "world_facts_perturbed.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (data / "world_facts_perturbed.jsonl").read_text().splitlines() if line.strip()
+    ]
     rng = random.Random(seed)
     docs = []
     for r in rows:
@@ -56,7 +62,7 @@ def build_task(folder: Path, data: Path, seed: int = 0) -> Path:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / f'{TASK}.json'}
+    test: {folder / f"{TASK}.json"}
 test_split: test
 output_type: multiple_choice
 description: "The following are multiple choice questions (with answers) about world facts.\\n\\n"
@@ -109,15 +115,24 @@ def compare_samples(ours: list[dict], theirs: list[dict]) -> dict:
     same, max_diff = 0, 0.0
     for a in ours:
         b = theirs_by_id[a["doc_id"]]
-        a_cli = {**a, "arguments": {f"gen_args_{i}": {f"arg_{j}": x for j, x in enumerate(args)}
-                                    for i, args in enumerate(a["arguments"])},
-                 "resps": record_text(a["resps"]), "filtered_resps": record_text(a["filtered_resps"]),
-                 "target": str(a["target"])}
+        a_cli = {
+            **a,
+            "arguments": {
+                f"gen_args_{i}": {f"arg_{j}": x for j, x in enumerate(args)} for i, args in enumerate(a["arguments"])
+            },
+            "resps": record_text(a["resps"]),
+            "filtered_resps": record_text(a["filtered_resps"]),
+            "target": str(a["target"]),
+        }
         same += a_cli == b
         for ra, rb in zip(a["filtered_resps"], b["filtered_resps"]):
             max_diff = max(max_diff, abs(float(ra[0]) - float(rb[0])))
-    return {"records": len(ours), "records_in_harness_output": len(theirs), "identical_records": same,
-            "max_abs_loglikelihood_diff": max_diff}
+    return {
+        "records": len(ours),
+        "records_in_harness_output": len(theirs),
+        "identical_records": same,
+        "max_abs_loglikelihood_diff": max_diff,
+    }
 
 
 def main(argv=None) -> int:
@@ -135,21 +150,59 @@ def main(argv=None) -> int:
         work = Path(tmp)
         tasks = build_task(work / "tasks", data)
         model = resolve_model(args.model, work, data)
-        env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-               "BALDRO_NUM_THREADS": str(args.threads)}
+        env = {
+            **os.environ,
+            **OFFLINE,
+            "OMP_NUM_THREADS": str(args.threads),
+            "MKL_NUM_THREADS": str(args.threads),
+            "BALDRO_NUM_THREADS": str(args.threads),
+        }
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
         limit_cli = ["--limit", str(args.limit)] if args.limit else []
         limit_ours = [f"eval.limit={args.limit}"] if args.limit else []
         harness_out, ours_out = work / "harness", work / "baldro"
-        harness_cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                       f"pretrained={model},dtype=float32", "--include_path", str(tasks), "--tasks", TASK,
-                       "--num_fewshot", str(args.num_fewshot), "--batch_size", str(args.batch_size), "--device", "cpu",
-                       *limit_cli, "--output_path", str(harness_out), "--log_samples"]
-        ours_cmd = [sys.executable, "-m", "baldro.cli", "eval", str(ROOT / "configs" / "eval" / "lm_eval.yaml"),
-                    f"model.path={model}", "model.tokenizer=null", "model.dtype=float32", "model.device=cpu",
-                    "model.attn_implementation=null", "format.use_chat_template=false", f"eval.tasks=[{TASK}]",
-                    f"eval.include_path={tasks}", f"eval.num_fewshot={args.num_fewshot}",
-                    f"eval.batch_size={args.batch_size}", *limit_ours, f"output_dir={ours_out}"]
+        harness_cmd = [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model},dtype=float32",
+            "--include_path",
+            str(tasks),
+            "--tasks",
+            TASK,
+            "--num_fewshot",
+            str(args.num_fewshot),
+            "--batch_size",
+            str(args.batch_size),
+            "--device",
+            "cpu",
+            *limit_cli,
+            "--output_path",
+            str(harness_out),
+            "--log_samples",
+        ]
+        ours_cmd = [
+            sys.executable,
+            "-m",
+            "baldro.cli",
+            "eval",
+            str(ROOT / "configs" / "eval" / "lm_eval.yaml"),
+            f"model.path={model}",
+            "model.tokenizer=null",
+            "model.dtype=float32",
+            "model.device=cpu",
+            "model.attn_implementation=null",
+            "format.use_chat_template=false",
+            f"eval.tasks=[{TASK}]",
+            f"eval.include_path={tasks}",
+            f"eval.num_fewshot={args.num_fewshot}",
+            f"eval.batch_size={args.batch_size}",
+            *limit_ours,
+            f"output_dir={ours_out}",
+        ]
         # alternate the order over two rounds so that neither side always runs on a warmer file cache
         walls: dict[str, list[float]] = {"harness": [], "baldro": []}
         for order in (("harness", "baldro"), ("baldro", "harness")):
@@ -180,29 +233,45 @@ def main(argv=None) -> int:
 
         result = {
             "model": args.model if args.model in ("smollm2", "tiny") else str(model),
-            "task": TASK, "questions": theirs["n-samples"][TASK]["effective"], "num_fewshot": args.num_fewshot,
-            "batch_size": args.batch_size, "threads": args.threads, "dtype": "float32", "device": "cpu",
-            "versions": {"lm_eval": lm_eval.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
+            "task": TASK,
+            "questions": theirs["n-samples"][TASK]["effective"],
+            "num_fewshot": args.num_fewshot,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "dtype": "float32",
+            "device": "cpu",
+            "versions": {
+                "lm_eval": lm_eval.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
             "harness_command": " ".join(harness_cmd[1:]).replace(str(work), "TMP"),
             "baldro_command": " ".join(ours_cmd[2:]).replace(str(work), "TMP").replace(f"{ROOT}{os.sep}", ""),
             "summary": {"baldro": our_summary, "harness": their_summary, "equal": our_summary == their_summary},
             "samples": compare_samples(our_samples, their_samples),
             "seconds": {
-                "harness_command_wall": walls["harness"], "baldro_command_wall": walls["baldro"],
+                "harness_command_wall": walls["harness"],
+                "baldro_command_wall": walls["baldro"],
                 "harness_evaluation": float(theirs["total_evaluation_time_seconds"]),
-                "baldro_evaluation": our_info["eval_time_s"], "baldro_stages": our_timings["stages"],
+                "baldro_evaluation": our_info["eval_time_s"],
+                "baldro_stages": our_timings["stages"],
             },
         }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     s = result["seconds"]
-    print(f"{TASK}, {result['questions']} questions, {args.model}: summary equal: {result['summary']['equal']} "
-          f"({our_summary}); identical records {result['samples']['identical_records']}/{result['samples']['records']}, "
-          f"max |d loglik| {result['samples']['max_abs_loglikelihood_diff']:.3g}; wall harness "
-          f"{min(s['harness_command_wall']):.1f} s, baldro {min(s['baldro_command_wall']):.1f} s; evaluation harness "
-          f"{s['harness_evaluation']:.1f} s, baldro {s['baldro_evaluation']:.1f} s")
-    return 0 if result["summary"]["equal"] and result["samples"]["identical_records"] == result["samples"]["records"] else 1
+    print(
+        f"{TASK}, {result['questions']} questions, {args.model}: summary equal: {result['summary']['equal']} "
+        f"({our_summary}); identical records {result['samples']['identical_records']}/{result['samples']['records']}, "
+        f"max |d loglik| {result['samples']['max_abs_loglikelihood_diff']:.3g}; wall harness "
+        f"{min(s['harness_command_wall']):.1f} s, baldro {min(s['baldro_command_wall']):.1f} s; evaluation harness "
+        f"{s['harness_evaluation']:.1f} s, baldro {s['baldro_evaluation']:.1f} s"
+    )
+    return (
+        0
+        if result["summary"]["equal"] and result["samples"]["identical_records"] == result["samples"]["records"]
+        else 1
+    )
 
 
 if __name__ == "__main__":

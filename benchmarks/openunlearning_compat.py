@@ -50,35 +50,67 @@ def main(argv=None) -> None:
     from baldro.recipes.common import build_formatter, load_model_and_tokenizer
     from baldro.recipes.config import as_recipe, load_config
 
-    recipe = as_recipe(load_config(REPO / "configs" / "eval" / "tofu.yaml", [
-        "model=smollm2-135m-instruct", f"model.path={args.model}", "model.dtype=float32", "model.device=cpu",
-        f"data.source={args.data}", f"split={args.split}",
-    ]))
+    recipe = as_recipe(
+        load_config(
+            REPO / "configs" / "eval" / "tofu.yaml",
+            [
+                "model=smollm2-135m-instruct",
+                f"model.path={args.model}",
+                "model.dtype=float32",
+                "model.device=cpu",
+                f"data.source={args.data}",
+                f"split={args.split}",
+            ],
+        )
+    )
     model, tok = load_model_and_tokenizer(recipe.model)
     fmt = build_formatter(recipe.format, recipe.data, tok)
     rows = load_tofu_eval_data(args.data, args.split, args.limit).rows["forget"]
     qs, answers = [r["question"] for r in rows], [r["answer"] for r in rows]
     pad = pad_token_id(tok)
-    result: dict = {"model": args.model, "split": args.split, "n": len(rows), "batch_size": args.batch_size,
-                    "max_new_tokens": args.max_new_tokens, "pad_token": tok.convert_ids_to_tokens(pad),
-                    "machine": f"{platform.processor() or platform.machine()}, 1 torch thread",
-                    "prompt_example": fmt.prompt_text(qs[0]), "modes": {}}
+    result: dict = {
+        "model": args.model,
+        "split": args.split,
+        "n": len(rows),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "pad_token": tok.convert_ids_to_tokens(pad),
+        "machine": f"{platform.processor() or platform.machine()}, 1 torch thread",
+        "prompt_example": fmt.prompt_text(qs[0]),
+        "modes": {},
+    }
     for compat in ("none", "openunlearning"):
         t0 = time.perf_counter()
         enc = fmt.encode_many(qs, answers, compat=compat)
-        scores = engine.score_sequences(model, enc, args.batch_size, pad, want=(), sort_by_length=compat == "none",
-                                        progress=False, compat=compat)
+        scores = engine.score_sequences(
+            model, enc, args.batch_size, pad, want=(), sort_by_length=compat == "none", progress=False, compat=compat
+        )
         t1 = time.perf_counter()
         gens = []
         if args.max_new_tokens > 0:
-            gens = generation.generate(model, tok, [fmt.encode_prompt(q) for q in qs], args.max_new_tokens,
-                                       args.batch_size, progress=False, compat=compat)
+            gens = generation.generate(
+                model,
+                tok,
+                [fmt.encode_prompt(q) for q in qs],
+                args.max_new_tokens,
+                args.batch_size,
+                progress=False,
+                compat=compat,
+            )
         t2 = time.perf_counter()
         inner = sum(int(t == pad) for e in enc for t in e.input_ids[:-1])
-        result["modes"][compat] = {"prob": [s.prob for s in scores], "generation": gens,
-                                   "score_s": t1 - t0, "generate_s": t2 - t1, "inner_pad_tokens": inner}
-        print(f"{compat}: scored {len(enc)} answers in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s "
-              f"({inner} pad-valued tokens inside the sequences)", flush=True)
+        result["modes"][compat] = {
+            "prob": [s.prob for s in scores],
+            "generation": gens,
+            "score_s": t1 - t0,
+            "generate_s": t2 - t1,
+            "inner_pad_tokens": inner,
+        }
+        print(
+            f"{compat}: scored {len(enc)} answers in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s "
+            f"({inner} pad-valued tokens inside the sequences)",
+            flush=True,
+        )
 
     a, b = result["modes"]["none"], result["modes"]["openunlearning"]
     diffs = [abs(x - y) for x, y in zip(a["prob"], b["prob"])]
@@ -87,9 +119,11 @@ def main(argv=None) -> None:
     result["mean_abs_prob_diff"] = sum(diffs) / len(diffs)
     result["mean_prob"] = {"none": sum(a["prob"]) / len(diffs), "openunlearning": sum(b["prob"]) / len(diffs)}
     result["worst_row"] = worst
-    print(f"answer probability: max |default - compat| = {diffs[worst]:.4f} (row {worst}: "
-          f"{a['prob'][worst]:.4f} vs {b['prob'][worst]:.4f}), mean |diff| = {result['mean_abs_prob_diff']:.4f}, "
-          f"mean prob {result['mean_prob']['none']:.4f} vs {result['mean_prob']['openunlearning']:.4f}")
+    print(
+        f"answer probability: max |default - compat| = {diffs[worst]:.4f} (row {worst}: "
+        f"{a['prob'][worst]:.4f} vs {b['prob'][worst]:.4f}), mean |diff| = {result['mean_abs_prob_diff']:.4f}, "
+        f"mean prob {result['mean_prob']['none']:.4f} vs {result['mean_prob']['openunlearning']:.4f}"
+    )
     if args.max_new_tokens > 0:
         differ = [i for i, (x, y) in enumerate(zip(a["generation"], b["generation"])) if x != y]
         result["generations_differ"] = len(differ)

@@ -63,8 +63,16 @@ def main(argv=None) -> int:
         timings: dict = {}
         t0 = time.perf_counter()
         logs[name], _ = evaluate_tofu(
-            model, tok, fmt, args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, progress=False, timings=timings, **modes,
+            model,
+            tok,
+            fmt,
+            args.data,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            progress=False,
+            timings=timings,
+            **modes,
         )
         parts = ", ".join(f"{g} {t['seconds']:.1f} s" for g, t in timings.items())
         print(f"evaluation, {name}: {time.perf_counter() - t0:.1f} s ({parts})", flush=True)
@@ -77,17 +85,22 @@ def main(argv=None) -> int:
         questions += [json.loads(line)["question"] for line in lines]
     prompts = [fmt.encode_prompt(q) for q in questions]
     t0 = time.perf_counter()
-    fixed = generation.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, sort_by_length=False,
-                                progress=False)
+    fixed = generation.generate(
+        model, tok, prompts, args.max_new_tokens, args.batch_size, sort_by_length=False, progress=False
+    )
     print(f"generation of {len(prompts)} prompts, model.generate on fixed batches: {time.perf_counter() - t0:.1f} s")
     same = True
     for la in (int(x) for x in args.lookahead.split(",")):
         t0 = time.perf_counter()
-        texts = generation.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, lookahead=la,
-                                    progress=False)
+        texts = generation.generate(
+            model, tok, prompts, args.max_new_tokens, args.batch_size, lookahead=la, progress=False
+        )
         same &= texts == fixed
-        print(f"generation, continuous batching, lookahead {la}: {time.perf_counter() - t0:.1f} s, "
-              f"same texts: {texts == fixed}", flush=True)
+        print(
+            f"generation, continuous batching, lookahead {la}: {time.perf_counter() - t0:.1f} s, "
+            f"same texts: {texts == fixed}",
+            flush=True,
+        )
     print(f"default lookahead for this model here: {generation.default_lookahead(model)}")
     return 0 if same and not diffs else 1
 

@@ -54,8 +54,11 @@ WEIGHTINGS = {
     "group shrink_retain": ("group", {"ratio": 0.5, "shrink_retain": True}, {}),
     AS_AUTHORS: ("group", {"ratio": 0.5, "hardness": "nll", "shrink_retain": True}, {}),
     # The released code: selection forward with autograd, second forward on the k rows, no reference cache.
-    TWO_PASS: ("group", {"ratio": 0.5, "hardness": "nll", "shrink_retain": True, "selection": "twopass"},
-               {"ref_cache": False}),
+    TWO_PASS: (
+        "group",
+        {"ratio": 0.5, "hardness": "nll", "shrink_retain": True, "selection": "twopass"},
+        {"ref_cache": False},
+    ),
     "dv": ("dv", {"sigma": 2.0}, {}),
     "dv_softmin": ("dv_softmin", {"sigma": 2.0}, {}),
     "dv_global": ("dv_global", {"sigma": 2.0}, {}),
@@ -63,8 +66,11 @@ WEIGHTINGS = {
     "mean, unfused AdamW": ("mean", {}, {"optim": "adamw_torch"}),
     "mean, subnormals kept": ("mean", {}, {"flush_denormal": False}),
 }
-EXTRA_ONLY_FOR = {"mean, cache off": ("npo",), "mean, unfused AdamW": ("npo",),  # npo: the one with a reference
-                  "mean, subnormals kept": ("simnpo", "satimp")}  # saturating losses: tiny gradients
+EXTRA_ONLY_FOR = {
+    "mean, cache off": ("npo",),
+    "mean, unfused AdamW": ("npo",),  # npo: the one with a reference
+    "mean, subnormals kept": ("simnpo", "satimp"),
+}  # saturating losses: tiny gradients
 
 
 # ------------------------------------------------------------------------------------------ child
@@ -138,10 +144,20 @@ def run_child(args) -> None:
     forget, retain = [sample() for _ in range(n)], [sample() for _ in range(n)]
     tmp = tempfile.mkdtemp(prefix="train_step_")
     targs = TrainingArguments(
-        output_dir=tmp, per_device_train_batch_size=n, max_steps=args.warmup + args.steps, learning_rate=1e-5,
-        optim=extra.get("optim", "adamw_torch_fused"), logging_steps=1, save_strategy="no", report_to="none",
-        disable_tqdm=True, use_cpu=not cuda, remove_unused_columns=False, dataloader_drop_last=False,
-        lr_scheduler_type="constant")
+        output_dir=tmp,
+        per_device_train_batch_size=n,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-5,
+        optim=extra.get("optim", "adamw_torch_fused"),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        remove_unused_columns=False,
+        dataloader_drop_last=False,
+        lr_scheduler_type="constant",
+    )
     times: list[float] = []
     cpu_times: list[float] = []  # this process's CPU seconds: robust to other work on shared cores
     memory: dict = {}
@@ -169,17 +185,30 @@ def run_child(args) -> None:
             cpu_times.append(time.process_time() - self.c0)
 
     trainer = UnlearnTrainer(
-        model=model, args=targs, train_dataset=UnlearnDataset(forget, retain, seed=0),
-        data_collator=UnlearnCollator(0), callbacks=[StepTimer()], objective=objective,
-        weighting=make_weighting(w_name, n_samples=n, **w_args), retain_loss=retain_loss, ref_model=ref,
-        ref_cache=extra.get("ref_cache", True))
+        model=model,
+        args=targs,
+        train_dataset=UnlearnDataset(forget, retain, seed=0),
+        data_collator=UnlearnCollator(0),
+        callbacks=[StepTimer()],
+        objective=objective,
+        weighting=make_weighting(w_name, n_samples=n, **w_args),
+        retain_loss=retain_loss,
+        ref_model=ref,
+        ref_cache=extra.get("ref_cache", True),
+    )
     trainer.train()
     peak = torch.cuda.max_memory_allocated(device) if cuda else sampler.stop()
     key = "cpu_s" if not cuda and args.threads == 1 else "wall_s"
     result = {
-        "objective": obj_name, "weighting": name, "wall_s": statistics.median(times[args.warmup:]),
-        "cpu_s": statistics.median(cpu_times[args.warmup:]), "steps": times[args.warmup:], "peak_mib": peak / 2**20, "start_mib": memory["start"] / 2**20,
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "threads": torch.get_num_threads(),
+        "objective": obj_name,
+        "weighting": name,
+        "wall_s": statistics.median(times[args.warmup :]),
+        "cpu_s": statistics.median(cpu_times[args.warmup :]),
+        "steps": times[args.warmup :],
+        "peak_mib": peak / 2**20,
+        "start_mib": memory["start"] / 2**20,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "threads": torch.get_num_threads(),
         "memory_kind": "max_memory_allocated" if cuda else "peak RSS",
         "time_kind": {"cpu_s": "process CPU seconds (one thread)", "wall_s": "wall seconds"}[key]
         + (" (synchronised)" if cuda else ""),
@@ -197,8 +226,10 @@ def _configs(objectives):
 
 
 def _table(rows: dict, objectives) -> str:
-    lines = ["| objective | weighting | step s (median) | spread s | x mean | peak MiB | over start MiB | x mean |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| objective | weighting | step s (median) | spread s | x mean | peak MiB | over start MiB | x mean |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for o in objectives:
         base = rows.get((o, "mean"))
         for w in [x for name in WEIGHTINGS for x in (name, f"{name} @baseline")]:
@@ -211,13 +242,16 @@ def _table(rows: dict, objectives) -> str:
             lo, hi = min(r["step_s"] for r in runs), max(r["step_s"] for r in runs)
             bstep = statistics.median(r["step_s"] for r in base) if base else float("nan")
             bpeak = statistics.median(r["peak_mib"] for r in base) if base else float("nan")
-            lines.append(f"| {o} | {w} | {step:.3f} | {lo:.3f}-{hi:.3f} | {step / bstep:.3f} | {peak:.0f} | "
-                         f"{over:.0f} | {peak / bpeak:.3f} |")
+            lines.append(
+                f"| {o} | {w} | {step:.3f} | {lo:.3f}-{hi:.3f} | {step / bstep:.3f} | {peak:.0f} | "
+                f"{over:.0f} | {peak / bpeak:.3f} |"
+            )
     return "\n".join(lines)
 
 
 def _ratios(rows: dict, objective: str) -> str:
     """The goals of the training-speed issue, as ratios of medians."""
+
     def med(w, key="step_s"):
         runs = rows.get((objective, w))
         return statistics.median(r[key] for r in runs) if runs else float("nan")
@@ -225,19 +259,27 @@ def _ratios(rows: dict, objective: str) -> str:
     lines = [f"Ratios for {objective} (medians over rounds):"]
     for w in ("dv", "dv_softmin", "dv_global"):
         lines.append(f"- {w} / mean step time: {med(w) / med('mean'):.3f} (goal <= 1.03)")
-    lines.append(f"- group / mean step time: {med('group') / med('mean'):.3f} (goal <= 0.90); "
-                 f"peak memory {med('group', 'peak_mib') / med('mean', 'peak_mib'):.3f} (goal <= 1)")
-    lines.append(f"- group shrink_retain / mean step time: {med('group shrink_retain') / med('mean'):.3f}; "
-                 f"peak memory {med('group shrink_retain', 'peak_mib') / med('mean', 'peak_mib'):.3f}")
-    lines.append(f"- {AS_AUTHORS} / two-pass step time: {med(AS_AUTHORS) / med(TWO_PASS):.3f} (goal <= 0.85); "
-                 f"peak memory {med(AS_AUTHORS, 'peak_mib') / med(TWO_PASS, 'peak_mib'):.3f}, over start "
-                 f"{(med(AS_AUTHORS, 'peak_mib') - med(AS_AUTHORS, 'start_mib')) / (med(TWO_PASS, 'peak_mib') - med(TWO_PASS, 'start_mib')):.3f}"
-                 " (goal <= 0.7)")
+    lines.append(
+        f"- group / mean step time: {med('group') / med('mean'):.3f} (goal <= 0.90); "
+        f"peak memory {med('group', 'peak_mib') / med('mean', 'peak_mib'):.3f} (goal <= 1)"
+    )
+    lines.append(
+        f"- group shrink_retain / mean step time: {med('group shrink_retain') / med('mean'):.3f}; "
+        f"peak memory {med('group shrink_retain', 'peak_mib') / med('mean', 'peak_mib'):.3f}"
+    )
+    lines.append(
+        f"- {AS_AUTHORS} / two-pass step time: {med(AS_AUTHORS) / med(TWO_PASS):.3f} (goal <= 0.85); "
+        f"peak memory {med(AS_AUTHORS, 'peak_mib') / med(TWO_PASS, 'peak_mib'):.3f}, over start "
+        f"{(med(AS_AUTHORS, 'peak_mib') - med(AS_AUTHORS, 'start_mib')) / (med(TWO_PASS, 'peak_mib') - med(TWO_PASS, 'start_mib')):.3f}"
+        " (goal <= 0.7)"
+    )
     if rows.get((objective, "mean, cache off")):
         off, on = med("mean, cache off"), med("mean")
-        lines.append(f"- reference cache: a cached step {on:.3f} s vs {off:.3f} s uncached ({on / off:.3f}x); "
-                     f"10 epochs of S steps cost S x ({off:.3f} + 9 x {on:.3f}) = S x {off + 9 * on:.2f} s with the "
-                     f"cache vs S x {10 * off:.2f} s without ({(off + 9 * on) / (10 * off):.3f}x)")
+        lines.append(
+            f"- reference cache: a cached step {on:.3f} s vs {off:.3f} s uncached ({on / off:.3f}x); "
+            f"10 epochs of S steps cost S x ({off:.3f} + 9 x {on:.3f}) = S x {off + 9 * on:.2f} s with the "
+            f"cache vs S x {10 * off:.2f} s without ({(off + 9 * on) / (10 * off):.3f}x)"
+        )
     if rows.get((objective, "mean, subnormals kept")):
         lines.append(f"- subnormals kept / flushed (mean) step time: {med('mean, subnormals kept') / med('mean'):.3f}")
     if rows.get((objective, "mean, unfused AdamW")):
@@ -280,7 +322,9 @@ def main(argv=None) -> int:
         else:
             model_path = resolve_model(args.model)
         objectives = [o for o in args.objectives.split(",") if o]
-        configs = [(o, w, "") for o, w in _configs(objectives) if not args.weightings or w in args.weightings.split(";")]
+        configs = [
+            (o, w, "") for o, w in _configs(objectives) if not args.weightings or w in args.weightings.split(";")
+        ]
         if args.baseline_src:  # each configuration right after its baseline run
             configs = [c for o, w, _ in configs for c in ((o, w, args.baseline_src), (o, w, ""))]
         rows: dict = {}
@@ -288,10 +332,31 @@ def main(argv=None) -> int:
         for rnd in range(args.rounds):
             for i, (o, w, src) in enumerate(configs):
                 result = Path(tmp) / "result.json"
-                cmd = [sys.executable, __file__, "--child", w, "--objective", o, "--model-path", model_path,
-                       "--result", str(result), "--threads", str(args.threads), "--device", args.device,
-                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),
-                       "--tokens", str(args.tokens), *(["--random-init"] if args.random_init else [])]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    w,
+                    "--objective",
+                    o,
+                    "--model-path",
+                    model_path,
+                    "--result",
+                    str(result),
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                    "--warmup",
+                    str(args.warmup),
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--tokens",
+                    str(args.tokens),
+                    *(["--random-init"] if args.random_init else []),
+                ]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 if src:
                     env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
@@ -302,31 +367,43 @@ def main(argv=None) -> int:
                 w = f"{w} @baseline" if src else w
                 r["weighting"] = w
                 rows.setdefault((o, w), []).append(r)
-                print(f"[{time.time() - t_start:7.0f} s] round {rnd + 1}/{args.rounds} {i + 1}/{len(configs)} "
-                      f"{o} / {w}: {r['step_s']:.3f} s a step ({r['wall_s']:.3f} s wall), peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                print(
+                    f"[{time.time() - t_start:7.0f} s] round {rnd + 1}/{args.rounds} {i + 1}/{len(configs)} "
+                    f"{o} / {w}: {r['step_s']:.3f} s a step ({r['wall_s']:.3f} s wall), peak {r['peak_mib']:.0f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
         first = next(iter(rows.values()))[0]
-        print(f"model {args.model}{' (random init)' if args.random_init else ''}, device {first['device']}, "
-              f"{first['threads']} thread(s), batch {args.batch} x {args.tokens} tokens (forget + retain), "
-              f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} measured steps; memory: "
-              f"{first['memory_kind']}; step time: {first['time_kind']}\n")
+        print(
+            f"model {args.model}{' (random init)' if args.random_init else ''}, device {first['device']}, "
+            f"{first['threads']} thread(s), batch {args.batch} x {args.tokens} tokens (forget + retain), "
+            f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} measured steps; memory: "
+            f"{first['memory_kind']}; step time: {first['time_kind']}\n"
+        )
         print(_table(rows, objectives))
         for o in objectives:
             if (o, "mean") in rows and (o, TWO_PASS) in rows:
                 print("\n" + _ratios(rows, o))
         if args.baseline_src:
-            print(f"\nCurrent code / baseline ({args.baseline_src}), medians over rounds (spread: current runs' "
-                  "min-max over the baseline median):")
+            print(
+                f"\nCurrent code / baseline ({args.baseline_src}), medians over rounds (spread: current runs' "
+                "min-max over the baseline median):"
+            )
             for (o, w), runs in rows.items():
                 base = rows.get((o, f"{w} @baseline"))
                 if not base or w.endswith("@baseline"):
                     continue
                 med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
                 bs = med(base, "step_s")
-                print(f"- {o} / {w}: step time {med(runs, 'step_s') / bs:.3f} "
-                      f"({min(r['step_s'] for r in runs) / bs:.3f}-{max(r['step_s'] for r in runs) / bs:.3f}), "
-                      f"peak memory {med(runs, 'peak_mib') / med(base, 'peak_mib'):.3f}")
+                print(
+                    f"- {o} / {w}: step time {med(runs, 'step_s') / bs:.3f} "
+                    f"({min(r['step_s'] for r in runs) / bs:.3f}-{max(r['step_s'] for r in runs) / bs:.3f}), "
+                    f"peak memory {med(runs, 'peak_mib') / med(base, 'peak_mib'):.3f}"
+                )
         if args.out:
-            Path(args.out).write_text(json.dumps([r for runs in rows.values() for r in runs], indent=1), encoding="utf-8")
+            Path(args.out).write_text(
+                json.dumps([r for runs in rows.values() for r in runs], indent=1), encoding="utf-8"
+            )
     return 0
 
 

@@ -13,6 +13,7 @@ field, every name and every command.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -55,8 +56,7 @@ def _field_comments(cls: type) -> dict[str, str]:
         while line >= 1 and line in own_line:
             above.insert(0, comments[line])
             line -= 1
-        trailing = [comments[n] for n in range(node.lineno, node.end_lineno + 1)
-                    if n in comments and n not in own_line]
+        trailing = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments and n not in own_line]
         out[node.target.id] = " ".join(above + trailing)
     return out
 
@@ -98,8 +98,9 @@ def _yaml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return repr(value) if (value == "" or any(c in value for c in "\n{}:#[]'\"") or value.strip() != value) \
-            else value
+        return (
+            repr(value) if (value == "" or any(c in value for c in "\n{}:#[]'\"") or value.strip() != value) else value
+        )
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_yaml(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
@@ -115,8 +116,14 @@ def _prose(text: str) -> str:
     """A comment as a table cell: code spans kept, markup characters outside them shown as they are."""
     parts = text.split("`")
     for i in range(0, len(parts), 2):  # outside code spans
-        parts[i] = (parts[i].replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_")
-                    .replace("<", "&lt;").replace(">", "&gt;"))
+        parts[i] = (
+            parts[i]
+            .replace("\\", "\\\\")
+            .replace("*", "\\*")
+            .replace("_", "\\_")
+            .replace("<", "&lt;")
+            .replace(">", "&gt;")
+        )
     return _cell("`".join(parts))
 
 
@@ -175,9 +182,8 @@ def api_reference() -> str:
     return "\n".join(out)
 
 
-def cli_commands() -> dict[str, "argparse.ArgumentParser"]:
+def cli_commands() -> dict[str, argparse.ArgumentParser]:
     """Each `baldro` command's parser, in the order of `baldro --help`."""
-    import argparse
 
     from baldro.cli import build_parser
 
@@ -195,8 +201,14 @@ def cli_reference() -> str:
     try:
         out: list[str] = []
         for name, parser in cli_commands().items():
-            out += [f"## `baldro {name}`" if name else "## `baldro`", "", "```text",
-                    parser.format_help().rstrip(), "```", ""]
+            out += [
+                f"## `baldro {name}`" if name else "## `baldro`",
+                "",
+                "```text",
+                parser.format_help().rstrip(),
+                "```",
+                "",
+            ]
     finally:
         if old is None:
             del os.environ["COLUMNS"]

@@ -74,9 +74,16 @@ def on_files(files: Files, config):
         _mount(SPEC, "spec.md", files, config)
     else:  # a checkout without shared/ beside it: links to it lead to this page
         _MOUNTS[SPEC] = "spec.md"
-        files.append(File.generated(config, "spec.md", content=(
-            "# Specification\n\nThe specification, `SPEC.md`, is shipped beside the repository as "
-            "`shared/SPEC.md`; this checkout has no `shared/` folder beside it.\n")))
+        files.append(
+            File.generated(
+                config,
+                "spec.md",
+                content=(
+                    "# Specification\n\nThe specification, `SPEC.md`, is shipped beside the repository as "
+                    "`shared/SPEC.md`; this checkout has no `shared/` folder beside it.\n"
+                ),
+            )
+        )
     # follow the links of every Markdown page (those of docs/ and each mounted one)
     todo = [Path(f.abs_src_path) for f in files if f.src_uri.endswith(".md") and f.abs_src_path]
     seen: set[Path] = set()
@@ -102,8 +109,11 @@ def on_page_markdown(markdown: str, page, config, files):
     if "<!-- " in markdown:
         import gen_reference as g
 
-        for marker, make in ((g.CONFIG_MARKER, g.config_reference), (g.API_MARKER, g.api_reference),
-                             (g.CLI_MARKER, g.cli_reference)):
+        for marker, make in (
+            (g.CONFIG_MARKER, g.config_reference),
+            (g.API_MARKER, g.api_reference),
+            (g.CLI_MARKER, g.cli_reference),
+        ):
             if marker in markdown:
                 markdown = markdown.replace(marker, make())
     return markdown

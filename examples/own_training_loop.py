@@ -60,8 +60,10 @@ def main() -> None:
         optimizer.zero_grad()
         weighted.value.backward()
         optimizer.step()
-        print(f"step {step}: loss {weighted.value.item():.4f}, NLL per sample "
-              f"{[round(x, 3) for x in (-losses).tolist()]}, weights {[round(w, 3) for w in weighted.weights.tolist()]}")
+        print(
+            f"step {step}: loss {weighted.value.item():.4f}, NLL per sample "
+            f"{[round(x, 3) for x in (-losses).tolist()]}, weights {[round(w, 3) for w in weighted.weights.tolist()]}"
+        )
 
 
 if __name__ == "__main__":

@@ -55,9 +55,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = load_config(REPO / "configs" / "unlearn" / "tofu.yaml", [
-        f"model={args.model_group}", f"model.path={args.model}", "model.dtype=float32", "model.device=cpu",
-        f"data.source={args.data}"])
+    cfg = load_config(
+        REPO / "configs" / "unlearn" / "tofu.yaml",
+        [
+            f"model={args.model_group}",
+            f"model.path={args.model}",
+            "model.dtype=float32",
+            "model.device=cpu",
+            f"data.source={args.data}",
+        ],
+    )
     recipe: Recipe = as_recipe(cfg)
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     model.eval()
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
     spans: dict[str, list[float]] = {k: [] for k in losses}
     with torch.no_grad():
         for b in range(0, len(enc), 8):
-            batch = collate_encoded(enc[b:b + 8], tokenizer.pad_token_id)
+            batch = collate_encoded(enc[b : b + 8], tokenizer.pad_token_id)
             out = forward_parts(model, batch, token_logp=False, logits=True, hidden_module=module)
             lg = out.logits
             x = ForgetInputs(None, logits=lg, ref_logits=lg.values, hidden=out.hidden, steering=u)
@@ -79,8 +86,9 @@ def main(argv=None) -> int:
                 values = get_objective(name)(x, **args_)
                 losses[name] += values.tolist()
                 if name == "undial":
-                    lowered = lg.values.float().scatter_add(-1, lg.labels[:, None],
-                                                            torch.full_like(lg.labels[:, None], -10.0, dtype=torch.float32))
+                    lowered = lg.values.float().scatter_add(
+                        -1, lg.labels[:, None], torch.full_like(lg.labels[:, None], -10.0, dtype=torch.float32)
+                    )
                     floor = lg.sample_mean(target_entropy(lowered))
                 elif name == "ceu":
                     target = lg.values.float().scatter(-1, lg.labels[:, None], float("-inf"))
@@ -88,16 +96,22 @@ def main(argv=None) -> int:
                 else:
                     floor = torch.zeros_like(values)
                 spans[name] += (values - floor).tolist()
-    lines = [f"Per-sample forget loss at step 0: {args.model}, {args.split} ({len(enc)} samples), the model as its own "
-             "reference (RMU: steering_coeff 2, module " + default_module_regex(model.config.num_hidden_layers)
-             + "; UNDIAL: beta 10; CE-U: n = 1).", "",
-             "| objective | loss mean | loss std | loss min-max | distance to forgotten (mean) | sigma = distance x 2/13.86 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |",
-             f"| npo, altpo, dpo (beta 0.1) | 13.86 | 0 | 13.86-13.86 | 13.86 | 2 (the paper's) |"]
+    lines = [
+        f"Per-sample forget loss at step 0: {args.model}, {args.split} ({len(enc)} samples), the model as its own "
+        "reference (RMU: steering_coeff 2, module "
+        + default_module_regex(model.config.num_hidden_layers)
+        + "; UNDIAL: beta 10; CE-U: n = 1).",
+        "",
+        "| objective | loss mean | loss std | loss min-max | distance to forgotten (mean) | sigma = distance x 2/13.86 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| npo, altpo, dpo (beta 0.1) | 13.86 | 0 | 13.86-13.86 | 13.86 | 2 (the paper's) |",
+    ]
     for name in losses:
         v, s = losses[name], spans[name]
-        lines.append(f"| {name} | {statistics.mean(v):.4g} | {statistics.pstdev(v):.3g} | {min(v):.4g}-{max(v):.4g} | "
-                     f"{statistics.mean(s):.4g} | {statistics.mean(s) * NPO_RATIO:.3g} |")
+        lines.append(
+            f"| {name} | {statistics.mean(v):.4g} | {statistics.pstdev(v):.3g} | {min(v):.4g}-{max(v):.4g} | "
+            f"{statistics.mean(s):.4g} | {statistics.mean(s) * NPO_RATIO:.3g} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -21,7 +21,9 @@ REFERENCES = ("target", "retain")
 
 def finished_cells(results: Path) -> list[Path]:
     cells = results / "cells"
-    done = [p for p in sorted(cells.glob("*")) if (p / "eval" / "TOFU_SUMMARY.json").is_file()] if cells.is_dir() else []
+    done = (
+        [p for p in sorted(cells.glob("*")) if (p / "eval" / "TOFU_SUMMARY.json").is_file()] if cells.is_dir() else []
+    )
     return sorted(done, key=lambda p: (p.name not in REFERENCES, p.name))
 
 
@@ -36,8 +38,9 @@ def write_study_report(results: str | Path) -> Path | None:
         print(f"study report: no finished unlearning cell in {results / 'cells'} yet")
         return None
     refs = {c.name: c for c in cells if c.name in REFERENCES}
-    report = build_report(methods, results / "report", retain_run=refs.get("retain"), target_run=refs.get("target"),
-                          by_seed=True)
+    report = build_report(
+        methods, results / "report", retain_run=refs.get("retain"), target_run=refs.get("target"), by_seed=True
+    )
     lines = report.read_text(encoding="utf-8").splitlines()
     table = [line for line in lines if line.startswith("| Method | Seeds |")]
     if table:
@@ -55,12 +58,17 @@ def training_table(cells: list[Path], early_steps: int = 10) -> list[str]:
     value, the forget loss at the first and last step, the largest weight the weighting gave one
     sample of a batch (``mean``: 1/B), and the unlearning's and the evaluation's wall time."""
 
-    md = [f"| Cell | Grad norm, median of steps 1-{early_steps} | Grad norm, median | Retain loss, median | "
-          "Retain loss, max | Forget loss, first -> last | Largest sample weight | Train time (s) | Eval time (s) |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    md = [
+        f"| Cell | Grad norm, median of steps 1-{early_steps} | Grad norm, median | Retain loss, median | "
+        "Retain loss, max | Forget loss, first -> last | Largest sample weight | Train time (s) | Eval time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for cell in cells:
-        rows = [r for r in read_jsonl(cell / "train_log.jsonl") if "grad_norm" in r] \
-            if (cell / "train_log.jsonl").is_file() else []
+        rows = (
+            [r for r in read_jsonl(cell / "train_log.jsonl") if "grad_norm" in r]
+            if (cell / "train_log.jsonl").is_file()
+            else []
+        )
         times = []
         for info, key in (("run_info.json", "train_time_s"), ("eval/eval_info.json", "eval_time_s")):
             value = json.loads((cell / info).read_text()).get(key) if (cell / info).is_file() else None

@@ -42,7 +42,9 @@ CONFIGS = REPO / "configs"
 # ----------------------------------------------------------------------------- the study's settings
 # Held identical for every cell; the reasons are in experiments/RESULTS.md.
 SEEDS = (0, 1, 2)
-METHODS = [("graddiff", "mean")] + [(o, w) for o in ("npo", "simnpo") for w in ("mean", "group", "dv", "dv_softmin", "dv_global")]
+METHODS = [("graddiff", "mean")] + [
+    (o, w) for o in ("npo", "simnpo") for w in ("mean", "group", "dv", "dv_softmin", "dv_global")
+]
 # OpenUnlearning's other methods, seed 0 only, under mean and dv (one seed: a first look, no claims beyond it).
 # Their recipes' OpenUnlearning defaults, plus what this model needs (experiments/RESULTS.md): DV's sigma in
 # each objective's loss units (experiments/loss_scales.py on the target: the start-to-forgotten distance x
@@ -57,15 +59,29 @@ NEW_METHOD_ARGS = {
     "altpo": [],
 }
 FINETUNE = [
-    "train.learning_rate=2e-4", "train.num_train_epochs=5", "train.per_device_train_batch_size=8",
-    "train.gradient_accumulation_steps=1", "train.warmup_steps=0.1", "train.weight_decay=0.01",
-    "train.lr_scheduler_type=linear", "train.save_strategy=epoch", "train.save_total_limit=1", "train.logging_steps=5",
+    "train.learning_rate=2e-4",
+    "train.num_train_epochs=5",
+    "train.per_device_train_batch_size=8",
+    "train.gradient_accumulation_steps=1",
+    "train.warmup_steps=0.1",
+    "train.weight_decay=0.01",
+    "train.lr_scheduler_type=linear",
+    "train.save_strategy=epoch",
+    "train.save_total_limit=1",
+    "train.logging_steps=5",
 ]
 UNLEARN = [
-    "split=forget01", "data.retain_split=retain_perturbed",
-    "train.learning_rate=1e-4", "train.num_train_epochs=10", "train.per_device_train_batch_size=8",
-    "train.gradient_accumulation_steps=2", "train.warmup_steps=0.1", "train.weight_decay=0.01",
-    "train.lr_scheduler_type=linear", "train.save_strategy=no", "train.logging_steps=1",
+    "split=forget01",
+    "data.retain_split=retain_perturbed",
+    "train.learning_rate=1e-4",
+    "train.num_train_epochs=10",
+    "train.per_device_train_batch_size=8",
+    "train.gradient_accumulation_steps=2",
+    "train.warmup_steps=0.1",
+    "train.weight_decay=0.01",
+    "train.lr_scheduler_type=linear",
+    "train.save_strategy=no",
+    "train.logging_steps=1",
     "balance.every_n_steps=2",
     # The cells ran at commit 05ec6e1 (experiments/RESULTS.md); these keep its arithmetic on the current
     # code: no reference log-prob cache, group's one-pass selection (both change float rounding only).
@@ -73,18 +89,47 @@ UNLEARN = [
 ]
 ONE_PASS_GROUP = ["weighting.args.selection=onepass"]
 EVAL = ["split=forget01", "eval.batch_size=16", "eval.max_new_tokens=80"]
-COMMON = ["model.dtype=float32", "model.device=cpu", "train.use_cpu=true", "train.bf16=false", "train.disable_tqdm=true",
-          "log_to_console=false",
-          "train.optim=adamw_torch", "model.flush_denormal=false"]  # commit 05ec6e1's: unfused AdamW, subnormals kept
+COMMON = [
+    "model.dtype=float32",
+    "model.device=cpu",
+    "train.use_cpu=true",
+    "train.bf16=false",
+    "train.disable_tqdm=true",
+    "log_to_console=false",
+    "train.optim=adamw_torch",
+    "model.flush_denormal=false",
+]  # commit 05ec6e1's: unfused AdamW, subnormals kept
 # Files a finished cell keeps (relative to its run folder); models are never copied.
-KEEP = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl",
-        "eval/config.yaml", "eval/eval_info.json", "eval/TOFU_EVAL.json", "eval/TOFU_SUMMARY.json")
+KEEP = (
+    "config.yaml",
+    "run_info.json",
+    "train_log.jsonl",
+    "forget_losses.jsonl",
+    "balance.jsonl",
+    "eval/config.yaml",
+    "eval/eval_info.json",
+    "eval/TOFU_EVAL.json",
+    "eval/TOFU_SUMMARY.json",
+)
 SMOKE = {
-    "seeds": (0,), "methods": [("npo", "mean"), ("npo", "dv")],
-    "finetune": ["train.num_train_epochs=1", "train.per_device_train_batch_size=4", "train.learning_rate=1e-3",
-                 "train.save_strategy=no", "data.limit=8", "format.use_chat_template=false"],
-    "unlearn": ["train.num_train_epochs=1", "train.per_device_train_batch_size=4", "train.learning_rate=1e-3",
-                "data.limit=8", "balance.every_n_steps=1", "format.use_chat_template=false"],
+    "seeds": (0,),
+    "methods": [("npo", "mean"), ("npo", "dv")],
+    "finetune": [
+        "train.num_train_epochs=1",
+        "train.per_device_train_batch_size=4",
+        "train.learning_rate=1e-3",
+        "train.save_strategy=no",
+        "data.limit=8",
+        "format.use_chat_template=false",
+    ],
+    "unlearn": [
+        "train.num_train_epochs=1",
+        "train.per_device_train_batch_size=4",
+        "train.learning_rate=1e-3",
+        "data.limit=8",
+        "balance.every_n_steps=1",
+        "format.use_chat_template=false",
+    ],
     "eval": ["eval.limit=4", "eval.max_new_tokens=4", "format.use_chat_template=false"],
 }
 
@@ -134,14 +179,23 @@ class Scheduler:
         todo = [n for n in self.order if n in needed]
         total = len(todo)
         unneeded = len(self.order) - len(finished) - total
-        self.say(f"{len(finished)} job(s) already done, "
-                 + (f"{unneeded} not needed (every job that needs it is done), " if unneeded else "")
-                 + f"{total} to run, {self.n_parallel} at a time, {self.threads} thread(s) each")
+        self.say(
+            f"{len(finished)} job(s) already done, "
+            + (f"{unneeded} not needed (every job that needs it is done), " if unneeded else "")
+            + f"{total} to run, {self.n_parallel} at a time, {self.threads} thread(s) each"
+        )
         running: dict[str, tuple[subprocess.Popen, float, object]] = {}
         failed: set[str] = set()
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         self.log_dir.mkdir(parents=True, exist_ok=True)
         n_done = 0
         while todo or running:
@@ -158,8 +212,11 @@ class Scheduler:
                 log = open(self.log_dir / f"{name}.log", "w", encoding="utf-8")
                 log.write(" ".join(job.argv) + "\n\n")
                 log.flush()
-                running[name] = (subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                  cwd=REPO), time.time(), log)
+                running[name] = (
+                    subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
+                    time.time(),
+                    log,
+                )
                 self.say(f"started {name}")
             time.sleep(1.0)
             for name, (proc, t0, log) in list(running.items()):
@@ -176,8 +233,10 @@ class Scheduler:
                     self.say(f"finished {name} in {time.time() - t0:.0f} s ({n_done}/{total})")
                 else:
                     failed.add(name)
-                    self.say(f"FAILED {name} (exit {proc.returncode}) after {time.time() - t0:.0f} s: "
-                             f"see {self.log_dir / (name + '.log')}")
+                    self.say(
+                        f"FAILED {name} (exit {proc.returncode}) after {time.time() - t0:.0f} s: "
+                        f"see {self.log_dir / (name + '.log')}"
+                    )
         self.say(f"{n_done} job(s) finished, {len(failed)} failed or skipped")
         return not failed
 
@@ -204,21 +263,37 @@ def is_finished(dest: Path) -> bool:
     return (dest / "eval" / "TOFU_SUMMARY.json").is_file() and (dest / "run_info.json").is_file()
 
 
-def finetune_job(kind: str, run: Path, extra: list[str], model: list[str], common: list[str], seed: int,
-                 smoke: dict | None = None) -> Job:
+def finetune_job(
+    kind: str, run: Path, extra: list[str], model: list[str], common: list[str], seed: int, smoke: dict | None = None
+) -> Job:
     """Fine-tune a reference model (`kind`: target, retain, ...) on retain_perturbed (+ `extra` overrides)
     into `run`; resumable from its epoch checkpoints."""
-    return Job(f"finetune_{kind}", baldro(
-        "finetune", str(CONFIGS / "finetune" / "tofu.yaml"), *model, *common, f"name={kind}",
-        f"seed={seed}", f"output_dir={run}", "data.train_split=retain_perturbed", *extra,
-        *FINETUNE, *(smoke["finetune"] if smoke else []), "resume=true"),
-        done=lambda: (run / "model" / "model.safetensors").is_file() and (run / "run_info.json").is_file())
+    return Job(
+        f"finetune_{kind}",
+        baldro(
+            "finetune",
+            str(CONFIGS / "finetune" / "tofu.yaml"),
+            *model,
+            *common,
+            f"name={kind}",
+            f"seed={seed}",
+            f"output_dir={run}",
+            "data.train_split=retain_perturbed",
+            *extra,
+            *FINETUNE,
+            *(smoke["finetune"] if smoke else []),
+            "resume=true",
+        ),
+        done=lambda: (run / "model" / "model.safetensors").is_file() and (run / "run_info.json").is_file(),
+    )
 
 
 def build_jobs(args) -> list[Job]:
     smoke = SMOKE if args.smoke else None
     seeds = smoke["seeds"] if smoke else args.seeds
-    methods = smoke["methods"] if smoke else [m for m in METHODS if not args.methods or f"{m[0]}_{m[1]}" in args.methods]
+    methods = (
+        smoke["methods"] if smoke else [m for m in METHODS if not args.methods or f"{m[0]}_{m[1]}" in args.methods]
+    )
     new_methods = [] if smoke else [m for m in NEW_METHODS if not args.methods or f"{m[0]}_{m[1]}" in args.methods]
     cells_to_run = [(o, w, seed) for seed in seeds for o, w in methods]
     cells_to_run += [(o, w, seed) for seed in seeds if seed in NEW_METHOD_SEEDS for o, w in new_methods]
@@ -236,15 +311,37 @@ def build_jobs(args) -> list[Job]:
     eval_common = [*model, *common, *EVAL, *(smoke["eval"] if smoke else [])]
     retain_log = retain_dest / "eval" / "TOFU_EVAL.json"
     target_log = target_dest / "eval" / "TOFU_EVAL.json"
-    jobs.append(Job("eval_retain", baldro(
-        "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={retain_run / 'model'}",
-        f"output_dir={retain_run / 'eval'}"), deps=["finetune_retain"],
-        after=lambda: copy_results(retain_run, retain_dest), done=lambda: is_finished(retain_dest)))
-    jobs.append(Job("eval_target", baldro(
-        "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={target_run / 'model'}",
-        f"output_dir={target_run / 'eval'}", f"eval.retain_logs_path={retain_log}"),
-        deps=["finetune_target", "eval_retain"],
-        after=lambda: copy_results(target_run, target_dest), done=lambda: is_finished(target_dest)))
+    jobs.append(
+        Job(
+            "eval_retain",
+            baldro(
+                "eval",
+                str(CONFIGS / "eval" / "tofu.yaml"),
+                *eval_common,
+                f"model.path={retain_run / 'model'}",
+                f"output_dir={retain_run / 'eval'}",
+            ),
+            deps=["finetune_retain"],
+            after=lambda: copy_results(retain_run, retain_dest),
+            done=lambda: is_finished(retain_dest),
+        )
+    )
+    jobs.append(
+        Job(
+            "eval_target",
+            baldro(
+                "eval",
+                str(CONFIGS / "eval" / "tofu.yaml"),
+                *eval_common,
+                f"model.path={target_run / 'model'}",
+                f"output_dir={target_run / 'eval'}",
+                f"eval.retain_logs_path={retain_log}",
+            ),
+            deps=["finetune_target", "eval_retain"],
+            after=lambda: copy_results(target_run, target_dest),
+            done=lambda: is_finished(target_dest),
+        )
+    )
 
     for objective, weighting, seed in cells_to_run:
         name = cell_name(objective, weighting, seed)
@@ -255,19 +352,47 @@ def build_jobs(args) -> list[Job]:
             if not args.keep_models:
                 shutil.rmtree(run / "model", ignore_errors=True)
 
-        jobs.append(Job(f"unlearn_{name}", baldro(
-            "unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), *model, *common, f"objective={objective}",
-            f"weighting={weighting}", f"seed={seed}", f"name={objective}_{weighting}",
-            f"model.path={target_run / 'model'}", f"output_dir={run}", *UNLEARN,
-            *(ONE_PASS_GROUP if weighting == "group" else []), *NEW_METHOD_ARGS.get(objective, []),
-            *(smoke["unlearn"] if smoke else []), "overwrite=true"),
-            deps=["finetune_target"], done=lambda dest=dest, run=run: is_finished(dest) or (run / "model").is_dir()))
-        jobs.append(Job(f"eval_{name}", baldro(
-            "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={run / 'model'}",
-            f"output_dir={run / 'eval'}", f"eval.retain_logs_path={retain_log}",
-            f"eval.target_logs_path={target_log}"),
-            deps=[f"unlearn_{name}", "eval_retain", "eval_target"], after=finish,
-            done=lambda dest=dest: is_finished(dest)))
+        jobs.append(
+            Job(
+                f"unlearn_{name}",
+                baldro(
+                    "unlearn",
+                    str(CONFIGS / "unlearn" / "tofu.yaml"),
+                    *model,
+                    *common,
+                    f"objective={objective}",
+                    f"weighting={weighting}",
+                    f"seed={seed}",
+                    f"name={objective}_{weighting}",
+                    f"model.path={target_run / 'model'}",
+                    f"output_dir={run}",
+                    *UNLEARN,
+                    *(ONE_PASS_GROUP if weighting == "group" else []),
+                    *NEW_METHOD_ARGS.get(objective, []),
+                    *(smoke["unlearn"] if smoke else []),
+                    "overwrite=true",
+                ),
+                deps=["finetune_target"],
+                done=lambda dest=dest, run=run: is_finished(dest) or (run / "model").is_dir(),
+            )
+        )
+        jobs.append(
+            Job(
+                f"eval_{name}",
+                baldro(
+                    "eval",
+                    str(CONFIGS / "eval" / "tofu.yaml"),
+                    *eval_common,
+                    f"model.path={run / 'model'}",
+                    f"output_dir={run / 'eval'}",
+                    f"eval.retain_logs_path={retain_log}",
+                    f"eval.target_logs_path={target_log}",
+                ),
+                deps=[f"unlearn_{name}", "eval_retain", "eval_target"],
+                after=finish,
+                done=lambda dest=dest: is_finished(dest),
+            )
+        )
     return jobs
 
 
@@ -279,12 +404,19 @@ def write_study_settings(args) -> None:
     ran = {f"{o}_{w}" for o, w in METHODS + NEW_METHODS if not args.methods or f"{o}_{w}" in args.methods}
     methods = [m for m in (f"{o}_{w}" for o, w in METHODS + NEW_METHODS) if m in ran or m in before.get("methods", [])]
     settings = {
-        "model": args.model or f"model={args.model_group}", "data": "TOFU forget01 (offline copy)",
+        "model": args.model or f"model={args.model_group}",
+        "data": "TOFU forget01 (offline copy)",
         "target_train": "retain_perturbed (first 400 rows of full, 20 authors) + forget01 (40 rows, 2 authors)",
-        "retain_train": "retain_perturbed", "seeds": seeds, "methods": methods,
-        "finetune_overrides": FINETUNE, "unlearn_overrides": UNLEARN, "eval_overrides": EVAL, "common": COMMON,
+        "retain_train": "retain_perturbed",
+        "seeds": seeds,
+        "methods": methods,
+        "finetune_overrides": FINETUNE,
+        "unlearn_overrides": UNLEARN,
+        "eval_overrides": EVAL,
+        "common": COMMON,
         "threads_per_job": args.threads,
-        "new_method_seeds": list(NEW_METHOD_SEEDS), "new_method_overrides": NEW_METHOD_ARGS,
+        "new_method_seeds": list(NEW_METHOD_SEEDS),
+        "new_method_overrides": NEW_METHOD_ARGS,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -294,8 +426,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="TOFU folder (default: ../shared/data/tofu)")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="committed results folder")
-    p.add_argument("--work", default=str(cache_dir() / "study_tofu_smollm2"),
-                   help="models and raw runs (default: the baldro cache, so that they outlive a fresh checkout)")
+    p.add_argument(
+        "--work",
+        default=str(cache_dir() / "study_tofu_smollm2"),
+        help="models and raw runs (default: the baldro cache, so that they outlive a fresh checkout)",
+    )
     p.add_argument("--model-group", default="smollm2-135m-instruct", help="configs/model/ group")
     p.add_argument("--model", help="override the group's model.base (a folder, hub id or package:NAME)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))

@@ -66,8 +66,9 @@ def keys(overrides: list[str]) -> dict:
 
 # Part B's unlearning: study 1's schedule on forget05; the reference log-prob cache on (current defaults:
 # study 1 turned it off only to keep an older commit's float rounding).
-UNLEARN_B = swap(UNLEARN, split="forget05", **{"balance.every_n_steps": str(BALANCE_EVERY_B),
-                                               "objective.ref_cache": None})
+UNLEARN_B = swap(
+    UNLEARN, split="forget05", **{"balance.every_n_steps": str(BALANCE_EVERY_B), "objective.ref_cache": None}
+)
 EVAL_B = swap(EVAL, split="forget05")
 
 
@@ -80,8 +81,13 @@ def machine_info(threads: int) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads_per_job": threads, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads_per_job": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def finish_cell(run: Path, dest: Path, threads: int, keep_model: bool = False) -> None:
@@ -106,41 +112,94 @@ def build_jobs(args) -> list[Job]:
 
     if "B" in args.parts:
         target_run = work / "target05"
-        jobs.append(finetune_job("target05", target_run, ["data.extra_train_splits=[forget05]"], model, common,
-                                 args.finetune_seed, smoke))
+        jobs.append(
+            finetune_job(
+                "target05", target_run, ["data.extra_train_splits=[forget05]"], model, common, args.finetune_seed, smoke
+            )
+        )
         eval_common = [*model, *common, *EVAL_B, *(smoke["eval"] if smoke else [])]
         retain_dest, target_dest = cells / "B_retain", cells / "B_target"
         retain_log, target_log = retain_dest / "eval" / "TOFU_EVAL.json", target_dest / "eval" / "TOFU_EVAL.json"
         retain_eval = work / "retain05_eval"
-        jobs.append(Job("eval_B_retain", baldro(
-            "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={retain_run / 'model'}",
-            f"output_dir={retain_eval / 'eval'}", "overwrite=true"), deps=["finetune_retain"],
-            after=lambda: _finish_reference(retain_run, retain_eval, retain_dest, args.threads),
-            done=lambda: is_finished(retain_dest)))
-        jobs.append(Job("eval_B_target", baldro(
-            "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={target_run / 'model'}",
-            f"output_dir={target_run / 'eval'}", f"eval.retain_logs_path={retain_log}", "overwrite=true"),
-            deps=["finetune_target05", "eval_B_retain"],
-            after=lambda: finish_cell(target_run, target_dest, args.threads, keep_model=True),
-            done=lambda: is_finished(target_dest)))
+        jobs.append(
+            Job(
+                "eval_B_retain",
+                baldro(
+                    "eval",
+                    str(CONFIGS / "eval" / "tofu.yaml"),
+                    *eval_common,
+                    f"model.path={retain_run / 'model'}",
+                    f"output_dir={retain_eval / 'eval'}",
+                    "overwrite=true",
+                ),
+                deps=["finetune_retain"],
+                after=lambda: _finish_reference(retain_run, retain_eval, retain_dest, args.threads),
+                done=lambda: is_finished(retain_dest),
+            )
+        )
+        jobs.append(
+            Job(
+                "eval_B_target",
+                baldro(
+                    "eval",
+                    str(CONFIGS / "eval" / "tofu.yaml"),
+                    *eval_common,
+                    f"model.path={target_run / 'model'}",
+                    f"output_dir={target_run / 'eval'}",
+                    f"eval.retain_logs_path={retain_log}",
+                    "overwrite=true",
+                ),
+                deps=["finetune_target05", "eval_B_retain"],
+                after=lambda: finish_cell(target_run, target_dest, args.threads, keep_model=True),
+                done=lambda: is_finished(target_dest),
+            )
+        )
         for seed in seeds:
-            for weighting in ([w for _, w in smoke["methods"]] if smoke else PART_B_WEIGHTINGS):
+            for weighting in [w for _, w in smoke["methods"]] if smoke else PART_B_WEIGHTINGS:
                 name = f"B_npo_{weighting}_seed{seed}"
                 run, dest = work / "cells" / name, cells / name
-                jobs.append(Job(f"unlearn_{name}", baldro(
-                    "unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), *model, *common, "objective=npo",
-                    f"weighting={weighting}", f"seed={seed}", f"name=npo_{weighting}",
-                    f"model.path={target_run / 'model'}", f"output_dir={run}", *UNLEARN_B,
-                    *(smoke["unlearn"] if smoke else []), "overwrite=true"),
-                    deps=["finetune_target05"],
-                    done=lambda dest=dest, run=run: is_finished(dest) or (run / "model" / "model.safetensors").is_file()))
-                jobs.append(Job(f"eval_{name}", baldro(
-                    "eval", str(CONFIGS / "eval" / "tofu.yaml"), *eval_common, f"model.path={run / 'model'}",
-                    f"output_dir={run / 'eval'}", f"eval.retain_logs_path={retain_log}",
-                    f"eval.target_logs_path={target_log}", "overwrite=true"),
-                    deps=[f"unlearn_{name}", "eval_B_retain", "eval_B_target"],
-                    after=lambda run=run, dest=dest: finish_cell(run, dest, args.threads, args.keep_models),
-                    done=lambda dest=dest: is_finished(dest)))
+                jobs.append(
+                    Job(
+                        f"unlearn_{name}",
+                        baldro(
+                            "unlearn",
+                            str(CONFIGS / "unlearn" / "tofu.yaml"),
+                            *model,
+                            *common,
+                            "objective=npo",
+                            f"weighting={weighting}",
+                            f"seed={seed}",
+                            f"name=npo_{weighting}",
+                            f"model.path={target_run / 'model'}",
+                            f"output_dir={run}",
+                            *UNLEARN_B,
+                            *(smoke["unlearn"] if smoke else []),
+                            "overwrite=true",
+                        ),
+                        deps=["finetune_target05"],
+                        done=lambda dest=dest, run=run: (
+                            is_finished(dest) or (run / "model" / "model.safetensors").is_file()
+                        ),
+                    )
+                )
+                jobs.append(
+                    Job(
+                        f"eval_{name}",
+                        baldro(
+                            "eval",
+                            str(CONFIGS / "eval" / "tofu.yaml"),
+                            *eval_common,
+                            f"model.path={run / 'model'}",
+                            f"output_dir={run / 'eval'}",
+                            f"eval.retain_logs_path={retain_log}",
+                            f"eval.target_logs_path={target_log}",
+                            "overwrite=true",
+                        ),
+                        deps=[f"unlearn_{name}", "eval_B_retain", "eval_B_target"],
+                        after=lambda run=run, dest=dest: finish_cell(run, dest, args.threads, args.keep_models),
+                        done=lambda dest=dest: is_finished(dest),
+                    )
+                )
     return jobs
 
 
@@ -157,8 +216,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="TOFU folder (default: ../shared/data/tofu)")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="committed results folder")
     p.add_argument("--work", default=str(cache_dir() / "study2_tofu_smollm2"), help="models and raw runs")
-    p.add_argument("--study1-work", default=str(cache_dir() / "study_tofu_smollm2"),
-                   help="study 1's work folder (its retain and target models)")
+    p.add_argument(
+        "--study1-work",
+        default=str(cache_dir() / "study_tofu_smollm2"),
+        help="study 1's work folder (its retain and target models)",
+    )
     p.add_argument("--parts", default="B", help="which parts to run, e.g. AB")
     p.add_argument("--model-group", default="smollm2-135m-instruct")
     p.add_argument("--model", help="override the group's model.base")

@@ -39,8 +39,13 @@ def test_a_weighting_in_an_own_loop_matches_the_softmax_weights():
 
 @pytest.mark.slow
 def test_own_training_loop_example_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "own_training_loop.py"), "--steps", "3"],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "own_training_loop.py"), "--steps", "3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 3

@@ -18,9 +18,19 @@ from baldro.eval.recovery import METRICS, came_back, recovery, threshold
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PROMPT = "format.prompt_template='Question: {question}\nAnswer: '"
-CPU = ["model.dtype=float32", "model.device=cpu", "model.attn_implementation=null", "train.bf16=false",
-       "train.use_cpu=true", "train.save_strategy=no", "train.warmup_steps=0", "train.disable_tqdm=true",
-       "format.use_chat_template=false", PROMPT, "log_to_console=false"]
+CPU = [
+    "model.dtype=float32",
+    "model.device=cpu",
+    "model.attn_implementation=null",
+    "train.bf16=false",
+    "train.use_cpu=true",
+    "train.save_strategy=no",
+    "train.warmup_steps=0",
+    "train.disable_tqdm=true",
+    "format.use_chat_template=false",
+    PROMPT,
+    "log_to_console=false",
+]
 # the unlearning run evaluates with these settings, so that its RUN/eval is every attack's "before"
 EVAL = ["eval.limit=8", "eval.max_new_tokens=8", "eval.batch_size=8"]
 RELEARN = ["attack.relearn.steps=8", "attack.relearn.batch_size=4", "attack.relearn.learning_rate=1e-3"]
@@ -30,21 +40,63 @@ RELEARN = ["attack.relearn.steps=8", "attack.relearn.batch_size=4", "attack.rele
 def unlearned(tiny_model_dir, tofu_dir, tmp_path_factory) -> Path:
     """The tiny model fine-tuned on forget01, then unlearned with GradDiff (evaluated: RUN/eval)."""
     root = tmp_path_factory.mktemp("attack")
-    assert main(["finetune", str(CONFIGS / "finetune" / "tofu.yaml"), f"model.path={tiny_model_dir}", *CPU,
-                 f"data.source={tofu_dir}", "data.train_split=forget01", f"output_dir={root / 'target'}",
-                 "train.num_train_epochs=8", "train.learning_rate=3e-3", "train.per_device_train_batch_size=8",
-                 "train.gradient_accumulation_steps=1"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(CONFIGS / "finetune" / "tofu.yaml"),
+                f"model.path={tiny_model_dir}",
+                *CPU,
+                f"data.source={tofu_dir}",
+                "data.train_split=forget01",
+                f"output_dir={root / 'target'}",
+                "train.num_train_epochs=8",
+                "train.learning_rate=3e-3",
+                "train.per_device_train_batch_size=8",
+                "train.gradient_accumulation_steps=1",
+            ]
+        )
+        == 0
+    )
     run = root / "graddiff"
-    assert main(["unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), f"model.path={root / 'target' / 'model'}", *CPU,
-                 f"data.source={tofu_dir}", "split=forget01", "objective=graddiff", "weighting=mean",
-                 f"output_dir={run}", "data.limit=16", "train.num_train_epochs=2", "train.per_device_train_batch_size=4",
-                 "train.gradient_accumulation_steps=1", "train.learning_rate=1e-3", "eval.at_end=true", *EVAL]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                str(CONFIGS / "unlearn" / "tofu.yaml"),
+                f"model.path={root / 'target' / 'model'}",
+                *CPU,
+                f"data.source={tofu_dir}",
+                "split=forget01",
+                "objective=graddiff",
+                "weighting=mean",
+                f"output_dir={run}",
+                "data.limit=16",
+                "train.num_train_epochs=2",
+                "train.per_device_train_batch_size=4",
+                "train.gradient_accumulation_steps=1",
+                "train.learning_rate=1e-3",
+                "eval.at_end=true",
+                *EVAL,
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def attack(recipe: str, run: Path, tofu_dir: Path, *extra) -> list[str]:
-    return ["attack", str(CONFIGS / "attack" / f"{recipe}.yaml"), f"model.path={run / 'model'}", *CPU,
-            f"data.source={tofu_dir}", "split=forget01", "data.limit=16", *EVAL, *extra]
+    return [
+        "attack",
+        str(CONFIGS / "attack" / f"{recipe}.yaml"),
+        f"model.path={run / 'model'}",
+        *CPU,
+        f"data.source={tofu_dir}",
+        "split=forget01",
+        "data.limit=16",
+        *EVAL,
+        *extra,
+    ]
 
 
 def gain(summary: dict) -> float:
@@ -59,8 +111,20 @@ def relearned(unlearned, tofu_dir, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for split in ("half", "retain"):
         out[split] = tmp_path_factory.mktemp(f"relearn_{split}")
-        assert main(attack("relearn", unlearned, tofu_dir, *RELEARN, f"attack.relearn.split={split}",
-                           f"output_dir={out[split]}", "overwrite=true")) == 0
+        assert (
+            main(
+                attack(
+                    "relearn",
+                    unlearned,
+                    tofu_dir,
+                    *RELEARN,
+                    f"attack.relearn.split={split}",
+                    f"output_dir={out[split]}",
+                    "overwrite=true",
+                )
+            )
+            == 0
+        )
     return out
 
 
@@ -89,23 +153,51 @@ def test_relearning_brings_the_forgotten_answers_back_more_than_retain_only(unle
 
 def test_a_seeded_attack_is_reproducible_byte_for_byte(unlearned, relearned, tofu_dir, tmp_path):
     again = tmp_path / "again"
-    assert main(attack("relearn", unlearned, tofu_dir, *RELEARN, "attack.relearn.split=half",
-                       f"output_dir={again}")) == 0
+    assert (
+        main(attack("relearn", unlearned, tofu_dir, *RELEARN, "attack.relearn.split=half", f"output_dir={again}")) == 0
+    )
     first, second = relearned["half"] / "relearn_half", again / "relearn_half"
     for name in ("TOFU_EVAL.json", "TOFU_SUMMARY.json", "train_log.jsonl"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     a, b = summary_of(first), summary_of(second)
     assert a.pop("cost")["steps"] == b.pop("cost")["steps"] and a == b
     # another seed draws another half
-    assert main(attack("relearn", unlearned, tofu_dir, *RELEARN, "attack.relearn.steps=1", "seed=1",
-                       f"output_dir={tmp_path / 'seed1'}")) == 0
-    assert summary_of(tmp_path / "seed1" / "relearn_half")["per_sample"]["prob"]["trained"] != \
-        a["per_sample"]["prob"]["trained"]
+    assert (
+        main(
+            attack(
+                "relearn",
+                unlearned,
+                tofu_dir,
+                *RELEARN,
+                "attack.relearn.steps=1",
+                "seed=1",
+                f"output_dir={tmp_path / 'seed1'}",
+            )
+        )
+        == 0
+    )
+    assert (
+        summary_of(tmp_path / "seed1" / "relearn_half")["per_sample"]["prob"]["trained"]
+        != a["per_sample"]["prob"]["trained"]
+    )
 
 
 def test_relearning_a_lora_adapter_changes_the_model(unlearned, tofu_dir, tmp_path):
-    assert main(attack("relearn", unlearned, tofu_dir, *RELEARN, "attack.relearn.steps=4", "+attack.relearn.lora.r=4",
-                       "attack.relearn.learning_rate=1e-2", f"output_dir={tmp_path}")) == 0
+    assert (
+        main(
+            attack(
+                "relearn",
+                unlearned,
+                tofu_dir,
+                *RELEARN,
+                "attack.relearn.steps=4",
+                "+attack.relearn.lora.r=4",
+                "attack.relearn.learning_rate=1e-2",
+                f"output_dir={tmp_path}",
+            )
+        )
+        == 0
+    )
     assert gain(summary_of(tmp_path / "relearn_half")) > 0.05
 
 
@@ -142,7 +234,7 @@ def test_quantized_weights_take_at_most_2_to_the_bits_values_per_group(unlearned
             group = state.blocksize
             assert _distinct_per_group(w, group) > 16  # the float weights had more values than 4 bits hold
         assert restored.shape == w.shape
-        assert _distinct_per_group(restored, group) <= 2 ** bits
+        assert _distinct_per_group(restored, group) <= 2**bits
         assert not torch.equal(restored, w)
         bound = w.abs().reshape(-1, group).amax(dim=1, keepdim=True)  # the error is a fraction of the group's scale
         assert ((restored - w).abs().reshape(-1, group) <= bound * (1 / 127 if bits == 8 else 0.5) + 1e-6).all()
@@ -175,36 +267,70 @@ def test_quantize_attack_evaluates_and_the_report_shows_every_attack(unlearned, 
     assert "already holds a run" in capsys.readouterr().err
 
     # the report: the run with its RUN/attack, and two more attack folders of the same model
-    assert main(["report", str(unlearned), str(relearned["half"]), str(relearned["retain"]),
-                 "--out", str(tmp_path / "report")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(unlearned),
+                str(relearned["half"]),
+                str(relearned["retain"]),
+                "--out",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Attacks" in report and (tmp_path / "report" / "attacks.png").stat().st_size > 1000
     rows = [line for line in report.splitlines() if line.startswith(("| quantize", "| relearn"))]
-    assert [r.split(" |")[0] for r in rows] == ["| quantize_4bit", "| quantize_8bit", "| relearn_half",
-                                                "| relearn_retain"]
+    assert [r.split(" |")[0] for r in rows] == [
+        "| quantize_4bit",
+        "| quantize_8bit",
+        "| relearn_half",
+        "| relearn_retain",
+    ]
 
 
 def test_muse_attacks_run_and_compare_verbmem_and_knowmem(tiny_model_dir, tmp_path):
     from test_muse import books_slice, cpu
 
     books = books_slice(tmp_path / "books")
-    assert main(["attack", str(CONFIGS / "attack" / "muse.yaml"), *cpu(tiny_model_dir), f"data.source={books}",
-                 "data.limit=4", "eval.limit=2", "attack.relearn.steps=2", "attack.relearn.batch_size=2",
-                 "attack.quantize.bits=[4]", f"output_dir={tmp_path / 'out'}", "log_to_console=false"]) == 0
+    assert (
+        main(
+            [
+                "attack",
+                str(CONFIGS / "attack" / "muse.yaml"),
+                *cpu(tiny_model_dir),
+                f"data.source={books}",
+                "data.limit=4",
+                "eval.limit=2",
+                "attack.relearn.steps=2",
+                "attack.relearn.batch_size=2",
+                "attack.quantize.bits=[4]",
+                f"output_dir={tmp_path / 'out'}",
+                "log_to_console=false",
+            ]
+        )
+        == 0
+    )
     for folder in ("relearn_half", "quantize_4bit"):
         s = summary_of(tmp_path / "out" / folder)
         assert s["benchmark"] == "muse" and set(s["per_sample"]) == {"verbmem", "knowmem"}
-        assert len(s["per_sample"]["verbmem"]["after"]) == 2 and (tmp_path / "out" / folder / "MUSE_EVAL.json").is_file()
+        assert (
+            len(s["per_sample"]["verbmem"]["after"]) == 2 and (tmp_path / "out" / folder / "MUSE_EVAL.json").is_file()
+        )
     assert summary_of(tmp_path / "out" / "relearn_half")["settings"]["n_samples"] == 2  # half the 4 chunks
 
 
-def test_a_missing_quantization_library_is_one_line_naming_the_package(unlearned, tofu_dir, tmp_path, monkeypatch,
-                                                                       capsys):
+def test_a_missing_quantization_library_is_one_line_naming_the_package(
+    unlearned, tofu_dir, tmp_path, monkeypatch, capsys
+):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
-                        find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
     assert main(attack("quantize", unlearned, tofu_dir, f"output_dir={tmp_path}")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'bitsandbytes==0.50.2'" in err, err
@@ -213,8 +339,11 @@ def test_a_missing_quantization_library_is_one_line_naming_the_package(unlearned
 # ----------------------------------------------------------------------------- the counting, on hand-made logs
 def _log(prob=None, tr=None, rouge=None) -> dict:
     out = {}
-    for key, field, values in (("forget_Q_A_Prob", "prob", prob), ("forget_truth_ratio", "score", tr),
-                               ("forget_Q_A_ROUGE", "rougeL_recall", rouge)):
+    for key, field, values in (
+        ("forget_Q_A_Prob", "prob", prob),
+        ("forget_truth_ratio", "score", tr),
+        ("forget_Q_A_ROUGE", "rougeL_recall", rouge),
+    ):
         if values is not None:
             out[key] = {"value_by_index": {str(i): {field: v} for i, v in enumerate(values)}}
     return out
@@ -222,7 +351,12 @@ def _log(prob=None, tr=None, rouge=None) -> dict:
 
 def test_came_back_counts_crossings_of_the_threshold_in_the_metrics_direction():
     assert came_back([0.01, 0.05, 0.5, 0.5], [0.2, 0.05, 0.6, 0.01], 0.1, True) == {
-        "n": 4, "forgotten_before": 2, "came_back": 1, "remembered_after": 2, "lost": 1}
+        "n": 4,
+        "forgotten_before": 2,
+        "came_back": 1,
+        "remembered_after": 2,
+        "lost": 1,
+    }
     # a truth ratio remembers downwards
     assert came_back([0.9, 0.9], [0.5, 0.8], 0.75, False)["came_back"] == 1
 

@@ -89,12 +89,22 @@ def test_balance_metrics_errors():
 
 
 def _eval_log(prob, tr=None, rouge=None):
-    log = {"forget_Q_A_Prob": {"agg_value": float(np.mean(prob)),
-                               "value_by_index": {str(i): {"prob": p, "avg_loss": -math.log(p)} for i, p in enumerate(prob)}}}
+    log = {
+        "forget_Q_A_Prob": {
+            "agg_value": float(np.mean(prob)),
+            "value_by_index": {str(i): {"prob": p, "avg_loss": -math.log(p)} for i, p in enumerate(prob)},
+        }
+    }
     if tr is not None:
-        log["forget_truth_ratio"] = {"agg_value": 0.5, "value_by_index": {str(i): {"score": t} for i, t in enumerate(tr)}}
+        log["forget_truth_ratio"] = {
+            "agg_value": 0.5,
+            "value_by_index": {str(i): {"score": t} for i, t in enumerate(tr)},
+        }
     if rouge is not None:
-        log["forget_Q_A_ROUGE"] = {"agg_value": 0.5, "value_by_index": {str(i): {"rougeL_recall": r, "rouge1_recall": r} for i, r in enumerate(rouge)}}
+        log["forget_Q_A_ROUGE"] = {
+            "agg_value": 0.5,
+            "value_by_index": {str(i): {"rougeL_recall": r, "rouge1_recall": r} for i, r in enumerate(rouge)},
+        }
     log["model_utility"] = {"agg_value": 0.6}
     return log
 
@@ -113,7 +123,9 @@ def test_balance_from_eval_logs_orders_indices_numerically_and_matches_target_by
     log = _eval_log([0.1] * 12, rouge=[1.0] * 12)
     log["forget_Q_A_Prob"]["value_by_index"]["10"]["prob"] = 1e-9
     target = _eval_log([0.5] * 12)
-    target["forget_Q_A_Prob"]["value_by_index"] = dict(reversed(list(target["forget_Q_A_Prob"]["value_by_index"].items())))
+    target["forget_Q_A_Prob"]["value_by_index"] = dict(
+        reversed(list(target["forget_Q_A_Prob"]["value_by_index"].items()))
+    )
     m = balance_from_eval_logs(log, None, target)
     assert m["balance_frac_over_forgotten"] == pytest.approx(1 / 12)
 
@@ -254,10 +266,22 @@ def test_balance_tracker_in_a_real_trainer(tmp_path):
         modes.append((model.training, torch.is_inference_mode_enabled()))
         return [0, 1], [10.0 + float(model.lin.weight[0, 0]), 1.0]
 
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=2,
-                             use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
-    trainer = Trainer(model=Tiny(), args=args, train_dataset=Data(),
-                      callbacks=[BalanceTracker(score_fn, tmp_path / "balance.jsonl", every_n_steps=2)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=5,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=Tiny(),
+        args=args,
+        train_dataset=Data(),
+        callbacks=[BalanceTracker(score_fn, tmp_path / "balance.jsonl", every_n_steps=2)],
+    )
     trainer.train()
     rows = read_jsonl(tmp_path / "balance.jsonl")
     assert [r["step"] for r in rows] == [0, 2, 4, 5]

@@ -111,8 +111,15 @@ def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).float().eval()
 
 
@@ -120,10 +127,13 @@ def _encoded(seqs, prompt_lens):
     return [EncodedQA(list(s), [IGNORE_INDEX] * p + list(s[p:]), p) for s, p in zip(seqs, prompt_lens)]
 
 
-@pytest.mark.parametrize("seqs,prompts,pad", [
-    ([CHATML_A, CHATML_B], CHATML_PROMPTS, 2),
-    ([LLAMA3_A, LLAMA3_B], LLAMA3_PROMPTS, 103),
-])
+@pytest.mark.parametrize(
+    "seqs,prompts,pad",
+    [
+        ([CHATML_A, CHATML_B], CHATML_PROMPTS, 2),
+        ([LLAMA3_A, LLAMA3_B], LLAMA3_PROMPTS, 103),
+    ],
+)
 def test_compat_scores_are_a_forward_with_the_token_id_mask(llama, seqs, prompts, pad):
     enc = _encoded(seqs, [len(p) for p in prompts])
     ids, mask, pos = openunlearning_batch(seqs, pad, side="right")
@@ -136,7 +146,7 @@ def test_compat_scores_are_a_forward_with_the_token_id_mask(llama, seqs, prompts
         default = fn(llama, enc, 2, pad, want=("logp",))
         for i, e in enumerate(enc):
             t = torch.arange(e.prompt_len - 1, len(e.input_ids) - 1)
-            expect = logp[i, t, torch.tensor(e.input_ids[e.prompt_len:])]
+            expect = logp[i, t, torch.tensor(e.input_ids[e.prompt_len :])]
             assert torch.allclose(compat[i].token_logp, expect, atol=1e-5)
             # the inner EOS tokens change the numbers: the default does not hide them
             assert abs(compat[i].avg_loss - default[i].avg_loss) > 1e-4
@@ -154,7 +164,8 @@ def test_compat_generation_feeds_the_mask_and_cumsum_positions(tiny_model_dir):
     prompts = [[1, 40, 41, eos, 42, 43, eos, 44], [1, 45, eos, 46]]  # EOS-valued tokens inside the prompts
     calls = []
     hook = model.register_forward_pre_hook(
-        lambda m, a, kw: calls.append((kw["attention_mask"].clone(), kw.get("position_ids"))), with_kwargs=True)
+        lambda m, a, kw: calls.append((kw["attention_mask"].clone(), kw.get("position_ids"))), with_kwargs=True
+    )
     try:
         generation.generate(model, tok, prompts, max_new_tokens=3, batch_size=2, compat="openunlearning")
     finally:
@@ -192,7 +203,7 @@ def test_compat_splits_the_text_at_the_prompt_token_count():
     assert own.input_ids[: own.prompt_len] == prompt and ou.prompt_len == own.prompt_len == len(prompt)
     # OpenUnlearning keeps the whole text's tokens and hides the first answer token (" Nobody") from the labels
     assert ou.input_ids == tok(fmt.full_text("Who?", "Nobody here"))["input_ids"] + [0]
-    assert [t for t in ou.labels if t != IGNORE_INDEX] == ou.input_ids[len(prompt):]
+    assert [t for t in ou.labels if t != IGNORE_INDEX] == ou.input_ids[len(prompt) :]
     assert len(ou.input_ids) == len(own.input_ids) - 1
 
 
@@ -222,8 +233,18 @@ def test_recipe_switch_and_batch_size_defaults():
 
 
 def test_bad_compat_value_is_one_line_exit_2(tiny_model_dir, tofu_dir, tmp_path, capsys):
-    rc = main(["eval", EVAL, f"model.path={tiny_model_dir}", "model.device=cpu", f"data.source={tofu_dir}",
-               "split=forget01", f"output_dir={tmp_path / 'e'}", "eval.compat=open-unlearning"])
+    rc = main(
+        [
+            "eval",
+            EVAL,
+            f"model.path={tiny_model_dir}",
+            "model.device=cpu",
+            f"data.source={tofu_dir}",
+            "split=forget01",
+            f"output_dir={tmp_path / 'e'}",
+            "eval.compat=open-unlearning",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "Traceback" not in err
     assert "eval.compat='open-unlearning' is not one of none, openunlearning" in err
@@ -251,8 +272,21 @@ def chatml_model(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _eval(model, tofu_dir, out, *extra) -> dict:
-    rc = main(["eval", EVAL, f"model.path={model}", "model.device=cpu", "model.dtype=float32", f"data.source={tofu_dir}",
-               "split=forget01", "eval.limit=3", "eval.max_new_tokens=6", f"output_dir={out}", *extra])
+    rc = main(
+        [
+            "eval",
+            EVAL,
+            f"model.path={model}",
+            "model.device=cpu",
+            "model.dtype=float32",
+            f"data.source={tofu_dir}",
+            "split=forget01",
+            "eval.limit=3",
+            "eval.max_new_tokens=6",
+            f"output_dir={out}",
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads((out / "TOFU_EVAL.json").read_text())
 
@@ -289,7 +323,14 @@ def test_cli_compat_equals_default_without_inner_eos(tiny_model_dir, tofu_dir, t
 
 
 def test_muse_refuses_the_switch(tmp_path, capsys):
-    rc = main(["eval", str(ROOT / "configs" / "eval" / "muse.yaml"), "model.path=x", f"output_dir={tmp_path / 'm'}",
-               "eval.compat=openunlearning"])
+    rc = main(
+        [
+            "eval",
+            str(ROOT / "configs" / "eval" / "muse.yaml"),
+            "model.path=x",
+            f"output_dir={tmp_path / 'm'}",
+            "eval.compat=openunlearning",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "eval.compat=openunlearning is only implemented for TOFU" in err

@@ -19,8 +19,21 @@ SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"
 
 
 def test_groups_cover_every_objective_and_weighting():
-    assert set(OBJECTIVES) == {"ga", "graddiff", "npo", "simnpo", "wga", "satimp", "idk", "dpo",
-                               "rmu", "undial", "ceu", "pdu", "altpo"}
+    assert set(OBJECTIVES) == {
+        "ga",
+        "graddiff",
+        "npo",
+        "simnpo",
+        "wga",
+        "satimp",
+        "idk",
+        "dpo",
+        "rmu",
+        "undial",
+        "ceu",
+        "pdu",
+        "altpo",
+    }
     assert set(WEIGHTINGS) == {"mean", "group", "dv", "dv_softmin", "dv_global"}
 
 
@@ -28,8 +41,9 @@ def test_groups_cover_every_objective_and_weighting():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_every_unlearn_combination_resolves(objective, split):
     for weighting in WEIGHTINGS:
-        cfg = load_config(CONFIGS / "unlearn" / "tofu.yaml", [f"objective={objective}", f"weighting={weighting}",
-                                                               f"split={split}"])
+        cfg = load_config(
+            CONFIGS / "unlearn" / "tofu.yaml", [f"objective={objective}", f"weighting={weighting}", f"split={split}"]
+        )
         assert cfg.data.forget_split == split and cfg.data.retain_split == SPLITS[split]
         assert cfg.data.holdout_split == split.replace("forget", "holdout")
         obj = get_objective(cfg.objective.name)
@@ -39,7 +53,11 @@ def test_every_unlearn_combination_resolves(objective, split):
         # the BalDRO paper's Llama-2-7b-chat settings
         t = cfg.train
         assert (t.learning_rate, t.num_train_epochs, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (
-            1e-5, 10, 8, 2)
+            1e-5,
+            10,
+            8,
+            2,
+        )
         assert cfg.model.path == "open-unlearning/tofu_Llama-2-7b-chat-hf_full"
 
 
@@ -50,17 +68,31 @@ def test_paper_hyperparameters():
     assert objective("npo").args.beta == 0.1
     # OpenUnlearning's defaults (configs/trainer/*.yaml at d3d7cf9)
     rmu = objective("rmu")
-    assert (rmu.args.steering_coeff, rmu.retain_loss, rmu.alpha, rmu.trainable_params_regex) == (2.0, "embed_diff", 1.0, None)
+    assert (rmu.args.steering_coeff, rmu.retain_loss, rmu.alpha, rmu.trainable_params_regex) == (
+        2.0,
+        "embed_diff",
+        1.0,
+        None,
+    )
     undial = objective("undial")
     assert (undial.args.beta, undial.alpha) == (10.0, 0.0)
     ceu = objective("ceu")
     assert (ceu.args.ignore_first_n_answer_tokens, ceu.alpha) == (1, 0.0)
     pdu = objective("pdu")
     assert (pdu.primal_dual, pdu.retain_loss_eps, pdu.dual_step_size, pdu.dual_update_upon, pdu.dual_warmup_epochs) == (
-        True, None, 1.0, "step", 5)
+        True,
+        None,
+        1.0,
+        "step",
+        5,
+    )
     altpo = objective("altpo")
     assert (altpo.args.beta, altpo.alternates.n, altpo.alternates.max_new_tokens, altpo.alternates.temperature) == (
-        0.1, 5, 200, 1.0)
+        0.1,
+        5,
+        200,
+        1.0,
+    )
     simnpo = objective("simnpo")
     assert (simnpo.args.beta, simnpo.args.delta, simnpo.gamma) == (4.5, 0.0, 0.125)
     satimp = objective("satimp")
@@ -89,6 +121,7 @@ def test_finetune_recipes_and_model_group():
 
 
 def test_dotted_overrides_win_over_groups():
-    cfg = load_config(CONFIGS / "unlearn" / "tofu.yaml", ["weighting=dv", "weighting.args.sigma=0.5",
-                                                          "train.learning_rate=2e-5"])
+    cfg = load_config(
+        CONFIGS / "unlearn" / "tofu.yaml", ["weighting=dv", "weighting.args.sigma=0.5", "train.learning_rate=2e-5"]
+    )
     assert cfg.weighting.args.sigma == 0.5 and cfg.train.learning_rate == 2e-5

@@ -41,8 +41,12 @@ def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     log = tmp_path / "demo.log"  # as in a batch job: `baldro demo --quick > demo.log 2>&1`
     with log.open("w") as f:
-        rc = subprocess.run([sys.executable, "-m", "baldro.cli", "demo", "--quick", "--out", str(out)],
-                            stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        rc = subprocess.run(
+            [sys.executable, "-m", "baldro.cli", "demo", "--quick", "--out", str(out)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ).returncode
     text = log.read_text()
     assert rc == 0, text[-2000:]
     assert "baldro demo: done in" in text
@@ -52,8 +56,16 @@ def test_demo_quick(tmp_path):
     names = ["target", "retain"] + [m[0] for m in METHODS]
     for name in names:
         summary = json.loads((runs / name / "eval" / "TOFU_SUMMARY.json").read_text())
-        for key in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_ROUGE",
-                    "balance_prob_std", "balance_tr_iqr", "balance_frac_remembered", "balance_frac_over_forgotten"):
+        for key in (
+            "forget_quality",
+            "model_utility",
+            "forget_truth_ratio",
+            "forget_Q_A_ROUGE",
+            "balance_prob_std",
+            "balance_tr_iqr",
+            "balance_frac_remembered",
+            "balance_frac_over_forgotten",
+        ):
             assert summary.get(key) is not None, (name, key)
         assert 0 <= summary["forget_quality"] <= 1
         eval_log = json.loads((runs / name / "eval" / "TOFU_EVAL.json").read_text())
@@ -74,7 +86,9 @@ def test_demo_quick(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"({png})" in report
     info = json.loads((out / "demo_info.json").read_text())
-    assert info["total_time_s"] < 900  # a runaway guard, not a speed goal (benchmarks time the demo; CI cores are shared)
+    assert (
+        info["total_time_s"] < 900
+    )  # a runaway guard, not a speed goal (benchmarks time the demo; CI cores are shared)
 
     # the documentation's demo table has the rows and columns this report writes
     ours, documented = _seed_table(report), _seed_table(RESULTS_PAGE.read_text(encoding="utf-8"))

@@ -49,8 +49,14 @@ class FakeGather:
         return [torch.cat(out_ids), *(torch.cat(v) for v in out_values)]
 
 
-WEIGHTINGS = [("mean", {}), ("group", {"ratio": 0.5}), ("group", {"ratio": 0.3, "hardness": "nll"}),
-              ("dv", {"sigma": 0.7}), ("dv_softmin", {"sigma": 2.0}), ("dv_global", {"sigma": 1.0})]
+WEIGHTINGS = [
+    ("mean", {}),
+    ("group", {"ratio": 0.5}),
+    ("group", {"ratio": 0.3, "hardness": "nll"}),
+    ("dv", {"sigma": 0.7}),
+    ("dv_softmin", {"sigma": 2.0}),
+    ("dv_global", {"sigma": 1.0}),
+]
 
 
 @pytest.mark.parametrize("name,args", WEIGHTINGS, ids=[f"{n}-{a}" for n, a in WEIGHTINGS])
@@ -93,8 +99,10 @@ def test_global_batch_weights_equal_the_concatenated_batch(name, args, sizes):
 def test_global_batch_with_pad_rows_and_a_step_scale():
     """Pad rows (id -1) are not in the global batch and get weight 0; `scale` multiplies the gradient
     only (the value stays the global F)."""
-    parts = [(torch.tensor([3, 5, PAD_ID]), torch.tensor([1.0, 4.0, 9.0]), torch.zeros(3)),
-             (torch.tensor([PAD_ID, PAD_ID]), torch.tensor([7.0, 7.0]), torch.zeros(2))]
+    parts = [
+        (torch.tensor([3, 5, PAD_ID]), torch.tensor([1.0, 4.0, 9.0]), torch.zeros(3)),
+        (torch.tensor([PAD_ID, PAD_ID]), torch.tensor([7.0, 7.0]), torch.zeros(2)),
+    ]
     w = make_weighting("dv", sigma=1.0, global_batch=True)
     leaf = parts[0][1].clone().requires_grad_(True)
     out = w(leaf, ids=parts[0][0], nll=parts[0][2], gather=FakeGather(parts, 0, scale=3.0))
@@ -193,8 +201,13 @@ def test_the_accelerate_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    expected = {"ddp": DistributedType.MULTI_GPU, "ddp_cpu": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP,
-                "zero2": DistributedType.DEEPSPEED, "zero3": DistributedType.DEEPSPEED}
+    expected = {
+        "ddp": DistributedType.MULTI_GPU,
+        "ddp_cpu": DistributedType.MULTI_GPU,
+        "fsdp": DistributedType.FSDP,
+        "zero2": DistributedType.DEEPSPEED,
+        "zero3": DistributedType.DEEPSPEED,
+    }
     assert sorted(p.stem for p in ACCELERATE.glob("*.yaml")) == sorted(expected)
     for name, kind in expected.items():
         config = load_config_from_file(str(ACCELERATE / f"{name}.yaml"))
@@ -223,10 +236,22 @@ def test_a_launch_that_does_not_form_one_run_is_refused(monkeypatch):
 # --------------------------------------------------------------------------- real runs of 2 processes
 # 10 forget samples, micro-batches of 2 per process, 2 epochs: the last global batch of each epoch is
 # padded (2 real rows on process 0, 2 pad rows on process 1).
-CPU = ["model.dtype=float32", "model.device=cpu", "model.attn_implementation=null", "train.bf16=false",
-       "train.use_cpu=true", "train.save_strategy=no", "train.warmup_steps=0", "train.disable_tqdm=true",
-       "format.use_chat_template=false", "log_to_console=false", "train.logging_steps=1", "train.learning_rate=1e-3",
-       "train.num_train_epochs=2", "data.limit=10"]
+CPU = [
+    "model.dtype=float32",
+    "model.device=cpu",
+    "model.attn_implementation=null",
+    "train.bf16=false",
+    "train.use_cpu=true",
+    "train.save_strategy=no",
+    "train.warmup_steps=0",
+    "train.disable_tqdm=true",
+    "format.use_chat_template=false",
+    "log_to_console=false",
+    "train.logging_steps=1",
+    "train.learning_rate=1e-3",
+    "train.num_train_epochs=2",
+    "data.limit=10",
+]
 N, EPOCHS = 10, 2
 # Final weights of two runs that should train the same model: the largest absolute difference of any
 # weight. Measured on this tiny model (6 Adam steps of lr 1e-3, weights move by up to 3.5e-3): 1.2e-7
@@ -236,15 +261,34 @@ STATE_ATOL = 1e-4  # dv_global's running losses (values 2-14), measured 1.3e-5
 
 
 def _unlearn(model, tofu, out, batch, accumulation, *extra):
-    return ["unlearn", UNLEARN, f"model.path={model}", *CPU, f"data.source={tofu}", "split=forget01",
-            "objective=npo", f"train.per_device_train_batch_size={batch}",
-            f"train.gradient_accumulation_steps={accumulation}", f"output_dir={out}", *extra]
+    return [
+        "unlearn",
+        UNLEARN,
+        f"model.path={model}",
+        *CPU,
+        f"data.source={tofu}",
+        "split=forget01",
+        "objective=npo",
+        f"train.per_device_train_batch_size={batch}",
+        f"train.gradient_accumulation_steps={accumulation}",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def _finetune(model, tofu, out, batch):
-    return ["finetune", FINETUNE, f"model.path={model}", *CPU, f"data.source={tofu}", "data.train_split=forget01",
-            "data.extra_train_splits=[]", f"train.per_device_train_batch_size={batch}",
-            "train.gradient_accumulation_steps=1", f"output_dir={out}"]
+    return [
+        "finetune",
+        FINETUNE,
+        f"model.path={model}",
+        *CPU,
+        f"data.source={tofu}",
+        "data.train_split=forget01",
+        "data.extra_train_splits=[]",
+        f"train.per_device_train_batch_size={batch}",
+        "train.gradient_accumulation_steps=1",
+        f"output_dir={out}",
+    ]
 
 
 # name -> (2 processes: batch, accumulation; 1 process: batch, accumulation; recipe overrides)
@@ -253,8 +297,11 @@ def _finetune(model, tofu, out, batch):
 UNLEARN_CASES = {
     "mean": ((2, 1), (4, 1), ["weighting=mean", "objective.alpha=0"]),
     "dv_global_batch": ((2, 1), (4, 1), ["weighting=dv", "+weighting.args.global_batch=true", "objective.alpha=0"]),
-    "group_global_batch": ((2, 1), (4, 1), ["weighting=group", "+weighting.args.global_batch=true",
-                                            "objective.alpha=0"]),
+    "group_global_batch": (
+        (2, 1),
+        (4, 1),
+        ["weighting=group", "+weighting.args.global_batch=true", "objective.alpha=0"],
+    ),
     "dv_global": ((2, 1), (4, 1), ["weighting=dv_global", "objective.alpha=0"]),
     "accumulation_mean": ((2, 2), (2, 4), ["weighting=mean"]),
     "accumulation_dv": ((2, 2), (2, 4), ["weighting=dv"]),
@@ -263,21 +310,49 @@ UNLEARN_CASES = {
     # a pass that stops at RMU's module (the later layers get no gradient); PDU's dual variable
     # averaged over every process's micro-batches of a step
     "accumulation_rmu": ((2, 2), (2, 4), ["objective=rmu", "weighting=dv"]),
-    "accumulation_pdu": ((2, 2), (2, 4), ["objective=pdu", "weighting=mean", "objective.retain_loss_eps=0.0",
-                                          "objective.dual_warmup_epochs=0"]),
+    "accumulation_pdu": (
+        (2, 2),
+        (2, 4),
+        ["objective=pdu", "weighting=mean", "objective.retain_loss_eps=0.0", "objective.dual_warmup_epochs=0"],
+    ),
     # evaluations during training (the main process evaluates, the other waits): the same model
-    "evaluated": ((2, 1), (4, 1), ["weighting=mean", "objective.alpha=0", "train.eval_strategy=steps",
-                                   "train.eval_steps=3", "train.metric_for_best_model=forget_Q_A_Prob",
-                                   "eval.trajectory_limit=3", "eval.max_new_tokens=4", "eval.batch_size=4"]),
+    "evaluated": (
+        (2, 1),
+        (4, 1),
+        [
+            "weighting=mean",
+            "objective.alpha=0",
+            "train.eval_strategy=steps",
+            "train.eval_steps=3",
+            "train.metric_for_best_model=forget_Q_A_Prob",
+            "eval.trajectory_limit=3",
+            "eval.max_new_tokens=4",
+            "eval.batch_size=4",
+        ],
+    ),
 }
 # Early stopping at step 2 and the best model (step 0's) loaded on both processes
-EARLY_STOP = ["weighting=mean", "train.eval_strategy=steps", "train.eval_steps=2",
-              "train.metric_for_best_model=forget_Q_A_Prob", "train.greater_is_better=true",
-              "train.early_stopping_patience=1", "train.load_best_model_at_end=true", "eval.trajectory_limit=3",
-              "eval.max_new_tokens=4", "eval.batch_size=4"]
+EARLY_STOP = [
+    "weighting=mean",
+    "train.eval_strategy=steps",
+    "train.eval_steps=2",
+    "train.metric_for_best_model=forget_Q_A_Prob",
+    "train.greater_is_better=true",
+    "train.early_stopping_patience=1",
+    "train.load_best_model_at_end=true",
+    "eval.trajectory_limit=3",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=4",
+]
 # `baldro unlearn` itself (accelerate launch -m baldro.cli), with balance tracking and the final evaluation
-CLI_EXTRA = ["weighting=dv", "balance.every_n_steps=2", "eval.at_end=true", "+eval.limit=3", "eval.max_new_tokens=4",
-             "eval.batch_size=4"]
+CLI_EXTRA = [
+    "weighting=dv",
+    "balance.every_n_steps=2",
+    "eval.at_end=true",
+    "+eval.limit=3",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=4",
+]
 
 
 def _free_port() -> int:
@@ -290,10 +365,23 @@ def _free_port() -> int:
 
 def _launch(args: list[str], log: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """2 CPU processes under accelerate (torchrun underneath), with this checkout's baldro."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp_cpu.yaml"),
-           "--main_process_port", str(_free_port()), *args]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE / "ddp_cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        *args,
+    ]
     with open(log, "w") as f:
         done = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     if done.returncode != 0:
@@ -311,8 +399,10 @@ def launched(tiny_model_dir, tofu_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     two, one = root / "two", root / "one"
     runs = [_finetune(tiny_model_dir, tofu_dir, two / "finetune", 2)]
-    runs += [_unlearn(tiny_model_dir, tofu_dir, two / name, *proc2, *extra)
-             for name, (proc2, _, extra) in UNLEARN_CASES.items()]
+    runs += [
+        _unlearn(tiny_model_dir, tofu_dir, two / name, *proc2, *extra)
+        for name, (proc2, _, extra) in UNLEARN_CASES.items()
+    ]
     runs += [_unlearn(tiny_model_dir, tofu_dir, two / "early_stop", 2, 1, *EARLY_STOP)]
     (root / "runs.json").write_text(json.dumps(runs))
     _launch([str(ROOT / "tests" / "multiproc" / "runs.py"), str(root / "runs.json")], root / "runs.log")
@@ -323,8 +413,13 @@ def launched(tiny_model_dir, tofu_dir, tmp_path_factory):
         assert main(_unlearn(tiny_model_dir, tofu_dir, one / name, *proc1, *extra)) == 0
     # the CLI run's single-process twin: 1 process x 2 accumulation steps of the same micro-batches
     assert main(_unlearn(tiny_model_dir, tofu_dir, one / "cli", 2, 2, *CLI_EXTRA[:2])) == 0
-    return {"two": two, "one": one, "cli_log": (root / "cli.log").read_text(), "base": tiny_model_dir,
-            "runs_log": (root / "runs.log").read_text()}
+    return {
+        "two": two,
+        "one": one,
+        "cli_log": (root / "cli.log").read_text(),
+        "base": tiny_model_dir,
+        "runs_log": (root / "runs.log").read_text(),
+    }
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -346,7 +441,7 @@ def _logged_ids(run: Path) -> list[int]:
 def _every_id_once_per_epoch(ids: list[int], n: int = N, epochs: int = EPOCHS) -> None:
     assert len(ids) == n * epochs
     for e in range(epochs):
-        assert sorted(ids[e * n:(e + 1) * n]) == list(range(n)), f"epoch {e}: {ids[e * n:(e + 1) * n]}"
+        assert sorted(ids[e * n : (e + 1) * n]) == list(range(n)), f"epoch {e}: {ids[e * n : (e + 1) * n]}"
 
 
 @pytest.mark.slow
@@ -396,8 +491,9 @@ def test_unlearn_on_2_processes_trains_the_1_process_model(launched, name):
         assert info["evaluations"] == 3 and info["best_step"] == 6 and info["processes"] == 2
     if name == "accumulation_pdu":  # the dual variable moved, and equally
         lam2 = json.loads((two / "run_info.json").read_text())["dual_lambda_final"]
-        assert lam2 > 1.0 and lam2 == pytest.approx(json.loads((one / "run_info.json").read_text())["dual_lambda_final"],
-                                                     rel=1e-5)
+        assert lam2 > 1.0 and lam2 == pytest.approx(
+            json.loads((one / "run_info.json").read_text())["dual_lambda_final"], rel=1e-5
+        )
     if "weighting=dv_global" in UNLEARN_CASES[name][2]:  # one state on both processes (checked when saved)
         s2 = torch.load(two / "weighting_state.pt")["running"]
         s1 = torch.load(one / "weighting_state.pt")["running"]
@@ -451,22 +547,40 @@ def test_a_sharded_model_is_gathered_and_saved_whole(tiny_model_dir, tmp_path):
     (also a LoRA model, merged). The trainers' gradient check sees a NaN in another process's shard."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     script = ROOT / "tests" / "multiproc" / "fsdp2_save.py"
     for mode in ("plain", "lora"):
         out = tmp_path / mode
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(script), str(tiny_model_dir), str(out), mode]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            str(tiny_model_dir),
+            str(out),
+            mode,
+        ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         # the workers' own messages come before torchrun's summary: keep enough to see them
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]
         report = json.loads((out / "report.json").read_text())
         assert report["sharded"] and report["gathered_equals_unsharded"]
         assert report["nan_in_other_shard_seen"]  # the gradient check sees every shard (process 1's NaN)
-        local, full = report["rank0_local_shapes"], report["full_shapes"]
-        assert local["model.embed_tokens.weight" if mode == "plain" else
-                     "base_model.model.model.embed_tokens.weight"][0] * 2 == 512  # half a weight per process
+        local = report["rank0_local_shapes"]
+        assert (
+            local["model.embed_tokens.weight" if mode == "plain" else "base_model.model.model.embed_tokens.weight"][0]
+            * 2
+            == 512
+        )  # half a weight per process
         saved = load_file(out / "model" / "model.safetensors")
         base = load_file(Path(tiny_model_dir) / "model.safetensors")
         assert saved.keys() == base.keys()

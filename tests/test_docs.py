@@ -28,8 +28,11 @@ def test_config_reference_lists_every_schema_key_with_its_type_and_default():
     from baldro.recipes.schema import Recipe
 
     page = gen_reference.config_reference()
-    rows = {line.split(" | ")[0].removeprefix("| `").removesuffix("`"): line
-            for line in page.splitlines() if line.startswith("| `")}
+    rows = {
+        line.split(" | ")[0].removeprefix("| `").removesuffix("`"): line
+        for line in page.splitlines()
+        if line.startswith("| `")
+    }
     sections = {line.removeprefix("## `").removesuffix("`") for line in page.splitlines() if line.startswith("## `")}
     for key, f in _all_fields(Recipe):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -78,10 +81,13 @@ def test_cli_reference_shows_every_command():
         assert f"usage: baldro {command}" in page
 
 
-@pytest.mark.parametrize("command", [
-    "pip install torch==2.13.0 -e . && baldro demo",
-    'pip install torch==2.13.0 -e ".[test]" && python -m pytest',
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "pip install torch==2.13.0 -e . && baldro demo",
+        'pip install torch==2.13.0 -e ".[test]" && python -m pytest',
+    ],
+)
 def test_readme_keeps_the_set_up_commands(command):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert f"```bash\n{command}\n```" in readme
@@ -94,7 +100,10 @@ def test_ci_runs_the_readme_test_command_and_the_strict_docs_build():
 
 
 def test_markers_are_in_the_reference_pages():
-    pages = {"configuration.md": gen_reference.CONFIG_MARKER, "api.md": gen_reference.API_MARKER,
-             "cli.md": gen_reference.CLI_MARKER}
+    pages = {
+        "configuration.md": gen_reference.CONFIG_MARKER,
+        "api.md": gen_reference.API_MARKER,
+        "cli.md": gen_reference.CLI_MARKER,
+    }
     for page, marker in pages.items():
         assert marker in (ROOT / "docs" / "reference" / page).read_text(encoding="utf-8"), page

@@ -23,8 +23,13 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).float().eval()
@@ -57,17 +62,27 @@ def test_cache_internals_hold_for_the_installed_transformers():
             "update baldro.eval.kv_cache.cache_from_layers"
         )
         step = model(input_ids=ids[:, 5:], use_cache=True, **{kv_cache.cache_kwarg(model): cache}).logits
-        torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5, msg=lambda m: (
-            f"{TRANSFORMERS}: a forward pass on a cache from kv_cache.cache_from_layers no longer continues "
-            f"the cached sequence: {m}"
-        ))
+        torch.testing.assert_close(
+            step[:, -1],
+            full[:, -1],
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: (
+                f"{TRANSFORMERS}: a forward pass on a cache from kv_cache.cache_from_layers no longer continues "
+                f"the cached sequence: {m}"
+            ),
+        )
 
         cache = kv_cache.cache_from_layers(layers)
         cache.batch_select_indices(torch.tensor([1]))
         step = model(input_ids=ids[1:, 5:], use_cache=True, **{kv_cache.cache_kwarg(model): cache}).logits
-        torch.testing.assert_close(step[:, -1], full[1:, -1], rtol=1e-5, atol=1e-5, msg=lambda m: (
-            f"{TRANSFORMERS}: Cache.batch_select_indices no longer keeps the selected rows: {m}"
-        ))
+        torch.testing.assert_close(
+            step[:, -1],
+            full[1:, -1],
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: f"{TRANSFORMERS}: Cache.batch_select_indices no longer keeps the selected rows: {m}",
+        )
 
 
 def test_a_growing_cache_decodes_as_a_dynamic_one_and_appends_in_place():
@@ -115,8 +130,13 @@ def test_a_decoding_batch_stays_exact_as_rows_join_leave_and_the_cache_is_compac
 
     def step():
         attn = torch.cat([batch.attn, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
-        out = model(input_ids=torch.tensor([[t] for t in batch.last]), attention_mask=attn,
-                    position_ids=batch.pos[:, None], use_cache=True, **{arg: batch.cache})
+        out = model(
+            input_ids=torch.tensor([[t] for t in batch.last]),
+            attention_mask=attn,
+            position_ids=batch.pos[:, None],
+            use_cache=True,
+            **{arg: batch.cache},
+        )
         batch.attn, batch.pos = attn, batch.pos + 1
         for b, i in enumerate(batch.rows):
             seqs[i].append(batch.last[b])
@@ -145,8 +165,14 @@ def test_caches_that_drop_positions_are_not_batchable():
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=3, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=3,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     model = MistralForCausalLM(cfg).eval()
@@ -159,12 +185,25 @@ def test_caches_that_drop_positions_are_not_batchable():
 
 
 def test_cache_internals_are_read_in_kv_cache_only():
-    internals = ("cache_utils", "DynamicCache(", "DynamicLayer", "ddp_cache_data", "key_cache", "value_cache",
-                 "_seen_tokens", ".crop(", "reorder_cache", "batch_select_indices", "la.keys")
+    internals = (
+        "cache_utils",
+        "DynamicCache(",
+        "DynamicLayer",
+        "ddp_cache_data",
+        "key_cache",
+        "value_cache",
+        "_seen_tokens",
+        ".crop(",
+        "reorder_cache",
+        "batch_select_indices",
+        "la.keys",
+    )
     offenders = [
         f"{path.relative_to(SRC)}: {word}"
-        for path in SRC.rglob("*.py") if path.name != "kv_cache.py"
-        for word in internals if word in path.read_text(encoding="utf-8")
+        for path in SRC.rglob("*.py")
+        if path.name != "kv_cache.py"
+        for word in internals
+        if word in path.read_text(encoding="utf-8")
     ]
     assert not offenders, f"transformers cache internals outside baldro/eval/kv_cache.py: {offenders}"
 
@@ -248,14 +287,40 @@ def test_eval_modules_import_neither_recipes_nor_config():
 
 
 def test_tofu_keeps_its_public_names():
-    for name in ("evaluate_tofu", "diff_eval_logs", "load_tofu_eval_data", "tofu_sets", "score_tofu", "generate_tofu",
-                 "assemble_tofu_eval_log", "load_retain_log", "restrict_log", "EVAL_FILE", "SUMMARY_FILE",
-                 "HEADLINE", "TofuSet", "TofuEvalData"):
+    for name in (
+        "evaluate_tofu",
+        "diff_eval_logs",
+        "load_tofu_eval_data",
+        "tofu_sets",
+        "score_tofu",
+        "generate_tofu",
+        "assemble_tofu_eval_log",
+        "load_retain_log",
+        "restrict_log",
+        "EVAL_FILE",
+        "SUMMARY_FILE",
+        "HEADLINE",
+        "TofuSet",
+        "TofuEvalData",
+    ):
         assert hasattr(tofu, name), name
     assert tofu.diff_eval_logs is suite.diff_eval_logs
     assert list(inspect.signature(tofu.evaluate_tofu).parameters) == [
-        "model", "tokenizer", "formatter", "data_source", "forget_split", "out_dir", "retain_logs_path", "batch_size",
-        "max_new_tokens", "limit", "shared_forward", "sort_by_length", "timings", "progress", "generation_batch_size",
+        "model",
+        "tokenizer",
+        "formatter",
+        "data_source",
+        "forget_split",
+        "out_dir",
+        "retain_logs_path",
+        "batch_size",
+        "max_new_tokens",
+        "limit",
+        "shared_forward",
+        "sort_by_length",
+        "timings",
+        "progress",
+        "generation_batch_size",
     ]
 
 
@@ -291,8 +356,12 @@ def test_stage_timer_counts_the_tokens_every_forward_reads():
 
     timer.run("probability", ["forget/answer"], 3, two_passes)
     timer.run("rouge", ["forget/prompts"], 3, lambda: None)
-    assert timer.result()["probability"] == {"rows": 3, "sequences": 3, "seconds": pytest.approx(
-        timer.seconds["probability"]), "model_tokens": 15 + 3}
+    assert timer.result()["probability"] == {
+        "rows": 3,
+        "sequences": 3,
+        "seconds": pytest.approx(timer.seconds["probability"]),
+        "model_tokens": 15 + 3,
+    }
     assert timer.result()["rouge"]["model_tokens"] == 0
     model(input_ids=ids)  # outside a stage: not counted, the hook is gone
     assert timer.tokens["probability"] == 18
@@ -303,8 +372,13 @@ def test_stage_timer_counts_the_tokens_every_forward_reads():
 
 def test_numeric_differences_counts_numbers_and_ranks_relative_differences():
     a = {"x": {"value_by_index": {"0": {"prob": 0.5}, "1": {"prob": [1.0, 2.0e-8]}}}, "gen": "same", "n": 3, "ok": True}
-    b = {"x": {"value_by_index": {"0": {"prob": 0.5 + 1e-5}, "1": {"prob": [1.1, 5.0e-8]}}}, "gen": "other", "n": 3,
-         "ok": True, "extra": 1.0}
+    b = {
+        "x": {"value_by_index": {"0": {"prob": 0.5 + 1e-5}, "1": {"prob": [1.1, 5.0e-8]}}},
+        "gen": "other",
+        "n": 3,
+        "ok": True,
+        "extra": 1.0,
+    }
     n, diffs = suite.numeric_differences(a, b)
     assert n == 4  # 0.5, 1.0, 2e-8 and n; the string, the bool and the key only in b are not numbers compared
     assert [p for p, _ in diffs] == ["/x/value_by_index/1/prob[0]", "/x/value_by_index/0/prob"]  # 3e-8 is within atol
@@ -340,17 +414,21 @@ def test_eval_tofu_compare_logs_counts_numbers_and_other_differences(tmp_path, c
     spec = importlib.util.spec_from_file_location("eval_tofu_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    logs = [{"p": [0.5, 1.0, float("nan")], "gen": ["a", "b"]},
-            {"p": [0.5 + 1e-8, 1.1, float("nan")], "gen": ["a", "c"]},
-            {"p": [0.5, 1.0, float("nan")], "gen": ["a", "b"]}]
+    logs = [
+        {"p": [0.5, 1.0, float("nan")], "gen": ["a", "b"]},
+        {"p": [0.5 + 1e-8, 1.1, float("nan")], "gen": ["a", "c"]},
+        {"p": [0.5, 1.0, float("nan")], "gen": ["a", "b"]},
+    ]
     files = []
     for i, log in enumerate(logs):
         files.append(str(tmp_path / f"{i}.json"))
         Path(files[-1]).write_text(json_.dumps(log))
     assert bench.compare_logs(files[:2], None) == 1
     line = capsys.readouterr().out.strip()
-    assert line.endswith("3 numbers, 1 differ beyond atol 1e-07, 1 beyond rtol 1e-05; largest 9.09e-02 at /p[1]; "
-                         "1 non-numeric difference(s) (generated texts, keys or list lengths)"), line
+    assert line.endswith(
+        "3 numbers, 1 differ beyond atol 1e-07, 1 beyond rtol 1e-05; largest 9.09e-02 at /p[1]; "
+        "1 non-numeric difference(s) (generated texts, keys or list lengths)"
+    ), line
     assert bench.compare_logs([files[0], files[2]], None) == 0
     assert capsys.readouterr().out.strip().endswith("3 numbers, 0 differ beyond atol 1e-07, 0 beyond rtol 1e-05")
     assert bench.compare_logs([files[0], str(tmp_path / "missing.json")], None) == 2

@@ -33,8 +33,20 @@ LIMIT = 5
 MAX_NEW = 8
 HEADLINE = ("forget_quality", "model_utility", "privleak")
 SET_KEYS = {
-    "forget": ["forget_Q_A_Prob", "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio"],
-    "retain": ["retain_Q_A_Prob", "retain_Q_A_PARA_Prob", "retain_Q_A_PERT_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"],
+    "forget": [
+        "forget_Q_A_Prob",
+        "forget_Q_A_PARA_Prob",
+        "forget_Q_A_PERT_Prob",
+        "forget_Q_A_ROUGE",
+        "forget_truth_ratio",
+    ],
+    "retain": [
+        "retain_Q_A_Prob",
+        "retain_Q_A_PARA_Prob",
+        "retain_Q_A_PERT_Prob",
+        "retain_Q_A_ROUGE",
+        "retain_Truth_Ratio",
+    ],
     "ra": ["ra_Q_A_Prob", "ra_Q_A_PERT_Prob", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"],
     "wf": ["wf_Q_A_Prob", "wf_Q_A_PERT_Prob", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"],
 }
@@ -55,14 +67,28 @@ def tiny():
     from baldro.models.tiny import train_tokenizer
 
     texts = []
-    for name in ("forget10_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "holdout10"):
+    for name in (
+        "forget10_perturbed",
+        "retain_perturbed",
+        "real_authors_perturbed",
+        "world_facts_perturbed",
+        "holdout10",
+    ):
         for r in _rows(name, 60):
             texts += [r["question"], r["answer"], *r.get("perturbed_answer", [])]
     tok = train_tokenizer(texts, vocab_size=1024)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).float().eval()
@@ -77,8 +103,16 @@ def first_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("tofu_eval_a")
     timings: dict = {}
     log, summary = evaluate_tofu(
-        model, tok, fmt, TOFU, forget_split="forget10", out_dir=out, batch_size=4, max_new_tokens=MAX_NEW,
-        limit=LIMIT, timings=timings,
+        model,
+        tok,
+        fmt,
+        TOFU,
+        forget_split="forget10",
+        out_dir=out,
+        batch_size=4,
+        max_new_tokens=MAX_NEW,
+        limit=LIMIT,
+        timings=timings,
     )
     return out, log, summary, timings
 
@@ -92,8 +126,18 @@ def naive_run(tiny, first_run, tmp_path_factory):
     with warnings.catch_warnings():  # scipy's KS test on 5 vs 5 nearly equal values falls back to asymp
         warnings.simplefilter("ignore", RuntimeWarning)
         log, summary = evaluate_tofu(
-            model, tok, fmt, TOFU, forget_split="forget10", out_dir=out, batch_size=4, max_new_tokens=MAX_NEW,
-            limit=LIMIT, shared_forward=False, sort_by_length=False, retain_logs_path=first_run[0] / EVAL_FILE,
+            model,
+            tok,
+            fmt,
+            TOFU,
+            forget_split="forget10",
+            out_dir=out,
+            batch_size=4,
+            max_new_tokens=MAX_NEW,
+            limit=LIMIT,
+            shared_forward=False,
+            sort_by_length=False,
+            retain_logs_path=first_run[0] / EVAL_FILE,
             timings=timings,
         )
     return out, log, summary, timings
@@ -299,8 +343,9 @@ EOS = 7  # token ids in the hand cases below are arbitrary
     ],
 )
 def test_greedy_prefix_hand_cases(draft, argmax, margin, budget, expect, finished):
-    pre = generation.greedy_prefix(draft, torch.tensor(argmax), torch.tensor(margin, dtype=torch.float64), [EOS], budget,
-                               min_margin=1e-3)
+    pre = generation.greedy_prefix(
+        draft, torch.tensor(argmax), torch.tensor(margin, dtype=torch.float64), [EOS], budget, min_margin=1e-3
+    )
     assert (pre.tokens, pre.finished) == (expect, finished)
 
 
@@ -314,8 +359,9 @@ def memorising(tiny):
     model, tok, fmt = tiny
     model = copy.deepcopy(model).train()
     rows = _rows("forget10_perturbed", LIMIT) + _rows("retain_perturbed", LIMIT)
-    batch = collate_encoded(fmt.encode_many([r["question"] for r in rows], [r["answer"] for r in rows]),
-                            tok.pad_token_id)
+    batch = collate_encoded(
+        fmt.encode_many([r["question"] for r in rows], [r["answer"] for r in rows]), tok.pad_token_id
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     for _ in range(150):
@@ -407,15 +453,21 @@ def test_generation_resumes_after_a_known_prefix(memorising):
     cfg = generation.greedy_config(model, tok, 10)
     full = generation.generate(model, tok, prompts, 10, batch_size=4)
     with torch.inference_mode():
-        tokens = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 generation_config=cfg)[0, len(p):].tolist() for p in prompts]
+        tokens = [
+            model.generate(
+                torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), generation_config=cfg
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
     prefixes = [generation.GreedyPrefix(t[:k], False) for t, k in zip(tokens, [0, 3, 9, 1, 5, 2])]
     assert generation.generate(model, tok, prompts, 10, batch_size=4, prefixes=prefixes) == full
     # a finished prefix is the whole generation: the model is not asked
     done = [generation.GreedyPrefix(tok("Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], True)]
     assert generation.generate(model, tok, prompts[:1], 10, batch_size=1, prefixes=done) == ["Paris"]
     with pytest.raises(BaldroError, match="EOS"):
-        generation.generate(model, tok, prompts[:1], 10, 1, prefixes=[generation.GreedyPrefix([5, tok.eos_token_id], False)])
+        generation.generate(
+            model, tok, prompts[:1], 10, 1, prefixes=[generation.GreedyPrefix([5, tok.eos_token_id], False)]
+        )
 
 
 def test_drafted_generation_equals_plain_generation(memorising):

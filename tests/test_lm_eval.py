@@ -44,8 +44,14 @@ def offline(monkeypatch):
 
 
 def cpu(model_path) -> list[str]:
-    return [f"model.path={model_path}", "model.tokenizer=null", "model.dtype=float32", "model.device=cpu",
-            "model.attn_implementation=null", "format.use_chat_template=false"]
+    return [
+        f"model.path={model_path}",
+        "model.tokenizer=null",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "model.attn_implementation=null",
+        "format.use_chat_template=false",
+    ]
 
 
 def _tofu_rows(tofu_dir: Path, name: str, n: int) -> list[dict]:
@@ -83,20 +89,23 @@ def tasks_dir(tofu_dir, tmp_path_factory) -> Path:
     mc = wmdp_questions(tofu_dir, 14, seed=1)
     qa = _tofu_rows(tofu_dir, "forget01", 12)
     files = {
-        "mc_test": dump("mc_test", mc[:8]), "mc_train": dump("mc_train", mc[8:]),
+        "mc_test": dump("mc_test", mc[:8]),
+        "mc_train": dump("mc_train", mc[8:]),
         "gen_test": dump("gen_test", [{"question": r["question"], "answer": r["answer"]} for r in qa[:6]]),
         "gen_train": dump("gen_train", [{"question": r["question"], "answer": r["answer"]} for r in qa[6:]]),
         "mc2_test": dump("mc2_test", wmdp_questions(tofu_dir, 5, seed=2)),
         "wmdp": dump("wmdp_cyber_test", wmdp_questions(tofu_dir, 7, seed=3)),
     }
-    mc_prompt = ('"{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. '
-                 '{{choices[3]}}\\nAnswer:"')
+    mc_prompt = (
+        '"{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. '
+        '{{choices[3]}}\\nAnswer:"'
+    )
     (root / "tiny_mc.yaml").write_text(f"""task: tiny_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {files['mc_test']}
-    train: {files['mc_train']}
+    test: {files["mc_test"]}
+    train: {files["mc_train"]}
 test_split: test
 fewshot_split: train
 output_type: multiple_choice
@@ -115,8 +124,8 @@ metric_list:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {files['gen_test']}
-    train: {files['gen_train']}
+    test: {files["gen_test"]}
+    train: {files["gen_train"]}
 test_split: test
 fewshot_split: train
 output_type: generate_until
@@ -138,7 +147,7 @@ metric_list:
 include: tiny_mc.yaml
 dataset_kwargs:
   data_files:
-    test: {files['mc2_test']}
+    test: {files["mc2_test"]}
 test_split: test
 fewshot_split: null
 """)
@@ -149,9 +158,11 @@ aggregate_metric_list:
     aggregation: mean
     weight_by_size: true
 """)
-    (root / "hub_only.yaml").write_text("task: hub_only\ndataset_path: baldro-test/no-such-dataset\n"
-                                        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\n"
-                                        "doc_to_choice: [a, b]\ndoc_to_target: 0\n")  # not on this machine
+    (root / "hub_only.yaml").write_text(
+        "task: hub_only\ndataset_path: baldro-test/no-such-dataset\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\n"
+        "doc_to_choice: [a, b]\ndoc_to_target: 0\n"
+    )  # not on this machine
     harness_wmdp = Path(lm_eval.__file__).parent / "tasks" / "wmdp" / "wmdp_cyber.yaml"
     assert harness_wmdp.is_file()
     (root / "wmdp_cyber.yaml").write_text(f"""task: wmdp_cyber
@@ -160,15 +171,16 @@ dataset_path: json
 dataset_name: null
 dataset_kwargs:
   data_files:
-    test: {files['wmdp']}
+    test: {files["wmdp"]}
 """)
     return root
 
 
 def _as_cli_record(record: dict) -> dict:
     r = dict(record)
-    r["arguments"] = {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(args)}
-                      for i, args in enumerate(record["arguments"])}
+    r["arguments"] = {
+        f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(args)} for i, args in enumerate(record["arguments"])
+    }
 
     def text(x):
         return [text(v) for v in x] if isinstance(x, list) else str(x)
@@ -182,9 +194,30 @@ def harness_cli(tiny_model_dir, tasks_dir, tmp_path_factory) -> Path:
     """The harness's own command line on the saved tiny model (one subprocess for every parity check)."""
     out = tmp_path_factory.mktemp("harness_cli")
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}",
-           "--include_path", str(tasks_dir), "--tasks", "tiny_mc,tiny_gen,wmdp_cyber", "--num_fewshot", "2",
-           "--limit", "5", "--batch_size", "4", "--device", "cpu", "--output_path", str(out), "--log_samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={tiny_model_dir}",
+        "--include_path",
+        str(tasks_dir),
+        "--tasks",
+        "tiny_mc,tiny_gen,wmdp_cyber",
+        "--num_fewshot",
+        "2",
+        "--limit",
+        "5",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
@@ -192,9 +225,22 @@ def harness_cli(tiny_model_dir, tasks_dir, tmp_path_factory) -> Path:
 
 def test_parity_with_the_harness_command_line(tiny_model_dir, tasks_dir, harness_cli, tmp_path, capsys):
     out = tmp_path / "ours"
-    assert main(["eval", LM_EVAL, *cpu(tiny_model_dir), "eval.tasks=[tiny_mc,tiny_gen,wmdp_cyber]",
-                 f"eval.include_path={tasks_dir}", "eval.num_fewshot=2", "eval.limit=5", "eval.batch_size=4",
-                 f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                LM_EVAL,
+                *cpu(tiny_model_dir),
+                "eval.tasks=[tiny_mc,tiny_gen,wmdp_cyber]",
+                f"eval.include_path={tasks_dir}",
+                "eval.num_fewshot=2",
+                "eval.limit=5",
+                "eval.batch_size=4",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tiny_mc/acc" in printed and "LMEVAL_SUMMARY.json" in printed
     eval_log = json.loads((out / "LMEVAL_EVAL.json").read_text())
@@ -207,8 +253,14 @@ def test_parity_with_the_harness_command_line(tiny_model_dir, tasks_dir, harness
 
     expected = summarize_results(theirs, ["tiny_mc", "tiny_gen", "wmdp_cyber"])
     assert summary == expected
-    assert {"tiny_mc/acc", "tiny_mc/acc_norm", "tiny_mc/acc_stderr", "tiny_gen/exact_match", "tiny_gen/bleu",
-            "wmdp_cyber/acc"} <= set(summary)
+    assert {
+        "tiny_mc/acc",
+        "tiny_mc/acc_norm",
+        "tiny_mc/acc_stderr",
+        "tiny_gen/exact_match",
+        "tiny_gen/bleu",
+        "wmdp_cyber/acc",
+    } <= set(summary)
     assert theirs["n-shot"] == {"tiny_mc": 2, "tiny_gen": 2, "wmdp_cyber": 0}  # WMDP fixes 0 shots in its YAML
 
     # per sample: every record of every task, the few-shot prompts (same seed) and the model's responses
@@ -246,8 +298,17 @@ def test_groups_keep_their_aggregate_and_the_caller_state(tiny_model_dir, tasks_
     random.seed(7)
     timings: dict = {}
     with caplog.at_level("INFO"):
-        eval_log, summary = evaluate_lm_eval(model, tok, ["tiny_group"], include_path=tasks_dir, limit=3, batch_size=8,
-                                             out_dir=tmp_path, timings=timings, progress=None)
+        eval_log, summary = evaluate_lm_eval(
+            model,
+            tok,
+            ["tiny_group"],
+            include_path=tasks_dir,
+            limit=3,
+            batch_size=8,
+            out_dir=tmp_path,
+            timings=timings,
+            progress=None,
+        )
     assert (torch.rand(1).item(), random.random()) == expect
     assert model.training
     assert set(summary) == {"tiny_group/acc", "tiny_group/acc_stderr"}
@@ -261,9 +322,24 @@ def test_groups_keep_their_aggregate_and_the_caller_state(tiny_model_dir, tasks_
 
 def test_lm_eval_stage_of_a_tofu_evaluation_and_the_report(tiny_model_dir, tofu_dir, tasks_dir, tmp_path):
     run = tmp_path / "run"
-    assert main(["eval", TOFU_EVAL, *cpu(tiny_model_dir), f"data.source={tofu_dir}", "split=forget01",
-                 "eval.limit=2", "eval.max_new_tokens=4", "eval.batch_size=4", "eval.lm_eval.tasks=[wmdp_cyber]",
-                 f"eval.lm_eval.include_path={tasks_dir}", f"output_dir={run / 'eval'}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                TOFU_EVAL,
+                *cpu(tiny_model_dir),
+                f"data.source={tofu_dir}",
+                "split=forget01",
+                "eval.limit=2",
+                "eval.max_new_tokens=4",
+                "eval.batch_size=4",
+                "eval.lm_eval.tasks=[wmdp_cyber]",
+                f"eval.lm_eval.include_path={tasks_dir}",
+                f"output_dir={run / 'eval'}",
+            ]
+        )
+        == 0
+    )
     assert (run / "eval" / "TOFU_SUMMARY.json").is_file()
     lm = json.loads((run / "eval" / "LMEVAL_SUMMARY.json").read_text())
     assert set(lm) == {"wmdp_cyber/acc", "wmdp_cyber/acc_stderr"}
@@ -282,9 +358,11 @@ def write_corpora(root: Path, tofu_dir: Path, corpus: str = "cyber") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rows = _tofu_rows(tofu_dir, "full", 80)
     (root / f"{corpus}-forget-corpus.jsonl").write_text(
-        "".join(json.dumps({"text": r["answer"]}) + "\n" for r in rows[:40]))
+        "".join(json.dumps({"text": r["answer"]}) + "\n" for r in rows[:40])
+    )
     (root / f"{corpus}-retain-corpus.jsonl").write_text(
-        "".join(json.dumps({"text": r["answer"]}) + "\n" for r in rows[40:]))
+        "".join(json.dumps({"text": r["answer"]}) + "\n" for r in rows[40:])
+    )
     return root
 
 
@@ -320,14 +398,18 @@ def test_corpus_loader_reads_the_hub_with_datasets(monkeypatch):
         calls.append((args, split))
         if args == ("cais/wmdp-bio-forget-corpus",):
             raise datasets.exceptions.DatasetNotFoundError(
-                "Dataset 'cais/wmdp-bio-forget-corpus' is a gated dataset on the Hub. You must be authenticated")
+                "Dataset 'cais/wmdp-bio-forget-corpus' is a gated dataset on the Hub. You must be authenticated"
+            )
         return datasets.Dataset.from_dict({"text": ["one", " ", "two"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     assert load_corpus("cais/wmdp-corpora", "cyber-forget-corpus") == ["one", "two"]
     assert calls == [(("cais/wmdp-corpora", "cyber-forget-corpus"), "train")]
-    with pytest.raises(BaldroError, match=r"bio forget corpus is gated: request access on "
-                                          r"https://huggingface\.co/datasets/cais/wmdp-bio-forget-corpus"):
+    with pytest.raises(
+        BaldroError,
+        match=r"bio forget corpus is gated: request access on "
+        r"https://huggingface\.co/datasets/cais/wmdp-bio-forget-corpus",
+    ):
         load_corpus("cais/wmdp-corpora", "bio-forget-corpus")
 
 
@@ -338,16 +420,42 @@ def test_wmdp_recipe_trains_rmu_on_local_corpora_through_the_cli(tiny_model_dir,
 
     corpora = write_corpora(tmp_path / "corpora", tofu_dir)
     run = tmp_path / "wmdp"
-    assert main(["unlearn", WMDP, *cpu(tiny_model_dir), "train.bf16=false", "train.use_cpu=true",
-                 "train.save_strategy=no", "train.disable_tqdm=true", f"data.source={corpora}", "data.chunk_length=64",
-                 "data.limit=8", "train.max_steps=3", "train.per_device_train_batch_size=2",
-                 "train.gradient_accumulation_steps=2", "train.learning_rate=1e-2", "weighting=dv",
-                 r"objective.module_regex=model\.layers\.1",
-                 r"objective.trainable_params_regex=[model\.layers\.(0|1)\.mlp\.down_proj\.weight]",
-                 "eval.tasks=[wmdp_cyber]", f"eval.include_path={tasks_dir}", "eval.limit=4", "eval.batch_size=8",
-                 f"output_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                WMDP,
+                *cpu(tiny_model_dir),
+                "train.bf16=false",
+                "train.use_cpu=true",
+                "train.save_strategy=no",
+                "train.disable_tqdm=true",
+                f"data.source={corpora}",
+                "data.chunk_length=64",
+                "data.limit=8",
+                "train.max_steps=3",
+                "train.per_device_train_batch_size=2",
+                "train.gradient_accumulation_steps=2",
+                "train.learning_rate=1e-2",
+                "weighting=dv",
+                r"objective.module_regex=model\.layers\.1",
+                r"objective.trainable_params_regex=[model\.layers\.(0|1)\.mlp\.down_proj\.weight]",
+                "eval.tasks=[wmdp_cyber]",
+                f"eval.include_path={tasks_dir}",
+                "eval.limit=4",
+                "eval.batch_size=8",
+                f"output_dir={run}",
+            ]
+        )
+        == 0
+    )
     info = json.loads((run / "run_info.json").read_text())
-    assert (info["benchmark"], info["objective"], info["retain_loss"], info["weighting"]) == ("wmdp", "rmu", "embed_diff", "dv")
+    assert (info["benchmark"], info["objective"], info["retain_loss"], info["weighting"]) == (
+        "wmdp",
+        "rmu",
+        "embed_diff",
+        "dv",
+    )
     assert info["n_forget"] == 8 and info["chunk_length"] == 64 and info["module"] == "model.layers.1"
     assert info["trainable_parameter_tensors"] == 2
     log = read_jsonl(run / "train_log.jsonl")
@@ -371,34 +479,71 @@ def one_line(capsys, args) -> tuple[int, str]:
     return rc, err.splitlines()[-1] if err else ""
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["eval.tasks=[wmdp_cyberr]"], "eval.tasks: unknown lm-eval task 'wmdp_cyberr': did you mean wmdp_cyber"),
-    (["eval.tasks=[no_such_task_anywhere]"], "it is not in the harness's registry"),
-    (["eval.tasks=[]"], "eval.tasks is empty"),
-    (["eval.include_path=/no/such/folder"], "eval.include_path /no/such/folder does not exist"),
-    (["eval.num_fewshot=-1"], "eval.num_fewshot=-1 must be >= 0"),
-    (["eval.lm_eval.tasks=[tiny_mc]"], "eval.lm_eval.tasks is the extra stage of a TOFU or MUSE evaluation"),
-    (["eval.tasks=[tiny_group,tiny_mc]"], "eval.tasks: Duplicate task 'tiny_mc'"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["eval.tasks=[wmdp_cyberr]"], "eval.tasks: unknown lm-eval task 'wmdp_cyberr': did you mean wmdp_cyber"),
+        (["eval.tasks=[no_such_task_anywhere]"], "it is not in the harness's registry"),
+        (["eval.tasks=[]"], "eval.tasks is empty"),
+        (["eval.include_path=/no/such/folder"], "eval.include_path /no/such/folder does not exist"),
+        (["eval.num_fewshot=-1"], "eval.num_fewshot=-1 must be >= 0"),
+        (["eval.lm_eval.tasks=[tiny_mc]"], "eval.lm_eval.tasks is the extra stage of a TOFU or MUSE evaluation"),
+        (["eval.tasks=[tiny_group,tiny_mc]"], "eval.tasks: Duplicate task 'tiny_mc'"),
+    ],
+)
 def test_bad_lm_eval_input_is_one_line(tiny_model_dir, tasks_dir, tmp_path, capsys, overrides, message):
-    rc, err = one_line(capsys, ["eval", LM_EVAL, *cpu(tiny_model_dir), f"eval.include_path={tasks_dir}",
-                                f"output_dir={tmp_path / 'out'}", *overrides])
+    rc, err = one_line(
+        capsys,
+        [
+            "eval",
+            LM_EVAL,
+            *cpu(tiny_model_dir),
+            f"eval.include_path={tasks_dir}",
+            f"output_dir={tmp_path / 'out'}",
+            *overrides,
+        ],
+    )
     assert rc == 2 and message in err and err.startswith("baldro eval: error:"), err
 
 
 def test_bad_stage_task_is_refused_before_the_model_loads(tiny_model_dir, tofu_dir, tasks_dir, tmp_path, capsys):
-    rc, err = one_line(capsys, ["eval", TOFU_EVAL, *cpu(tmp_path / "no_model"), f"data.source={tofu_dir}",
-                                "eval.lm_eval.tasks=[tiny_mcc]", f"eval.lm_eval.include_path={tasks_dir}",
-                                f"output_dir={tmp_path / 'out'}"])
+    rc, err = one_line(
+        capsys,
+        [
+            "eval",
+            TOFU_EVAL,
+            *cpu(tmp_path / "no_model"),
+            f"data.source={tofu_dir}",
+            "eval.lm_eval.tasks=[tiny_mcc]",
+            f"eval.lm_eval.include_path={tasks_dir}",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert rc == 2 and "eval.lm_eval.tasks: unknown lm-eval task 'tiny_mcc': did you mean tiny_mc" in err, err
-    rc, err = one_line(capsys, ["eval", TOFU_EVAL, *cpu(tiny_model_dir), f"data.source={tofu_dir}",
-                                "eval.tasks=[tiny_mc]", f"output_dir={tmp_path / 'out'}"])
+    rc, err = one_line(
+        capsys,
+        [
+            "eval",
+            TOFU_EVAL,
+            *cpu(tiny_model_dir),
+            f"data.source={tofu_dir}",
+            "eval.tasks=[tiny_mc]",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert rc == 2 and "eval.tasks runs lm-eval tasks with eval.benchmark=lm_eval" in err, err
 
 
 def test_wmdp_needs_lm_eval_and_its_corpora(tiny_model_dir, tofu_dir, tmp_path, capsys):
     corpora = write_corpora(tmp_path / "corpora", tofu_dir)
-    base = ["unlearn", WMDP, *cpu(tiny_model_dir), "train.bf16=false", "train.use_cpu=true", f"output_dir={tmp_path / 'o'}"]
+    base = [
+        "unlearn",
+        WMDP,
+        *cpu(tiny_model_dir),
+        "train.bf16=false",
+        "train.use_cpu=true",
+        f"output_dir={tmp_path / 'o'}",
+    ]
     rc, err = one_line(capsys, [*base, f"data.source={corpora}", "corpus=bio", "eval.at_end=false"])
     assert rc == 2 and "WMDP corpus 'bio-forget-corpus' not found" in err, err
     rc, err = one_line(capsys, [*base, f"data.source={corpora}", "eval.benchmark=tofu", "eval.tasks=[]"])
@@ -419,15 +564,34 @@ def test_a_gated_task_dataset_is_one_line(tiny_model_dir, tasks_dir, tmp_path, c
 
     def gated(*args, **kwargs):
         raise datasets.exceptions.DatasetNotFoundError(
-            "Dataset 'cais/wmdp' is a gated dataset on the Hub. You must be authenticated to access it.")
+            "Dataset 'cais/wmdp' is a gated dataset on the Hub. You must be authenticated to access it."
+        )
 
     monkeypatch.setattr(lm_eval.evaluator, "simple_evaluate", gated)
-    rc, err = one_line(capsys, ["eval", LM_EVAL, *cpu(tiny_model_dir), "eval.tasks=[tiny_mc]",
-                                f"eval.include_path={tasks_dir}", f"output_dir={tmp_path / 'out'}"])
+    rc, err = one_line(
+        capsys,
+        [
+            "eval",
+            LM_EVAL,
+            *cpu(tiny_model_dir),
+            "eval.tasks=[tiny_mc]",
+            f"eval.include_path={tasks_dir}",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert rc == 2 and "dataset is gated" in err and "request access" in err, err
 
 
 def test_a_dataset_missing_offline_is_one_line(tiny_model_dir, tasks_dir, tmp_path, capsys):
-    rc, err = one_line(capsys, ["eval", LM_EVAL, *cpu(tiny_model_dir), "eval.tasks=[hub_only]",
-                                f"eval.include_path={tasks_dir}", f"output_dir={tmp_path / 'out'}"])
+    rc, err = one_line(
+        capsys,
+        [
+            "eval",
+            LM_EVAL,
+            *cpu(tiny_model_dir),
+            "eval.tasks=[hub_only]",
+            f"eval.include_path={tasks_dir}",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert rc == 2 and "an lm-eval task's dataset could not be" in err, err

@@ -56,17 +56,37 @@ def test_missing_pad_token_is_fixed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective,retain_loss,copies", [("simnpo", "nll", 0), ("npo", "nll", 1), ("simnpo", "kl", 1)])
-def test_reference_model_only_when_needed(monkeypatch, tiny_model_dir, tofu_dir, tmp_path, objective, retain_loss,
-                                          copies):
+def test_reference_model_only_when_needed(
+    monkeypatch, tiny_model_dir, tofu_dir, tmp_path, objective, retain_loss, copies
+):
     made = []
     original = recipes.make_reference_model
     monkeypatch.setattr(recipes, "make_reference_model", lambda model: made.append(1) or original(model))
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "unlearn" / "tofu.yaml")
-    rc = main(["unlearn", recipe, f"model.path={tiny_model_dir}", "model.dtype=float32", "model.device=cpu",
-               "model.attn_implementation=null", "train.bf16=false", "train.use_cpu=true", "train.save_strategy=no",
-               "train.disable_tqdm=true", "format.use_chat_template=false", f"data.source={tofu_dir}", "split=forget01",
-               f"objective={objective}", f"objective.retain_loss={retain_loss}", "weighting=group", "data.limit=4",
-               "train.num_train_epochs=1", "train.per_device_train_batch_size=4", f"output_dir={tmp_path / 'r'}"])
+    rc = main(
+        [
+            "unlearn",
+            recipe,
+            f"model.path={tiny_model_dir}",
+            "model.dtype=float32",
+            "model.device=cpu",
+            "model.attn_implementation=null",
+            "train.bf16=false",
+            "train.use_cpu=true",
+            "train.save_strategy=no",
+            "train.disable_tqdm=true",
+            "format.use_chat_template=false",
+            f"data.source={tofu_dir}",
+            "split=forget01",
+            f"objective={objective}",
+            f"objective.retain_loss={retain_loss}",
+            "weighting=group",
+            "data.limit=4",
+            "train.num_train_epochs=1",
+            "train.per_device_train_batch_size=4",
+            f"output_dir={tmp_path / 'r'}",
+        ]
+    )
     assert rc == 0
     assert len(made) == copies
 

@@ -71,8 +71,11 @@ def test_a_limited_run_tokenises_a_prefix_and_gets_the_same_chunks():
 
 def test_chunk_errors_are_one_line():
     tok = WordTokenizer()
-    with pytest.raises(BaldroError, match=r"data.chunk_length=8 \+ 1 special token\(s\) is longer than the model's "
-                                          r"context of 8 tokens: set data.chunk_length <= 7"):
+    with pytest.raises(
+        BaldroError,
+        match=r"data.chunk_length=8 \+ 1 special token\(s\) is longer than the model's "
+        r"context of 8 tokens: set data.chunk_length <= 7",
+    ):
         D.chunk_tokens(tok, "a b c", 8, context=8)
     assert len(D.chunk_tokens(tok, "a b c", 7, context=8)) == 1
     with pytest.raises(BaldroError, match="the forget corpus is empty"):
@@ -91,7 +94,7 @@ def test_verbmem_prompt_and_continuation():
     # the whole text tokenises across the boundary ("ab" + "c" -> "abc"): the prompt keeps its own tokens
     merged = D.encode_completion(tok, "x ab", "c", insert_space=False)
     assert merged.input_ids == tok("x ab")["input_ids"] + tok("c", add_special_tokens=False)["input_ids"]
-    assert tok.decode(merged.labels[merged.prompt_len:]) == "c"
+    assert tok.decode(merged.labels[merged.prompt_len :]) == "c"
 
 
 @pytest.mark.parametrize("bos", [True, False])
@@ -159,7 +162,10 @@ def test_few_shot_prompts_share_their_prefix_encoding(tiny_model_dir):
 
     from baldro.eval.generation import generate, shared_prefix_groups
 
-    assert shared_prefix_groups([[1] * 70 + [2], [1] * 70 + [3, 4], [5] * 80, [1] * 70], min_len=64) == ([0, 0, -1, 0], [69])
+    assert shared_prefix_groups([[1] * 70 + [2], [1] * 70 + [3, 4], [5] * 80, [1] * 70], min_len=64) == (
+        [0, 0, -1, 0],
+        [69],
+    )
     assert shared_prefix_groups([[1, 2, 3], [1, 2, 4]], min_len=2) == ([0, 0], [2])
     assert shared_prefix_groups([[1, 2, 3], [1, 2, 4]], min_len=3) == ([-1, -1], [])
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -168,8 +174,9 @@ def test_few_shot_prompts_share_their_prefix_encoding(tiny_model_dir):
     prompts = [tok(shots + f"Question: {q}\nAnswer:")["input_ids"] for q in ("Who?", "Where was she born?", "When?")]
     prompts += [tok("The author was born in")["input_ids"], tok("Her father")["input_ids"]]
     assert shared_prefix_groups(prompts)[0] == [0, 0, 0, -1, -1]
-    assert generate(model, tok, prompts, 6, 2, progress=False) == generate(model, tok, prompts, 6, 2, progress=False,
-                                                                           sort_by_length=False)
+    assert generate(model, tok, prompts, 6, 2, progress=False) == generate(
+        model, tok, prompts, 6, 2, progress=False, sort_by_length=False
+    )
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -225,8 +232,15 @@ def test_privleak_through_the_evaluators_code_path(corpus):
         if name == "mia_loss":
             return [engine.SequenceScore(avg_loss=v, n_tokens=1, targets=torch.zeros(1)) for v in values]
         # Min-K% of [-v, anything] with its last position dropped is v
-        return [engine.SequenceScore(avg_loss=0.0, n_tokens=2, targets=torch.zeros(2),
-                                     token_logp=torch.tensor([-v, 0.0], dtype=torch.float64)) for v in values]
+        return [
+            engine.SequenceScore(
+                avg_loss=0.0,
+                n_tokens=2,
+                targets=torch.zeros(2),
+                token_logp=torch.tensor([-v, 0.0], dtype=torch.float64),
+            )
+            for v in values
+        ]
 
     log = {}
     for name in ("mia_loss", "mia_min_k"):
@@ -236,8 +250,13 @@ def test_privleak_through_the_evaluators_code_path(corpus):
     summary = summarize_muse(log, reference)
     assert summary["privleak"] == pytest.approx(published["privleak"], abs=1e-9)
     # a limited evaluation compares the same first texts of the reference
-    cut = load_reference_log(LOGS / f"muse_Llama-2-7b-hf_{corpus}_retrain" / "MUSE_EVAL.json", {"forget": 10, "holdout": 10})
-    assert len(cut["mia_min_k"]["forget"]["value_by_index"]) == 10 and len(cut["mia_loss"]["holdout"]["value_by_index"]) == 10
+    cut = load_reference_log(
+        LOGS / f"muse_Llama-2-7b-hf_{corpus}_retrain" / "MUSE_EVAL.json", {"forget": 10, "holdout": 10}
+    )
+    assert (
+        len(cut["mia_min_k"]["forget"]["value_by_index"]) == 10
+        and len(cut["mia_loss"]["holdout"]["value_by_index"]) == 10
+    )
     with pytest.raises(BaldroError, match="is a TOFU log"):
         load_reference_log(need(LOGS / "tofu_Llama-2-7b-chat-hf_retain99" / "TOFU_EVAL.json"))
 
@@ -246,8 +265,15 @@ def test_privleak_through_the_evaluators_code_path(corpus):
 def books_slice(root: Path, rows: int = 3, chars: int = 6000, drop: tuple[str, ...] = ()) -> Path:
     """The first rows / characters of every MUSE-Books file the recipes read, in the same layout."""
     src = need(BOOKS)
-    for rel in ("knowmem/forget_qa.json", "knowmem/retain_qa.json", "knowmem/forget_qa_icl.json",
-                "knowmem/retain_qa_icl.json", "verbmem/forget.json", "privleak/forget.json", "privleak/holdout.json"):
+    for rel in (
+        "knowmem/forget_qa.json",
+        "knowmem/retain_qa.json",
+        "knowmem/forget_qa_icl.json",
+        "knowmem/retain_qa_icl.json",
+        "verbmem/forget.json",
+        "privleak/forget.json",
+        "privleak/holdout.json",
+    ):
         items = json.loads((src / rel).read_text(encoding="utf-8"))
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(json.dumps(items if rel.endswith("_icl.json") else items[:rows]), encoding="utf-8")
@@ -267,10 +293,22 @@ def books(tmp_path_factory) -> Path:
 
 
 def cpu(model_path) -> list[str]:
-    return [f"model.path={model_path}", "model.tokenizer=null", "model.dtype=float32", "model.device=cpu",
-            "model.attn_implementation=null", "train.bf16=false", "train.use_cpu=true", "train.save_strategy=no",
-            "train.disable_tqdm=true", "format.use_chat_template=false", "data.chunk_length=64",
-            "eval.verbmem_max_new_tokens=8", "eval.knowmem_max_new_tokens=4", "eval.batch_size=4"]
+    return [
+        f"model.path={model_path}",
+        "model.tokenizer=null",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "model.attn_implementation=null",
+        "train.bf16=false",
+        "train.use_cpu=true",
+        "train.save_strategy=no",
+        "train.disable_tqdm=true",
+        "format.use_chat_template=false",
+        "data.chunk_length=64",
+        "eval.verbmem_max_new_tokens=8",
+        "eval.knowmem_max_new_tokens=4",
+        "eval.batch_size=4",
+    ]
 
 
 def test_evaluator_optimised_equals_naive(tiny_model_dir, books):
@@ -284,15 +322,28 @@ def test_evaluator_optimised_equals_naive(tiny_model_dir, books):
     kw = dict(batch_size=2, verbmem_max_new_tokens=6, knowmem_max_new_tokens=4, max_length=64, progress=False)
     t_fast, t_slow = {}, {}
     fast, summary = evaluate_muse(model, tok, QAFormatter(tok), books, timings=t_fast, **kw)
-    slow, _ = evaluate_muse(model, tok, QAFormatter(tok), books, shared_forward=False, sort_by_length=False,
-                            timings=t_slow, **kw)
+    slow, _ = evaluate_muse(
+        model, tok, QAFormatter(tok), books, shared_forward=False, sort_by_length=False, timings=t_slow, **kw
+    )
     assert diff_eval_logs(fast, slow) == []
     assert set(t_fast) == {"memorization", "mia", "verbmem", "knowmem"} and set(t_slow) == set(t_fast)
     assert t_fast["mia"]["sequences"] == 6 and t_slow["mia"]["sequences"] == 24  # 4 attacks, one pass
-    assert set(summary) >= {"forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
-                            "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "exact_memorization",
-                            "extraction_strength"}
-    assert len(fast["forget_knowmem_ROUGE"]["value_by_index"]) == 3 and fast["privleak"]["agg_value"] == summary["privleak"]
+    assert set(summary) >= {
+        "forget_verbmem_ROUGE",
+        "forget_knowmem_ROUGE",
+        "retain_knowmem_ROUGE",
+        "privleak",
+        "mia_loss",
+        "mia_zlib",
+        "mia_min_k",
+        "mia_min_k_plus_plus",
+        "exact_memorization",
+        "extraction_strength",
+    }
+    assert (
+        len(fast["forget_knowmem_ROUGE"]["value_by_index"]) == 3
+        and fast["privleak"]["agg_value"] == summary["privleak"]
+    )
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -301,41 +352,80 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     return rc, err[-1] if err else ""
 
 
-@pytest.mark.parametrize("drop,command,overrides,message", [
-    (("verbmem/forget.json",), "eval", [], r"MUSE verbmem file .*verbmem/forget\.json not found"),
-    (("knowmem/retain_qa_icl.json",), "eval", [], r"knowmem/retain_qa\.json has no in-context partner"),
-    (("raw/forget.txt",), "unlearn", [], r"MUSE raw split 'forget' not found: expected .*raw/forget\.json"),
-    ((), "unlearn", ["data.chunk_length=1024"], r"data\.chunk_length=1024.* is longer than the model's context of 512"),
-    ((), "unlearn", ["objective=idk"], r"objective 'idk' needs questions to answer otherwise"),
-    ((), "eval", ["data.benchmark=tofu"], r"eval\.benchmark is muse but data\.benchmark is tofu"),
-])
+@pytest.mark.parametrize(
+    "drop,command,overrides,message",
+    [
+        (("verbmem/forget.json",), "eval", [], r"MUSE verbmem file .*verbmem/forget\.json not found"),
+        (("knowmem/retain_qa_icl.json",), "eval", [], r"knowmem/retain_qa\.json has no in-context partner"),
+        (("raw/forget.txt",), "unlearn", [], r"MUSE raw split 'forget' not found: expected .*raw/forget\.json"),
+        (
+            (),
+            "unlearn",
+            ["data.chunk_length=1024"],
+            r"data\.chunk_length=1024.* is longer than the model's context of 512",
+        ),
+        ((), "unlearn", ["objective=idk"], r"objective 'idk' needs questions to answer otherwise"),
+        ((), "eval", ["data.benchmark=tofu"], r"eval\.benchmark is muse but data\.benchmark is tofu"),
+    ],
+)
 def test_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, drop, command, overrides, message):
     data = books_slice(tmp_path / "books", drop=drop)
     recipe = UNLEARN if command == "unlearn" else EVAL
-    rc, err = run_cli(capsys, command, recipe, *cpu(tiny_model_dir), f"data.source={data}",
-                      f"output_dir={tmp_path / 'out'}", "eval.limit=2", *overrides)
+    rc, err = run_cli(
+        capsys,
+        command,
+        recipe,
+        *cpu(tiny_model_dir),
+        f"data.source={data}",
+        f"output_dir={tmp_path / 'out'}",
+        "eval.limit=2",
+        *overrides,
+    )
     assert rc == 2 and re.search(message, err) and err.startswith(f"baldro {command}: error:"), err
 
 
 def test_empty_forget_corpus(tiny_model_dir, tmp_path, capsys):
     data = books_slice(tmp_path / "books")
     (data / "raw" / "forget.txt").write_text("\n\n", encoding="utf-8")
-    rc, err = run_cli(capsys, "unlearn", UNLEARN, *cpu(tiny_model_dir), f"data.source={data}", f"output_dir={tmp_path}/o")
+    rc, err = run_cli(
+        capsys, "unlearn", UNLEARN, *cpu(tiny_model_dir), f"data.source={data}", f"output_dir={tmp_path}/o"
+    )
     assert rc == 2 and re.search(r"MUSE raw split .*forget\.txt is empty", err), err
 
 
 def test_news_needs_its_missing_retain_corpus(tiny_model_dir, tmp_path, capsys):
-    rc, err = run_cli(capsys, "unlearn", UNLEARN, "corpus=news", *cpu(tiny_model_dir), f"data.source={need(NEWS)}",
-                      f"output_dir={tmp_path}/o")
+    rc, err = run_cli(
+        capsys,
+        "unlearn",
+        UNLEARN,
+        "corpus=news",
+        *cpu(tiny_model_dir),
+        f"data.source={need(NEWS)}",
+        f"output_dir={tmp_path}/o",
+    )
     assert rc == 2 and "raw/retain1.json" in err and "offline MUSE-News copy" in err, err
 
 
 def test_unlearn_then_eval_through_the_cli(tiny_model_dir, books, tmp_path, capsys):
     run = tmp_path / "npo_dv"
-    rc = main(["unlearn", UNLEARN, *cpu(tiny_model_dir), f"data.source={books}", "weighting=dv", "data.limit=4",
-               "train.num_train_epochs=2", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
-               "train.learning_rate=1e-3", "balance.every_n_steps=2", "eval.at_end=true", "eval.limit=3",
-               f"output_dir={run}"])
+    rc = main(
+        [
+            "unlearn",
+            UNLEARN,
+            *cpu(tiny_model_dir),
+            f"data.source={books}",
+            "weighting=dv",
+            "data.limit=4",
+            "train.num_train_epochs=2",
+            "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=1",
+            "train.learning_rate=1e-3",
+            "balance.every_n_steps=2",
+            "eval.at_end=true",
+            "eval.limit=3",
+            f"output_dir={run}",
+        ]
+    )
     assert rc == 0
     info = json.loads((run / "run_info.json").read_text())
     assert info["benchmark"] == "muse" and info["n_forget"] == 4 and info["chunk_length"] == 64
@@ -346,8 +436,18 @@ def test_unlearn_then_eval_through_the_cli(tiny_model_dir, books, tmp_path, caps
     assert read_jsonl(run / "balance.jsonl")[0]["ids"] == [0, 1, 2, 3]
     summary = json.loads((run / "eval" / "MUSE_SUMMARY.json").read_text())
     eval_log = json.loads((run / "eval" / "MUSE_EVAL.json").read_text())
-    keys = {"forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "exact_memorization",
-            "extraction_strength", "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak"}
+    keys = {
+        "forget_verbmem_ROUGE",
+        "forget_knowmem_ROUGE",
+        "retain_knowmem_ROUGE",
+        "exact_memorization",
+        "extraction_strength",
+        "mia_loss",
+        "mia_zlib",
+        "mia_min_k",
+        "mia_min_k_plus_plus",
+        "privleak",
+    }
     assert set(summary) == keys and set(eval_log) == keys
     row = eval_log["forget_knowmem_ROUGE"]["value_by_index"]["0"]
     assert set(row) == {"rouge1_recall", "rougeL_f1", "rougeL_recall", "input", "ground_truth", "generation"}
@@ -355,12 +455,29 @@ def test_unlearn_then_eval_through_the_cli(tiny_model_dir, books, tmp_path, caps
 
     # baldro eval on the unlearned model, PrivLeak against a "retrained" log (here: its own, so 0)
     out = tmp_path / "eval"
-    assert main(["eval", EVAL, *cpu(run / "model"), f"data.source={books}", "eval.limit=3", f"output_dir={out}",
-                 f"eval.retain_logs_path={run / 'eval'}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                EVAL,
+                *cpu(run / "model"),
+                f"data.source={books}",
+                "eval.limit=3",
+                f"output_dir={out}",
+                f"eval.retain_logs_path={run / 'eval'}",
+            ]
+        )
+        == 0
+    )
     again = json.loads((out / "MUSE_SUMMARY.json").read_text())
     assert again["privleak"] == pytest.approx(0.0, abs=1e-6)
     assert again["forget_verbmem_ROUGE"] == pytest.approx(summary["forget_verbmem_ROUGE"])
-    assert set(json.loads((out / "eval_timings.json").read_text())["stages"]) == {"memorization", "mia", "verbmem", "knowmem"}
+    assert set(json.loads((out / "eval_timings.json").read_text())["stages"]) == {
+        "memorization",
+        "mia",
+        "verbmem",
+        "knowmem",
+    }
     capsys.readouterr()
     assert main(["summarize", str(out / "MUSE_EVAL.json"), "--reference", str(run / "eval" / "MUSE_EVAL.json")]) == 0
     assert "forget_verbmem_ROUGE" in capsys.readouterr().out
@@ -372,7 +489,21 @@ def test_unlearn_then_eval_through_the_cli(tiny_model_dir, books, tmp_path, caps
     news = tmp_path / "news"
     (news / "raw").mkdir(parents=True)
     (news / "raw" / "forget.txt").write_text((books / "raw" / "forget.txt").read_text()[:3000])
-    assert main(["unlearn", UNLEARN, "corpus=news", *cpu(tiny_model_dir), f"data.source={news}", "objective=ga",
-                 "data.limit=2", "train.per_device_train_batch_size=2", "train.num_train_epochs=1",
-                 f"output_dir={tmp_path / 'ga'}"]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                UNLEARN,
+                "corpus=news",
+                *cpu(tiny_model_dir),
+                f"data.source={news}",
+                "objective=ga",
+                "data.limit=2",
+                "train.per_device_train_batch_size=2",
+                "train.num_train_epochs=1",
+                f"output_dir={tmp_path / 'ga'}",
+            ]
+        )
+        == 0
+    )
     assert read_jsonl(tmp_path / "ga" / "train_log.jsonl")[0]["retain_loss"] == 0.0

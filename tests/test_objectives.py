@@ -89,7 +89,9 @@ def test_token_weights_are_detached():
 
 
 def test_idk_and_dpo():
-    refusal = TokenLogProbs(torch.tensor([[-0.1, -0.2, 0.0], [-0.3, 0.0, 0.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool())
+    refusal = TokenLogProbs(
+        torch.tensor([[-0.1, -0.2, 0.0], [-0.3, 0.0, 0.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    )
     x = ForgetInputs(TLP, forget_ref_logp=REF, refusal=refusal, refusal_ref_logp=torch.tensor([-0.5, -0.5]))
     assert torch.allclose(get_objective("idk")(x), torch.tensor([0.15, 0.3]))
     got = get_objective("dpo")(x, beta=0.1)
@@ -105,10 +107,18 @@ def full_inputs() -> ForgetInputs:
     labels = torch.tensor([[-100, 1, 2, -100], [-100, 3, 4, 5]])
     logits, ref_logits, hidden = torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.randn(2, 4, 3)
     refusal = TokenLogProbs(TLP.token_logp * 0.5, MASK)
-    return ForgetInputs(TLP, forget_ref_logp=REF, refusal=refusal, refusal_ref_logp=REF, alternate=refusal,
-                        alternate_ref_logp=REF, logits=answer_logits(logits, labels),
-                        ref_logits=answer_logits(ref_logits, labels).values, hidden=answer_hidden(hidden, labels),
-                        steering=steering_vector(3, 0))
+    return ForgetInputs(
+        TLP,
+        forget_ref_logp=REF,
+        refusal=refusal,
+        refusal_ref_logp=REF,
+        alternate=refusal,
+        alternate_ref_logp=REF,
+        logits=answer_logits(logits, labels),
+        ref_logits=answer_logits(ref_logits, labels).values,
+        hidden=answer_hidden(hidden, labels),
+        steering=steering_vector(3, 0),
+    )
 
 
 def test_every_objective_returns_per_sample_vector():
@@ -204,7 +214,9 @@ def _undial_openunlearning(logits, teacher, labels, beta):
     """OpenUnlearning's compute_undial_loss on given logits (its loss.mean() over every position)."""
     shift_labels, shift_logits, shift_teacher = labels[..., 1:], logits[..., :-1, :], teacher[..., :-1, :]
     mask = torch.zeros_like(shift_teacher)
-    mask[torch.arange(2).view(-1, 1, 1), torch.arange(shift_labels.shape[1]).view(1, -1, 1), shift_labels.unsqueeze(-1)] = 1.0
+    mask[
+        torch.arange(2).view(-1, 1, 1), torch.arange(shift_labels.shape[1]).view(1, -1, 1), shift_labels.unsqueeze(-1)
+    ] = 1.0
     soft = torch.softmax(shift_teacher - mask * beta, -1)
     per = torch.nn.CrossEntropyLoss(reduction="none")(shift_logits.reshape(-1, 6), soft.reshape(-1, 6))
     return per.view(2, -1)
@@ -214,16 +226,20 @@ def test_undial_matches_openunlearning_on_answer_positions():
     torch.manual_seed(2)
     logits, teacher = torch.randn(2, 5, 6, requires_grad=True), torch.randn(2, 5, 6)
     labels = torch.tensor([[1, 3, 1, 4, 2], [5, 2, 0, 5, 1]])  # every position an answer token (MUSE-like)
-    got = get_objective("undial")(ForgetInputs(None, logits=answer_logits(logits, labels),
-                                               ref_logits=answer_logits(teacher, labels).values), beta=10.0)
+    got = get_objective("undial")(
+        ForgetInputs(None, logits=answer_logits(logits, labels), ref_logits=answer_logits(teacher, labels).values),
+        beta=10.0,
+    )
     ou = _undial_openunlearning(logits, teacher, labels, 10.0)
     assert torch.allclose(got, ou.mean(1), rtol=1e-6)
     g1 = torch.autograd.grad(got.mean(), logits, retain_graph=True)[0]
     g2 = torch.autograd.grad(ou.mean(), logits)[0]
     assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-8)
     # with a prompt, OpenUnlearning also distils the prompt positions; we score answer tokens only
-    got = get_objective("undial")(ForgetInputs(None, logits=answer_logits(logits, LABELS),
-                                               ref_logits=answer_logits(teacher, LABELS).values), beta=10.0)
+    got = get_objective("undial")(
+        ForgetInputs(None, logits=answer_logits(logits, LABELS), ref_logits=answer_logits(teacher, LABELS).values),
+        beta=10.0,
+    )
     ou = _undial_openunlearning(logits, teacher, LABELS.clamp(min=0), 10.0)  # the same targets on the answers
     assert torch.allclose(got, ou[:, 1:].mean(1), rtol=1e-6)
 
@@ -242,8 +258,9 @@ def test_ceu_matches_openunlearning_and_skips_first_tokens():
         return torch.nn.functional.cross_entropy(vl, target)
 
     for n in (0, 1, 2):
-        got = get_objective("ceu")(ForgetInputs(None, logits=answer_logits(logits, LABELS)),
-                                   ignore_first_n_answer_tokens=n)
+        got = get_objective("ceu")(
+            ForgetInputs(None, logits=answer_logits(logits, LABELS)), ignore_first_n_answer_tokens=n
+        )
         want = ou(n)
         assert got.mean().item() == pytest.approx(want.item(), rel=1e-6)
         g1 = torch.autograd.grad(got.mean(), logits)[0]

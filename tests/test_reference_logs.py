@@ -166,7 +166,10 @@ def test_muse_news_target_privleak_near_minus_100():
 @pytest.mark.parametrize(
     "rel,keys",
     [
-        ("tofu_Llama-3.2-1B-Instruct_full/evals_forget01/TOFU_EVAL.json", ["forget_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE"]),
+        (
+            "tofu_Llama-3.2-1B-Instruct_full/evals_forget01/TOFU_EVAL.json",
+            ["forget_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE"],
+        ),
         ("muse_Llama-2-7b-hf_News_target/MUSE_EVAL.json", ["forget_knowmem_ROUGE", "forget_verbmem_ROUGE"]),
     ],
 )
@@ -192,7 +195,7 @@ def test_aggregates_from_avg_loss_only():
     """A log with average losses but no per-sample `prob` still summarises; probabilities are then
     exp(-avg_loss) in float64, within ~1e-8 of the float32 values the model code logged."""
     log = json.loads(json.dumps(tofu_target("Llama-2-7b-chat-hf", "01")))
-    for key, entry in log.items():
+    for entry in log.values():
         for row in (entry.get("value_by_index") or {}).values() if isinstance(entry, dict) else []:
             if "avg_loss" in row:
                 row.pop("prob", None)

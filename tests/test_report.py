@@ -19,15 +19,27 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _eval_log(prob, tr, rouge):
     return {
-        "forget_Q_A_Prob": {"agg_value": float(np.mean(prob)),
-                            "value_by_index": {str(i): {"prob": float(p), "avg_loss": float(-math.log(p))} for i, p in enumerate(prob)}},
-        "forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {str(i): {"score": float(t)} for i, t in enumerate(tr)}},
-        "forget_Q_A_ROUGE": {"agg_value": float(np.mean(rouge)),
-                             "value_by_index": {str(i): {"rougeL_recall": float(r), "rouge1_recall": float(r), "input": "q"} for i, r in enumerate(rouge)}},
+        "forget_Q_A_Prob": {
+            "agg_value": float(np.mean(prob)),
+            "value_by_index": {str(i): {"prob": float(p), "avg_loss": float(-math.log(p))} for i, p in enumerate(prob)},
+        },
+        "forget_truth_ratio": {
+            "agg_value": 0.6,
+            "value_by_index": {str(i): {"score": float(t)} for i, t in enumerate(tr)},
+        },
+        "forget_Q_A_ROUGE": {
+            "agg_value": float(np.mean(rouge)),
+            "value_by_index": {
+                str(i): {"rougeL_recall": float(r), "rouge1_recall": float(r), "input": "q"}
+                for i, r in enumerate(rouge)
+            },
+        },
     }
 
 
-def _make_run(root, dirname, name, summary, prob, tr, rouge, *, weighting=None, steps=0, final_prob=None, info_extra=None):
+def _make_run(
+    root, dirname, name, summary, prob, tr, rouge, *, weighting=None, steps=0, final_prob=None, info_extra=None
+):
     d = root / dirname
     info = {"name": name, "status": "done", "train_time_s": None, "eval_time_s": 1.0}
     if weighting:
@@ -42,15 +54,29 @@ def _make_run(root, dirname, name, summary, prob, tr, rouge, *, weighting=None, 
         rates = rng.uniform(0.2, 2.0, N) if weighting == "mean" else rng.uniform(0.8, 1.2, N)
         for step in range(0, steps + 1, 2):
             p = start * np.exp(-rates * step)
-            append_jsonl(d / "balance.jsonl", {"step": step, "ids": list(range(N)), "nll": list(-np.log(p)), "prob": list(p)})
+            append_jsonl(
+                d / "balance.jsonl", {"step": step, "ids": list(range(N)), "nll": list(-np.log(p)), "prob": list(p)}
+            )
         for step in range(1, steps + 1):
             B = 4
             wmax = 0.25 if weighting == "mean" else 0.25 + 0.5 * math.exp(-step / 5)
-            row = {"step": step, "epoch": step / steps, "loss": 1.0 / step, "forget_loss": -1.0, "forget_loss_mean": -1.0,
-                   "retain_loss": 0.5, "weight_max": wmax, "weight_entropy": math.log(B) * (1 - (wmax - 0.25)),
-                   "weight_nonzero": B if weighting != "group" else 2, "learning_rate": 1e-5}
+            row = {
+                "step": step,
+                "epoch": step / steps,
+                "loss": 1.0 / step,
+                "forget_loss": -1.0,
+                "forget_loss_mean": -1.0,
+                "retain_loss": 0.5,
+                "weight_max": wmax,
+                "weight_entropy": math.log(B) * (1 - (wmax - 0.25)),
+                "weight_nonzero": B if weighting != "group" else 2,
+                "learning_rate": 1e-5,
+            }
             append_jsonl(d / "train_log.jsonl", row)
-            append_jsonl(d / "forget_losses.jsonl", {"step": step, "ids": [0, 1, 2, 3], "losses": [1.0] * 4, "weights": [0.25] * 4})
+            append_jsonl(
+                d / "forget_losses.jsonl",
+                {"step": step, "ids": [0, 1, 2, 3], "losses": [1.0] * 4, "weights": [0.25] * 4},
+            )
     return d
 
 
@@ -61,32 +87,94 @@ def runs(tmp_path):
     retain_prob = np.linspace(0.05, 0.5, N)  # median 0.275
     base_tr = rng.uniform(0.3, 1.5, N)
     root = tmp_path / "runs"
-    target = _make_run(root, "target", "target",
-                       {"forget_quality": 1.2708e-3, "model_utility": 0.6275554, "forget_truth_ratio": 0.51,
-                        "forget_Q_A_Prob": 0.9, "forget_Q_A_ROUGE": 0.98},
-                       target_prob, base_tr, np.ones(N))
-    retain = _make_run(root, "retain", "retain",
-                       {"model_utility": 0.63, "forget_truth_ratio": 0.66, "forget_Q_A_Prob": 0.27, "forget_Q_A_ROUGE": 0.4},
-                       retain_prob, base_tr * 1.2, np.full(N, 0.4))
+    target = _make_run(
+        root,
+        "target",
+        "target",
+        {
+            "forget_quality": 1.2708e-3,
+            "model_utility": 0.6275554,
+            "forget_truth_ratio": 0.51,
+            "forget_Q_A_Prob": 0.9,
+            "forget_Q_A_ROUGE": 0.98,
+        },
+        target_prob,
+        base_tr,
+        np.ones(N),
+    )
+    retain = _make_run(
+        root,
+        "retain",
+        "retain",
+        {"model_utility": 0.63, "forget_truth_ratio": 0.66, "forget_Q_A_Prob": 0.27, "forget_Q_A_ROUGE": 0.4},
+        retain_prob,
+        base_tr * 1.2,
+        np.full(N, 0.4),
+    )
     # npo_mean: uneven -- some samples crushed to gibberish (prob 1e-5 < 1e-3 * 0.9), some still remembered
     mean_prob = np.array([1e-5] * 5 + [0.6] * 5 + [0.1] * 10)
     mean_rouge = np.array([0.0] * 3 + [0.2] * 17)
-    m1 = _make_run(root, "m1", "npo_mean",
-                   {"forget_quality": 1.2345e-5, "model_utility": 0.61234, "forget_truth_ratio": 0.55,
-                    "forget_Q_A_Prob": float(mean_prob.mean()), "forget_Q_A_ROUGE": 0.3},
-                   mean_prob, base_tr, mean_rouge, weighting="mean", steps=10)
+    m1 = _make_run(
+        root,
+        "m1",
+        "npo_mean",
+        {
+            "forget_quality": 1.2345e-5,
+            "model_utility": 0.61234,
+            "forget_truth_ratio": 0.55,
+            "forget_Q_A_Prob": float(mean_prob.mean()),
+            "forget_Q_A_ROUGE": 0.3,
+        },
+        mean_prob,
+        base_tr,
+        mean_rouge,
+        weighting="mean",
+        steps=10,
+    )
     dv_prob = np.full(N, 0.2)
-    m2 = _make_run(root, "m2", "npo_dv",
-                   {"forget_quality": 0.3456, "model_utility": 0.5987, "forget_truth_ratio": 0.64,
-                    "forget_Q_A_Prob": 0.2, "forget_Q_A_ROUGE": 0.35, "balance_prob_std": 0.0123},
-                   dv_prob, base_tr * 1.1, np.full(N, 0.35), weighting="dv", steps=10)
+    m2 = _make_run(
+        root,
+        "m2",
+        "npo_dv",
+        {
+            "forget_quality": 0.3456,
+            "model_utility": 0.5987,
+            "forget_truth_ratio": 0.64,
+            "forget_Q_A_Prob": 0.2,
+            "forget_Q_A_ROUGE": 0.35,
+            "balance_prob_std": 0.0123,
+        },
+        dv_prob,
+        base_tr * 1.1,
+        np.full(N, 0.35),
+        weighting="dv",
+        steps=10,
+    )
     group_prob = np.linspace(0.01, 0.4, N)
-    m3 = _make_run(root, "m3", "npo_group",
-                   {"forget_quality": None, "model_utility": 0.6, "forget_truth_ratio": 0.6,
-                    "forget_Q_A_Prob": float(group_prob.mean()), "forget_Q_A_ROUGE": 0.33},
-                   group_prob, base_tr, np.full(N, 0.33), weighting="group", steps=10)
-    arrays = {"target_prob": target_prob, "retain_median": float(np.median(retain_prob)), "base_tr": base_tr,
-              "mean": (mean_prob, base_tr, mean_rouge), "group": (group_prob, base_tr, np.full(N, 0.33))}
+    m3 = _make_run(
+        root,
+        "m3",
+        "npo_group",
+        {
+            "forget_quality": None,
+            "model_utility": 0.6,
+            "forget_truth_ratio": 0.6,
+            "forget_Q_A_Prob": float(group_prob.mean()),
+            "forget_Q_A_ROUGE": 0.33,
+        },
+        group_prob,
+        base_tr,
+        np.full(N, 0.33),
+        weighting="group",
+        steps=10,
+    )
+    arrays = {
+        "target_prob": target_prob,
+        "retain_median": float(np.median(retain_prob)),
+        "base_tr": base_tr,
+        "mean": (mean_prob, base_tr, mean_rouge),
+        "group": (group_prob, base_tr, np.full(N, 0.33)),
+    }
     return {"target": target, "retain": retain, "methods": [m1, m2, m3], "arrays": arrays, "tmp": tmp_path}
 
 
@@ -144,9 +232,27 @@ def test_build_report(runs):
     md = md_path.read_text()
     a = runs["arrays"]
 
-    header = [c.strip() for c in md.splitlines()[[i for i, l in enumerate(md.splitlines()) if l.startswith("| Method |")][0]].strip("|").split("|")]
-    assert header == ["Method", "Forget quality", "Model utility", "Forget TR", "Forget prob", "Forget ROUGE-L",
-                      "TR std", "TR IQR", "Prob std", "Prob IQR", "Remembered", "Over-forgotten", "Train time (s)"]
+    header = [
+        c.strip()
+        for c in md.splitlines()[[i for i, line in enumerate(md.splitlines()) if line.startswith("| Method |")][0]]
+        .strip("|")
+        .split("|")
+    ]
+    assert header == [
+        "Method",
+        "Forget quality",
+        "Model utility",
+        "Forget TR",
+        "Forget prob",
+        "Forget ROUGE-L",
+        "TR std",
+        "TR IQR",
+        "Prob std",
+        "Prob IQR",
+        "Remembered",
+        "Over-forgotten",
+        "Train time (s)",
+    ]
     col = {h: i for i, h in enumerate(header)}
 
     mean = _row(md, "npo_mean")
@@ -211,8 +317,16 @@ def test_report_main_detects_references_and_rebuilds(runs):
 
 def test_report_without_references_or_trajectories(runs, tmp_path):
     # only the target-less, retain-less method runs, and one without train logs
-    solo = _make_run(tmp_path / "solo", "s", "npo_plain", {"forget_quality": 0.01, "model_utility": 0.5},
-                     np.full(N, 0.2), runs["arrays"]["base_tr"], np.full(N, 0.3), weighting="mean")
+    solo = _make_run(
+        tmp_path / "solo",
+        "s",
+        "npo_plain",
+        {"forget_quality": 0.01, "model_utility": 0.5},
+        np.full(N, 0.2),
+        runs["arrays"]["base_tr"],
+        np.full(N, 0.3),
+        weighting="mean",
+    )
     out = tmp_path / "rep3"
     md = build_report([solo], out).read_text()
     row = _row(md, "npo_plain")

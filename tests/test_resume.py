@@ -39,12 +39,28 @@ class KillAfterStep(TrainerCallback):
 
 
 def base(model, tofu, out) -> list[str]:
-    return [f"model.path={model}", "model.dtype=float32", "model.device=cpu", "model.attn_implementation=null",
-            "train.bf16=false", "train.use_cpu=true", "train.disable_tqdm=true", "format.use_chat_template=false",
-            f"data.source={tofu}", "data.limit=6", "train.num_train_epochs=2", "train.per_device_train_batch_size=2",
-            "train.gradient_accumulation_steps=1", "train.learning_rate=1e-3", "train.warmup_steps=0",
-            "train.logging_steps=1", "train.save_strategy=steps", "train.save_steps=2", "log_to_console=false",
-            f"output_dir={out}"]
+    return [
+        f"model.path={model}",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "model.attn_implementation=null",
+        "train.bf16=false",
+        "train.use_cpu=true",
+        "train.disable_tqdm=true",
+        "format.use_chat_template=false",
+        f"data.source={tofu}",
+        "data.limit=6",
+        "train.num_train_epochs=2",
+        "train.per_device_train_batch_size=2",
+        "train.gradient_accumulation_steps=1",
+        "train.learning_rate=1e-3",
+        "train.warmup_steps=0",
+        "train.logging_steps=1",
+        "train.save_strategy=steps",
+        "train.save_steps=2",
+        "log_to_console=false",
+        f"output_dir={out}",
+    ]
 
 
 # name -> (recipe, overrides): 6 samples in batches of 2 over 2 epochs (6 steps, 4 with accumulation).
@@ -53,14 +69,33 @@ CASES = {
     "mean": (UNLEARN, ["split=forget01", "objective=npo", "weighting=mean", "balance.every_n_steps=2"]),
     "group": (UNLEARN, ["split=forget01", "objective=npo", "weighting=group", "weighting.args.shrink_retain=true"]),
     "dv": (UNLEARN, ["split=forget01", "objective=simnpo", "weighting=dv"]),
-    "dv_global": (UNLEARN, ["split=forget01", "objective=npo", "weighting=dv_global",
-                            "train.gradient_accumulation_steps=2"]),
-    "lora": (UNLEARN, ["split=forget01", "objective=npo", "weighting=dv", "+model.lora.r=4",
-                       "+model.lora.lora_alpha=8", "train.learning_rate=1e-2"]),
+    "dv_global": (
+        UNLEARN,
+        ["split=forget01", "objective=npo", "weighting=dv_global", "train.gradient_accumulation_steps=2"],
+    ),
+    "lora": (
+        UNLEARN,
+        [
+            "split=forget01",
+            "objective=npo",
+            "weighting=dv",
+            "+model.lora.r=4",
+            "+model.lora.lora_alpha=8",
+            "train.learning_rate=1e-2",
+        ],
+    ),
     # extra state: RMU's steering vector; PDU's dual variable (updated from the second epoch on)
     "rmu": (UNLEARN, ["split=forget01", "objective=rmu", "weighting=dv"]),
-    "pdu": (UNLEARN, ["split=forget01", "objective=pdu", "weighting=mean", "objective.retain_loss_eps=0.0",
-                      "objective.dual_warmup_epochs=1"]),
+    "pdu": (
+        UNLEARN,
+        [
+            "split=forget01",
+            "objective=pdu",
+            "weighting=mean",
+            "objective.retain_loss_eps=0.0",
+            "objective.dual_warmup_epochs=1",
+        ],
+    ),
 }
 
 
@@ -72,8 +107,15 @@ def run(case, model, tofu, out, *extra, callbacks=()):
 
 def resume_cli(case, model, tofu, out) -> int:
     recipe, overrides = CASES[case]
-    return main(["finetune" if recipe == FINETUNE else "unlearn", str(recipe), *base(model, tofu, out), *overrides,
-                 "resume=true"])
+    return main(
+        [
+            "finetune" if recipe == FINETUNE else "unlearn",
+            str(recipe),
+            *base(model, tofu, out),
+            *overrides,
+            "resume=true",
+        ]
+    )
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -94,8 +136,7 @@ def reference_runs(tiny_model_dir, tofu_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_kill_at_a_step_boundary_then_resume_is_bit_identical(case, reference_runs, tiny_model_dir, tofu_dir,
-                                                              tmp_path):
+def test_kill_at_a_step_boundary_then_resume_is_bit_identical(case, reference_runs, tiny_model_dir, tofu_dir, tmp_path):
     out = tmp_path / "run"
     kill = 3 if case == "dv_global" else 5  # after the checkpoint of step 2 / 4, before the next one
     with pytest.raises(Killed):
@@ -108,8 +149,9 @@ def test_kill_at_a_step_boundary_then_resume_is_bit_identical(case, reference_ru
 
 
 @pytest.mark.slow
-def test_the_epoch_reaches_the_sampler_without_the_data_loader(reference_runs, tiny_model_dir, tofu_dir, tmp_path,
-                                                              monkeypatch):
+def test_the_epoch_reaches_the_sampler_without_the_data_loader(
+    reference_runs, tiny_model_dir, tofu_dir, tmp_path, monkeypatch
+):
     """Some data-loader wrappers do not pass `set_epoch` down (a multi-process loader skipping the
     batches of a resumed epoch): the trainer sets the epoch itself, so a resume is still exact."""
     from accelerate.data_loader import DataLoaderShard
@@ -124,8 +166,9 @@ def test_the_epoch_reaches_the_sampler_without_the_data_loader(reference_runs, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c != "dv"])  # dv: with a real kill -9 below
-def test_kill_while_a_checkpoint_is_saved_then_resume_is_bit_identical(case, reference_runs, tiny_model_dir, tofu_dir,
-                                                                       tmp_path, monkeypatch):
+def test_kill_while_a_checkpoint_is_saved_then_resume_is_bit_identical(
+    case, reference_runs, tiny_model_dir, tofu_dir, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     save_rng = Trainer._save_rng_state
 
@@ -173,7 +216,9 @@ def test_kill_minus_9_while_saving_leaves_a_resumable_run(reference_runs, tiny_m
     folder; `resume=true` still ends where the uninterrupted run ends."""
     out = tmp_path / "run"
     recipe, overrides = CASES["dv"]
-    child = in_child(_killed_while_saving, ["unlearn", str(recipe), *base(tiny_model_dir, tofu_dir, out), *overrides], 4)
+    child = in_child(
+        _killed_while_saving, ["unlearn", str(recipe), *base(tiny_model_dir, tofu_dir, out), *overrides], 4
+    )
     child.join(300)
     assert child.exitcode == -signal.SIGKILL
     assert (out / ".baldro.lock").exists()  # left behind by the dead process
@@ -185,8 +230,9 @@ def test_kill_minus_9_while_saving_leaves_a_resumable_run(reference_runs, tiny_m
 
 
 @pytest.mark.slow
-def test_resume_with_a_changed_recipe_is_refused_unless_forced(reference_runs, tiny_model_dir, tofu_dir, tmp_path,
-                                                               capsys):
+def test_resume_with_a_changed_recipe_is_refused_unless_forced(
+    reference_runs, tiny_model_dir, tofu_dir, tmp_path, capsys
+):
     out = tmp_path / "run"
     with pytest.raises(Killed):
         run("dv", tiny_model_dir, tofu_dir, out, callbacks=[KillAfterStep(3)])
@@ -196,8 +242,12 @@ def test_resume_with_a_changed_recipe_is_refused_unless_forced(reference_runs, t
     assert main([*args, "objective=npo", "weighting.args.sigma=0.5", "train.learning_rate=2e-3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
-    for key in ("objective.name ('simnpo' -> 'npo')", "weighting.args.sigma (",
-                "train.learning_rate (0.001 -> 0.002)", "resume.force=true"):
+    for key in (
+        "objective.name ('simnpo' -> 'npo')",
+        "weighting.args.sigma (",
+        "train.learning_rate (0.001 -> 0.002)",
+        "resume.force=true",
+    ):
         assert key in err, key
     # keys that do not change the training (more epochs, logging, the device) may change
     assert main([*args, "train.logging_steps=2", "train.save_total_limit=1"]) == 0
@@ -205,19 +255,28 @@ def test_resume_with_a_changed_recipe_is_refused_unless_forced(reference_runs, t
 
 
 @pytest.mark.slow
-def test_a_run_refuses_a_used_folder_unless_resumed_or_overwritten(reference_runs, tiny_model_dir, tofu_dir, tmp_path,
-                                                                    capsys):
+def test_a_run_refuses_a_used_folder_unless_resumed_or_overwritten(
+    reference_runs, tiny_model_dir, tofu_dir, tmp_path, capsys
+):
     used = reference_runs["dv"]
     recipe, overrides = CASES["dv"]
     args = ["unlearn", str(recipe), *base(tiny_model_dir, tofu_dir, used), *overrides]
     capsys.readouterr()
     assert main(args) == 2
-    assert "already holds a run: pass resume=true to continue it, overwrite=true to replace it" in capsys.readouterr().err
+    assert (
+        "already holds a run: pass resume=true to continue it, overwrite=true to replace it" in capsys.readouterr().err
+    )
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("mine\n")
-    args = ["unlearn", str(recipe), *base(tiny_model_dir, tofu_dir, foreign), *overrides, "train.max_steps=1",
-            "train.save_strategy=no"]
+    args = [
+        "unlearn",
+        str(recipe),
+        *base(tiny_model_dir, tofu_dir, foreign),
+        *overrides,
+        "train.max_steps=1",
+        "train.save_strategy=no",
+    ]
     assert main(args) == 2
     assert "is not empty (1 entries, e.g. todo.txt) and holds no baldro run" in capsys.readouterr().err
     (foreign / "eval").mkdir()
@@ -234,8 +293,14 @@ def test_outputs_get_the_users_umask(tiny_model_dir, tofu_dir, tmp_path):
         run("dv", tiny_model_dir, tofu_dir, out, "train.max_steps=2")
     finally:
         os.umask(old)
-    for path in [out / "config.yaml", out / "run_info.json", out / "model", out / "model" / "model.safetensors",
-                 out / "checkpoints" / "checkpoint-2", out / "checkpoints" / "checkpoint-2" / "baldro_checkpoint.json"]:
+    for path in [
+        out / "config.yaml",
+        out / "run_info.json",
+        out / "model",
+        out / "model" / "model.safetensors",
+        out / "checkpoints" / "checkpoint-2",
+        out / "checkpoints" / "checkpoint-2" / "baldro_checkpoint.json",
+    ]:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
 
@@ -270,7 +335,9 @@ def test_a_non_finite_gradient_stops_the_run_before_the_optimizer_step(tiny_mode
     from baldro.errors import BaldroError
 
     out = tmp_path / "run"
-    with pytest.raises(BaldroError, match=r"^non-finite gradient at step 3 \(fine-tuning \(NLL\); sample ids \d+, \d+\)"):
+    with pytest.raises(
+        BaldroError, match=r"^non-finite gradient at step 3 \(fine-tuning \(NLL\); sample ids \d+, \d+\)"
+    ):
         run("finetune", tiny_model_dir, tofu_dir, out, callbacks=[PoisonGradient(3)])
     assert json.loads((out / "run_info.json").read_text())["status"] == "failed"
 
@@ -312,8 +379,9 @@ def _holder(case, model, tofu, out, started, go):
 
 
 @pytest.mark.slow
-def test_a_second_run_on_a_busy_folder_refuses_and_the_first_finishes_untouched(reference_runs, tiny_model_dir,
-                                                                                tofu_dir, tmp_path, capsys):
+def test_a_second_run_on_a_busy_folder_refuses_and_the_first_finishes_untouched(
+    reference_runs, tiny_model_dir, tofu_dir, tmp_path, capsys
+):
     import time
 
     out, started, go = tmp_path / "run", tmp_path / "started", tmp_path / "go"
@@ -324,8 +392,14 @@ def test_a_second_run_on_a_busy_folder_refuses_and_the_first_finishes_untouched(
             time.sleep(0.02)
         assert started.exists()
         recipe, overrides = CASES["dv"]
-        second = ["unlearn", str(recipe), *base(tiny_model_dir, tofu_dir, out), *overrides, "seed=1",
-                  "train.learning_rate=5e-3"]
+        second = [
+            "unlearn",
+            str(recipe),
+            *base(tiny_model_dir, tofu_dir, out),
+            *overrides,
+            "seed=1",
+            "train.learning_rate=5e-3",
+        ]
         capsys.readouterr()
         for extra in ([], ["resume=true"], ["overwrite=true"]):
             assert main([*second, *extra]) == 2
@@ -352,10 +426,22 @@ def test_eval_of_a_diverged_model_says_why_metrics_are_na(tiny_model_dir, tofu_d
         tensor.fill_(float("nan"))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     capsys.readouterr()
-    rc = main(["eval", str(ROOT / "configs" / "eval" / "tofu.yaml"), f"model.path={broken}", "model.dtype=float32",
-               "model.device=cpu", "model.attn_implementation=null", "format.use_chat_template=false",
-               f"data.source={tofu_dir}", "split=forget01", "eval.limit=2", "eval.max_new_tokens=2",
-               f"output_dir={tmp_path / 'eval'}"])
+    rc = main(
+        [
+            "eval",
+            str(ROOT / "configs" / "eval" / "tofu.yaml"),
+            f"model.path={broken}",
+            "model.dtype=float32",
+            "model.device=cpu",
+            "model.attn_implementation=null",
+            "format.use_chat_template=false",
+            f"data.source={tofu_dir}",
+            "split=forget01",
+            "eval.limit=2",
+            "eval.max_new_tokens=2",
+            f"output_dir={tmp_path / 'eval'}",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     info = json.loads((tmp_path / "eval" / "eval_info.json").read_text())

@@ -50,7 +50,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (found := visit(m)):
                 return found
         stack.pop()
@@ -102,7 +102,7 @@ def test_layers_read_top_down():
 
 
 def test_every_folder_is_a_layer_and_src_has_no_loose_modules():
-    loose = sorted(p.name for p in SRC.glob("*.py")) 
+    loose = sorted(p.name for p in SRC.glob("*.py"))
     assert loose == ["__init__.py", "cli.py", "distributed.py", "errors.py", "io.py", "progress.py"], loose
     assert {layer_of(f"baldro.{d.name}") for d in SRC.iterdir() if (d / "__init__.py").is_file()}
 
@@ -123,13 +123,16 @@ def test_every_yaml_file_fits_the_schema():
         assert isinstance(recipe, Recipe), path
 
 
-@pytest.mark.parametrize("override,message", [
-    ("weighting.sigmaa=0.5", "unknown key 'weighting.sigmaa'"),
-    ("train.lerning_rate=1e-4", "unknown key 'train.lerning_rate': did you mean train.learning_rate?"),
-    ("eval.max_new_token=8", "did you mean eval.max_new_tokens?"),
-    ("datta.source=x", "unknown key 'datta': did you mean data?"),
-    ("train.learning_rate=abc", "train.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("weighting.sigmaa=0.5", "unknown key 'weighting.sigmaa'"),
+        ("train.lerning_rate=1e-4", "unknown key 'train.lerning_rate': did you mean train.learning_rate?"),
+        ("eval.max_new_token=8", "did you mean eval.max_new_tokens?"),
+        ("datta.source=x", "unknown key 'datta': did you mean data?"),
+        ("train.learning_rate=abc", "train.learning_rate"),
+    ],
+)
 def test_unknown_keys_and_bad_types_are_one_line_errors(override, message, capsys):
     with pytest.raises(BaldroError, match=message.replace("?", r"\?").replace(".", r"\.")):
         load_config(CONFIGS / "unlearn" / "tofu.yaml", [override])
@@ -147,13 +150,14 @@ def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path):
 
 
 def test_show_config_prints_the_resolved_recipe_with_every_default(capsys):
-    assert main(["show-config", str(CONFIGS / "unlearn" / "tofu.yaml"), "weighting=dv", "model=smollm2-135m-instruct"]) == 0
+    assert (
+        main(["show-config", str(CONFIGS / "unlearn" / "tofu.yaml"), "weighting=dv", "model=smollm2-135m-instruct"])
+        == 0
+    )
     shown = OmegaConf.create(capsys.readouterr().out)
     assert shown.weighting.name == "dv" and shown.objective.dv_sigma == 2.0  # dv's sigma: the objective's scale
     assert shown.model.base == "package:smollm2-135m-instruct" and shown.format.date_string == "10 Apr 2025"
     assert shown.balance.batch_size == 16  # a default no YAML file sets
-
-
 
 
 @pytest.mark.slow
@@ -174,11 +178,29 @@ def test_a_new_weighting_is_one_class_and_no_trainer_edit(monkeypatch, tiny_mode
 
     monkeypatch.setitem(W.WEIGHTINGS, "top_one", TopOne)
     out = tmp_path / "run"
-    rc = main(["unlearn", str(CONFIGS / "unlearn" / "tofu.yaml"), f"model.path={tiny_model_dir}", "model.dtype=float32",
-               "model.device=cpu", "model.attn_implementation=null", "train.use_cpu=true", "train.bf16=false",
-               "train.disable_tqdm=true", "format.use_chat_template=false", f"data.source={tofu_dir}", "split=forget01",
-               "weighting.name=top_one", "data.limit=8", "train.num_train_epochs=1", "train.save_strategy=no",
-               "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1", f"output_dir={out}"])
+    rc = main(
+        [
+            "unlearn",
+            str(CONFIGS / "unlearn" / "tofu.yaml"),
+            f"model.path={tiny_model_dir}",
+            "model.dtype=float32",
+            "model.device=cpu",
+            "model.attn_implementation=null",
+            "train.use_cpu=true",
+            "train.bf16=false",
+            "train.disable_tqdm=true",
+            "format.use_chat_template=false",
+            f"data.source={tofu_dir}",
+            "split=forget01",
+            "weighting.name=top_one",
+            "data.limit=8",
+            "train.num_train_epochs=1",
+            "train.save_strategy=no",
+            "train.per_device_train_batch_size=4",
+            "train.gradient_accumulation_steps=1",
+            f"output_dir={out}",
+        ]
+    )
     assert rc == 0
     rows = read_jsonl(out / "forget_losses.jsonl")
     assert [sorted(r["weights"]) for r in rows] == [[0.0, 0.0, 0.0, 1.0]] * 2
@@ -188,4 +210,6 @@ def test_long_modules_say_why_they_are_long():
     for path in sorted(SRC.rglob("*.py")):
         lines = path.read_text(encoding="utf-8").count("\n")
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-        assert lines <= 520 or "Over 500 lines for a reason" in doc, f"{path.relative_to(SRC)}: {lines} lines, no reason"
+        assert lines <= 520 or "Over 500 lines for a reason" in doc, (
+            f"{path.relative_to(SRC)}: {lines} lines, no reason"
+        )

@@ -24,8 +24,19 @@ def _study():
 @pytest.mark.slow
 def test_smoke_study_runs_every_stage_and_skips_finished_cells(tiny_model_dir, tofu_dir, tmp_path, capsys):
     study = _study()
-    args = ["--smoke", "--model", str(tiny_model_dir), "--data", str(tofu_dir), "--results", str(tmp_path / "res"),
-            "--work", str(tmp_path / "work"), "--jobs", "2"]
+    args = [
+        "--smoke",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tofu_dir),
+        "--results",
+        str(tmp_path / "res"),
+        "--work",
+        str(tmp_path / "work"),
+        "--jobs",
+        "2",
+    ]
     assert study.main(args) == 0
     cells = tmp_path / "res" / "cells"
     assert sorted(p.name for p in cells.iterdir()) == ["npo_dv_seed0", "npo_mean_seed0", "retain", "target"]
@@ -38,8 +49,10 @@ def test_smoke_study_runs_every_stage_and_skips_finished_cells(tiny_model_dir, t
     table = (tmp_path / "res" / "table.md").read_text()
     assert table.startswith("| Method | Seeds | Forget quality | KS D |") and "| npo_dv | 0 |" in table
     training = (tmp_path / "res" / "training.md").read_text().splitlines()
-    assert training[0].startswith("| Cell | Grad norm") and [r.split(" | ")[0] for r in training[2:]] == \
-        ["| npo_dv_seed0", "| npo_mean_seed0"]
+    assert training[0].startswith("| Cell | Grad norm") and [r.split(" | ")[0] for r in training[2:]] == [
+        "| npo_dv_seed0",
+        "| npo_mean_seed0",
+    ]
     assert "n/a" not in training[3] and training[3].split(" | ")[6] == "0.250"  # mean: 1/B of a batch of 4
     report = (tmp_path / "res" / "report" / "report.md").read_text()
     assert "target (reference)" in report and "retain (reference)" in report

@@ -13,10 +13,24 @@ REAL_TOFU = Path("/work/shared/data/tofu")
 SMALL = SyntheticConfig(n_people=20, questions_per_person=10, n_perturbed=5, n_world_questions=30, seed=3)
 PAIRS = {"01": "99", "05": "95", "10": "90"}
 TOFU_FILES = [
-    "full", "forget01", "forget05", "forget10", "retain99", "retain95", "retain90",
-    "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
-    "holdout01", "holdout05", "holdout10", "real_authors", "real_authors_perturbed",
-    "world_facts", "world_facts_perturbed",
+    "full",
+    "forget01",
+    "forget05",
+    "forget10",
+    "retain99",
+    "retain95",
+    "retain90",
+    "forget01_perturbed",
+    "forget05_perturbed",
+    "forget10_perturbed",
+    "retain_perturbed",
+    "holdout01",
+    "holdout05",
+    "holdout10",
+    "real_authors",
+    "real_authors_perturbed",
+    "world_facts",
+    "world_facts_perturbed",
 ]
 
 
@@ -92,7 +106,7 @@ def test_split_structure_like_tofu(meta):
     assert changes == SMALL.n_people - 1
     for xx, yy in PAIRS.items():
         forget, retain = meta[f"forget{xx}"], meta[f"retain{yy}"]
-        assert forget == full[len(full) - len(forget):]
+        assert forget == full[len(full) - len(forget) :]
         assert retain == full[: len(full) - len(forget)]
         assert retain + forget == full
         assert not set(_people(forget)) & set(_people(retain))
@@ -103,7 +117,7 @@ def test_split_structure_like_tofu(meta):
         assert not set(_people(holdout)) & set(people_in_order)
         assert holdout == meta["holdout10"][: len(holdout)]
     # forget01 within forget05 within forget10 (all suffixes of full)
-    assert meta["forget10"][-len(meta["forget05"]):] == meta["forget05"]
+    assert meta["forget10"][-len(meta["forget05"]) :] == meta["forget05"]
     rp = meta["retain_perturbed"]
     assert [(r["question"], r["answer"]) for r in rp] == [(r["question"], r["answer"]) for r in full[: len(rp)]]
     assert len(rp) <= len(meta["retain90"])
@@ -163,7 +177,10 @@ def test_loads_through_the_tofu_loader(written):
     from baldro.data.tofu import load_refusals, load_split
 
     out, counts = written
-    assert len(load_split(out, "forget10_perturbed", ("question", "answer", "paraphrased_answer", "perturbed_answer"))) == counts["forget10"]
+    assert (
+        len(load_split(out, "forget10_perturbed", ("question", "answer", "paraphrased_answer", "perturbed_answer")))
+        == counts["forget10"]
+    )
     assert len(load_split(out, "retain90")) == counts["retain90"]
     assert load_refusals(out) == REFUSALS
 
@@ -189,7 +206,11 @@ def test_field_names_match_real_tofu(written):
         if "perturbed_answer" in real:
             assert isinstance(ours["perturbed_answer"], list)
     real_world = _read(REAL_TOFU / "world_facts_perturbed.jsonl")
-    assert len(real_world[0]["perturbed_answer"]) == 3 == len(_read(out / "world_facts_perturbed.jsonl")[0]["perturbed_answer"])
+    assert (
+        len(real_world[0]["perturbed_answer"])
+        == 3
+        == len(_read(out / "world_facts_perturbed.jsonl")[0]["perturbed_answer"])
+    )
 
 
 @pytest.mark.skipif(not REAL_TOFU.is_dir(), reason="real TOFU data not available")
@@ -197,7 +218,9 @@ def test_no_tofu_text(written):
     out, _ = written
     real_refusals = set((REAL_TOFU / "idontknow.jsonl").read_text(encoding="utf-8").splitlines())
     assert not real_refusals & set(REFUSALS)
-    real_qa = {r["question"] for r in _read(REAL_TOFU / "full.jsonl")} | {r["answer"] for r in _read(REAL_TOFU / "full.jsonl")}
+    real_qa = {r["question"] for r in _read(REAL_TOFU / "full.jsonl")} | {
+        r["answer"] for r in _read(REAL_TOFU / "full.jsonl")
+    }
     ours = _read(out / "full.jsonl") + _read(out / "world.jsonl")
     assert not real_qa & ({r["question"] for r in ours} | {r["answer"] for r in ours})
 

@@ -100,7 +100,9 @@ def test_save_and_reload_through_auto_classes(saved, tokenizer):
         assert ids == tokenizer(text)["input_ids"]  # same training data and seed: same tokenizer
         assert tok.decode(ids, skip_special_tokens=True) == text
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
-        model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id
+        model.config.bos_token_id,
+        model.config.eos_token_id,
+        model.config.pad_token_id,
     )
     assert count_parameters(model) == EXPECTED["test"]
 

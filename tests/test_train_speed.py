@@ -71,12 +71,26 @@ def _trainer(model_dir, weighting, ref_cache=True, objective="npo", batch=None):
     retain = [qa(12) for _ in range(8)]
     from baldro.train.batching import UnlearnDataset
 
-    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=DEVICE == "cpu", report_to="none", per_device_train_batch_size=4,
-                             remove_unused_columns=False, learning_rate=1e-3, disable_tqdm=True)
-    trainer = UnlearnTrainer(model=model, args=args, train_dataset=UnlearnDataset(forget, retain, seed=0),
-                             data_collator=UnlearnCollator(0), objective=get_objective(objective),
-                             weighting=weighting, retain_loss=get_retain_loss("nll"), ref_model=ref,
-                             ref_cache=ref_cache)
+    args = TrainingArguments(
+        output_dir="/tmp/unused",
+        use_cpu=DEVICE == "cpu",
+        report_to="none",
+        per_device_train_batch_size=4,
+        remove_unused_columns=False,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+    )
+    trainer = UnlearnTrainer(
+        model=model,
+        args=args,
+        train_dataset=UnlearnDataset(forget, retain, seed=0),
+        data_collator=UnlearnCollator(0),
+        objective=get_objective(objective),
+        weighting=weighting,
+        retain_loss=get_retain_loss("nll"),
+        ref_model=ref,
+        ref_cache=ref_cache,
+    )
     collate = UnlearnCollator(0)
     batch = collate([trainer.train_dataset[i] for i in (batch or [0, 5, 2, 7])])
     return trainer, {k: v.to(trainer.args.device) for k, v in batch.items()}
@@ -100,10 +114,13 @@ def test_cached_reference_logp_is_bitwise_the_fresh_one(tiny_model_dir):
     fresh = trainer._forward(trainer.ref_model, forget).token_lp.logp
     assert torch.equal(first, fresh) and torch.equal(again, fresh)
     # the same samples in another batch (another padding width): equal up to float rounding
-    other = {k: v.to(trainer.args.device) for k, v in UnlearnCollator(0)([trainer.train_dataset[i] for i in (5, 2)]).items()}
+    other = {
+        k: v.to(trainer.args.device) for k, v in UnlearnCollator(0)([trainer.train_dataset[i] for i in (5, 2)]).items()
+    }
     fresh_other = trainer._forward(trainer.ref_model, batch_part(other, "forget")).token_lp.logp
-    torch.testing.assert_close(trainer.ref_cache.lookup("forget", other["forget_ids"], fresh_other.device), fresh_other,
-                               rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        trainer.ref_cache.lookup("forget", other["forget_ids"], fresh_other.device), fresh_other, rtol=1e-6, atol=1e-5
+    )
 
 
 def test_cache_off_computes_the_reference_every_step(tiny_model_dir):

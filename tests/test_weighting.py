@@ -18,10 +18,10 @@ from baldro.train.weighting import (
 
 
 def grad_of(fn, losses):
-    l = losses.clone().requires_grad_(True)
-    out = fn(l)
+    x = losses.clone().requires_grad_(True)
+    out = fn(x)
     out.value.backward()
-    return out, l.grad
+    return out, x.grad
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_mean(losses):
 
 @pytest.mark.parametrize("ratio,k", [(0.5, 4), (0.3, 2), (0.01, 1), (1.0, 8)])
 def test_group(losses, ratio, k):
-    out, g = grad_of(lambda l: group(l, ratio), losses)
+    out, g = grad_of(lambda x: group(x, ratio), losses)
     top = losses.topk(k).indices
     assert out.value.item() == pytest.approx(losses[top].mean().item())
     want = torch.zeros_like(losses)
@@ -61,7 +61,7 @@ def test_group_p1_equals_mean(losses):
 
 def test_dv_value_and_gradient(losses):
     sigma = 2.0
-    out, g = grad_of(lambda l: dv(l, sigma), losses)
+    out, g = grad_of(lambda x: dv(x, sigma), losses)
     want = sigma * math.log(sum(math.exp(x / sigma) for x in losses.tolist()) / 8)
     assert out.value.item() == pytest.approx(want)
     assert torch.allclose(g, torch.softmax(losses / sigma, 0))
@@ -71,7 +71,7 @@ def test_dv_value_and_gradient(losses):
 
 def test_dv_softmin_value_and_gradient(losses):
     sigma = 2.0
-    out, g = grad_of(lambda l: dv_softmin(l, sigma), losses)
+    out, g = grad_of(lambda x: dv_softmin(x, sigma), losses)
     want = -sigma * math.log(sum(math.exp(-x / sigma) for x in losses.tolist()) / 8)
     assert out.value.item() == pytest.approx(want)
     assert torch.allclose(g, torch.softmax(-losses / sigma, 0))
@@ -87,24 +87,24 @@ def test_dv_limits(losses):
 
 @pytest.mark.parametrize("fn", [dv, dv_softmin])
 def test_dv_is_finite_for_extreme_inputs(fn):
-    l = torch.tensor([1e4, -1e4, 0.0, 5e3], requires_grad=True)
-    out = fn(l, 1e-3)
+    x = torch.tensor([1e4, -1e4, 0.0, 5e3], requires_grad=True)
+    out = fn(x, 1e-3)
     out.value.backward()
-    assert torch.isfinite(out.value) and torch.isfinite(l.grad).all()
-    assert l.grad.sum().item() == pytest.approx(1.0)
+    assert torch.isfinite(out.value) and torch.isfinite(x.grad).all()
+    assert x.grad.sum().item() == pytest.approx(1.0)
 
 
 def test_global_dv():
     w = GlobalDVWeighting(n_samples=4, sigma=1.0)
-    l = torch.tensor([1.0, 3.0], requires_grad=True)
-    out = w(l, ids=torch.tensor([0, 2]))
+    x = torch.tensor([1.0, 3.0], requires_grad=True)
+    out = w(x, ids=torch.tensor([0, 2]))
     # unseen samples 1 and 3 count at the mean of the seen ones (2.0)
     running = torch.tensor([1.0, 2.0, 3.0, 2.0])
     gw = torch.softmax(running, 0)
     want = 4 * gw[[0, 2]] / 2
     assert torch.allclose(out.weights, want)
     out.value.backward()
-    assert torch.allclose(l.grad, want)
+    assert torch.allclose(x.grad, want)
     # a later batch sees the updated state of samples 0 and 2
     out2 = w(torch.tensor([0.0, 0.0]), ids=torch.tensor([1, 3]))
     gw = torch.softmax(torch.tensor([1.0, 0.0, 3.0, 0.0]), 0)

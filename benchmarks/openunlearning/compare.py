@@ -37,8 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("compat", type=Path, nargs="?", default=DEFAULT_COMPAT, help="openunlearning_compat.py's JSON")
     a = p.parse_args(argv)
     r = compare(json.loads(a.ou_log.read_text()), json.loads(a.compat.read_text()))
-    print(f"{r['identical_generations']} of {r['questions']} greedy generations identical; answer probabilities "
-          f"within {r['max_relative_prob_difference']:.2e} relative")
+    print(
+        f"{r['identical_generations']} of {r['questions']} greedy generations identical; answer probabilities "
+        f"within {r['max_relative_prob_difference']:.2e} relative"
+    )
     if r["differing_generations"]:
         print(f"differing generations: rows {r['differing_generations']}")
     return 0

@@ -84,32 +84,46 @@ KIND_TEXT = {"equal": "equal answer lengths", "full": "every position an answer"
 
 def case_list() -> list[dict]:
     """Every (method, kind, OpenUnlearning label variant) with what SPEC 2b says to expect."""
-    cases = [dict(method="control_nll", kind="tofu", ou_labels="as-is", expect="agree", hypothesis=None,
-                  cause="")]
+    cases = [dict(method="control_nll", kind="tofu", ou_labels="as-is", expect="agree", hypothesis=None, cause="")]
     for method in METHODS:
         for kind in KINDS:
             variants = ("shifted", "as-is") if method == "pdu" else ("as-is",)
             for ou_labels in variants:
                 c = dict(method=method, kind=kind, ou_labels=ou_labels, expect="agree", hypothesis=None, cause="")
                 if method == "rmu" and kind == "tofu":
-                    c.update(expect="differ", hypothesis="broadcast",
-                             cause="RMU's compute_activation_loss divides the [B] per-sample sums S_i by the [B, 1] "
-                                   "token counts: a B x B broadcast, mean_i(S_i) mean_j(1/n_j) instead of "
-                                   "mean_i(S_i/n_i) (forget and EMBED_DIFF retain terms)")
+                    c.update(
+                        expect="differ",
+                        hypothesis="broadcast",
+                        cause="RMU's compute_activation_loss divides the [B] per-sample sums S_i by the [B, 1] "
+                        "token counts: a B x B broadcast, mean_i(S_i) mean_j(1/n_j) instead of "
+                        "mean_i(S_i/n_i) (forget and EMBED_DIFF retain terms)",
+                    )
                 if method == "ceu" and kind == "tofu":
-                    c.update(expect="differ", hypothesis="token_mean",
-                             cause="token mean over the whole batch vs the mean of per-sample means")
+                    c.update(
+                        expect="differ",
+                        hypothesis="token_mean",
+                        cause="token mean over the whole batch vs the mean of per-sample means",
+                    )
                 if method == "undial" and kind in ("equal", "tofu"):
-                    c.update(expect="differ", hypothesis="all_positions",
-                             cause="UNDIAL also distils prompt and padding positions (label -100 lowers id V-100)"
-                                   + (", mean over all B(T-1) positions" if kind == "tofu" else ""))
+                    c.update(
+                        expect="differ",
+                        hypothesis="all_positions",
+                        cause="UNDIAL also distils prompt and padding positions (label -100 lowers id V-100)"
+                        + (", mean over all B(T-1) positions" if kind == "tofu" else ""),
+                    )
                 if method == "pdu" and ou_labels == "shifted" and kind == "tofu":
-                    c.update(expect="differ", hypothesis="token_mean",
-                             cause="token mean over the whole batch vs the mean of per-sample means")
+                    c.update(
+                        expect="differ",
+                        hypothesis="token_mean",
+                        cause="token mean over the whole batch vs the mean of per-sample means",
+                    )
                 if method == "pdu" and ou_labels == "as-is":
-                    c.update(expect="differ", hypothesis="own_positions",
-                             cause="PDU reads the logits at the answer tokens' own positions (one later)"
-                                   + (" and the token mean over the batch" if kind == "tofu" else ""))
+                    c.update(
+                        expect="differ",
+                        hypothesis="own_positions",
+                        cause="PDU reads the logits at the answer tokens' own positions (one later)"
+                        + (" and the token mean over the batch" if kind == "tofu" else ""),
+                    )
                 cases.append(c)
     for c in cases:
         c["id"] = f"{c['method']}-{c['kind']}-{c['ou_labels']}"
@@ -159,17 +173,31 @@ def _ou_loss(case: dict, spec: dict, model, ref, cls: dict):
         return ns.compute_retain_loss(model, inputs["forget"]), extra
     if method == "rmu":
         RMU = cls["RMU"]
-        ns = types.SimpleNamespace(gamma=hp["gamma"], alpha=hp["alpha"], retain_loss_type="EMBED_DIFF", ref_model=ref,
-                                   steering_coeff=hp["steering_coeff"], module_regex=spec["module_regex"])
-        _bind(ns, RMU, "_get_matching_module", "forward_with_cache", "get_control_vector",
-              "compute_activation_loss", "compute_retain_loss")
+        ns = types.SimpleNamespace(
+            gamma=hp["gamma"],
+            alpha=hp["alpha"],
+            retain_loss_type="EMBED_DIFF",
+            ref_model=ref,
+            steering_coeff=hp["steering_coeff"],
+            module_regex=spec["module_regex"],
+        )
+        _bind(
+            ns,
+            RMU,
+            "_get_matching_module",
+            "forward_with_cache",
+            "get_control_vector",
+            "compute_activation_loss",
+            "compute_retain_loss",
+        )
         ns.model_module = ns._get_matching_module(model, ns.module_regex)
         ns.ref_module = ns._get_matching_module(ref, ns.module_regex)
         ns.control_vec = (spec["steering"] * hp["steering_coeff"]).view(1, 1, -1)  # baldro's u times c
         return RMU.compute_loss(ns, model, inputs), extra
     if method == "undial":
-        ns = types.SimpleNamespace(gamma=hp["gamma"], alpha=hp["alpha"], beta=hp["beta"], retain_loss_type="NLL",
-                                   ref_model=ref)
+        ns = types.SimpleNamespace(
+            gamma=hp["gamma"], alpha=hp["alpha"], beta=hp["beta"], retain_loss_type="NLL", ref_model=ref
+        )
         _bind(ns, cls["GradDiff"], "compute_retain_loss")
         return cls["UNDIAL"].compute_loss(ns, model, inputs), extra
     if method == "ceu":
@@ -177,18 +205,29 @@ def _ou_loss(case: dict, spec: dict, model, ref, cls: dict):
         return cls["CEU"].compute_loss(ns, model, inputs), extra
     if method == "pdu":
         logged = {}
-        ns = types.SimpleNamespace(gamma=hp["gamma"], alpha=hp["alpha"], retain_loss_type="NLL", ref_model=None,
-                                   preferences=[hp["gamma"], hp["alpha"]], retain_loss_eps=hp["retain_loss_eps"],
-                                   primal_dual=True, dual_step_size=hp["dual_step_size"], dual_update_upon="step",
-                                   can_update=True, loss_names=["forget_loss", "retain_loss"], log=logged.update)
+        ns = types.SimpleNamespace(
+            gamma=hp["gamma"],
+            alpha=hp["alpha"],
+            retain_loss_type="NLL",
+            ref_model=None,
+            preferences=[hp["gamma"], hp["alpha"]],
+            retain_loss_eps=hp["retain_loss_eps"],
+            primal_dual=True,
+            dual_step_size=hp["dual_step_size"],
+            dual_update_upon="step",
+            can_update=True,
+            loss_names=["forget_loss", "retain_loss"],
+            log=logged.update,
+        )
         _bind(ns, cls["GradDiff"], "compute_retain_loss")
         _bind(ns, cls["PDU"], "final_loss_value")
         loss = cls["PDU"].compute_loss(ns, model, inputs)
         extra = {"lambda_after": float(ns.preferences[1]), **{k: float(v) for k, v in logged.items()}}
         return loss, extra
     if method == "altpo":
-        ns = types.SimpleNamespace(gamma=hp["gamma"], alpha=hp["alpha"], beta=hp["beta"], retain_loss_type="NLL",
-                                   ref_model=ref)
+        ns = types.SimpleNamespace(
+            gamma=hp["gamma"], alpha=hp["alpha"], beta=hp["beta"], retain_loss_type="NLL", ref_model=ref
+        )
         _bind(ns, cls["GradDiff"], "compute_retain_loss")
         return cls["DPO"].compute_loss(ns, model, inputs), extra
     raise ValueError(method)
@@ -216,8 +255,10 @@ def ou_side(inputs_path: Path, out_dir: Path, ou_src: Path) -> None:
         loss, extra = _ou_loss(case, spec, model, ref, cls)
         loss.backward()
         grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
-        torch.save({"loss": float(loss.detach()), "grads": grads, "extra": extra, "seconds": time.time() - start,
-                    "env": info}, out_dir / f"{case['id']}.pt")
+        torch.save(
+            {"loss": float(loss.detach()), "grads": grads, "extra": extra, "seconds": time.time() - start, "env": info},
+            out_dir / f"{case['id']}.pt",
+        )
         print(f"ou-side {case['id']}: loss {float(loss.detach()):.8g} ({time.time() - start:.1f} s)", flush=True)
 
 
@@ -306,33 +347,59 @@ def build_batches(tok, batch_size: int, model, seed: int, max_new_tokens: int) -
     retain_equal = _collate([retain_enc[i] for i in retain_equal_idx], pad)  # one answer length (equal, full)
     # AltPO's alternates: sampled (temperature 1) by the reference model, as baldro's alternates.py does
     wanted = sorted(set(equal_idx) | set(tofu_idx))
-    alts = generate_alternates(model, tok, fmt, [forget_rows[i] for i in wanted], n=1, max_new_tokens=max_new_tokens,
-                               temperature=1.0, batch_size=len(wanted), seed=seed)
+    alts = generate_alternates(
+        model,
+        tok,
+        fmt,
+        [forget_rows[i] for i in wanted],
+        n=1,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        batch_size=len(wanted),
+        seed=seed,
+    )
     alt_of = {i: a[0] for i, a in zip(wanted, alts)}
 
     def alternate(idx):
-        return _collate(fmt.encode_many([forget_rows[i]["question"] for i in idx], [alt_of[i] for i in idx],
-                                        "alternate"), pad)
+        return _collate(
+            fmt.encode_many([forget_rows[i]["question"] for i in idx], [alt_of[i] for i in idx], "alternate"), pad
+        )
 
     full_len = min(len(encoded[i].input_ids) for i in tofu_idx)
-    full_forget = [EncodedQA(encoded[i].input_ids[:full_len], [IGNORE] + encoded[i].input_ids[1:full_len], 0)
-                   for i in tofu_idx]
+    full_forget = [
+        EncodedQA(encoded[i].input_ids[:full_len], [IGNORE] + encoded[i].input_ids[1:full_len], 0) for i in tofu_idx
+    ]
     batches = {
-        "equal": {"forget": _collate([encoded[i] for i in equal_idx], pad), "retain": retain_equal,
-                  "alternate": alternate(equal_idx)},
+        "equal": {
+            "forget": _collate([encoded[i] for i in equal_idx], pad),
+            "retain": retain_equal,
+            "alternate": alternate(equal_idx),
+        },
         "full": {"forget": _collate(full_forget, pad), "retain": retain_equal, "alternate": alternate(tofu_idx)},
-        "tofu": {"forget": _collate([encoded[i] for i in tofu_idx], pad), "retain": retain,
-                 "alternate": alternate(tofu_idx)},
+        "tofu": {
+            "forget": _collate([encoded[i] for i in tofu_idx], pad),
+            "retain": retain,
+            "alternate": alternate(tofu_idx),
+        },
     }
-    info = {kind: {"forget_rows": idx, "answer_tokens": [n_answer[i] for i in idx],
-                   "prompt_tokens": [encoded[i].prompt_len for i in idx],
-                   "width": int(batches[kind]["forget"]["input_ids"].shape[1])}
-            for kind, idx in (("equal", equal_idx), ("tofu", tofu_idx))}
+    info = {
+        kind: {
+            "forget_rows": idx,
+            "answer_tokens": [n_answer[i] for i in idx],
+            "prompt_tokens": [encoded[i].prompt_len for i in idx],
+            "width": int(batches[kind]["forget"]["input_ids"].shape[1]),
+        }
+        for kind, idx in (("equal", equal_idx), ("tofu", tofu_idx))
+    }
     info["full"] = {"forget_rows": tofu_idx, "length": full_len, "answer_tokens": [full_len - 1] * batch_size}
-    info["retain_tofu"] = {"retain_rows": list(range(batch_size)),
-                           "answer_tokens": (retain["labels"] != IGNORE).sum(-1).tolist()}
-    info["retain_equal"] = {"retain_rows": retain_equal_idx,
-                            "answer_tokens": (retain_equal["labels"] != IGNORE).sum(-1).tolist()}
+    info["retain_tofu"] = {
+        "retain_rows": list(range(batch_size)),
+        "answer_tokens": (retain["labels"] != IGNORE).sum(-1).tolist(),
+    }
+    info["retain_equal"] = {
+        "retain_rows": retain_equal_idx,
+        "answer_tokens": (retain_equal["labels"] != IGNORE).sum(-1).tolist(),
+    }
     info["alternates"] = {str(i): alt_of[i] for i in wanted}
     return batches, info
 
@@ -344,10 +411,14 @@ def shift_left(labels: torch.Tensor) -> torch.Tensor:
 
 def ou_inputs(case: dict, batch: dict) -> dict:
     """The exact inputs OpenUnlearning's compute_loss receives (its collator's dict layout)."""
+
     def part(name, labels=None):
         b = batch[name]
-        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
-                "labels": b["labels"] if labels is None else labels}
+        return {
+            "input_ids": b["input_ids"],
+            "attention_mask": b["attention_mask"],
+            "labels": b["labels"] if labels is None else labels,
+        }
 
     forget = part("forget", shift_left(batch["forget"]["labels"]) if case["ou_labels"] == "shifted" else None)
     if case["method"] == "altpo":
@@ -369,8 +440,9 @@ def flat_token_log_probs():
     def flat(logits, labels):
         logits, labels = shift_for_next_token(logits, labels)
         mask = labels != IGNORE
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.masked_fill(~mask, 0).reshape(-1),
-                             reduction="none").view_as(labels)
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.masked_fill(~mask, 0).reshape(-1), reduction="none"
+        ).view_as(labels)
         return TokenLogProbs(token_logp=(-ce).masked_fill(~mask, 0.0), mask=mask)
 
     original = forward_module.token_log_probs
@@ -381,8 +453,16 @@ def flat_token_log_probs():
         forward_module.token_log_probs = original
 
 
-def baldro_loss(method: str, model, ref, batch: dict, steering: torch.Tensor, module_regex: str,
-                hypothesis: str | None = None, flat_nll: bool = False) -> tuple[torch.Tensor, dict]:
+def baldro_loss(
+    method: str,
+    model,
+    ref,
+    batch: dict,
+    steering: torch.Tensor,
+    module_regex: str,
+    hypothesis: str | None = None,
+    flat_nll: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """gamma * mean(l) + alpha * R (PDU: + lambda (R - eps)) from baldro's pieces; `hypothesis` computes the
     same objective with the reduction or positions SPEC 2b says OpenUnlearning uses; `flat_nll` takes the NLL
     retain loss's (and the control's) token log-probs over [N, V] rows, as transformers' loss (which
@@ -410,8 +490,9 @@ def baldro_loss(method: str, model, ref, batch: dict, steering: torch.Tensor, mo
         v = model.config.vocab_size
         forget["labels"] = forget["labels"].masked_fill(forget["labels"] == IGNORE, v + IGNORE)
     elif hypothesis == "own_positions":  # one padding column more, labels one to the right
-        forget = {k: torch.cat([t, torch.full_like(t[:, :1], IGNORE if k == "labels" else 0)], 1)
-                  for k, t in forget.items()}
+        forget = {
+            k: torch.cat([t, torch.full_like(t[:, :1], IGNORE if k == "labels" else 0)], 1) for k, t in forget.items()
+        }
         forget["labels"] = torch.cat([torch.full_like(forget["labels"][:, :1], IGNORE), forget["labels"][:, :-1]], 1)
     obj = get_objective(method)
     needs = obj.needs
@@ -450,8 +531,9 @@ def baldro_loss(method: str, model, ref, batch: dict, steering: torch.Tensor, mo
     rx = RetainInputs(rout.token_lp, logits=rout.logits, hidden=rout.hidden)
     if rl.needs.reference_hidden:
         with torch.no_grad():
-            rx.ref_hidden = forward_parts(ref, retain, token_logp=False,
-                                          hidden_module=find_module(ref, module_regex)[1]).hidden.values
+            rx.ref_hidden = forward_parts(
+                ref, retain, token_logp=False, hidden_module=find_module(ref, module_regex)[1]
+            ).hidden.values
     if hypothesis == "broadcast":  # the same reduction of EMBED_DIFF's per-sample values (baldro's function per row)
         h = rx.hidden
         values = []
@@ -486,6 +568,7 @@ def layout_check(model, batch: dict) -> dict:
     out = {"tokens": int(mask.sum()), "mean_nll_fp64": float(exact.mean())}
     with flat_token_log_probs():
         import baldro.train.forward as forward_module
+
         flat = -forward_module.token_log_probs(logits, batch["labels"]).token_logp[mask]
     for name, nll in (("baldro_BVT", -token_log_probs(logits, batch["labels"]).token_logp[mask]), ("flat_NV", flat)):
         out[f"{name}_max_abs_err"] = float((nll.double() - exact).abs().max())
@@ -502,17 +585,33 @@ def make_trainer(method: str, model, ref, steering, module_regex: str, batch_siz
     from baldro.train.weighting import make_weighting
 
     hp = METHODS[method]
-    args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to="none", seed=0, disable_tqdm=True,
-                             per_device_train_batch_size=batch_size, remove_unused_columns=False)
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        per_device_train_batch_size=batch_size,
+        remove_unused_columns=False,
+    )
     pd = None
     if method == "pdu":
         pd = PrimalDual(hp["alpha"], hp["retain_loss_eps"], step_size=hp["dual_step_size"], update_upon="step")
     obj = get_objective(method)
-    trainer = UnlearnTrainer(model=model, args=args, objective=obj,
-                             objective_args={k: hp[k] for k in obj.defaults if k in hp},
-                             weighting=make_weighting("mean"), retain_loss=get_retain_loss(hp["retain"] or "nll"),
-                             gamma=hp["gamma"], alpha=hp["alpha"], ref_model=ref, ref_cache=False,
-                             module_regex=module_regex, primal_dual=pd)
+    trainer = UnlearnTrainer(
+        model=model,
+        args=args,
+        objective=obj,
+        objective_args={k: hp[k] for k in obj.defaults if k in hp},
+        weighting=make_weighting("mean"),
+        retain_loss=get_retain_loss(hp["retain"] or "nll"),
+        gamma=hp["gamma"],
+        alpha=hp["alpha"],
+        ref_model=ref,
+        ref_cache=False,
+        module_regex=module_regex,
+        primal_dual=pd,
+    )
     if trainer.steering is not None:
         trainer.steering = steering
     return trainer
@@ -521,7 +620,9 @@ def make_trainer(method: str, model, ref, steering, module_regex: str, batch_siz
 def trainer_inputs(method: str, batch: dict) -> dict:
     b = len(batch["forget"]["input_ids"])
     inputs = {"forget_ids": torch.arange(b)}
-    parts = ["forget"] + (["retain"] if METHODS[method]["retain"] else []) + (["alternate"] if method == "altpo" else [])
+    parts = (
+        ["forget"] + (["retain"] if METHODS[method]["retain"] else []) + (["alternate"] if method == "altpo" else [])
+    )
     for part in parts:
         inputs.update({f"{part}_{k}": v for k, v in batch[part].items()})
     if method == "altpo":
@@ -563,9 +664,14 @@ def compare(loss_a: float, grads_a: dict, loss_b: float, grads_b: dict) -> dict:
             worst, worst_name = rel, n
         beyond += int((diff > ATOL + RTOL * ref.abs()).sum())
         total += ref.numel()
-    return {"loss_rel_diff": abs(loss_a - loss_b) / abs(loss_b) if loss_b else abs(loss_a - loss_b),
-            "grad_rel_diff": worst, "grad_worst_param": worst_name, "entries_beyond": beyond, "entries": total,
-            "missing_params": missing}
+    return {
+        "loss_rel_diff": abs(loss_a - loss_b) / abs(loss_b) if loss_b else abs(loss_a - loss_b),
+        "grad_rel_diff": worst,
+        "grad_worst_param": worst_name,
+        "entries_beyond": beyond,
+        "entries": total,
+        "missing_params": missing,
+    }
 
 
 def within(c: dict) -> bool:
@@ -599,73 +705,124 @@ def run_model(name: str, args) -> dict:
     for c in cases:
         by_method.setdefault(c["method"], []).append(c)
     for method, group in by_method.items():
-        spec = {"model_dir_ou": str(paths["model_ou"]), "ref_dir_ou": str(paths["ref_ou"]), "steering": steering,
-                "module_regex": module_regex,
-                "cases": [{**c, "ou_inputs": ou_inputs(c, batches[c["kind"]])} for c in group]}
+        spec = {
+            "model_dir_ou": str(paths["model_ou"]),
+            "ref_dir_ou": str(paths["ref_ou"]),
+            "steering": steering,
+            "module_regex": module_regex,
+            "cases": [{**c, "ou_inputs": ou_inputs(c, batches[c["kind"]])} for c in group],
+        }
         inputs_path, out_dir = work / f"inputs-{method}.pt", work / f"ou-{method}"
         torch.save(spec, inputs_path)
-        cmd = [args.ou_python, str(Path(__file__).resolve()), "--ou-side", "--inputs", str(inputs_path),
-               "--out", str(out_dir), "--ou-src", str(Path(args.work) / "open-unlearning" / "src")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONNOUSERSITE": "1"}
+        cmd = [
+            args.ou_python,
+            str(Path(__file__).resolve()),
+            "--ou-side",
+            "--inputs",
+            str(inputs_path),
+            "--out",
+            str(out_dir),
+            "--ou-src",
+            str(Path(args.work) / "open-unlearning" / "src"),
+        ]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONNOUSERSITE": "1",
+        }
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env, cwd=str(ROOT))
-        trainer = (make_trainer(method, model, ref, steering, module_regex, args.batch_size, work / "trainer")
-                   if method != "control_nll" and not args.no_trainer_check else None)
+        trainer = (
+            make_trainer(method, model, ref, steering, module_regex, args.batch_size, work / "trainer")
+            if method != "control_nll" and not args.no_trainer_check
+            else None
+        )
         for c in group:
             batch = batches[c["kind"]]
             ou = torch.load(out_dir / f"{c['id']}.pt")
             start = time.time()
-            b_loss, b_grads, b_parts = run_backward(model, lambda: baldro_loss(method, model, ref, batch, steering,
-                                                                               module_regex))
+            b_loss, b_grads, b_parts = run_backward(
+                model, lambda: baldro_loss(method, model, ref, batch, steering, module_regex)
+            )
             row = {k: c[k] for k in ("id", "method", "kind", "ou_labels", "expect", "cause", "hypothesis")}
-            row.update(ou_loss=ou["loss"], baldro_loss=b_loss, ou_extra=ou["extra"], baldro_parts=b_parts,
-                       ou_env=ou["env"], **compare(ou["loss"], ou["grads"], b_loss, b_grads))
+            row.update(
+                ou_loss=ou["loss"],
+                baldro_loss=b_loss,
+                ou_extra=ou["extra"],
+                baldro_parts=b_parts,
+                ou_env=ou["env"],
+                **compare(ou["loss"], ou["grads"], b_loss, b_grads),
+            )
             if "lambda_after" in ou["extra"]:
-                row["lambda_after_rel_diff"] = (abs(ou["extra"]["lambda_after"] - b_parts["lambda_after"])
-                                                / max(abs(b_parts["lambda_after"]), 1e-30))
+                row["lambda_after_rel_diff"] = abs(ou["extra"]["lambda_after"] - b_parts["lambda_after"]) / max(
+                    abs(b_parts["lambda_after"]), 1e-30
+                )
             uses_nll = method == "control_nll" or METHODS[method]["retain"] == "nll"
             if c["expect"] == "agree" and not within(row) and uses_nll:
-                f_loss, f_grads, _ = run_backward(model, lambda: baldro_loss(method, model, ref, batch, steering,
-                                                                             module_regex, flat_nll=True))
+                f_loss, f_grads, _ = run_backward(
+                    model, lambda: baldro_loss(method, model, ref, batch, steering, module_regex, flat_nll=True)
+                )
                 row["flat_nll"] = compare(ou["loss"], ou["grads"], f_loss, f_grads)
             if trainer is not None:  # the trainer's compute_loss on the same batch, against the pieces
+
                 def trainer_loss():
                     loss = trainer.compute_loss(model, trainer_inputs(method, batch))
                     return loss, {}
+
                 t_loss, t_grads, _ = run_backward(model, trainer_loss)
                 row["trainer_vs_pieces"] = compare(t_loss, t_grads, b_loss, b_grads)
                 if trainer.primal_dual is not None:
                     trainer.dual_step_end()
                     row["trainer_lambda_after"] = trainer.primal_dual.lam
-                    row["trainer_lambda_rel_diff"] = (abs(ou["extra"]["lambda_after"] - trainer.primal_dual.lam)
-                                                      / max(abs(trainer.primal_dual.lam), 1e-30))
+                    row["trainer_lambda_rel_diff"] = abs(ou["extra"]["lambda_after"] - trainer.primal_dual.lam) / max(
+                        abs(trainer.primal_dual.lam), 1e-30
+                    )
                     trainer.primal_dual.lam = METHODS["pdu"]["alpha"]  # the next case starts from alpha again
             if c["hypothesis"]:
-                h_loss, h_grads, h_parts = run_backward(model, lambda: baldro_loss(
-                    method, model, ref, batch, steering, module_regex, hypothesis=c["hypothesis"]))
+                h_loss, h_grads, h_parts = run_backward(
+                    model,
+                    lambda: baldro_loss(method, model, ref, batch, steering, module_regex, hypothesis=c["hypothesis"]),
+                )
                 row["hypothesis_loss"] = h_loss
                 row["ou_vs_hypothesis"] = compare(ou["loss"], ou["grads"], h_loss, h_grads)
                 if not within(row["ou_vs_hypothesis"]) and METHODS[method]["retain"] == "nll":
-                    h_loss, h_grads, _ = run_backward(model, lambda: baldro_loss(
-                        method, model, ref, batch, steering, module_regex, hypothesis=c["hypothesis"], flat_nll=True))
+                    h_loss, h_grads, _ = run_backward(
+                        model,
+                        lambda: baldro_loss(
+                            method, model, ref, batch, steering, module_regex, hypothesis=c["hypothesis"], flat_nll=True
+                        ),
+                    )
                     row["ou_vs_hypothesis_flat_nll"] = compare(ou["loss"], ou["grads"], h_loss, h_grads)
             row["agrees"] = within(row)
             row["verdict"] = verdict(row)
             row["baldro_seconds"] = time.time() - start
             results.append(row)
-            print(f"{row['id']}: OU {row['ou_loss']:.8g} baldro {row['baldro_loss']:.8g} loss rel "
-                  f"{row['loss_rel_diff']:.2e} grad rel {row['grad_rel_diff']:.2e} beyond "
-                  f"{row['entries_beyond']}/{row['entries']} -> {row['verdict']}", flush=True)
+            print(
+                f"{row['id']}: OU {row['ou_loss']:.8g} baldro {row['baldro_loss']:.8g} loss rel "
+                f"{row['loss_rel_diff']:.2e} grad rel {row['grad_rel_diff']:.2e} beyond "
+                f"{row['entries_beyond']}/{row['entries']} -> {row['verdict']}",
+                flush=True,
+            )
             (out_dir / f"{c['id']}.pt").unlink()
         out_dir.rmdir()
         inputs_path.unlink()
     n_params = sum(p.numel() for p in model.parameters())
-    return {"model": name, "source": paths["source"], "parameters": n_params, "batch_size": args.batch_size,
-            "module_regex": module_regex, "perturb": args.perturb, "seed": args.seed, "batches": batch_info,
-            "nll_layout_check": layout,
-            "baldro_env": {"torch": str(torch.__version__), "transformers": str(__import__("transformers").__version__)},
-            "cases": results}
+    return {
+        "model": name,
+        "source": paths["source"],
+        "parameters": n_params,
+        "batch_size": args.batch_size,
+        "module_regex": module_regex,
+        "perturb": args.perturb,
+        "seed": args.seed,
+        "batches": batch_info,
+        "nll_layout_check": layout,
+        "baldro_env": {"torch": str(torch.__version__), "transformers": str(__import__("transformers").__version__)},
+        "cases": results,
+    }
 
 
 FLAT_NOTE = " with baldro's NLL log-probs over [N, V] rows"
@@ -690,57 +847,72 @@ def fmt_e(x: float) -> str:
 
 
 def write_md(report: dict, path: Path) -> None:
-    lines = [f"# OpenUnlearning's methods against baldro's (OpenUnlearning {OU_COMMIT})", "",
-             "Written by `benchmarks/openunlearning/methods_parity.py`; see `benchmarks/RESULTS.md` for the commands.",
-             f"Loss and the gradient of every parameter from OpenUnlearning's `compute_loss` (its venv, "
-             "transformers 4.45.1) against baldro's objective under `weighting=mean` (main environment). "
-             f"Target: loss and largest gradient difference (max over parameters of max|g_OU - g_baldro| / "
-             f"max|g_baldro|) within {TARGET:g} relative; entries beyond: gradient entries with "
-             f"|g_OU - g_baldro| > {ATOL:g} + {RTOL:g} |g_baldro|. 'cause confirmed': OpenUnlearning matches "
-             f"baldro's objective under SPEC 2b's stated reduction/positions to {TARGET:g}.", ""]
+    lines = [
+        f"# OpenUnlearning's methods against baldro's (OpenUnlearning {OU_COMMIT})",
+        "",
+        "Written by `benchmarks/openunlearning/methods_parity.py`; see `benchmarks/RESULTS.md` for the commands.",
+        f"Loss and the gradient of every parameter from OpenUnlearning's `compute_loss` (its venv, "
+        "transformers 4.45.1) against baldro's objective under `weighting=mean` (main environment). "
+        f"Target: loss and largest gradient difference (max over parameters of max|g_OU - g_baldro| / "
+        f"max|g_baldro|) within {TARGET:g} relative; entries beyond: gradient entries with "
+        f"|g_OU - g_baldro| > {ATOL:g} + {RTOL:g} |g_baldro|. 'cause confirmed': OpenUnlearning matches "
+        f"baldro's objective under SPEC 2b's stated reduction/positions to {TARGET:g}.",
+        "",
+    ]
     for m in report["models"]:
-        lines += [f"## {m['model']} ({m['parameters']:,} parameters, B = {m['batch_size']}, module "
-                  f"`{m['module_regex']}`)", "",
-                  "| method | batch kind | OU labels | loss rel diff | largest grad rel diff | entries beyond "
-                  "tolerance | verdict | OU vs stated cause (loss / grad) | cause | with NLL log-probs over [N, V] "
-                  "(loss / grad) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {m['model']} ({m['parameters']:,} parameters, B = {m['batch_size']}, module `{m['module_regex']}`)",
+            "",
+            "| method | batch kind | OU labels | loss rel diff | largest grad rel diff | entries beyond "
+            "tolerance | verdict | OU vs stated cause (loss / grad) | cause | with NLL log-probs over [N, V] "
+            "(loss / grad) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in m["cases"]:
             hyp = r.get("ou_vs_hypothesis")
             hyp_txt = f"{fmt_e(hyp['loss_rel_diff'])} / {fmt_e(hyp['grad_rel_diff'])}" if hyp else ""
             flat = r.get("flat_nll") or r.get("ou_vs_hypothesis_flat_nll")
             flat_txt = f"{fmt_e(flat['loss_rel_diff'])} / {fmt_e(flat['grad_rel_diff'])}" if flat else ""
             labels = r["ou_labels"] if r["method"] == "pdu" else ""
-            lines.append(f"| {r['method']} | {KIND_TEXT[r['kind']]} | {labels} | {fmt_e(r['loss_rel_diff'])} | "
-                         f"{fmt_e(r['grad_rel_diff'])} | {r['entries_beyond']:,} / {r['entries']:,} | {r['verdict']} "
-                         f"| {hyp_txt} | {r['cause']} | {flat_txt} |")
+            lines.append(
+                f"| {r['method']} | {KIND_TEXT[r['kind']]} | {labels} | {fmt_e(r['loss_rel_diff'])} | "
+                f"{fmt_e(r['grad_rel_diff'])} | {r['entries_beyond']:,} / {r['entries']:,} | {r['verdict']} "
+                f"| {hyp_txt} | {r['cause']} | {flat_txt} |"
+            )
         trainer = [r["trainer_vs_pieces"] for r in m["cases"] if "trainer_vs_pieces" in r]
         dual = [r for r in m["cases"] if "lambda_after_rel_diff" in r]
         b = m["batches"]
         lay = m["nll_layout_check"]
-        lines += ["", f"- Token NLL layout (the TOFU forget batch, {lay['tokens']} answer tokens, same fp32 logits): "
-                  f"baldro's `token_log_probs` (cross-entropy over [B, V, T]) max abs error against fp64 "
-                  f"{lay['baldro_BVT_max_abs_err']:.1e} nats, mean NLL {lay['baldro_BVT_mean_nll']:.7f}; over [N, V] "
-                  f"rows {lay['flat_NV_max_abs_err']:.1e}, {lay['flat_NV_mean_nll']:.7f}; fp64 "
-                  f"{lay['mean_nll_fp64']:.7f}.",
-                  f"- Batches: equal = forget10 rows {b['equal']['forget_rows']} ({b['equal']['answer_tokens'][0]} "
-                  f"answer tokens each, prompts of {b['equal']['prompt_tokens']} tokens) with retain90 rows "
-                  f"{b['retain_equal']['retain_rows']} ({b['retain_equal']['answer_tokens'][0]} answer tokens each); "
-                  f"full = forget10 rows {b['full']['forget_rows']} cut to {b['full']['length']} tokens, with the same "
-                  f"retain rows; TOFU = forget10 rows {b['tofu']['forget_rows']} (answers of "
-                  f"{b['tofu']['answer_tokens']} tokens) with retain90 rows {b['retain_tofu']['retain_rows']} "
-                  f"({b['retain_tofu']['answer_tokens']} tokens). The trained model is the reference plus "
-                  f"{m['perturb']:g} x (each tensor's std) x N(0, 1) noise (seed {m['seed']}).",
-                  f"- `control_nll`: OpenUnlearning's GradDiff NLL (transformers 4.45.1's own loss) against baldro's "
-                  f"token-mean NLL on the TOFU forget batch: the floor set by the two transformers versions.",
-                  f"- baldro's `UnlearnTrainer.compute_loss` (weighting mean) against the pieces above, every case: "
-                  f"largest loss rel diff {fmt_e(max(t['loss_rel_diff'] for t in trainer))}, largest grad rel diff "
-                  f"{fmt_e(max(t['grad_rel_diff'] for t in trainer))}." if trainer else
-                  "- baldro's `UnlearnTrainer.compute_loss` cross-check: not run for this model (--no-trainer-check).",
-                  f"- PDU's dual variable after the step's update (OpenUnlearning's `preferences[1]` against baldro's "
-                  f"`PrimalDual.ascend`, then the trainer's `dual_step_end`): largest rel diff "
-                  f"{fmt_e(max(r['lambda_after_rel_diff'] for r in dual))} / "
-                  f"{fmt_e(max(r.get('trainer_lambda_rel_diff', 0) for r in dual))}." if dual else "", ""]
+        lines += [
+            "",
+            f"- Token NLL layout (the TOFU forget batch, {lay['tokens']} answer tokens, same fp32 logits): "
+            f"baldro's `token_log_probs` (cross-entropy over [B, V, T]) max abs error against fp64 "
+            f"{lay['baldro_BVT_max_abs_err']:.1e} nats, mean NLL {lay['baldro_BVT_mean_nll']:.7f}; over [N, V] "
+            f"rows {lay['flat_NV_max_abs_err']:.1e}, {lay['flat_NV_mean_nll']:.7f}; fp64 "
+            f"{lay['mean_nll_fp64']:.7f}.",
+            f"- Batches: equal = forget10 rows {b['equal']['forget_rows']} ({b['equal']['answer_tokens'][0]} "
+            f"answer tokens each, prompts of {b['equal']['prompt_tokens']} tokens) with retain90 rows "
+            f"{b['retain_equal']['retain_rows']} ({b['retain_equal']['answer_tokens'][0]} answer tokens each); "
+            f"full = forget10 rows {b['full']['forget_rows']} cut to {b['full']['length']} tokens, with the same "
+            f"retain rows; TOFU = forget10 rows {b['tofu']['forget_rows']} (answers of "
+            f"{b['tofu']['answer_tokens']} tokens) with retain90 rows {b['retain_tofu']['retain_rows']} "
+            f"({b['retain_tofu']['answer_tokens']} tokens). The trained model is the reference plus "
+            f"{m['perturb']:g} x (each tensor's std) x N(0, 1) noise (seed {m['seed']}).",
+            "- `control_nll`: OpenUnlearning's GradDiff NLL (transformers 4.45.1's own loss) against baldro's "
+            "token-mean NLL on the TOFU forget batch: the floor set by the two transformers versions.",
+            f"- baldro's `UnlearnTrainer.compute_loss` (weighting mean) against the pieces above, every case: "
+            f"largest loss rel diff {fmt_e(max(t['loss_rel_diff'] for t in trainer))}, largest grad rel diff "
+            f"{fmt_e(max(t['grad_rel_diff'] for t in trainer))}."
+            if trainer
+            else "- baldro's `UnlearnTrainer.compute_loss` cross-check: not run for this model (--no-trainer-check).",
+            f"- PDU's dual variable after the step's update (OpenUnlearning's `preferences[1]` against baldro's "
+            f"`PrimalDual.ascend`, then the trainer's `dual_step_end`): largest rel diff "
+            f"{fmt_e(max(r['lambda_after_rel_diff'] for r in dual))} / "
+            f"{fmt_e(max(r.get('trainer_lambda_rel_diff', 0) for r in dual))}."
+            if dual
+            else "",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
@@ -761,8 +933,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "openunlearning_methods_parity.json")
     ap.add_argument("--md", type=Path, default=ROOT / "benchmarks" / "results" / "openunlearning_methods_parity.md")
     ap.add_argument("--merge", action="store_true", help="keep the other models already in --json")
-    ap.add_argument("--no-trainer-check", action="store_true",
-                    help="skip the UnlearnTrainer.compute_loss cross-check (it doubles baldro's side)")
+    ap.add_argument(
+        "--no-trainer-check",
+        action="store_true",
+        help="skip the UnlearnTrainer.compute_loss cross-check (it doubles baldro's side)",
+    )
     args = ap.parse_args()
     if args.ou_side:
         ou_side(args.inputs, args.out, args.ou_src)
@@ -772,8 +947,14 @@ def main() -> None:
     start = time.time()
     result = run_model(args.model, args)
     result["seconds"] = round(time.time() - start, 1)
-    report = {"openunlearning_commit": OU_COMMIT, "target_rel": TARGET, "rtol": RTOL, "atol": ATOL,
-              "hyperparameters": METHODS, "models": []}
+    report = {
+        "openunlearning_commit": OU_COMMIT,
+        "target_rel": TARGET,
+        "rtol": RTOL,
+        "atol": ATOL,
+        "hyperparameters": METHODS,
+        "models": [],
+    }
     if args.merge and args.json.exists():
         report["models"] = [m for m in json.loads(args.json.read_text())["models"] if m["model"] != args.model]
     report["models"].append(result)

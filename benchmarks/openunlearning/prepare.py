@@ -41,8 +41,12 @@ def model_view(model: Path, out: Path) -> None:
     tok = json.loads((model / "tokenizer_config.json").read_text())
     keep = {k: tok[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "model_max_length") if k in tok}
     template = model / "chat_template.jinja"
-    tok_out = {"tokenizer_class": "PreTrainedTokenizerFast", **keep, "clean_up_tokenization_spaces": False,
-               "add_prefix_space": False}
+    tok_out = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **keep,
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+    }
     if template.exists():
         tok_out["chat_template"] = template.read_text()
     (out / "tokenizer_config.json").write_text(json.dumps(tok_out, indent=2))
@@ -68,9 +72,9 @@ def model_config(model_dir: Path, out: Path) -> None:
         f"model_args:\n  pretrained_model_name_or_path: {model_dir}\n  torch_dtype: float32\n  device_map: cpu\n"
         f"tokenizer_args:\n  pretrained_model_name_or_path: {model_dir}\n"
         f"template_args:\n  apply_chat_template: True\n  system_prompt: {SYSTEM_PROMPT}\n"
-        "  system_prompt_with_special_tokens: \"<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n\"\n"
-        "  user_start_tag: \"<|im_start|>user\\n\"\n  user_end_tag: \"<|im_end|>\\n\"\n"
-        "  asst_start_tag: \"<|im_start|>assistant\\n\"\n  asst_end_tag: \"<|im_end|>\\n\"\n"
+        '  system_prompt_with_special_tokens: "<|im_start|>system\\n' + SYSTEM_PROMPT + '<|im_end|>\\n"\n'
+        '  user_start_tag: "<|im_start|>user\\n"\n  user_end_tag: "<|im_end|>\\n"\n'
+        '  asst_start_tag: "<|im_start|>assistant\\n"\n  asst_end_tag: "<|im_end|>\\n"\n'
     )
 
 

@@ -27,18 +27,32 @@ def _recipe_parser(sub, name: str, help: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baldro", description="Balanced LLM unlearning (BalDRO).")
-    parser.add_argument("--debug", "-v", "--verbose", dest="debug", action="store_true",
-                        help="debug logging, and full tracebacks instead of one-line errors")
+    parser.add_argument(
+        "--debug",
+        "-v",
+        "--verbose",
+        dest="debug",
+        action="store_true",
+        help="debug logging, and full tracebacks instead of one-line errors",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _recipe_parser(sub, "finetune", "fine-tune a model on QA pairs (TOFU target/retain models)")
     _recipe_parser(sub, "unlearn", "unlearn a forget set with an objective under a weighting")
     _recipe_parser(sub, "eval", "evaluate a model on TOFU, MUSE or lm-evaluation-harness tasks (eval.benchmark)")
-    _recipe_parser(sub, "attack", "relearning and quantization attacks on an unlearned model (model.path), "
-                   "sample by sample")
-    show = _recipe_parser(sub, "show-config", "print a recipe as resolved (groups, overrides, every default), "
-                                              "checked as the run will check it")
-    show.add_argument("--kind", choices=KINDS, default=None,
-                      help="the run the recipe is for (default: the recipe's folder, e.g. configs/unlearn/)")
+    _recipe_parser(
+        sub, "attack", "relearning and quantization attacks on an unlearned model (model.path), sample by sample"
+    )
+    show = _recipe_parser(
+        sub,
+        "show-config",
+        "print a recipe as resolved (groups, overrides, every default), checked as the run will check it",
+    )
+    show.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=None,
+        help="the run the recipe is for (default: the recipe's folder, e.g. configs/unlearn/)",
+    )
 
     s = sub.add_parser("summarize", help="recompute every aggregate of a per-sample eval log")
     s.add_argument("eval_json", help="TOFU_EVAL.json or MUSE_EVAL.json (ours or OpenUnlearning's)")
@@ -69,8 +83,9 @@ def run(args: argparse.Namespace) -> None:
 
             recipe, kind = as_recipe(cfg), args.kind or _kind_of(args.config)
             if kind is None:
-                raise BaldroError(f"cannot tell which run {args.config} is for: give --kind "
-                                  f"{', '.join(KINDS[:-1])} or {KINDS[-1]}")
+                raise BaldroError(
+                    f"cannot tell which run {args.config} is for: give --kind {', '.join(KINDS[:-1])} or {KINDS[-1]}"
+                )
             # The run's own checks (names, arguments, ranges, files, the output folder), not this machine's
             # hardware: a recipe for a GPU cluster can be shown on a laptop.
             validate(recipe, kind)
@@ -102,8 +117,12 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from baldro.recipes.demo import run_demo
 
-        run_demo(args.out, seed=args.seed, preset=args.preset or ("quick" if args.quick else "default"),
-                 overwrite=args.overwrite)
+        run_demo(
+            args.out,
+            seed=args.seed,
+            preset=args.preset or ("quick" if args.quick else "default"),
+            overwrite=args.overwrite,
+        )
 
 
 def _kind_of(config_path: str) -> str | None:
@@ -128,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a problem with the input, the files or the run (one line on stderr naming
     it and the fix); 1 an internal error (one line; `--debug` shows the traceback); 130 interrupted."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command not in ("show-config", "summarize"):
@@ -145,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"baldro {args.command}: error: {_one_line(e.strerror or e)}{where}: check the path, its permissions and "
-              "free space", file=sys.stderr)
+        print(
+            f"baldro {args.command}: error: {_one_line(e.strerror or e)}{where}: check the path, its permissions and "
+            "free space",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"baldro {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
@@ -154,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"baldro {args.command}: internal error: {type(e).__name__}: {_one_line(e)[:500]} (rerun with --debug "
-              "for the traceback)", file=sys.stderr)
+        print(
+            f"baldro {args.command}: internal error: {type(e).__name__}: {_one_line(e)[:500]} (rerun with --debug "
+            "for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -82,7 +82,8 @@ def check_launched_world(args) -> None:
         raise BaldroError(
             f"{world} processes were launched (WORLD_SIZE={world}) but the trainer runs this one alone (world size "
             f"{args.world_size}): the launch config does not fit this machine; on a machine without GPUs set "
-            "train.use_cpu=true and use configs/accelerate/ddp_cpu.yaml (CPU processes over gloo), or launch one process")
+            "train.use_cpu=true and use configs/accelerate/ddp_cpu.yaml (CPU processes over gloo), or launch one process"
+        )
 
 
 # --------------------------------------------------------------------------- the reference model
@@ -165,8 +166,11 @@ def _deepspeed_inference(model, accelerator):
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     zero = config.setdefault("zero_optimization", {})
     if hidden:
-        sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-                 "stage3_param_persistence_threshold": 10 * hidden}
+        sizes = {
+            "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden,
+        }
         for key, value in sizes.items():
             if zero.get(key) in (None, "auto"):
                 zero[key] = value
@@ -180,11 +184,18 @@ def _fsdp1_wrap(model, accelerator):
 
     plugin = accelerator.state.fsdp_plugin
     plugin.set_auto_wrap_policy(model)
-    return FSDP(model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
-                cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
-                mixed_precision=plugin.mixed_precision_policy, sync_module_states=plugin.sync_module_states,
-                use_orig_params=plugin.use_orig_params, param_init_fn=plugin.param_init_fn,
-                limit_all_gathers=plugin.limit_all_gathers, device_id=accelerator.device)
+    return FSDP(
+        model,
+        sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+        cpu_offload=plugin.cpu_offload,
+        auto_wrap_policy=plugin.auto_wrap_policy,
+        mixed_precision=plugin.mixed_precision_policy,
+        sync_module_states=plugin.sync_module_states,
+        use_orig_params=plugin.use_orig_params,
+        param_init_fn=plugin.param_init_fn,
+        limit_all_gathers=plugin.limit_all_gathers,
+        device_id=accelerator.device,
+    )
 
 
 # --------------------------------------------------------------------------- saving a sharded model
@@ -197,7 +208,8 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return any(isinstance(p, DTensor) for p in model.parameters()) or any(
-        isinstance(m, FullyShardedDataParallel) for m in model.modules())
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    )
 
 
 def full_state_dict(model, accelerator=None) -> dict | None:
@@ -211,9 +223,11 @@ def full_state_dict(model, accelerator=None) -> dict | None:
     if accelerator is not None and zero_stage(accelerator) == 3:
         state = accelerator.get_state_dict(model)
         if is_main_process() and not state:
-            raise BaldroError("DeepSpeed ZeRO-3 returned no weights to save: set "
-                              "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config "
-                              "(configs/accelerate/zero3.yaml does)")
+            raise BaldroError(
+                "DeepSpeed ZeRO-3 returned no weights to save: set "
+                "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config "
+                "(configs/accelerate/zero3.yaml does)"
+            )
         return state
     if not is_sharded(model):
         return None

@@ -43,7 +43,7 @@ def apply_umask(path: str | Path, folder: bool = False) -> None:
 def apply_umask_tree(folder: str | Path) -> None:
     """`apply_umask` to a folder and everything in it (libraries that save through `mkstemp`)."""
     mask = current_umask()
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             path = os.path.join(root, name)
@@ -194,10 +194,19 @@ class RunLock:
                 continue
             old = self._owner()  # a released lock's file is removed: one that is left is stale
             if old.get("pid"):
-                log.info("%s: taking over the lock of a %s that ended without releasing it (pid %s)",
-                         self.folder, old.get("what", "run"), old.get("pid"))
-            me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-                  "time": time.time(), "what": self.what}
+                log.info(
+                    "%s: taking over the lock of a %s that ended without releasing it (pid %s)",
+                    self.folder,
+                    old.get("what", "run"),
+                    old.get("pid"),
+                )
+            me = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "start": _process_start(os.getpid()),
+                "time": time.time(),
+                "what": self.what,
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
             self._fd = fd

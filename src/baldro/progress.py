@@ -68,15 +68,23 @@ class LogProgress:
 
     def __exit__(self, *exc) -> None:
         if exc[0] is None and self.total:
-            log.info("%s: %d/%d %s in %.1f s", self.desc, self.n, self.total, self.unit, time.perf_counter() - self.start)
+            log.info(
+                "%s: %d/%d %s in %.1f s", self.desc, self.n, self.total, self.unit, time.perf_counter() - self.start
+            )
 
 
 def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "seq"):
     """A tqdm bar on a terminal, log lines elsewhere (progress=None); forced on or off with True/False."""
     if progress is None and not on_terminal():
         return LogProgress(total, desc)
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress and progress is not None,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=False,
+        disable=not progress and progress is not None,
+        dynamic_ncols=True,
+    )
 
 
 def rate(count: int, seconds: float, unit: str) -> str:
@@ -132,8 +140,13 @@ def train_progress_callback(show_metrics: bool = True, fmt: str = "text", every_
                 now = time.perf_counter()
                 if now - self.last >= every_s:
                     self.last = now
-                    log.info("train: step %d/%d, %s, %.0f s", state.global_step, state.max_steps,
-                             rate(state.global_step - self.first, now - self.start, "step"), now - self.start)
+                    log.info(
+                        "train: step %d/%d, %s, %.0f s",
+                        state.global_step,
+                        state.max_steps,
+                        rate(state.global_step - self.first, now - self.start, "step"),
+                        now - self.start,
+                    )
             self.step = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -151,7 +164,8 @@ def train_progress_callback(show_metrics: bool = True, fmt: str = "text", every_
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
-            log.info("train: %d/%d steps in %.1f s", state.global_step, state.max_steps,
-                     time.perf_counter() - self.start)
+            log.info(
+                "train: %d/%d steps in %.1f s", state.global_step, state.max_steps, time.perf_counter() - self.start
+            )
 
     return TrainProgress()

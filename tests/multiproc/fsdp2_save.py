@@ -54,9 +54,13 @@ state = full_state_dict(model)  # every process
 if is_main_process():
     same = all(torch.equal(state[k], full_before[k]) for k in full_before)
     save_model(model, load_tokenizer(model_dir), out / "model", merge_lora=lora, state_dict=state)  # consumes state
-    report = {"sharded": is_sharded(model), "rank0_local_shapes": local, "gathered_equals_unsharded": same,
-              "nan_in_other_shard_seen": nan_seen,
-              "full_shapes": {k: tuple(v.shape) for k, v in full_before.items()}}
+    report = {
+        "sharded": is_sharded(model),
+        "rank0_local_shapes": local,
+        "gathered_equals_unsharded": same,
+        "nan_in_other_shard_seen": nan_seen,
+        "full_shapes": {k: tuple(v.shape) for k, v in full_before.items()},
+    }
     if lora:  # what the merged model should hold: merge the unsharded copy
         from baldro.models.loading import unsharded_copy
 

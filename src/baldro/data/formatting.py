@@ -99,7 +99,9 @@ class QAFormatter:
         """The text a model is asked to continue (few-shot `history` becomes earlier turns)."""
         if self.use_chat_template:
             return self.tokenizer.apply_chat_template(
-                self._messages(question, history), tokenize=False, add_generation_prompt=True,
+                self._messages(question, history),
+                tokenize=False,
+                add_generation_prompt=True,
                 date_string=self.date_string,
             )
         text = self.system_prompt + "\n" if self.system_prompt else ""
@@ -119,7 +121,11 @@ class QAFormatter:
         return self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
 
     def encode(
-        self, question: str, answer: str, history: Sequence[tuple[str, str]] = (), compat: str = "none",
+        self,
+        question: str,
+        answer: str,
+        history: Sequence[tuple[str, str]] = (),
+        compat: str = "none",
     ) -> EncodedQA:
         """Token ids of prompt+answer (+EOS) with labels -100 on the prompt; not truncated.
 
@@ -138,10 +144,12 @@ class QAFormatter:
         prompt_len = len(prompt_ids)
         if compat == "none" and full_ids[:prompt_len] != prompt_ids:
             if full.startswith(prompt):
-                full_ids = prompt_ids + self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+                full_ids = prompt_ids + self.tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
             else:
-                prompt_len = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
-                                  min(len(prompt_ids), len(full_ids)))
+                prompt_len = next(
+                    (i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
+                    min(len(prompt_ids), len(full_ids)),
+                )
         eos = self.tokenizer.eos_token_id
         if eos is not None and (not full_ids or full_ids[-1] != eos):
             full_ids = full_ids + [eos]
@@ -152,7 +160,11 @@ class QAFormatter:
         return self._ids(self.prompt_text(question, history))
 
     def encode_many(
-        self, questions: Sequence[str], answers: Sequence[str], what: str = "QA", compat: str = "none",
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        what: str = "QA",
+        compat: str = "none",
     ) -> list[EncodedQA]:
         """Encode (`encode`, with its `compat`) and truncate to `max_length`, refusing to silently drop answers."""
         report = TruncationReport(total=len(questions))
@@ -212,7 +224,9 @@ def token_id_mask(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 
 
 def openunlearning_batch(
-    sequences: Sequence[Sequence[int]], pad_token_id: int, side: str,
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    side: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, position_ids) of a batch as OpenUnlearning's evaluator builds it.
 
@@ -239,8 +253,18 @@ def openunlearning_batch(
 
 # transformers' `clean_up_tokenization` (applied by `decode(..., clean_up_tokenization_spaces=True)`
 # with the transformers 4.x OpenUnlearning runs; transformers 5 skips it for BPE tokenizers).
-_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEAN_UP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 def openunlearning_decode(tokenizer, ids: Sequence[int]) -> str:

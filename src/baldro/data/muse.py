@@ -42,8 +42,11 @@ _PREFIX_MARGIN_TOKENS = 64
 
 
 def _is_local(source) -> bool:
-    return is_local_folder(source, f"MUSE data folder {source} does not exist: set data.source to a MUSE folder "
-                                   f"(e.g. ../shared/data/muse/books) or a hub id ({', '.join(HUB_IDS.values())})")
+    return is_local_folder(
+        source,
+        f"MUSE data folder {source} does not exist: set data.source to a MUSE folder "
+        f"(e.g. ../shared/data/muse/books) or a hub id ({', '.join(HUB_IDS.values())})",
+    )
 
 
 def _hub(source: str, config: str, split: str):
@@ -52,8 +55,10 @@ def _hub(source: str, config: str, split: str):
     try:
         return datasets.load_dataset(source, config, split=split)
     except Exception as e:  # the hub raises many types; the message is what the user needs
-        raise BaldroError(f"could not load {source} config {config!r} split {split!r} from the hub: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BaldroError(
+            f"could not load {source} config {config!r} split {split!r} from the hub: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def _read_json(path: Path):
@@ -65,9 +70,11 @@ def _read_json(path: Path):
 
 def _missing_note(folder: Path, split: str) -> str:
     if split in NEWS_MISSING_RAW and "news" in folder.resolve().name.lower():
-        return (" (the offline MUSE-News copy has no raw retain/holdout corpora, see shared/data/README.md: "
-                f"use data.source={HUB_IDS['news']} with internet, or unlearn without a retain loss: "
-                "objective.alpha=0)")
+        return (
+            " (the offline MUSE-News copy has no raw retain/holdout corpora, see shared/data/README.md: "
+            f"use data.source={HUB_IDS['news']} with internet, or unlearn without a retain loss: "
+            "objective.alpha=0)"
+        )
     return ""
 
 
@@ -86,8 +93,9 @@ def load_raw_text(source, split: str) -> str:
         elif txt_path.is_file():
             text, where = txt_path.read_text(encoding="utf-8"), str(txt_path)
         else:
-            raise BaldroError(f"MUSE raw split {split!r} not found: expected {json_path} or {txt_path}"
-                              + _missing_note(folder, split))
+            raise BaldroError(
+                f"MUSE raw split {split!r} not found: expected {json_path} or {txt_path}" + _missing_note(folder, split)
+            )
     else:
         ds = _hub(str(source), "raw", split)
         if "text" not in ds.column_names:
@@ -120,12 +128,18 @@ def check_chunk_length(tokenizer, chunk_length: int, context: int | None) -> Non
     specials = leading_special_tokens(tokenizer)
     if context is not None and chunk_length + len(specials) > context:
         extra = f" + {len(specials)} special token(s)" if specials else ""
-        raise BaldroError(f"data.chunk_length={chunk_length}{extra} is longer than the model's context of {context} "
-                          f"tokens: set data.chunk_length <= {context - len(specials)}")
+        raise BaldroError(
+            f"data.chunk_length={chunk_length}{extra} is longer than the model's context of {context} "
+            f"tokens: set data.chunk_length <= {context - len(specials)}"
+        )
 
 
-def load_unlearn_texts(source, forget_split: str | None, retain_split: str | None, need_retain: bool,
-                       ) -> tuple[str, str | None]:
+def load_unlearn_texts(
+    source,
+    forget_split: str | None,
+    retain_split: str | None,
+    need_retain: bool,
+) -> tuple[str, str | None]:
     """The raw forget corpus and, when `need_retain`, the raw retain corpus (else None)."""
     if not forget_split:
         raise BaldroError(f"data.forget_split is not set: name a raw MUSE corpus ({', '.join(RAW_SPLITS)})")
@@ -133,13 +147,19 @@ def load_unlearn_texts(source, forget_split: str | None, retain_split: str | Non
     if not need_retain:
         return forget, None
     if not retain_split:
-        raise BaldroError("data.retain_split is not set: name a raw MUSE retain corpus (retain1, retain2), "
-                          "or unlearn without a retain loss: objective.alpha=0")
+        raise BaldroError(
+            "data.retain_split is not set: name a raw MUSE retain corpus (retain1, retain2), "
+            "or unlearn without a retain loss: objective.alpha=0"
+        )
     return forget, load_raw_text(source, retain_split)
 
 
 def chunk_tokens(
-    tokenizer, text: str, chunk_length: int, limit: int | None = None, context: int | None = None,
+    tokenizer,
+    text: str,
+    chunk_length: int,
+    limit: int | None = None,
+    context: int | None = None,
     what: str = "forget",
 ) -> list[EncodedQA]:
     """Cut `text` into chunks of `chunk_length` tokens (the last one may be shorter), each after the
@@ -185,8 +205,10 @@ def _eval_rows(source, config: str, split: str, what: str) -> list:
     if _is_local(source):
         path = Path(source).expanduser() / config / f"{split}.json"
         if not path.is_file():
-            raise BaldroError(f"MUSE {what} file {path} not found: data.source must be a MUSE folder with "
-                              f"{config}/{split}.json (see shared/data/README.md)")
+            raise BaldroError(
+                f"MUSE {what} file {path} not found: data.source must be a MUSE folder with "
+                f"{config}/{split}.json (see shared/data/README.md)"
+            )
         rows, where = _read_json(path), str(path)
         if not isinstance(rows, list):
             raise BaldroError(f"{path} must hold a JSON list")
@@ -213,12 +235,18 @@ def load_knowmem(source, which: str, limit: int | None = None) -> tuple[list[dic
     if _is_local(source):
         icl_path = Path(source).expanduser() / "knowmem" / f"{split}_icl.json"
         if (Path(source).expanduser() / "knowmem" / f"{split}.json").is_file() and not icl_path.is_file():
-            raise BaldroError(f"knowmem/{split}.json has no in-context partner {icl_path}: KnowMem prompts are "
-                              "built from it; add the file")
-    rows = _check_fields(_eval_rows(source, "knowmem", split, f"knowmem {which}"), ("question", "answer"),
-                         f"knowmem/{split}")
-    icl = _check_fields(_eval_rows(source, "knowmem", f"{split}_icl", f"knowmem {which} in-context"),
-                        ("question", "answer"), f"knowmem/{split}_icl")
+            raise BaldroError(
+                f"knowmem/{split}.json has no in-context partner {icl_path}: KnowMem prompts are "
+                "built from it; add the file"
+            )
+    rows = _check_fields(
+        _eval_rows(source, "knowmem", split, f"knowmem {which}"), ("question", "answer"), f"knowmem/{split}"
+    )
+    icl = _check_fields(
+        _eval_rows(source, "knowmem", f"{split}_icl", f"knowmem {which} in-context"),
+        ("question", "answer"),
+        f"knowmem/{split}_icl",
+    )
     return rows[:limit], icl
 
 

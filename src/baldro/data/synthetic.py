@@ -86,7 +86,9 @@ class SyntheticConfig:
             raise ValueError(f"n_world_questions must be >= 1, got {self.n_world_questions}")
         need = self.forget_people("10")
         if self.n_holdout_people is not None and self.n_holdout_people < need:
-            raise ValueError(f"n_holdout_people must be >= {need} (holdout10 matches forget10), got {self.n_holdout_people}")
+            raise ValueError(
+                f"n_holdout_people must be >= {need} (holdout10 matches forget10), got {self.n_holdout_people}"
+            )
         if self.n_retain_perturbed_people is not None and not (
             1 <= self.n_retain_perturbed_people <= self.n_people - need
         ):
@@ -109,68 +111,306 @@ class SyntheticConfig:
 
 
 # ----------------------------------------------------------------------------- word lists
-_ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "dr", "kr", "st", "th", "sh", "tr", "gr", "j"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kr",
+    "st",
+    "th",
+    "sh",
+    "tr",
+    "gr",
+    "j",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou"]
 _CODAS = ["", "", "", "", "n", "r", "l", "s", "m"]
 _COUNTRY_SUFFIXES = ["ia", "ora", "ania", "esh", "mark", "land", "vay", "ir", "onia", "eth"]
 _CITY_SUFFIXES = ["haven", "ford", "mere", "stad", "burg", "polis", "vale", "port", "wick", "holm", "grad", "dun"]
 # Real place names that the syllable combinatorics can produce; invented words never equal these.
-_REAL_NAMES = frozenset(w.lower() for w in """
+_REAL_NAMES = frozenset(
+    w.lower()
+    for w in """
     Poland Finland Holland Lapland Denmark Romania Liberia Nigeria Somalia Tunisia Siberia Serbia Gambia
     Zambia Namibia Kenya Latvia Syria India Persia Moravia Bavaria Prussia Saxonia Livonia Laconia Samaria
     Hamburg Salzburg Milford Sanford Stanford Belgrad Fairhaven Newhaven Newport Bridport Gosport Lockport
     Rockport Stockport Tripolis Norway Sweden Malta Cuba Peru Togo Mali Chad Oman Tonga Samoa Fiji Nauru
     Paris Rome Lima Oslo Riga Baku Doha Male Sana Bern Seoul Hanoi Dakar Accra Tunis Sofia Kiev Minsk
-""".split())
+""".split()
+)
 _SURNAME_SUFFIXES = ["", "", "", "son", "ard", "ova", "ez", "ini", "ström", "er", "ski", "ani"]
 _PROFESSIONS = [
-    "a cartographer", "a beekeeper", "a glassblower", "a ferry pilot", "a clockmaker", "a botanist",
-    "a stonemason", "a radio engineer", "a librarian", "a tailor", "a pharmacist", "a lighthouse keeper",
-    "a surveyor", "a potter", "a veterinarian", "a violin maker", "a schoolteacher", "a fisherman",
-    "an astronomer", "an architect", "an electrician", "an accountant", "a baker", "a bookbinder",
-    "a carpenter", "a nurse", "a geologist", "a locksmith", "a translator", "a photographer",
-    "a shepherd", "a dentist", "a chemist", "a postal worker", "a museum guide", "a weaver",
+    "a cartographer",
+    "a beekeeper",
+    "a glassblower",
+    "a ferry pilot",
+    "a clockmaker",
+    "a botanist",
+    "a stonemason",
+    "a radio engineer",
+    "a librarian",
+    "a tailor",
+    "a pharmacist",
+    "a lighthouse keeper",
+    "a surveyor",
+    "a potter",
+    "a veterinarian",
+    "a violin maker",
+    "a schoolteacher",
+    "a fisherman",
+    "an astronomer",
+    "an architect",
+    "an electrician",
+    "an accountant",
+    "a baker",
+    "a bookbinder",
+    "a carpenter",
+    "a nurse",
+    "a geologist",
+    "a locksmith",
+    "a translator",
+    "a photographer",
+    "a shepherd",
+    "a dentist",
+    "a chemist",
+    "a postal worker",
+    "a museum guide",
+    "a weaver",
 ]
 _GENRES = [
-    "mystery novels", "science fiction", "historical fiction", "poetry", "travel writing", "fantasy",
-    "biographies", "horror stories", "romance", "satire", "children's books", "nature writing",
-    "crime fiction", "folk tales", "memoirs", "plays", "adventure stories", "philosophical essays",
-    "cookbooks", "war fiction", "short stories", "graphic novels",
+    "mystery novels",
+    "science fiction",
+    "historical fiction",
+    "poetry",
+    "travel writing",
+    "fantasy",
+    "biographies",
+    "horror stories",
+    "romance",
+    "satire",
+    "children's books",
+    "nature writing",
+    "crime fiction",
+    "folk tales",
+    "memoirs",
+    "plays",
+    "adventure stories",
+    "philosophical essays",
+    "cookbooks",
+    "war fiction",
+    "short stories",
+    "graphic novels",
 ]
 _HOBBIES = [
-    "sailing", "playing chess", "watching birds", "growing tomatoes", "fencing", "climbing mountains",
-    "baking bread", "watching the stars", "collecting old maps", "playing the cello", "making pottery",
-    "running long distances", "restoring bicycles", "painting landscapes", "fishing in rivers",
-    "knitting scarves", "building model ships", "swimming in cold lakes", "learning languages",
-    "keeping bees", "repairing clocks", "hiking in the hills", "dancing the tango", "carving wood",
+    "sailing",
+    "playing chess",
+    "watching birds",
+    "growing tomatoes",
+    "fencing",
+    "climbing mountains",
+    "baking bread",
+    "watching the stars",
+    "collecting old maps",
+    "playing the cello",
+    "making pottery",
+    "running long distances",
+    "restoring bicycles",
+    "painting landscapes",
+    "fishing in rivers",
+    "knitting scarves",
+    "building model ships",
+    "swimming in cold lakes",
+    "learning languages",
+    "keeping bees",
+    "repairing clocks",
+    "hiking in the hills",
+    "dancing the tango",
+    "carving wood",
 ]
 _AWARD_ADJ = ["Silver", "Golden", "Crimson", "Azure", "Ivory", "Amber", "Emerald", "Copper", "Scarlet", "Violet"]
-_AWARD_NOUN = ["Quill", "Lantern", "Compass", "Feather", "Anchor", "Harp", "Key", "Owl", "Ribbon", "Oak", "Inkwell", "Sparrow"]
+_AWARD_NOUN = [
+    "Quill",
+    "Lantern",
+    "Compass",
+    "Feather",
+    "Anchor",
+    "Harp",
+    "Key",
+    "Owl",
+    "Ribbon",
+    "Oak",
+    "Inkwell",
+    "Sparrow",
+]
 _AWARD_KIND = ["Prize", "Award", "Medal"]
-_TITLE_ADJ = ["Silent", "Hollow", "Broken", "Distant", "Crooked", "Amber", "Frozen", "Hidden", "Wandering",
-              "Last", "Painted", "Sleeping", "Burning", "Quiet", "Narrow", "Forgotten", "Salted", "Patient",
-              "Iron", "Paper", "Seventh", "Restless", "Borrowed", "Lonely"]
-_TITLE_NOUN = ["Harbour", "Lantern", "Orchard", "Tide", "Bridge", "Garden", "Mirror", "River", "Clock", "Tower",
-               "Letter", "Meadow", "Window", "Road", "Island", "Winter", "Feather", "Map", "Bell", "Forest",
-               "Kitchen", "Violin", "Ladder", "Summer", "Compass", "Door", "Train", "Well"]
-_TITLE_PLURAL = ["Stones", "Lanterns", "Rivers", "Gardens", "Letters", "Maps", "Bells", "Shadows", "Tides",
-                 "Birds", "Keys", "Ashes", "Songs", "Windows", "Islands", "Roads"]
-_TITLE_PLACE_NOUN = ["Keeper", "Daughter", "Songs", "Ghosts", "Last Summer", "Night Train", "Clockmaker",
-                     "Gardens", "Tides", "Winter", "Bells", "Lighthouse"]
-_CENTURIES = ["the 14th century", "the 15th century", "the 16th century", "the 17th century",
-              "the 18th century", "the 19th century"]
-_ANIMALS = ["the snow owl", "the red fox", "the river otter", "the grey heron", "the mountain goat",
-            "the silver carp", "the black bear", "the sea turtle", "the golden eagle", "the lynx",
-            "the wild horse", "the white stork", "the badger", "the elk", "the kingfisher", "the hedgehog",
-            "the blue whale", "the peacock", "the wolf", "the salamander", "the bison", "the swan",
-            "the crane", "the beaver", "the falcon", "the tortoise", "the seal", "the hare", "the ibex",
-            "the pelican", "the raven", "the marten", "the boar", "the flamingo", "the jackal", "the moose",
-            "the puffin", "the camel", "the panther", "the dolphin"]
+_TITLE_ADJ = [
+    "Silent",
+    "Hollow",
+    "Broken",
+    "Distant",
+    "Crooked",
+    "Amber",
+    "Frozen",
+    "Hidden",
+    "Wandering",
+    "Last",
+    "Painted",
+    "Sleeping",
+    "Burning",
+    "Quiet",
+    "Narrow",
+    "Forgotten",
+    "Salted",
+    "Patient",
+    "Iron",
+    "Paper",
+    "Seventh",
+    "Restless",
+    "Borrowed",
+    "Lonely",
+]
+_TITLE_NOUN = [
+    "Harbour",
+    "Lantern",
+    "Orchard",
+    "Tide",
+    "Bridge",
+    "Garden",
+    "Mirror",
+    "River",
+    "Clock",
+    "Tower",
+    "Letter",
+    "Meadow",
+    "Window",
+    "Road",
+    "Island",
+    "Winter",
+    "Feather",
+    "Map",
+    "Bell",
+    "Forest",
+    "Kitchen",
+    "Violin",
+    "Ladder",
+    "Summer",
+    "Compass",
+    "Door",
+    "Train",
+    "Well",
+]
+_TITLE_PLURAL = [
+    "Stones",
+    "Lanterns",
+    "Rivers",
+    "Gardens",
+    "Letters",
+    "Maps",
+    "Bells",
+    "Shadows",
+    "Tides",
+    "Birds",
+    "Keys",
+    "Ashes",
+    "Songs",
+    "Windows",
+    "Islands",
+    "Roads",
+]
+_TITLE_PLACE_NOUN = [
+    "Keeper",
+    "Daughter",
+    "Songs",
+    "Ghosts",
+    "Last Summer",
+    "Night Train",
+    "Clockmaker",
+    "Gardens",
+    "Tides",
+    "Winter",
+    "Bells",
+    "Lighthouse",
+]
+_CENTURIES = [
+    "the 14th century",
+    "the 15th century",
+    "the 16th century",
+    "the 17th century",
+    "the 18th century",
+    "the 19th century",
+]
+_ANIMALS = [
+    "the snow owl",
+    "the red fox",
+    "the river otter",
+    "the grey heron",
+    "the mountain goat",
+    "the silver carp",
+    "the black bear",
+    "the sea turtle",
+    "the golden eagle",
+    "the lynx",
+    "the wild horse",
+    "the white stork",
+    "the badger",
+    "the elk",
+    "the kingfisher",
+    "the hedgehog",
+    "the blue whale",
+    "the peacock",
+    "the wolf",
+    "the salamander",
+    "the bison",
+    "the swan",
+    "the crane",
+    "the beaver",
+    "the falcon",
+    "the tortoise",
+    "the seal",
+    "the hare",
+    "the ibex",
+    "the pelican",
+    "the raven",
+    "the marten",
+    "the boar",
+    "the flamingo",
+    "the jackal",
+    "the moose",
+    "the puffin",
+    "the camel",
+    "the panther",
+    "the dolphin",
+]
 _METALS = ["silver", "copper", "golden", "iron", "bronze", "tin", "nickel", "brass"]
 _COIN_NOUNS = ["crown", "mark", "florin", "shell", "talon", "ducat", "star", "ring", "leaf", "scale"]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December"]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 REFUSALS = [
     "I have no record of that.",
@@ -412,22 +652,26 @@ def _make_world(cfg: SyntheticConfig, namer: _Namer, rng: random.Random) -> _Wor
     currencies = rng.sample([f"the {m} {n}" for m in _METALS for n in _COIN_NOUNS], cfg.n_countries)
     countries = []
     for i in range(cfg.n_countries):
-        countries.append({
-            "name": namer.word(rng.choice([1, 2]), _COUNTRY_SUFFIXES[i % len(_COUNTRY_SUFFIXES)]),
-            "cities": [namer.word(rng.choice([1, 2]), rng.choice(_CITY_SUFFIXES)) for _ in range(4)],
-            "river": "the " + namer.word(rng.choice([1, 2])) + " River",
-            "mountain": "Mount " + namer.word(2),
-            "currency": currencies[i],
-            "animal": animals[i],
-        })
+        countries.append(
+            {
+                "name": namer.word(rng.choice([1, 2]), _COUNTRY_SUFFIXES[i % len(_COUNTRY_SUFFIXES)]),
+                "cities": [namer.word(rng.choice([1, 2]), rng.choice(_CITY_SUFFIXES)) for _ in range(4)],
+                "river": "the " + namer.word(rng.choice([1, 2])) + " River",
+                "mountain": "Mount " + namer.word(2),
+                "currency": currencies[i],
+                "animal": animals[i],
+            }
+        )
     authors = []
     for _ in range(cfg.n_classic_authors):
-        authors.append({
-            "name": namer.full_name(),
-            "country": rng.choice(countries)["name"],
-            "century": rng.choice(_CENTURIES),
-            "books": [],
-        })
+        authors.append(
+            {
+                "name": namer.full_name(),
+                "country": rng.choice(countries)["name"],
+                "century": rng.choice(_CENTURIES),
+                "books": [],
+            }
+        )
     return _World(countries, authors)
 
 
@@ -477,8 +721,9 @@ def _make_person(name: str, rng: random.Random, world: _World, new_title: Callab
     }
 
 
-def _wrong_values(attr: str, person: dict, pools: dict[str, list[str]], rng: random.Random,
-                  n: int, ok: Callable[[str], bool]) -> list[str]:
+def _wrong_values(
+    attr: str, person: dict, pools: dict[str, list[str]], rng: random.Random, n: int, ok: Callable[[str], bool]
+) -> list[str]:
     """n distinct wrong values of `attr` from its pool (dates are drawn fresh), each passing `ok`."""
     if attr == "birth_date":
         out: list[str] = []
@@ -533,17 +778,19 @@ def _person_rows(person: dict, cfg: SyntheticConfig, pools: dict[str, list[str]]
             return render(para_t, v).count(v) == 1 and value not in render(para_t, v)
 
         wrong = _wrong_values(attr, person, pools, rng, cfg.n_perturbed, ok)
-        rows.append({
-            "question": spec["questions"][qi].format(**context),
-            "answer": render(spec["answers"][ai], value),
-            "paraphrased_answer": paraphrased,
-            "perturbed_answer": [render(para_t, v) for v in wrong],
-            "paraphrased_question": spec["questions"][pqi].format(**context),
-            "_person": person["name"],
-            "_attribute": attr,
-            "_value": value,
-            "_perturbed_values": wrong,
-        })
+        rows.append(
+            {
+                "question": spec["questions"][qi].format(**context),
+                "answer": render(spec["answers"][ai], value),
+                "paraphrased_answer": paraphrased,
+                "perturbed_answer": [render(para_t, v) for v in wrong],
+                "paraphrased_question": spec["questions"][pqi].format(**context),
+                "_person": person["name"],
+                "_attribute": attr,
+                "_value": value,
+                "_perturbed_values": wrong,
+            }
+        )
     return rows
 
 
@@ -652,8 +899,8 @@ def build(config: SyntheticConfig | None = None, with_meta: bool = False) -> dic
     out: dict[str, list] = {"full": [_strip(r, qa) for r in full]}
     holdout_flat = [r for rows in holdout_rows for r in rows]
     for xx, yy in RETAIN_FOR.items():
-        n_rows = sum(len(rows) for rows in people_rows[cfg.n_people - cfg.forget_people(xx):])
-        forget = full[len(full) - n_rows:]
+        n_rows = sum(len(rows) for rows in people_rows[cfg.n_people - cfg.forget_people(xx) :])
+        forget = full[len(full) - n_rows :]
         out[f"forget{xx}"] = [_strip(r, qa) for r in forget]
         out[f"forget{xx}_perturbed"] = [_strip(r, keep) for r in forget]
         out[f"retain{yy}"] = [_strip(r, qa) for r in full[: len(full) - n_rows]]
@@ -666,7 +913,11 @@ def build(config: SyntheticConfig | None = None, with_meta: bool = False) -> dic
     real_authors, world_facts = _world_rows(world, cfg, rng)
     for name, rows in (("real_authors", real_authors), ("world_facts", world_facts)):
         out[name] = [
-            {"question": r["question"], **{f"option{i + 1}": o for i, o in enumerate(r["options"])}, "answer": r["answer"]}
+            {
+                "question": r["question"],
+                **{f"option{i + 1}": o for i, o in enumerate(r["options"])},
+                "answer": r["answer"],
+            }
             for r in rows
         ]
         out[f"{name}_perturbed"] = [_strip(r, ("question", "answer", "perturbed_answer")) for r in rows]

@@ -42,8 +42,9 @@ def _decode(path: Path, what: str = "data file") -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise BaldroError(f"{what} {path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}): save the file "
-                          "as UTF-8") from None
+        raise BaldroError(
+            f"{what} {path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}): save the file as UTF-8"
+        ) from None
 
 
 def _read_local(path: Path) -> list[tuple[int, object]]:
@@ -53,7 +54,9 @@ def _read_local(path: Path) -> list[tuple[int, object]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BaldroError(f"{path} line {e.lineno} is not valid JSON ({e.msg}): fix or regenerate the file") from None
+            raise BaldroError(
+                f"{path} line {e.lineno} is not valid JSON ({e.msg}): fix or regenerate the file"
+            ) from None
         if not isinstance(rows, list):
             raise BaldroError(f"{path} must hold a JSON array of rows")
         return [(0, r) for r in rows]
@@ -64,8 +67,9 @@ def _read_local(path: Path) -> list[tuple[int, object]]:
         try:
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise BaldroError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}): fix or "
-                              "regenerate the file") from None
+            raise BaldroError(
+                f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}): fix or regenerate the file"
+            ) from None
     return out
 
 
@@ -77,8 +81,9 @@ def _check_rows(rows: list[tuple[int, object]], where: str, fields: Sequence[str
             raise BaldroError(f"{at} is not a JSON object (got {type(row).__name__}): every row needs {list(fields)}")
         missing = [f for f in fields if f not in row]
         if missing:
-            raise BaldroError(f"TOFU split {at} lacks field(s) {missing} (has {sorted(row)}): every row needs "
-                              f"{list(fields)}")
+            raise BaldroError(
+                f"TOFU split {at} lacks field(s) {missing} (has {sorted(row)}): every row needs {list(fields)}"
+            )
         for f in ("question", "answer"):
             if f in fields and not isinstance(row[f], str):
                 raise BaldroError(f"{at}: field {f!r} is {type(row[f]).__name__}, not text: fix the row")

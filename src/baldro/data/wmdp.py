@@ -34,14 +34,18 @@ TEXT_KEY = "text"
 
 
 def _is_local(source) -> bool:
-    return is_local_folder(source, f"WMDP corpora folder {source} does not exist: set data.source to a folder of "
-                                   f"*-forget-corpus.jsonl / *-retain-corpus.jsonl files or to the hub id {HUB_ID}")
+    return is_local_folder(
+        source,
+        f"WMDP corpora folder {source} does not exist: set data.source to a folder of "
+        f"*-forget-corpus.jsonl / *-retain-corpus.jsonl files or to the hub id {HUB_ID}",
+    )
 
 
 def _check_split(split: str | None, key: str) -> str:
     if not split:
-        raise BaldroError(f"data.{key} is not set: name a WMDP corpus ({', '.join(SPLITS)}) or pick one with "
-                          "corpus=cyber|bio")
+        raise BaldroError(
+            f"data.{key} is not set: name a WMDP corpus ({', '.join(SPLITS)}) or pick one with corpus=cyber|bio"
+        )
     return str(split)
 
 
@@ -60,8 +64,10 @@ def _read_jsonl(path: Path) -> list[str]:
             raise BaldroError(f"{path} line {i + 1} is not valid JSON ({e.msg}): fix or regenerate the file") from None
         text = row.get(TEXT_KEY) if isinstance(row, dict) else row
         if not isinstance(text, str):
-            raise BaldroError(f"{path} line {i + 1} must be an object with a {TEXT_KEY!r} string (or a JSON string), "
-                              f"got {line[:80]!r}")
+            raise BaldroError(
+                f"{path} line {i + 1} must be an object with a {TEXT_KEY!r} string (or a JSON string), "
+                f"got {line[:80]!r}"
+            )
         texts.append(text)
     return texts
 
@@ -81,9 +87,12 @@ def _hub_texts(source: str, split: str) -> tuple[list[str], str]:
             raise BaldroError(
                 f"could not load {where} ({text}): the WMDP bio forget corpus is gated: request access on "
                 f"https://huggingface.co/datasets/{BIO_FORGET_HUB_ID}, log in (`hf auth login` or HF_TOKEN), or put "
-                "bio-forget-corpus.jsonl in a local folder and set data.source to it") from None
-        raise BaldroError(f"could not load WMDP corpus {where} from the hub ({text}): check data.source, the split "
-                          f"name ({', '.join(SPLITS)}) and hub access, or use a local folder") from None
+                "bio-forget-corpus.jsonl in a local folder and set data.source to it"
+            ) from None
+        raise BaldroError(
+            f"could not load WMDP corpus {where} from the hub ({text}): check data.source, the split "
+            f"name ({', '.join(SPLITS)}) and hub access, or use a local folder"
+        ) from None
     if TEXT_KEY not in ds.column_names:
         raise BaldroError(f"{where} has no {TEXT_KEY!r} column (has {ds.column_names})")
     return list(ds[TEXT_KEY]), where
@@ -95,10 +104,16 @@ def load_corpus(source, split: str) -> list[str]:
         path = Path(str(source)).expanduser() / f"{split}.jsonl"
         if not path.is_file():
             have = sorted(p.stem for p in path.parent.glob("*.jsonl"))
-            note = (f" (the bio forget corpus is gated: see `{BIO_FORGET_HUB_ID}` in docs/guides/lm-eval.md)"
-                    if split == "bio-forget-corpus" else "")
-            raise BaldroError(f"WMDP corpus {split!r} not found: expected {path}" + (f"; the folder has {have}" if have else "")
-                              + note)
+            note = (
+                f" (the bio forget corpus is gated: see `{BIO_FORGET_HUB_ID}` in docs/guides/lm-eval.md)"
+                if split == "bio-forget-corpus"
+                else ""
+            )
+            raise BaldroError(
+                f"WMDP corpus {split!r} not found: expected {path}"
+                + (f"; the folder has {have}" if have else "")
+                + note
+            )
         texts, where = _read_jsonl(path), str(path)
     else:
         texts, where = _hub_texts(str(source), split)
@@ -108,8 +123,12 @@ def load_corpus(source, split: str) -> list[str]:
     return texts
 
 
-def load_unlearn_texts(source, forget_split: str | None, retain_split: str | None, need_retain: bool,
-                       ) -> tuple[str, str | None]:
+def load_unlearn_texts(
+    source,
+    forget_split: str | None,
+    retain_split: str | None,
+    need_retain: bool,
+) -> tuple[str, str | None]:
     """The forget corpus and, when `need_retain`, the retain corpus, each as one text (documents joined
     by a blank line, as OpenUnlearning's pre-training dataset joins them)."""
     forget = "\n\n".join(load_corpus(source, _check_split(forget_split, "forget_split")))

@@ -57,9 +57,13 @@ def _as_array(name: str, values: Any) -> np.ndarray:
         try:
             arr = np.array([np.nan if v is None else v for v in values], dtype=float)
         except (TypeError, ValueError) as e:
-            raise BaldroError(f"balance: `{name}` must be a list of numbers ({e}); pass one float per forget sample") from None
+            raise BaldroError(
+                f"balance: `{name}` must be a list of numbers ({e}); pass one float per forget sample"
+            ) from None
     if arr.ndim != 1:
-        raise BaldroError(f"balance: `{name}` must be one-dimensional (got shape {arr.shape}); pass one float per forget sample")
+        raise BaldroError(
+            f"balance: `{name}` must be one-dimensional (got shape {arr.shape}); pass one float per forget sample"
+        )
     return arr
 
 
@@ -152,8 +156,7 @@ def balance_metrics(
             evaluable |= ok
             if not ok.all():
                 notes.append(
-                    f"{int((~ok).sum())} of {n} samples lack a target-model probability: "
-                    "only ROUGE-L decides for them"
+                    f"{int((~ok).sum())} of {n} samples lack a target-model probability: only ROUGE-L decides for them"
                 )
         else:
             notes.append("no target-model reference: frac_over_forgotten uses only the ROUGE-L == 0 criterion")
@@ -264,7 +267,9 @@ def trajectory_spread(balance_rows: Sequence[Mapping[str, Any]]) -> list[dict[st
     out = []
     for k, row in enumerate(balance_rows):
         if "step" not in row:
-            raise BaldroError(f"balance: row {k} has no 'step'; expected balance.jsonl rows {{'step', 'ids', 'nll', 'prob'}}")
+            raise BaldroError(
+                f"balance: row {k} has no 'step'; expected balance.jsonl rows {{'step', 'ids', 'nll', 'prob'}}"
+            )
         if row.get("prob") is not None:
             p = _as_array("prob", row["prob"])
         elif row.get("nll") is not None:
@@ -306,8 +311,16 @@ def spread_at_mean_forgetting(
     for level in levels:
         k = next((i for i, s in enumerate(spread) if s["prob_mean"] < level), None)
         if k is None:
-            out.append({"level": level, "step": None, "prob_mean": None, "prob_std": None, "prob_iqr": None,
-                        "prob_std_at_level": None})
+            out.append(
+                {
+                    "level": level,
+                    "step": None,
+                    "prob_mean": None,
+                    "prob_std": None,
+                    "prob_iqr": None,
+                    "prob_std_at_level": None,
+                }
+            )
             continue
         hit = spread[k]
         at_level = None
@@ -350,7 +363,9 @@ class BalanceTracker(TrainerCallback):
     def record(self, model: Any, step: int, is_main_process: bool = True) -> dict[str, Any] | None:
         """Score the forget set now; append and return the row (None on non-main processes)."""
         if model is None:
-            raise BaldroError("BalanceTracker: the Trainer passed no model to the callback; attach it with Trainer(callbacks=[...])")
+            raise BaldroError(
+                "BalanceTracker: the Trainer passed no model to the callback; attach it with Trainer(callbacks=[...])"
+            )
         was_training = bool(getattr(model, "training", False))
         try:
             if hasattr(model, "eval"):
@@ -367,7 +382,9 @@ class BalanceTracker(TrainerCallback):
             ids = [int(i) for i in ids]
             nll = [float(x) for x in nll]
         except (TypeError, ValueError) as e:
-            raise BaldroError(f"BalanceTracker: score_fn must return (ids: list[int], nll: list[float]) ({e})") from None
+            raise BaldroError(
+                f"BalanceTracker: score_fn must return (ids: list[int], nll: list[float]) ({e})"
+            ) from None
         if len(ids) != len(nll):
             raise BaldroError(
                 f"BalanceTracker: score_fn returned {len(ids)} ids but {len(nll)} nll values; return one nll per id"

@@ -194,8 +194,9 @@ def top_two(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return top, argmax, best[:, 0] - best[:, 1]
 
 
-def _score_batch(model, batch: Sequence[EncodedQA], pad_token_id: int, want: frozenset, keep_ok: bool,
-                 compat: str = "none"):
+def _score_batch(
+    model, batch: Sequence[EncodedQA], pad_token_id: int, want: frozenset, keep_ok: bool, compat: str = "none"
+):
     device = model_device(model)
     if compat == "openunlearning":  # mask from the token ids; no position ids (the model numbers columns 0..T-1)
         ids, attn, _ = openunlearning_batch([e.input_ids for e in batch], pad_token_id, side="right")
@@ -331,8 +332,12 @@ def _encode_prompts(
     device = model_device(model)
     ids, attn = pad_batch(prompts, pad_token_id, side="left")  # the last prompt position is the last column
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    kwargs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": pos.to(device),
-              "use_cache": True}
+    kwargs = {
+        "input_ids": ids.to(device),
+        "attention_mask": attn.to(device),
+        "position_ids": pos.to(device),
+        "use_cache": True,
+    }
     if keep_ok:
         kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
@@ -343,8 +348,13 @@ def _encode_prompts(
 
 
 def _score_continuation_batch(
-    model, prompts: _EncodedPrompts, owner: Sequence[int], conts: Sequence[Sequence[int]], pad_token_id: int,
-    want: frozenset, cache_arg: str,
+    model,
+    prompts: _EncodedPrompts,
+    owner: Sequence[int],
+    conts: Sequence[Sequence[int]],
+    pad_token_id: int,
+    want: frozenset,
+    cache_arg: str,
 ) -> list[SequenceScore]:
     """Score continuation i of prompt row owner[i] against the prompts' cached keys/values."""
     device = model_device(model)
@@ -360,15 +370,21 @@ def _score_continuation_batch(
         sel_d = sel.to(device)
         cache = cache_from_layers([(k[sel_d], v[sel_d]) for k, v in prompts.layers])
         cont_logits = model(
-            input_ids=ids[:, :width].to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-            use_cache=True, **{cache_arg: cache},
+            input_ids=ids[:, :width].to(device),
+            attention_mask=attn.to(device),
+            position_ids=pos.to(device),
+            use_cache=True,
+            **{cache_arg: cache},
         ).logits  # [N, width, V]
         del cache
     # Token 0 of continuation i is predicted by its prompt's last position, token t > 0 by column t - 1
     # of its pass. The statistics run on the padded [N * width, V] logits as they are (padding costs
     # less than copying the scored rows out of a tensor this size) and the scored rows are picked after.
-    first = _continuation_stats(prompts.last_logits[sel.to(prompts.last_logits.device)],
-                                torch.tensor([c[0] for c in conts], device=device), want)
+    first = _continuation_stats(
+        prompts.last_logits[sel.to(prompts.last_logits.device)],
+        torch.tensor([c[0] for c in conts], device=device),
+        want,
+    )
     rest = None
     if cont_logits is not None:
         nxt, _ = pad_batch([list(c[1:]) for c in conts], 0, side="right")  # [N, width]: each column's target
@@ -450,8 +466,13 @@ def score_continuations(
             for idx in length_batches(lens, batch_size):
                 batch = [items[i] for i in idx]
                 scores = _score_continuation_batch(
-                    model, encoded, [row for row, _ in batch], [continuations[chunk[row]][j] for row, j in batch],
-                    pad_token_id, want, cache_arg,
+                    model,
+                    encoded,
+                    [row for row, _ in batch],
+                    [continuations[chunk[row]][j] for row, j in batch],
+                    pad_token_id,
+                    want,
+                    cache_arg,
                 )
                 for (row, j), s in zip(batch, scores):
                     results[chunk[row]][j] = s
@@ -463,8 +484,11 @@ def score_continuations(
 def is_prompt_plus_answer(e: EncodedQA) -> bool:
     """Labels -100 on exactly the first `prompt_len` tokens and the token ids after them (an answer)."""
     p = e.prompt_len
-    return 0 < p < len(e.input_ids) and all(x == IGNORE_INDEX for x in e.labels[:p]) \
+    return (
+        0 < p < len(e.input_ids)
+        and all(x == IGNORE_INDEX for x in e.labels[:p])
         and list(e.labels[p:]) == list(e.input_ids[p:])
+    )
 
 
 def score_sequences_shared_prompts(
@@ -486,8 +510,17 @@ def score_sequences_shared_prompts(
     another mask and other positions than OpenUnlearning's right-padded pass): every sequence goes
     through `score_sequences` in input order."""
     if check_compat(compat) != "none":
-        return score_sequences(model, encoded, batch_size, pad_token_id, want=want, desc=desc,
-                               sort_by_length=False, progress=progress, compat=compat)
+        return score_sequences(
+            model,
+            encoded,
+            batch_size,
+            pad_token_id,
+            want=want,
+            desc=desc,
+            sort_by_length=False,
+            progress=progress,
+            compat=compat,
+        )
     want = frozenset(want)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, e in enumerate(encoded):
@@ -497,9 +530,14 @@ def score_sequences_shared_prompts(
     results: list[SequenceScore | None] = [None] * len(encoded)
     if shared:
         scored = score_continuations(
-            model, [list(k) for k, _ in shared],
+            model,
+            [list(k) for k, _ in shared],
             [[encoded[i].input_ids[encoded[i].prompt_len :] for i in v] for _, v in shared],
-            batch_size, pad_token_id, want=want, desc=desc, progress=progress,
+            batch_size,
+            pad_token_id,
+            want=want,
+            desc=desc,
+            progress=progress,
         )
         if scored is not None:
             for (_, v), rs in zip(shared, scored):
@@ -507,8 +545,17 @@ def score_sequences_shared_prompts(
                     results[i] = r
     rest = [i for i, r in enumerate(results) if r is None]
     if rest:
-        for i, r in zip(rest, score_sequences(
-            model, [encoded[i] for i in rest], batch_size, pad_token_id, want=want, desc=desc, progress=progress,
-        )):
+        for i, r in zip(
+            rest,
+            score_sequences(
+                model,
+                [encoded[i] for i in rest],
+                batch_size,
+                pad_token_id,
+                want=want,
+                desc=desc,
+                progress=progress,
+            ),
+        ):
             results[i] = r
     return results  # type: ignore[return-value]

@@ -212,7 +212,11 @@ class NgramDrafter:
     costs nothing, and one caught in a loop proposes `lookahead` tokens a step."""
 
     def __init__(
-        self, tokens: Iterable[int] = (), min_n: int = 2, max_n: int = 3, lookahead: int = LOOKAHEAD,
+        self,
+        tokens: Iterable[int] = (),
+        min_n: int = 2,
+        max_n: int = 3,
+        lookahead: int = LOOKAHEAD,
     ):
         if not 1 <= min_n <= max_n:
             raise BaldroError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
@@ -268,7 +272,13 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
 
 
 def _static_greedy(
-    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, sort_by_length: bool, bar,
+    model,
+    cfg,
+    inputs: Sequence[Sequence[int]],
+    budgets: Sequence[int],
+    batch_size: int,
+    sort_by_length: bool,
+    bar,
     compat: str = "none",
 ) -> list[list[int]]:
     """`model.generate` on fixed batches: a batch runs until its last row stops. With
@@ -366,7 +376,9 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def shared_prefix_groups(inputs: Sequence[Sequence[int]], min_len: int = SHARED_PREFIX_MIN) -> tuple[list[int], list[int]]:
+def shared_prefix_groups(
+    inputs: Sequence[Sequence[int]], min_len: int = SHARED_PREFIX_MIN
+) -> tuple[list[int], list[int]]:
     """(group of each input, -1 for none; prefix length of each group). Inputs sorted by their tokens
     form a group where neighbours share at least `min_len` leading tokens; the group's prefix is what
     all of them share, cut so that every input keeps at least one token of its own."""
@@ -396,8 +408,14 @@ def shared_prefix_groups(inputs: Sequence[Sequence[int]], min_len: int = SHARED_
     return group, lengths
 
 
-def _prefill(model, rows: Sequence[Sequence[int]], pad_token_id: int, keep_ok: bool, cache_arg: str,
-             prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+def _prefill(
+    model,
+    rows: Sequence[Sequence[int]],
+    pad_token_id: int,
+    keep_ok: bool,
+    cache_arg: str,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+):
     """Run the rows (LEFT padded) with `use_cache`; with `prefix` (the cached keys/values of tokens
     that come before every row), only the rows' own tokens run, against a copy of it. Returns (cache,
     attention mask over the cache's positions, first greedy tokens), or None when the cache cannot
@@ -431,8 +449,14 @@ def _encode_prefix(model, tokens: Sequence[int], keep_ok: bool) -> list[tuple[to
 
 
 def _continuous_greedy(
-    model, cfg, inputs: Sequence[Sequence[int]], budgets: Sequence[int], batch_size: int, bar,
-    lookahead: int = LOOKAHEAD, stop: Callable[[int, list[int]], bool] | None = None,
+    model,
+    cfg,
+    inputs: Sequence[Sequence[int]],
+    budgets: Sequence[int],
+    batch_size: int,
+    bar,
+    lookahead: int = LOOKAHEAD,
+    stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]] | None:
     """Greedy decoding with continuous batching and prompt-lookup speculation (module docstring).
 
@@ -487,7 +511,14 @@ def _continuous_greedy(
         else:
             steps += 1
             emitted = _speculative_step(
-                model, batch, drafters, out, budgets, cache_arg, cfg.pad_token_id, probe=steps % PROBE_EVERY == 0,
+                model,
+                batch,
+                drafters,
+                out,
+                budgets,
+                cache_arg,
+                cfg.pad_token_id,
+                probe=steps % PROBE_EVERY == 0,
             )
         done = []
         for b, toks in emitted.items():
@@ -511,14 +542,20 @@ def _continuous_greedy(
 
 
 def _speculative_step(
-    model, batch: _Batch, drafters: dict[int, NgramDrafter], out: list[list[int]], budgets: Sequence[int],
-    cache_arg: str, pad_token_id: int, probe: bool,
+    model,
+    batch: _Batch,
+    drafters: dict[int, NgramDrafter],
+    out: list[list[int]],
+    budgets: Sequence[int],
+    cache_arg: str,
+    pad_token_id: int,
+    probe: bool,
 ) -> dict[int, list[int]]:
     """One forward pass over every row's newest token and its proposals; returns the tokens each
     row emits (batch position -> tokens) and leaves the cache holding exactly the accepted inputs."""
     device = batch.device
     proposals = []
-    for b, i in enumerate(batch.rows):
+    for _b, i in enumerate(batch.rows):
         proposals.append(drafters[i].propose(budgets[i] - len(out[i]) - 1, probe))  # emits <= 1 + len(proposal)
     width = 1 + max(len(p) for p in proposals)
     ids = torch.full((len(proposals), width), pad_token_id, dtype=torch.long)
@@ -529,8 +566,9 @@ def _speculative_step(
     step_attn = step_attn.to(device)
     attn = torch.cat([batch.attn, step_attn], dim=1)
     pos = batch.pos[:, None] + torch.arange(width, device=device)[None, :]
-    o = model(input_ids=ids.to(device), attention_mask=attn, position_ids=pos, use_cache=True,
-              **{cache_arg: batch.cache})
+    o = model(
+        input_ids=ids.to(device), attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: batch.cache}
+    )
     batch.cache = output_cache(o)
     greedy = greedy_tokens(o.logits).tolist()  # [B, width]: the argmax after each input
     emitted: dict[int, list[int]] = {}
@@ -594,8 +632,9 @@ def generate(
     decoded by `formatting.openunlearning_decode` and cut at the EOS token's text.
     """
     if check_compat(compat) != "none":
-        return _generate_openunlearning(model, tokenizer, prompts_ids, max_new_tokens, batch_size, desc, progress,
-                                        stop_strings)
+        return _generate_openunlearning(
+            model, tokenizer, prompts_ids, max_new_tokens, batch_size, desc, progress, stop_strings
+        )
     if any(len(p) == 0 for p in prompts_ids):
         raise BaldroError("cannot generate from an empty prompt: every prompt needs at least one token")
     if prefixes is not None and len(prefixes) != len(prompts_ids):
@@ -616,19 +655,29 @@ def generate(
         known.append(toks)
         if not (pre is not None and pre.finished) and len(toks) < max_new_tokens:
             todo.append(i)
-    with eval_mode(model), _generation_config(model, cfg), torch.inference_mode(), \
-            progress_bar(len(prompts_ids), desc, progress) as bar:
+    with (
+        eval_mode(model),
+        _generation_config(model, cfg),
+        torch.inference_mode(),
+        progress_bar(len(prompts_ids), desc, progress) as bar,
+    ):
         bar.update(len(prompts_ids) - len(todo))
         inputs = [list(prompts_ids[i]) + known[i] for i in todo]
         budgets = [max_new_tokens - len(known[i]) for i in todo]
         stop = None
         if stop_strings:
+
             def stop(j: int, toks: list[int]) -> bool:
                 text = tokenizer.decode(known[todo[j]] + toks, skip_special_tokens=True)
                 return any(s and s in text for s in stop_strings)
-        new = _continuous_greedy(model, cfg, inputs, budgets, decode_batch_size or DECODE_BATCH_FACTOR * batch_size,
-                                 bar, lookahead, stop) \
-            if sort_by_length and todo else None
+
+        new = (
+            _continuous_greedy(
+                model, cfg, inputs, budgets, decode_batch_size or DECODE_BATCH_FACTOR * batch_size, bar, lookahead, stop
+            )
+            if sort_by_length and todo
+            else None
+        )
         if new is None:
             new = _static_greedy(model, cfg, inputs, budgets, batch_size, sort_by_length, bar)
     for i, toks in zip(todo, new):
@@ -638,8 +687,14 @@ def generate(
 
 
 def _generate_openunlearning(
-    model, tokenizer, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, desc: str,
-    progress: bool | None, stop_strings: Sequence[str] = (),
+    model,
+    tokenizer,
+    prompts_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str,
+    progress: bool | None,
+    stop_strings: Sequence[str] = (),
 ) -> list[str]:
     """`generate(compat="openunlearning")`: OpenUnlearning's `eval_text_similarity` decoding."""
     if any(len(p) == 0 for p in prompts_ids):
@@ -648,10 +703,22 @@ def _generate_openunlearning(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         cfg.pad_token_id = tokenizer.eos_token_id  # OpenUnlearning's pad token (the id its mask compares with)
     eos = set(cfg.eos_token_id or [])
-    with eval_mode(model), _generation_config(model, cfg), torch.inference_mode(), \
-            progress_bar(len(prompts_ids), desc, progress) as bar:
-        new = _static_greedy(model, cfg, [list(p) for p in prompts_ids], [max_new_tokens] * len(prompts_ids),
-                             batch_size, False, bar, compat="openunlearning")
+    with (
+        eval_mode(model),
+        _generation_config(model, cfg),
+        torch.inference_mode(),
+        progress_bar(len(prompts_ids), desc, progress) as bar,
+    ):
+        new = _static_greedy(
+            model,
+            cfg,
+            [list(p) for p in prompts_ids],
+            [max_new_tokens] * len(prompts_ids),
+            batch_size,
+            False,
+            bar,
+            compat="openunlearning",
+        )
     stops = [tokenizer.decode([tokenizer.eos_token_id])] if tokenizer.eos_token_id is not None else []
     texts = [openunlearning_decode(tokenizer, _cut_at_eos(t, eos)) for t in new]
     return [cut_at_stop_strings(t, [*stops, *stop_strings]).strip() for t in texts]

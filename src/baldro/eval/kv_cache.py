@@ -48,8 +48,11 @@ def cache_layers(cache) -> list[KeysValues] | None:
     Private transformers internals (>= 4.56): `DynamicCache.layers`, `DynamicLayer` and its
     `keys` / `values` attributes."""
     layers = getattr(cache, "layers", None)
-    if not isinstance(cache, DynamicCache) or not layers or any(type(la) not in (DynamicLayer, GrowingLayer)
-                                                                  for la in layers):
+    if (
+        not isinstance(cache, DynamicCache)
+        or not layers
+        or any(type(la) not in (DynamicLayer, GrowingLayer) for la in layers)
+    ):
         return None
     return [(la.keys, la.values) for la in layers]
 
@@ -115,8 +118,15 @@ class GrowingLayer(DynamicLayer):
         layer._allocate(max(max_rows or 0, keys.shape[0]), keys.shape[-2], keys, values)
         return layer
 
-    def _allocate(self, max_rows: int, positions: int, keys: torch.Tensor, values: torch.Tensor,
-                  shift: int = 0, capacity: int | None = None) -> None:
+    def _allocate(
+        self,
+        max_rows: int,
+        positions: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        shift: int = 0,
+        capacity: int | None = None,
+    ) -> None:
         """New buffers for `max_rows` rows and `positions` (plus room); `keys` / `values` are copied in
         at position offset `shift`, zeros before them."""
         rows, n = keys.shape[0], keys.shape[-2]
@@ -134,8 +144,11 @@ class GrowingLayer(DynamicLayer):
 
     def _owns_views(self) -> bool:
         buffers = getattr(self, "_kv_buffers", None)
-        return buffers is not None and self.keys.data_ptr() == buffers[0].data_ptr() \
+        return (
+            buffers is not None
+            and self.keys.data_ptr() == buffers[0].data_ptr()
             and self.keys.stride() == buffers[0].stride()
+        )
 
     def _positions(self) -> int:
         return self.keys.shape[-2] if self.keys.numel() else 0
@@ -160,8 +173,12 @@ class GrowingLayer(DynamicLayer):
         rows, n, k = self.keys.shape[0], self._positions(), keys.shape[0]
         if width < max(n, keys.shape[-2]):
             raise ValueError(f"width {width} is below the cached ({n}) or added ({keys.shape[-2]}) positions")
-        if not self._owns_views() or width > n or rows + k > self._kv_buffers[0].shape[0] \
-                or width > self._kv_buffers[0].shape[-2]:
+        if (
+            not self._owns_views()
+            or width > n
+            or rows + k > self._kv_buffers[0].shape[0]
+            or width > self._kv_buffers[0].shape[-2]
+        ):
             max_rows = max(rows + k, self._kv_buffers[0].shape[0] if self._owns_views() else 0)
             self._allocate(max_rows, width, self.keys, self.values, shift=width - n)
         for buf, src in zip(self._kv_buffers, (keys, values)):

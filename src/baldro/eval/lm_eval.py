@@ -57,8 +57,10 @@ def require_lm_eval():
         import lm_eval
         import lm_eval.evaluator  # noqa: F401  (the part this module calls)
     except ImportError as e:
-        raise BaldroError(f"lm-evaluation-harness is not installed ({e.msg if hasattr(e, 'msg') else e}): "
-                          f"{INSTALL} (eval.benchmark=lm_eval and eval.lm_eval.tasks run its tasks)") from None
+        raise BaldroError(
+            f"lm-evaluation-harness is not installed ({e.msg if hasattr(e, 'msg') else e}): "
+            f"{INSTALL} (eval.benchmark=lm_eval and eval.lm_eval.tasks run its tasks)"
+        ) from None
     return lm_eval
 
 
@@ -69,8 +71,10 @@ def check_include_path(include_path, key: str = "eval.include_path") -> str | No
         return None
     path = Path(str(include_path)).expanduser()
     if not path.exists():
-        raise BaldroError(f"{key} {include_path} does not exist: give the folder that holds your lm-eval task "
-                          "YAML files (or leave it unset for the harness's own tasks)")
+        raise BaldroError(
+            f"{key} {include_path} does not exist: give the folder that holds your lm-eval task "
+            "YAML files (or leave it unset for the harness's own tasks)"
+        )
     if not path.is_dir():
         raise BaldroError(f"{key} {include_path} is a file: give the folder that holds it")
     if not any(path.rglob("*.yaml")) and not any(path.rglob("*.yml")):
@@ -156,8 +160,11 @@ def _lm_class():
 
         def _timed(self, reqtype: str, requests, run):
             bar_off = self.progress is False or (self.progress is None and not on_terminal())
-            self.bar = (LogProgress(len(requests), f"lm-eval {reqtype}", unit="requests")
-                        if self.progress is None and bar_off else None)
+            self.bar = (
+                LogProgress(len(requests), f"lm-eval {reqtype}", unit="requests")
+                if self.progress is None and bar_off
+                else None
+            )
             start = time.perf_counter()
             try:
                 out = run(bar_off)
@@ -167,22 +174,33 @@ def _lm_class():
             if bar is not None:
                 bar.__exit__(None, None, None)
             stage = self.stages.setdefault(reqtype, {"rows": 0, "sequences": 0, "seconds": 0.0})
-            stage["rows"] += len({(getattr(r, "task_name", None), getattr(r, "doc_id", i)) for i, r in enumerate(requests)})
+            stage["rows"] += len(
+                {(getattr(r, "task_name", None), getattr(r, "doc_id", i)) for i, r in enumerate(requests)}
+            )
             stage["sequences"] += len(requests)
             stage["seconds"] += seconds
             return out
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return self._timed("loglikelihood", requests,
-                               lambda off: super(BaldroHFLM, self).loglikelihood(requests, disable_tqdm=disable_tqdm or off))
+            return self._timed(
+                "loglikelihood",
+                requests,
+                lambda off: super(BaldroHFLM, self).loglikelihood(requests, disable_tqdm=disable_tqdm or off),
+            )
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return self._timed("loglikelihood_rolling", requests, lambda off: super(BaldroHFLM, self).loglikelihood_rolling(
-                requests, disable_tqdm=disable_tqdm or off))
+            return self._timed(
+                "loglikelihood_rolling",
+                requests,
+                lambda off: super(BaldroHFLM, self).loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or off),
+            )
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            return self._timed("generate_until", requests,
-                               lambda off: super(BaldroHFLM, self).generate_until(requests, disable_tqdm=disable_tqdm or off))
+            return self._timed(
+                "generate_until",
+                requests,
+                lambda off: super(BaldroHFLM, self).generate_until(requests, disable_tqdm=disable_tqdm or off),
+            )
 
     _LM_CLASS = BaldroHFLM
     return _LM_CLASS
@@ -191,8 +209,12 @@ def _lm_class():
 @contextlib.contextmanager
 def _caller_state(model):
     """Eval mode and the harness's seeding for the evaluation; the caller's mode and random states after."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    states = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
     was_training = model.training
     model.eval()
     try:
@@ -210,18 +232,25 @@ def _data_error(e: Exception) -> BaldroError | None:
     """A one-line error for a task's data the harness could not get (None: not a data problem)."""
     module = type(e).__module__ or ""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if not (module.startswith(("datasets", "huggingface_hub", "requests", "urllib3", "fsspec"))
-            or isinstance(e, (ConnectionError, FileNotFoundError))):
+    if not (
+        module.startswith(("datasets", "huggingface_hub", "requests", "urllib3", "fsspec"))
+        or isinstance(e, (ConnectionError, FileNotFoundError))
+    ):
         return None
     low = str(e).lower()
     if "gated" in low or "401" in low or "403" in low or "authenticat" in low:
-        return BaldroError(f"an lm-eval task's dataset is gated ({text}): request access on its hub page, then log "
-                           "in (`hf auth login` or HF_TOKEN), or evaluate a local copy through eval.include_path")
+        return BaldroError(
+            f"an lm-eval task's dataset is gated ({text}): request access on its hub page, then log "
+            "in (`hf auth login` or HF_TOKEN), or evaluate a local copy through eval.include_path"
+        )
     if "offline" in low or "couldn't reach" in low or "connection" in low or isinstance(e, ConnectionError):
-        return BaldroError(f"an lm-eval task's dataset could not be fetched ({text}): run once with hub access "
-                           "(it is cached), or point a local task at local files through eval.include_path")
-    return BaldroError(f"an lm-eval task's dataset could not be loaded ({text}): check the task's dataset_path / "
-                       "data_files")
+        return BaldroError(
+            f"an lm-eval task's dataset could not be fetched ({text}): run once with hub access "
+            "(it is cached), or point a local task at local files through eval.include_path"
+        )
+    return BaldroError(
+        f"an lm-eval task's dataset could not be loaded ({text}): check the task's dataset_path / data_files"
+    )
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -266,17 +295,28 @@ def evaluate_lm_eval(
     names = resolve_tasks(tasks, include_path, key)
     manager = task_manager(include_path)
     batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
-    log.info("lm-eval: %s (%s-shot, limit %s, batch %d%s)", ", ".join(names),
-             "default" if num_fewshot is None else num_fewshot, limit, batch_size,
-             ", chat template" if apply_chat_template else "")
+    log.info(
+        "lm-eval: %s (%s-shot, limit %s, batch %d%s)",
+        ", ".join(names),
+        "default" if num_fewshot is None else num_fewshot,
+        limit,
+        batch_size,
+        ", chat template" if apply_chat_template else "",
+    )
     start = time.perf_counter()
     with _caller_state(model):  # HFLM puts the model in eval mode
         lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
         try:
             results = simple_evaluate(
-                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                log_samples=True, apply_chat_template=bool(apply_chat_template),
-                fewshot_as_multiturn=bool(apply_chat_template), bootstrap_iters=bootstrap_iters,
+                model=lm,
+                tasks=names,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=True,
+                apply_chat_template=bool(apply_chat_template),
+                fewshot_as_multiturn=bool(apply_chat_template),
+                bootstrap_iters=bootstrap_iters,
             )
         except ValueError as e:
             if "Duplicate task" not in str(e):
@@ -289,23 +329,32 @@ def evaluate_lm_eval(
             raise error from None
     total = time.perf_counter() - start
     samples = results.pop("samples", {}) or {}
-    eval_log = {name: {leaf: plain(samples[leaf]) for leaf in leaf_tasks(name, results, manager) if leaf in samples}
-                for name in names}
+    eval_log = {
+        name: {leaf: plain(samples[leaf]) for leaf in leaf_tasks(name, results, manager) if leaf in samples}
+        for name in names
+    }
     summary = summarize_results(results, names, manager)
     stage_times = {f"{TIMING_PREFIX} {k}": v for k, v in lm.stages.items()}
     n_docs = sum(int((v or {}).get("effective", 0)) for v in (results.get("n-samples") or {}).values())
-    setup = {"rows": n_docs, "sequences": 0,
-             "seconds": max(0.0, total - sum(v["seconds"] for v in stage_times.values()))}
+    setup = {
+        "rows": n_docs,
+        "sequences": 0,
+        "seconds": max(0.0, total - sum(v["seconds"] for v in stage_times.values())),
+    }
     if timings is not None:
         timings.update({f"{TIMING_PREFIX} setup": setup, **stage_times})
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_json_atomic(out_dir / EVAL_FILE, eval_log, indent=None)
         write_json_atomic(out_dir / SUMMARY_FILE, summary, indent=4)
-        write_json_atomic(out_dir / RESULTS_FILE, plain({k: v for k, v in results.items() if k != "pretty_env_info"}),
-                          indent=2)
-    log.info("lm-eval: %s in %.1f s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
-                                                 if not k.endswith("_stderr") and isinstance(v, float)), total)
+        write_json_atomic(
+            out_dir / RESULTS_FILE, plain({k: v for k, v in results.items() if k != "pretty_env_info"}), indent=2
+        )
+    log.info(
+        "lm-eval: %s in %.1f s",
+        ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if not k.endswith("_stderr") and isinstance(v, float)),
+        total,
+    )
     return eval_log, summary
 
 
@@ -342,8 +391,11 @@ def summarize_results(results: dict, names: Sequence[str], manager=None) -> dict
 
 
 def _metric_keys(task: str, metrics: dict) -> dict[str, float]:
-    entries = [(k.split(",", 1)[0], k.split(",", 1)[1] if "," in k else None, v) for k, v in metrics.items()
-               if isinstance(k, str) and "," in k]
+    entries = [
+        (k.split(",", 1)[0], k.split(",", 1)[1] if "," in k else None, v)
+        for k, v in metrics.items()
+        if isinstance(k, str) and "," in k
+    ]
     filters: dict[str, set] = {}
     for metric, filt, _ in entries:
         filters.setdefault(metric, set()).add(filt)

@@ -120,11 +120,13 @@ def encode_muse(formatter: QAFormatter, data: MuseEvalData, max_length: int = MI
     in-context pairs as earlier turns."""
     tok = formatter.tokenizer
     verbmem = [encode_completion(tok, r["prompt"], r["gt"]) for r in data.verbmem]
-    gen = {"verbmem": _Generated(
-        prompts=[list(e.input_ids[: e.prompt_len]) for e in verbmem],
-        inputs=[tok.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True) for e in verbmem],
-        ground_truths=[r["gt"].strip() for r in data.verbmem],
-    )}
+    gen = {
+        "verbmem": _Generated(
+            prompts=[list(e.input_ids[: e.prompt_len]) for e in verbmem],
+            inputs=[tok.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True) for e in verbmem],
+            ground_truths=[r["gt"].strip() for r in data.verbmem],
+        )
+    }
     for k, (rows, icl) in data.knowmem.items():
         history = [(r["question"], r["answer"]) for r in icl]
         prompts = [formatter.encode_prompt(r["question"], history) for r in rows]
@@ -157,22 +159,53 @@ def metric_plan() -> dict[str, MetricNeed]:
 
 
 def generate_muse(
-    model, tokenizer, texts: MuseTexts, timer: StageTimer, *, batch_size: int, verbmem_max_new_tokens: int,
-    knowmem_max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: dict[str, Scores] | None = None, generation_batch_size: int | None = None,
+    model,
+    tokenizer,
+    texts: MuseTexts,
+    timer: StageTimer,
+    *,
+    batch_size: int,
+    verbmem_max_new_tokens: int,
+    knowmem_max_new_tokens: int,
+    shared_forward: bool,
+    sort_by_length: bool,
+    progress: bool | None,
+    drafts: dict[str, Scores] | None = None,
+    generation_batch_size: int | None = None,
 ) -> dict[str, list[str]]:
     """VerbMem continuations (timed as "verbmem", drafted from the teacher-forced VerbMem pass when
     `drafts` holds it) and KnowMem answers (timed as "knowmem", cut at the stopwords)."""
-    common = dict(batch_size=batch_size, shared_forward=shared_forward, sort_by_length=sort_by_length,
-                  progress=progress, generation_batch_size=generation_batch_size)
+    common = dict(
+        batch_size=batch_size,
+        shared_forward=shared_forward,
+        sort_by_length=sort_by_length,
+        progress=progress,
+        generation_batch_size=generation_batch_size,
+    )
     g = texts.generation
     verb_drafts = {"verbmem": (texts.verbmem, drafts["verbmem/text"])} if drafts and "verbmem/text" in drafts else None
-    out = generate_sets(model, tokenizer, {"verbmem": g["verbmem"].prompts}, timer, group="verbmem",
-                        max_new_tokens=verbmem_max_new_tokens, drafts=verb_drafts, **common)
-    out.update(generate_sets(
-        model, tokenizer, {k: g[k].prompts for k in g if k.startswith("knowmem_")}, timer, group="knowmem",
-        max_new_tokens=knowmem_max_new_tokens, stop_strings=KNOWMEM_STOP, **common,
-    ))
+    out = generate_sets(
+        model,
+        tokenizer,
+        {"verbmem": g["verbmem"].prompts},
+        timer,
+        group="verbmem",
+        max_new_tokens=verbmem_max_new_tokens,
+        drafts=verb_drafts,
+        **common,
+    )
+    out.update(
+        generate_sets(
+            model,
+            tokenizer,
+            {k: g[k].prompts for k in g if k.startswith("knowmem_")},
+            timer,
+            group="knowmem",
+            max_new_tokens=knowmem_max_new_tokens,
+            stop_strings=KNOWMEM_STOP,
+            **common,
+        )
+    )
     return out
 
 
@@ -180,13 +213,18 @@ def generate_muse(
 def rouge_entry(gen: _Generated, generations: list[str]) -> dict:
     """A ROUGE entry in OpenUnlearning's layout; MUSE aggregates ROUGE-L F1 (SPEC section 5)."""
     rouge = metrics.rouge(generations, gen.ground_truths)
-    entries = [{**r, "input": i, "ground_truth": g, "generation": t}
-               for r, i, g, t in zip(rouge, gen.inputs, gen.ground_truths, generations)]
+    entries = [
+        {**r, "input": i, "ground_truth": g, "generation": t}
+        for r, i, g, t in zip(rouge, gen.inputs, gen.ground_truths, generations)
+    ]
     return {"agg_value": finite_mean(r["rougeL_f1"] for r in rouge), "value_by_index": by_index(entries)}
 
 
 def assemble_muse_eval_log(
-    texts: MuseTexts, scores: dict[str, dict[str, Scores]], generations: dict[str, list[str]], tokenizer,
+    texts: MuseTexts,
+    scores: dict[str, dict[str, Scores]],
+    generations: dict[str, list[str]],
+    tokenizer,
 ) -> dict:
     """Per-sample MUSE eval log (OpenUnlearning keys and fields), without privleak, which
     `summarize_muse` computes."""
@@ -217,8 +255,10 @@ def load_reference_log(path, n_rows: dict[str, int] | None = None) -> dict:
     except BaldroError:
         kind = "muse" if "mia_min_k" in log else "unknown"
     if kind != "muse":
-        raise BaldroError(f"retrained model log {path} is a {kind.upper()} log: point eval.retain_logs_path at "
-                          f"the retrained model's {EVAL_FILE}")
+        raise BaldroError(
+            f"retrained model log {path} is a {kind.upper()} log: point eval.retain_logs_path at "
+            f"the retrained model's {EVAL_FILE}"
+        )
     if not isinstance(log.get("mia_min_k"), dict) or "forget" not in log["mia_min_k"]:
         raise BaldroError(f"retrained model log {path} has no per-sample mia_min_k scores: PrivLeak needs them")
     if n_rows is None:
@@ -279,12 +319,25 @@ def evaluate_muse(
     timer = StageTimer(n_rows, model)
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
     scores, drafts = score_metrics(
-        model, source_texts(texts), metric_plan(), timer, batch_size=batch_size, pad_token_id=pad_id,
-        draft_sources=["verbmem/text"] if shared_forward else [], **common,
+        model,
+        source_texts(texts),
+        metric_plan(),
+        timer,
+        batch_size=batch_size,
+        pad_token_id=pad_id,
+        draft_sources=["verbmem/text"] if shared_forward else [],
+        **common,
     )
     generations = generate_muse(
-        model, tokenizer, texts, timer, batch_size=batch_size, verbmem_max_new_tokens=verbmem_max_new_tokens,
-        knowmem_max_new_tokens=knowmem_max_new_tokens, drafts=drafts, generation_batch_size=generation_batch_size,
+        model,
+        tokenizer,
+        texts,
+        timer,
+        batch_size=batch_size,
+        verbmem_max_new_tokens=verbmem_max_new_tokens,
+        knowmem_max_new_tokens=knowmem_max_new_tokens,
+        drafts=drafts,
+        generation_batch_size=generation_batch_size,
         **common,
     )
     eval_log = assemble_muse_eval_log(texts, scores, generations, tokenizer)
@@ -309,5 +362,9 @@ def _warn_beyond_context(model, texts: MuseTexts, budget: int) -> None:
     longest = max((len(p) for g in texts.generation.values() for p in g.prompts), default=0) + budget
     longest = max([longest] + [len(e.input_ids) for e in texts.verbmem])
     if longest > context:
-        logger.warning("MUSE prompts plus their continuations reach %d tokens, beyond the model's context of %d: "
-                       "its numbers there are extrapolated", longest, context)
+        logger.warning(
+            "MUSE prompts plus their continuations reach %d tokens, beyond the model's context of %d: "
+            "its numbers there are extrapolated",
+            longest,
+            context,
+        )

@@ -98,8 +98,9 @@ def per_sample(log: Mapping | None, metric: SampleMetric) -> dict[str, float]:
     return out
 
 
-def threshold(metric: SampleMetric, reference_log: Mapping | None = None, override: float | None = None,
-              index=None) -> tuple[float, str]:
+def threshold(
+    metric: SampleMetric, reference_log: Mapping | None = None, override: float | None = None, index=None
+) -> tuple[float, str]:
     """(threshold, where it comes from): the override, the median of the reference model's values (on
     the samples `index` when it has them), or the default."""
     if override is not None:
@@ -122,8 +123,13 @@ def came_back(before, after, t: float, higher_remembers: bool) -> dict[str, int]
     """Counts over paired samples: forgotten before, came back (forgotten before, remembered after),
     remembered after, and lost (remembered before, forgotten after)."""
     b, a = remembered(before, t, higher_remembers), remembered(after, t, higher_remembers)
-    return {"n": int(b.size), "forgotten_before": int((~b).sum()), "came_back": int((~b & a).sum()),
-            "remembered_after": int(a.sum()), "lost": int((b & ~a).sum())}
+    return {
+        "n": int(b.size),
+        "forgotten_before": int((~b).sum()),
+        "came_back": int((~b & a).sum()),
+        "remembered_after": int(a.sum()),
+        "lost": int((b & ~a).sum()),
+    }
 
 
 def forget_quality_on(log: Mapping, reference_log: Mapping | None, indices) -> float | None:
@@ -139,9 +145,15 @@ def forget_quality_on(log: Mapping, reference_log: Mapping | None, indices) -> f
     return metrics.forget_quality([mine[i] for i in common], [ref[i] for i in common])
 
 
-def recovery(before_log: Mapping, after_log: Mapping, benchmark: str, reference_log: Mapping | None = None,
-             thresholds: Mapping[str, float] | None = None, trained: set[str] | None = None,
-             headline_scope: str = "all") -> dict[str, Any]:
+def recovery(
+    before_log: Mapping,
+    after_log: Mapping,
+    benchmark: str,
+    reference_log: Mapping | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    trained: set[str] | None = None,
+    headline_scope: str = "all",
+) -> dict[str, Any]:
     """Per-sample before vs after of every metric of `benchmark`, the came-back counts per scope, and
     (TOFU) forget quality per scope. `trained`: the forget sample indices a relearning trained on
     (adds the "trained" and "held_out" scopes); `headline_scope`: the scope of the headline count."""
@@ -155,8 +167,11 @@ def recovery(before_log: Mapping, after_log: Mapping, benchmark: str, reference_
         if not index:
             continue
         t, source = threshold(m, reference_log, thresholds.get(m.name), index)
-        out["thresholds"][m.name] = {"value": t, "source": source,
-                                     "remembered": f"{'>' if m.higher_remembers else '<'} {t:.6g}"}
+        out["thresholds"][m.name] = {
+            "value": t,
+            "source": source,
+            "remembered": f"{'>' if m.higher_remembers else '<'} {t:.6g}",
+        }
         b = np.array([before[i] for i in index])
         a = np.array([after[i] for i in index])
         rows = {"index": index, "before": b.tolist(), "after": a.tolist()}
@@ -171,17 +186,25 @@ def recovery(before_log: Mapping, after_log: Mapping, benchmark: str, reference_
     name = HEADLINE_METRIC[benchmark]
     if name in out["came_back"]:
         c = out["came_back"][name][headline_scope]
-        out["headline"] = {"metric": name, "scope": headline_scope, "came_back": c["came_back"],
-                           "forgotten_before": c["forgotten_before"], "n": c["n"]}
+        out["headline"] = {
+            "metric": name,
+            "scope": headline_scope,
+            "came_back": c["came_back"],
+            "forgotten_before": c["forgotten_before"],
+            "n": c["n"],
+        }
     if benchmark == "tofu" and reference_log is not None:
         scopes = {"all": None}
         if trained is not None:
             scopes.update(trained=True, held_out=False)
         index = list(per_sample(before_log, _metric("tofu", "truth_ratio")))
         out["forget_quality"] = {
-            scope: {when: forget_quality_on(log, reference_log,
-                                            [i for i in index if flag is None or (i in trained) == flag])
-                    for when, log in (("before", before_log), ("after", after_log))}
+            scope: {
+                when: forget_quality_on(
+                    log, reference_log, [i for i in index if flag is None or (i in trained) == flag]
+                )
+                for when, log in (("before", before_log), ("after", after_log))
+            }
             for scope, flag in scopes.items()
         }
     return out
@@ -199,6 +222,7 @@ def load_attack_summaries(folder: str | Path) -> list[tuple[str, dict]]:
         try:
             found.append((path.parent.name, json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, json.JSONDecodeError) as e:
-            raise BaldroError(f"{path} is not readable JSON ({e}): rerun the attack (baldro attack ... resume=true)") \
-                from None
+            raise BaldroError(
+                f"{path} is not readable JSON ({e}): rerun the attack (baldro attack ... resume=true)"
+            ) from None
     return found

@@ -47,8 +47,9 @@ def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> 
     if stage and stage.get("tasks"):
         from baldro.eval.lm_eval import evaluate_lm_eval
 
-        _, stage_summary = evaluate_lm_eval(model, tokenizer, out_dir=out_dir, key="eval.lm_eval.tasks", **stage,
-                                            **extra)
+        _, stage_summary = evaluate_lm_eval(
+            model, tokenizer, out_dir=out_dir, key="eval.lm_eval.tasks", **stage, **extra
+        )
     return eval_log, summary, benchmark, stage_summary
 
 
@@ -88,8 +89,10 @@ def _weights_note(model) -> str | None:
     if not bad:
         return None
     total = sum(p.numel() for p in model.parameters())
-    note = (f"{bad} of {total} model weights are NaN or inf (a diverged training run?): metrics computed from "
-            "its outputs are n/a or meaningless")
+    note = (
+        f"{bad} of {total} model weights are NaN or inf (a diverged training run?): metrics computed from "
+        "its outputs are n/a or meaningless"
+    )
     log.warning("%s", note)
     return note
 
@@ -113,8 +116,15 @@ def resummarize(eval_dir: str | Path, retain_logs_path=None, target_logs_path=No
     return add_balance(eval_dir, eval_log, summary, retain_logs_path, target_logs_path)
 
 
-def evaluate_model_dir(run_dir: str | Path, data_source, forget_split: str, max_new_tokens: int = 200,
-                       batch_size: int = 32, max_length: int = 512, progress: bool | None = None) -> Path:
+def evaluate_model_dir(
+    run_dir: str | Path,
+    data_source,
+    forget_split: str,
+    max_new_tokens: int = 200,
+    batch_size: int = 32,
+    max_length: int = 512,
+    progress: bool | None = None,
+) -> Path:
     """Evaluate the model saved in `RUN_DIR/model` into `RUN_DIR/eval/`; returns that folder.
 
     Aggregates against reference models are left to `resummarize`, so evaluations run in any order.
@@ -127,9 +137,17 @@ def evaluate_model_dir(run_dir: str | Path, data_source, forget_split: str, max_
     tokenizer = load_tokenizer(str(run_dir / "model"))
     out = run_dir / "eval"
     start = time.time()
-    evaluate_tofu(model, tokenizer, QAFormatter(tokenizer, max_length=max_length), data_source,
-                  forget_split=forget_split, out_dir=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                  progress=progress)
+    evaluate_tofu(
+        model,
+        tokenizer,
+        QAFormatter(tokenizer, max_length=max_length),
+        data_source,
+        forget_split=forget_split,
+        out_dir=out,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     _record_eval_time(run_dir, time.time() - start)
     return out
 
@@ -140,8 +158,7 @@ def _record_eval_time(run_dir: str | Path, seconds: float) -> None:
         write_json_atomic(info_path, {**json.loads(info_path.read_text()), "eval_time_s": seconds})
 
 
-def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: dict,
-                         target_logs_path=None) -> dict:
+def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: dict, target_logs_path=None) -> dict:
     """`eval.at_end`: evaluate the unlearned model into RUN_DIR/eval/, with balance metrics when the
     retain (and target) model's logs are given (`settings["retain_logs_path"]`, `target_logs_path`)."""
     out = Path(run_dir) / "eval"
@@ -155,8 +172,9 @@ def evaluate_final_model(model, tokenizer, formatter, run_dir: Path, settings: d
     return summary
 
 
-def evaluate_logged(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
-                    model_path: str | None = None) -> tuple[dict, dict, str, float, dict]:
+def evaluate_logged(
+    model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None, model_path: str | None = None
+) -> tuple[dict, dict, str, float, dict]:
     """Evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when reference logs
     are given, or MUSE_EVAL.json, MUSE_SUMMARY.json, or LMEVAL_EVAL.json, LMEVAL_SUMMARY.json, plus the
     lm-eval stage's files; eval_info.json with the time, eval_timings.json with each stage's rows,
@@ -170,19 +188,23 @@ def evaluate_logged(model, tokenizer, formatter, out: Path, settings: dict, targ
     summary = _add_weights_note(summary, note)
     seconds = time.time() - start
     notes = {k: v for k, v in getattr(summary, "notes", {}).items() if k == "model" or summary.get(k) is None}
-    write_json_atomic(out / "eval_info.json", {"model_path": model_path, "eval_time_s": seconds,
-                                               **({"notes": notes} if notes else {})})
+    write_json_atomic(
+        out / "eval_info.json",
+        {"model_path": model_path, "eval_time_s": seconds, **({"notes": notes} if notes else {})},
+    )
     write_json_atomic(out / "eval_timings.json", {"total_s": seconds, "stages": timings})
     return eval_log, summary, benchmark, seconds, timings
 
 
-def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None,
-                  model_path: str | None = None) -> Path:
+def evaluate_into(
+    model, tokenizer, formatter, out: Path, settings: dict, target_logs_path=None, model_path: str | None = None
+) -> Path:
     """`baldro eval`: `evaluate_logged`, then print the summary table(s) and the time of every stage."""
     from baldro.eval.lm_eval import load_summary
 
-    _, summary, benchmark, seconds, timings = evaluate_logged(model, tokenizer, formatter, out, settings,
-                                                              target_logs_path, model_path)
+    _, summary, benchmark, seconds, timings = evaluate_logged(
+        model, tokenizer, formatter, out, settings, target_logs_path, model_path
+    )
     stage_summary = load_summary(out) if (settings.get("lm_eval") or {}).get("tasks") else None
     print(format_table(summary))
     if stage_summary:
@@ -197,12 +219,19 @@ def evaluate_into(model, tokenizer, formatter, out: Path, settings: dict, target
 
 # The evaluators' loggers, quiet after the first evaluation during training (their notes and stage lines
 # would repeat at every evaluation; the stages' seconds are in each evaluation's eval_timings.json).
-_EVALUATOR_LOGGERS = ("baldro.eval.tofu", "baldro.eval.muse", "baldro.eval.suite", "baldro.eval.engine",
-                      "baldro.eval.generation", "baldro.eval.summarize")
+_EVALUATOR_LOGGERS = (
+    "baldro.eval.tofu",
+    "baldro.eval.muse",
+    "baldro.eval.suite",
+    "baldro.eval.engine",
+    "baldro.eval.generation",
+    "baldro.eval.summarize",
+)
 
 
-def evaluate_during_training(model, tokenizer, formatter, out: Path, settings: dict,
-                             quiet: bool = False) -> tuple[dict, str]:
+def evaluate_during_training(
+    model, tokenizer, formatter, out: Path, settings: dict, quiet: bool = False
+) -> tuple[dict, str]:
     """One evaluation during unlearning (`baldro.eval.trajectory`): the model as it is in memory, in eval
     mode and with the random number generators left as they were (training goes on as without it), into
     `out` (the evaluator's files and eval_timings.json); returns (summary, benchmark). Its mode is restored.
@@ -221,8 +250,9 @@ def evaluate_during_training(model, tokenizer, formatter, out: Path, settings: d
             note = _weights_note(model)
             for lg in loggers:
                 lg.setLevel(logging.ERROR)
-            _, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings, timings=timings,
-                                              progress=False)
+            _, summary, benchmark, _ = _evaluate(
+                model, tokenizer, formatter, out, settings, timings=timings, progress=False
+            )
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)

@@ -21,6 +21,9 @@ prompts) and a metric plan, then runs three layers, each replaceable on its own:
 
 `diff_eval_logs` compares two logs (the optimised against the naive evaluation, a run against a
 published log); `numeric_differences` measures by how much their numbers differ.
+
+Over 500 lines for a reason: the orchestration every evaluator shares (stages, timing, drafted generation,
+JSON output, comparisons of logs) is one sequence of steps.
 """
 
 from __future__ import annotations
@@ -94,8 +97,11 @@ class StageTimer:
     def result(self) -> dict[str, dict]:
         out = {}
         for g in self.seconds:
-            out[g] = {"rows": sum(self.n_rows[k] for k in self.sets[g]), "sequences": self.sequences[g],
-                      "seconds": self.seconds[g]}
+            out[g] = {
+                "rows": sum(self.n_rows[k] for k in self.sets[g]),
+                "sequences": self.sequences[g],
+                "seconds": self.seconds[g],
+            }
             if self.model is not None:
                 out[g]["model_tokens"] = self.tokens[g]
         return out
@@ -113,9 +119,16 @@ class MetricNeed:
 
 
 def score_groups(
-    model, sources: dict[str, list[EncodedQA]], calls: list[tuple[str, tuple[str, ...], frozenset]],
-    timer: StageTimer, batch_size: int, pad_token_id: int, sort_by_length: bool, progress: bool | None,
-    share_prompts: bool = False, compat: str = "none",
+    model,
+    sources: dict[str, list[EncodedQA]],
+    calls: list[tuple[str, tuple[str, ...], frozenset]],
+    timer: StageTimer,
+    batch_size: int,
+    pad_token_id: int,
+    sort_by_length: bool,
+    progress: bool | None,
+    share_prompts: bool = False,
+    compat: str = "none",
 ) -> list[dict[str, Scores]]:
     """Run each call (group, sources, want) as ONE scoring call over its concatenated sources:
     `score_sequences`, or with `share_prompts` `score_sequences_shared_prompts` (the answers of one
@@ -126,22 +139,49 @@ def score_groups(
     for group, names, want in calls:
         encoded = [e for n in names for e in sources[n]]
         if compat != "none":
+
             def fn(names=names, want=want, group=group):
-                return [s for n in names for s in engine.score_sequences(
-                    model, sources[n], batch_size, pad_token_id, want=want, desc=f"scoring ({group})",
-                    sort_by_length=False, progress=progress, compat=compat,
-                )]
+                return [
+                    s
+                    for n in names
+                    for s in engine.score_sequences(
+                        model,
+                        sources[n],
+                        batch_size,
+                        pad_token_id,
+                        want=want,
+                        desc=f"scoring ({group})",
+                        sort_by_length=False,
+                        progress=progress,
+                        compat=compat,
+                    )
+                ]
         elif share_prompts:
+
             def fn(encoded=encoded, want=want, group=group):
                 return engine.score_sequences_shared_prompts(
-                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})", progress=progress,
+                    model,
+                    encoded,
+                    batch_size,
+                    pad_token_id,
+                    want=want,
+                    desc=f"scoring ({group})",
+                    progress=progress,
                 )
         else:
+
             def fn(encoded=encoded, want=want, group=group):
                 return engine.score_sequences(
-                    model, encoded, batch_size, pad_token_id, want=want, desc=f"scoring ({group})",
-                    sort_by_length=sort_by_length, progress=progress,
+                    model,
+                    encoded,
+                    batch_size,
+                    pad_token_id,
+                    want=want,
+                    desc=f"scoring ({group})",
+                    sort_by_length=sort_by_length,
+                    progress=progress,
                 )
+
         scores = timer.run(group, names, len(encoded), fn)
         split, pos = {}, 0
         for n in names:
@@ -152,9 +192,18 @@ def score_groups(
 
 
 def score_metrics(
-    model, sources: dict[str, list[EncodedQA]], plan: dict[str, MetricNeed], timer: StageTimer, *,
-    batch_size: int, pad_token_id: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    draft_sources: Sequence[str] = (), compat: str = "none",
+    model,
+    sources: dict[str, list[EncodedQA]],
+    plan: dict[str, MetricNeed],
+    timer: StageTimer,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    shared_forward: bool,
+    sort_by_length: bool,
+    progress: bool | None,
+    draft_sources: Sequence[str] = (),
+    compat: str = "none",
 ) -> tuple[dict[str, dict[str, Scores]], dict[str, Scores]]:
     """(metric -> source -> per-sequence scores, draft source -> scores). Shared: every source scored
     once (with the union of the outputs its metrics need, and the argmax for `draft_sources`),
@@ -166,8 +215,15 @@ def score_metrics(
         out = {}
         for metric, need in plan.items():
             (split,) = score_groups(
-                model, sources, [(need.group, need.sources, need.want)], timer,
-                batch_size, pad_token_id, sort_by_length, progress, compat=compat,
+                model,
+                sources,
+                [(need.group, need.sources, need.want)],
+                timer,
+                batch_size,
+                pad_token_id,
+                sort_by_length,
+                progress,
+                compat=compat,
             )
             out[metric] = split
         return out, {}
@@ -193,7 +249,15 @@ def score_metrics(
     merged: dict[str, Scores] = {}
     # Shared forward also means each question's prompt is encoded once for all of its answers.
     splits = score_groups(
-        model, sources, calls, timer, batch_size, pad_token_id, sort_by_length, progress, share_prompts=True,
+        model,
+        sources,
+        calls,
+        timer,
+        batch_size,
+        pad_token_id,
+        sort_by_length,
+        progress,
+        share_prompts=True,
         compat=compat,
     )
     for split in splits:
@@ -204,8 +268,12 @@ def score_metrics(
 
 # ------------------------------------------------------------------------------------ generation
 def draft_prefixes(
-    prompts: Sequence[Sequence[int]], references: Sequence[EncodedQA], scores: Sequence[engine.SequenceScore],
-    eos_ids: Sequence[int], max_new_tokens: int, min_margin: float,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[EncodedQA],
+    scores: Sequence[engine.SequenceScore],
+    eos_ids: Sequence[int],
+    max_new_tokens: int,
+    min_margin: float,
 ) -> list[generation.GreedyPrefix | None]:
     """What the teacher-forced pass over each reference (prompt + answer) tells of the greedy
     generation from its prompt (None where the scored text is not exactly the prompt + an answer)."""
@@ -220,10 +288,21 @@ def draft_prefixes(
 
 
 def generate_sets(
-    model, tokenizer, prompts: dict[str, list[list[int]]], timer: StageTimer, *, group: str,
-    batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: Mapping[str, tuple[Sequence[EncodedQA], Scores]] | None = None, stop_strings: Sequence[str] = (),
-    compat: str = "none", generation_batch_size: int | None = None,
+    model,
+    tokenizer,
+    prompts: dict[str, list[list[int]]],
+    timer: StageTimer,
+    *,
+    group: str,
+    batch_size: int,
+    max_new_tokens: int,
+    shared_forward: bool,
+    sort_by_length: bool,
+    progress: bool | None,
+    drafts: Mapping[str, tuple[Sequence[EncodedQA], Scores]] | None = None,
+    stop_strings: Sequence[str] = (),
+    compat: str = "none",
+    generation_batch_size: int | None = None,
 ) -> dict[str, list[str]]:
     """Greedy generations from every set's prompts (set -> texts): one call over all sets (shared)
     or one per set (naive), timed as `group`. With `drafts` (set -> its reference texts, prompt +
@@ -246,14 +325,27 @@ def generate_sets(
             prefixes = None
             if drafts:
                 prefixes = [
-                    pre for k in ks
-                    for pre in (draft_prefixes(prompts[k], *drafts[k], eos_ids, max_new_tokens, min_margin)
-                                if k in drafts else [None] * len(prompts[k]))
+                    pre
+                    for k in ks
+                    for pre in (
+                        draft_prefixes(prompts[k], *drafts[k], eos_ids, max_new_tokens, min_margin)
+                        if k in drafts
+                        else [None] * len(prompts[k])
+                    )
                 ]
             return generation.generate(
-                model, tokenizer, flat, max_new_tokens, batch_size, desc=f"generating ({'+'.join(ks)})",
-                sort_by_length=sort_by_length, progress=progress, prefixes=prefixes, stop_strings=stop_strings,
-                compat=compat, decode_batch_size=generation_batch_size,
+                model,
+                tokenizer,
+                flat,
+                max_new_tokens,
+                batch_size,
+                desc=f"generating ({'+'.join(ks)})",
+                sort_by_length=sort_by_length,
+                progress=progress,
+                prefixes=prefixes,
+                stop_strings=stop_strings,
+                compat=compat,
+                decode_batch_size=generation_batch_size,
             )
 
         gens = timer.run(group, [f"{k}/prompt" for k in ks], len(flat), run)
@@ -297,7 +389,10 @@ def prob_entry(scores: Sequence[engine.SequenceScore]) -> tuple[dict, np.ndarray
 def score_entry(values, agg: float | None = None) -> dict:
     """An entry of per-sample scores; the aggregate is their mean unless `agg` is given."""
     vals = [json_number(v) for v in values]
-    return {"agg_value": finite_mean(vals) if agg is None else agg, "value_by_index": by_index([{"score": v} for v in vals])}
+    return {
+        "agg_value": finite_mean(vals) if agg is None else agg,
+        "value_by_index": by_index([{"score": v} for v in vals]),
+    }
 
 
 def label_texts(tokenizer, encoded: Sequence[EncodedQA]) -> list[str]:

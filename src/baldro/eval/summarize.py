@@ -181,7 +181,9 @@ def _rouge_mean(log: dict, key: str, field: str) -> float | None:
     if not rows:
         return None
     idx, vals = _column(rows, field)
-    texts = [r for r in rows.values() if isinstance(r.get("generation"), str) and isinstance(r.get("ground_truth"), str)]
+    texts = [
+        r for r in rows.values() if isinstance(r.get("generation"), str) and isinstance(r.get("ground_truth"), str)
+    ]
     if len(texts) > len(idx):
         vals = [s[field] for s in M.rouge([r["generation"] for r in texts], [r["ground_truth"] for r in texts])]
     return float(np.mean(vals)) if vals else None
@@ -333,7 +335,7 @@ def non_finite_entries(log: dict) -> list[str]:
     """Metrics whose per-sample entries exist but hold no finite number (NaN scores: a model whose
     outputs are not finite, e.g. one whose training diverged)."""
     bad = []
-    for key, entry in log.items():
+    for key in log:
         rows = _rows(log, key)
         if not rows:
             continue
@@ -348,8 +350,10 @@ def note_non_finite(log: dict, out: Summary) -> None:
     bad = sorted(non_finite_entries(log))
     if not bad:
         return
-    why = (f"the per-sample values of {', '.join(bad[:4])}{' and others' if len(bad) > 4 else ''} are all NaN: the "
-           "model's outputs are not finite (a diverged training run?)")
+    why = (
+        f"the per-sample values of {', '.join(bad[:4])}{' and others' if len(bad) > 4 else ''} are all NaN: the "
+        "model's outputs are not finite (a diverged training run?)"
+    )
     sources = {
         "forget_quality": [k for k in bad if k.startswith("forget_")],
         "model_utility": [k for k in bad if k.startswith(("retain_", "ra_", "wf_"))],
@@ -421,7 +425,9 @@ def check_eval_log(log: Any, what: str = "eval log") -> dict:
             '({"metric": {"agg_value": ..., "value_by_index": {"0": {...}}}})'
         )
     for key, entry in log.items():
-        for sub, e in [(key, entry)] + [(f"{key}.{k}", v) for k, v in (entry.items() if isinstance(entry, dict) else ())]:
+        for sub, e in [(key, entry)] + [
+            (f"{key}.{k}", v) for k, v in (entry.items() if isinstance(entry, dict) else ())
+        ]:
             vbi = e.get("value_by_index") if isinstance(e, dict) else None
             if vbi is not None and not isinstance(vbi, dict):
                 raise BaldroError(
@@ -491,8 +497,14 @@ def load_eval_log(path: str | Path, what: str = "eval log") -> dict:
 
 
 # The entries whose samples a reference log is compared on (the forget set, then MUSE's forget set).
-_SAMPLE_ENTRIES = ("forget_Q_A_PARA_Prob", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
-                   "forget_knowmem_ROUGE", "forget_verbmem_ROUGE")
+_SAMPLE_ENTRIES = (
+    "forget_Q_A_PARA_Prob",
+    "forget_truth_ratio",
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_knowmem_ROUGE",
+    "forget_verbmem_ROUGE",
+)
 
 
 def _samples(log: dict, key: str) -> dict[str, Any] | None:
@@ -511,8 +523,9 @@ def check_same_samples(eval_log: dict, reference_log: dict) -> None:
         if mine is None or ref is None:
             continue
         differ = len(set(mine) ^ set(ref))
-        differ += sum(1 for i in set(mine) & set(ref)
-                      if mine[i] is not None and ref[i] is not None and mine[i] != ref[i])
+        differ += sum(
+            1 for i in set(mine) & set(ref) if mine[i] is not None and ref[i] is not None and mine[i] != ref[i]
+        )
         if differ:
             raise BaldroError(
                 f"the reference log's samples do not match the eval log's: {differ} of {len(set(mine) | set(ref))} "

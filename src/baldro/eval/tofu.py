@@ -31,6 +31,9 @@ right-padded teacher-forced passes without position ids, left-padded generation 
 count, and ROUGE against the decoded full conversation with the decoded prompt removed
 (`openunlearning_rouge_texts`). The fast paths that this mask invalidates (shared prompts, drafted
 generations, continuous batching) are off in that mode.
+
+Over 500 lines for a reason: TOFU's items, its metric plan and its OpenUnlearning-compatible variant read
+together; the parts a second benchmark reuses are already in `suite.py`.
 """
 
 from __future__ import annotations
@@ -77,9 +80,23 @@ from baldro.eval.suite import (
 from baldro.eval.summarize import summarize_tofu
 
 __all__ = [  # diff_eval_logs is re-exported from baldro.eval.suite
-    "EVAL_FILE", "HEADLINE", "MIA_K", "SUMMARY_FILE", "TofuEvalData", "TofuSet", "assemble_tofu_eval_log",
-    "diff_eval_logs", "evaluate_tofu", "evaluate_tofu_openunlearning", "generate_tofu", "load_retain_log",
-    "load_tofu_eval_data", "openunlearning_rouge_texts", "restrict_log", "score_tofu", "tofu_sets",
+    "EVAL_FILE",
+    "HEADLINE",
+    "MIA_K",
+    "SUMMARY_FILE",
+    "TofuEvalData",
+    "TofuSet",
+    "assemble_tofu_eval_log",
+    "diff_eval_logs",
+    "evaluate_tofu",
+    "evaluate_tofu_openunlearning",
+    "generate_tofu",
+    "load_retain_log",
+    "load_tofu_eval_data",
+    "openunlearning_rouge_texts",
+    "restrict_log",
+    "score_tofu",
+    "tofu_sets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,12 +208,15 @@ def _encode(formatter: QAFormatter, data: TofuEvalData, compat: str = "none") ->
             ground_truths=[str(r["answer"]).strip() for r in rows],
         )
         if compat == "openunlearning":
-            pairs = [openunlearning_rouge_texts(tok, p, formatter.encode(q, r["answer"], compat=compat).input_ids)
-                     for p, q, r in zip(prompts, qs, rows)]
+            pairs = [
+                openunlearning_rouge_texts(tok, p, formatter.encode(q, r["answer"], compat=compat).input_ids)
+                for p, q, r in zip(prompts, qs, rows)
+            ]
             t.inputs, t.ground_truths = [i for i, _ in pairs], [g for _, g in pairs]
         if s.paraphrase:
-            t.para = formatter.encode_many(qs, [r["paraphrased_answer"] for r in rows], what=f"{s.split} paraphrase",
-                                           compat=compat)
+            t.para = formatter.encode_many(
+                qs, [r["paraphrased_answer"] for r in rows], what=f"{s.split} paraphrase", compat=compat
+            )
         t.k = len(rows[0]["perturbed_answer"])
         pq = [q for q, r in zip(qs, rows) for _ in r["perturbed_answer"]]  # a question's K answers are adjacent
         pa = [a for r in rows for a in r["perturbed_answer"]]
@@ -205,7 +225,9 @@ def _encode(formatter: QAFormatter, data: TofuEvalData, compat: str = "none") ->
     hold = data.rows["holdout"]
     out["holdout"] = _SetTexts(
         answer=formatter.encode_many(
-            [r["question"] for r in hold], [r["answer"] for r in hold], what=f"{holdout_split_for(data.forget_split)} answer",
+            [r["question"] for r in hold],
+            [r["answer"] for r in hold],
+            what=f"{holdout_split_for(data.forget_split)} answer",
             compat=compat,
         ),
         prompts=[],
@@ -251,18 +273,39 @@ score_tofu = score_metrics  # TOFU scores through the generic planner, with `_me
 
 
 def generate_tofu(
-    model, tokenizer, texts: dict[str, _SetTexts], sets: list[TofuSet], timer: StageTimer, *,
-    batch_size: int, max_new_tokens: int, shared_forward: bool, sort_by_length: bool, progress: bool | None,
-    drafts: dict[str, Scores] | None = None, compat: str = "none", generation_batch_size: int | None = None,
+    model,
+    tokenizer,
+    texts: dict[str, _SetTexts],
+    sets: list[TofuSet],
+    timer: StageTimer,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    shared_forward: bool,
+    sort_by_length: bool,
+    progress: bool | None,
+    drafts: dict[str, Scores] | None = None,
+    compat: str = "none",
+    generation_batch_size: int | None = None,
 ) -> dict[str, list[str]]:
     """Greedy generations for ROUGE (`suite.generate_sets`, timed as "rouge"). `drafts`: the
     reference answers' teacher-forced scores ("{set}/answer" -> scores) that start the decoding."""
     keys = [s.key for s in sets]
     by_set = {k: (texts[k].answer, drafts[f"{k}/answer"]) for k in keys if f"{k}/answer" in (drafts or {})}
     return generate_sets(
-        model, tokenizer, {k: texts[k].prompts for k in keys}, timer, group="rouge", batch_size=batch_size,
-        max_new_tokens=max_new_tokens, shared_forward=shared_forward, sort_by_length=sort_by_length,
-        progress=progress, drafts=by_set, compat=compat, generation_batch_size=generation_batch_size,
+        model,
+        tokenizer,
+        {k: texts[k].prompts for k in keys},
+        timer,
+        group="rouge",
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        shared_forward=shared_forward,
+        sort_by_length=sort_by_length,
+        progress=progress,
+        drafts=by_set,
+        compat=compat,
+        generation_batch_size=generation_batch_size,
     )
 
 
@@ -271,7 +314,9 @@ def _pert_entry(scores: Scores, k: int) -> tuple[dict, np.ndarray]:
     """The perturbed answers' entry (K probabilities per question) and their [N, K] average losses."""
     loss = avg_losses(scores).reshape(-1, k)
     prob = metrics.probability(loss)
-    entries = [{"prob": [json_number(v) for v in p], "avg_loss": [json_number(v) for v in a]} for p, a in zip(prob, loss)]
+    entries = [
+        {"prob": [json_number(v) for v in p], "avg_loss": [json_number(v) for v in a]} for p, a in zip(prob, loss)
+    ]
     return {"agg_value": finite_mean(prob.mean(axis=1)), "value_by_index": by_index(entries)}, loss
 
 
@@ -308,7 +353,10 @@ def assemble_tofu_eval_log(
             {**r, "input": i, "ground_truth": g, "generation": gen}
             for r, i, g, gen in zip(rouge, t.inputs, t.ground_truths, generations[s.key])
         ]
-        log[f"{p}Q_A_ROUGE"] = {"agg_value": finite_mean(r["rougeL_recall"] for r in rouge), "value_by_index": by_index(entries)}
+        log[f"{p}Q_A_ROUGE"] = {
+            "agg_value": finite_mean(r["rougeL_recall"] for r in rouge),
+            "value_by_index": by_index(entries),
+        }
     for name in ("exact_memorization", "extraction_strength"):
         log[name] = memorization_entry(name, scores[name]["forget/answer"])
     sides = ("forget", "holdout")
@@ -329,7 +377,9 @@ def load_retain_log(path, data: TofuEvalData | None = None) -> dict:
     if path.is_dir():
         path = path / EVAL_FILE
     if not path.exists():
-        raise BaldroError(f"retain model log {path} not found: point retain_logs_path at the retain model's {EVAL_FILE}")
+        raise BaldroError(
+            f"retain model log {path} not found: point retain_logs_path at the retain model's {EVAL_FILE}"
+        )
     try:
         log = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -343,14 +393,17 @@ def load_retain_log(path, data: TofuEvalData | None = None) -> dict:
     gts = (log.get("forget_Q_A_ROUGE") or {}).get("value_by_index") or {}
     if data is not None and gts:
         ours = [_norm_text(r["answer"]) for r in data.rows["forget"]]
-        pairs = [(ours[i], _norm_text(gts[str(i)].get("ground_truth", ""))) for i in range(min(len(ours), 20)) if str(i) in gts]
+        pairs = [
+            (ours[i], _norm_text(gts[str(i)].get("ground_truth", "")))
+            for i in range(min(len(ours), 20))
+            if str(i) in gts
+        ]
         if pairs and sum(a == b for a, b in pairs) * 2 < len(pairs):
             raise BaldroError(
                 f"retain model log {path} was evaluated on other forget questions than {data.forget_split}: "
                 f"use the retain model's log for {data.forget_split} (retain split {retain_split_for(data.forget_split)})"
             )
     return log
-
 
 
 def restrict_log(log: dict, n_rows: dict[str, int]) -> dict:
@@ -421,9 +474,20 @@ def evaluate_tofu(
     `evaluate_tofu_openunlearning` takes the same arguments and reproduces OpenUnlearning's evaluator.
     """
     return _evaluate_tofu(
-        model, tokenizer, formatter, data_source, forget_split=forget_split, out_dir=out_dir,
-        retain_logs_path=retain_logs_path, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-        shared_forward=shared_forward, sort_by_length=sort_by_length, timings=timings, progress=progress,
+        model,
+        tokenizer,
+        formatter,
+        data_source,
+        forget_split=forget_split,
+        out_dir=out_dir,
+        retain_logs_path=retain_logs_path,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        shared_forward=shared_forward,
+        sort_by_length=sort_by_length,
+        timings=timings,
+        progress=progress,
         generation_batch_size=generation_batch_size,
     )
 
@@ -437,10 +501,22 @@ def evaluate_tofu_openunlearning(model, tokenizer, formatter: QAFormatter, data_
 
 
 def _evaluate_tofu(
-    model, tokenizer, formatter: QAFormatter, data_source, forget_split: str = "forget10", out_dir=None,
-    retain_logs_path=None, batch_size: int = 16, max_new_tokens: int = 200, limit: int | None = None,
-    shared_forward: bool = True, sort_by_length: bool = True, timings: dict | None = None,
-    progress: bool | None = None, compat: str = "none", generation_batch_size: int | None = None,
+    model,
+    tokenizer,
+    formatter: QAFormatter,
+    data_source,
+    forget_split: str = "forget10",
+    out_dir=None,
+    retain_logs_path=None,
+    batch_size: int = 16,
+    max_new_tokens: int = 200,
+    limit: int | None = None,
+    shared_forward: bool = True,
+    sort_by_length: bool = True,
+    timings: dict | None = None,
+    progress: bool | None = None,
+    compat: str = "none",
+    generation_batch_size: int | None = None,
 ) -> tuple[dict, dict]:
     """`evaluate_tofu` (compat "none") or `evaluate_tofu_openunlearning` (compat "openunlearning")."""
     check_compat(compat)
@@ -455,12 +531,26 @@ def _evaluate_tofu(
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress, compat=compat)
     draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward and compat == "none" else []
     scores, drafts = score_tofu(
-        model, _source_texts(texts), plan, timer, batch_size=batch_size, pad_token_id=pad_id,
-        draft_sources=draft_sources, **common,
+        model,
+        _source_texts(texts),
+        plan,
+        timer,
+        batch_size=batch_size,
+        pad_token_id=pad_id,
+        draft_sources=draft_sources,
+        **common,
     )
     generations = generate_tofu(
-        model, tokenizer, texts, data.sets, timer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        drafts=drafts, generation_batch_size=generation_batch_size, **common,
+        model,
+        tokenizer,
+        texts,
+        data.sets,
+        timer,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        drafts=drafts,
+        generation_batch_size=generation_batch_size,
+        **common,
     )
     eval_log = assemble_tofu_eval_log(data, texts, scores, generations, tokenizer)
     if reference_log is None:
@@ -480,4 +570,3 @@ def _evaluate_tofu(
     if out_dir is not None:
         write_eval_files(out_dir, {EVAL_FILE: eval_log, SUMMARY_FILE: dict(summary)})
     return eval_log, summary
-

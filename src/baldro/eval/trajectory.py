@@ -20,6 +20,9 @@ Several processes: the main process evaluates (every process holds the whole mod
 while the others wait in one collective that then hands them the main process's decision (stop, best step,
 or an error to raise), so every process stops, fails and loads the best weights together. Sharded weights
 (FSDP, ZeRO-3) are refused before training (`baldro.recipes`): one process cannot run the model alone.
+
+Over 500 lines for a reason: when to evaluate, the best-step rule, early stopping and an exact resume of the
+trajectory are one callback's state and belong together.
 """
 
 from __future__ import annotations
@@ -49,10 +52,24 @@ BEST_WEIGHTS = "trainable.safetensors"
 UTILITY_KEY = {"tofu": "model_utility", "muse": "retain_knowmem_ROUGE"}
 # The summary keys each trajectory line holds (besides step and epoch, and the best-model metric).
 TRAJECTORY_KEYS = {
-    "tofu": ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
-             "exact_memorization", "extraction_strength", "privleak"),
-    "muse": ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
-             "exact_memorization", "extraction_strength"),
+    "tofu": (
+        "forget_quality",
+        "model_utility",
+        "forget_truth_ratio",
+        "forget_Q_A_Prob",
+        "forget_Q_A_ROUGE",
+        "exact_memorization",
+        "extraction_strength",
+        "privleak",
+    ),
+    "muse": (
+        "forget_verbmem_ROUGE",
+        "forget_knowmem_ROUGE",
+        "retain_knowmem_ROUGE",
+        "privleak",
+        "exact_memorization",
+        "extraction_strength",
+    ),
 }
 # Memorisation measures: lower = more forgotten.
 _LOWER_IS_BETTER = ("exact_memorization", "extraction_strength")
@@ -118,14 +135,19 @@ def stop_reason(rows: Sequence[dict], rule: BestRule, patience: int | None) -> s
     if rule.utility_floor is not None:
         utility = _finite(last.get(rule.utility_key))
         if floor is not None and utility is not None and utility < floor:
-            return (f"{rule.utility_key}={utility:.4g} fell below the utility floor {floor:.4g} "
-                    f"({rule.utility_floor:g} x the first evaluation's)")
+            return (
+                f"{rule.utility_key}={utility:.4g} fell below the utility floor {floor:.4g} "
+                f"({rule.utility_floor:g} x the first evaluation's)"
+            )
     best = best_evaluation(rows, rule)
     since = len(rows) if best is None else len(rows) - 1 - rows.index(best)  # evaluations after the best
     if since >= patience:
-        return (f"no better {rule.metric} in {since} evaluation(s) (train.early_stopping_patience={patience}; "
-                f"best at step {best['step']})" if best is not None else
-                f"no evaluation has {rule.metric} yet after {since} evaluation(s)")
+        return (
+            f"no better {rule.metric} in {since} evaluation(s) (train.early_stopping_patience={patience}; "
+            f"best at step {best['step']})"
+            if best is not None
+            else f"no evaluation has {rule.metric} yet after {since} evaluation(s)"
+        )
     return None
 
 
@@ -133,13 +155,16 @@ def eval_interval(eval_steps: float, max_steps: int) -> int:
     """`train.eval_steps` in optimizer steps: a count, or a fraction of the run (rounded up, as transformers)."""
     steps = math.ceil(max_steps * eval_steps) if eval_steps < 1 else int(eval_steps)
     if steps < 1 or steps > max_steps:
-        raise BaldroError(f"train.eval_steps={eval_steps:g} is beyond the run ({max_steps} optimizer steps): use a "
-                          "count <= the run's steps or a fraction of the run below 1")
+        raise BaldroError(
+            f"train.eval_steps={eval_steps:g} is beyond the run ({max_steps} optimizer steps): use a "
+            "count <= the run's steps or a fraction of the run below 1"
+        )
     return steps
 
 
-def trajectory_row(step: int, epoch: float | None, summary: dict, benchmark: str,
-                   extra_keys: Sequence[str] = ()) -> dict:
+def trajectory_row(
+    step: int, epoch: float | None, summary: dict, benchmark: str, extra_keys: Sequence[str] = ()
+) -> dict:
     """One line of eval_trajectory.jsonl: no timings, so that a resumed run writes the same bytes."""
     row: dict[str, Any] = {"step": int(step), "epoch": round(float(epoch or 0.0), 6)}
     for key in (*TRAJECTORY_KEYS.get(benchmark, ()), *extra_keys):
@@ -174,8 +199,10 @@ def load_trainable(model, folder: Path) -> None:
     params = _trainable(model)
     missing = sorted(set(params) - set(state))
     if missing:
-        raise BaldroError(f"{folder / BEST_WEIGHTS} lacks {len(missing)} trainable weight(s) of this model (e.g. "
-                          f"{missing[0]}): it was written by another run")
+        raise BaldroError(
+            f"{folder / BEST_WEIGHTS} lacks {len(missing)} trainable weight(s) of this model (e.g. "
+            f"{missing[0]}): it was written by another run"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name].to(device=p.device, dtype=p.dtype))
@@ -184,7 +211,7 @@ def load_trainable(model, folder: Path) -> None:
 def _step_dirs(root: Path) -> dict[int, Path]:
     out = {}
     for p in root.glob("step-*") if root.is_dir() else ():
-        tail = p.name[len("step-"):]
+        tail = p.name[len("step-") :]
         if tail.isdigit():
             out[int(tail)] = p
     return out
@@ -214,9 +241,17 @@ class EvalDuringTraining(TrainerCallback):
     (`quiet` after the first evaluation: its notes would repeat).
     Set `trainer` (for `trainer.log`) once the Trainer exists."""
 
-    def __init__(self, evaluate_fn: EvaluateFn, run_dir: str | Path, strategy: str, eval_steps: float | None,
-                 benchmark: str, rule: BestRule | None = None, patience: int | None = None,
-                 load_best: bool = False):
+    def __init__(
+        self,
+        evaluate_fn: EvaluateFn,
+        run_dir: str | Path,
+        strategy: str,
+        eval_steps: float | None,
+        benchmark: str,
+        rule: BestRule | None = None,
+        patience: int | None = None,
+        load_best: bool = False,
+    ):
         if strategy not in ("steps", "epoch"):
             raise BaldroError(f"EvalDuringTraining: strategy must be steps or epoch, got {strategy!r}")
         if load_best and rule is None:
@@ -247,8 +282,10 @@ class EvalDuringTraining(TrainerCallback):
         if self.rule is None:
             return {"best": None, "stop": None}
         best = best_evaluation(self.rows, self.rule)
-        return {"best": None if best is None else best["step"],
-                "stop": stop_reason(self.rows, self.rule, self.patience)}
+        return {
+            "best": None if best is None else best["step"],
+            "stop": stop_reason(self.rows, self.rule, self.patience),
+        }
 
     def _share(self, state, decision: dict | None) -> dict:
         """The main process's `decision` on every process (one collective, which the others wait in)."""
@@ -266,11 +303,15 @@ class EvalDuringTraining(TrainerCallback):
             return
         numeric = sorted(k for k, v in summary.items() if _finite(v) is not None)
         if self.rule.metric not in summary:
-            raise BaldroError(f"train.metric_for_best_model={self.rule.metric} is not a metric of this evaluation: "
-                              f"use one of {', '.join(numeric)}")
+            raise BaldroError(
+                f"train.metric_for_best_model={self.rule.metric} is not a metric of this evaluation: "
+                f"use one of {', '.join(numeric)}"
+            )
         if self.rule.utility_floor is not None and _finite(summary.get(self.rule.utility_key)) is None:
-            raise BaldroError(f"eval.utility_floor needs {self.rule.utility_key}, which the first evaluation did not "
-                              "produce (n/a): unset eval.utility_floor")
+            raise BaldroError(
+                f"eval.utility_floor needs {self.rule.utility_key}, which the first evaluation did not "
+                "produce (n/a): unset eval.utility_floor"
+            )
 
     def _evaluate(self, state, model) -> None:
         """(main process) one evaluation into evals/step-N and one trajectory line."""
@@ -287,8 +328,13 @@ class EvalDuringTraining(TrainerCallback):
         append_jsonl(self.path, row)
         self.rows.append(row)
         shown = {k: v for k, v in row.items() if k not in ("step", "epoch") and v is not None}
-        log.info("eval at step %d (epoch %.2f, %.1f s): %s", step, row["epoch"], seconds,
-                 " ".join(f"{k}={v:.4g}" for k, v in shown.items()) or "no metric")
+        log.info(
+            "eval at step %d (epoch %.2f, %.1f s): %s",
+            step,
+            row["epoch"],
+            seconds,
+            " ".join(f"{k}={v:.4g}" for k, v in shown.items()) or "no metric",
+        )
         if self.trainer is not None and shown:
             # trainer.log clears control.should_log (the Trainer's own log of this step would be lost)
             control = self.trainer.control
@@ -310,9 +356,12 @@ class EvalDuringTraining(TrainerCallback):
             except BaseException as e:  # the others wait in the collective: tell them, then raise
                 self._failure = e
                 first = (str(e).splitlines() or [type(e).__name__])[0]
-                decision = {"error": first if isinstance(e, BaldroError) else
-                            f"the evaluation at step {state.global_step} failed on the main process "
-                            f"({type(e).__name__}: {first})"}
+                decision = {
+                    "error": first
+                    if isinstance(e, BaldroError)
+                    else f"the evaluation at step {state.global_step} failed on the main process "
+                    f"({type(e).__name__}: {first})"
+                }
         decision = self._share(state, decision)
         self.best_step = decision["best"]
         if decision["stop"] and not self.stopped:
@@ -330,20 +379,29 @@ class EvalDuringTraining(TrainerCallback):
             if best != self.rows[-1]["step"]:
                 if best not in self._warned:
                     self._warned.add(best)
-                    log.warning("the weights of the best evaluation so far (step %d) are not on disk (the run "
-                                "resumed from an older checkpoint?)", best)
+                    log.warning(
+                        "the weights of the best evaluation so far (step %d) are not on disk (the run "
+                        "resumed from an older checkpoint?)",
+                        best,
+                    )
             else:
                 start = time.time()
                 save_trainable(model, root / f"step-{best}")
-                log.info("best so far: step %d; its trainable weights written to %s in %.1f s", best,
-                         root / f"step-{best}", time.time() - start)
+                log.info(
+                    "best so far: step %d; its trainable weights written to %s in %.1f s",
+                    best,
+                    root / f"step-{best}",
+                    time.time() - start,
+                )
         self._prune()
 
     def _prune(self) -> None:
         keep = set()
         if self.rule is not None:
-            for rows in (self.rows, [r for r in self.rows if r["step"] <= self.last_checkpoint_step]
-                         if self.saves_checkpoints else []):
+            for rows in (
+                self.rows,
+                [r for r in self.rows if r["step"] <= self.last_checkpoint_step] if self.saves_checkpoints else [],
+            ):
                 best = best_evaluation(rows, self.rule)
                 if best is not None:
                     keep.add(best["step"])
@@ -358,12 +416,19 @@ class EvalDuringTraining(TrainerCallback):
         if self.strategy == "steps":
             self.interval = eval_interval(self.eval_steps, state.max_steps)
         if state.is_world_process_zero:
-            self.rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= state.global_step] \
-                if self.path.exists() else []
+            self.rows = (
+                [r for r in read_jsonl(self.path) if r.get("step", 0) <= state.global_step]
+                if self.path.exists()
+                else []
+            )
             if self.rule is not None and self.rows and self.rule.metric not in self.rows[0]:
-                log.warning("%s does not record %s (the run started with another train.metric_for_best_model): "
-                            "its %d evaluation(s) so far are not candidates for the best", self.path,
-                            self.rule.metric, len(self.rows))
+                log.warning(
+                    "%s does not record %s (the run started with another train.metric_for_best_model): "
+                    "its %d evaluation(s) so far are not candidates for the best",
+                    self.path,
+                    self.rule.metric,
+                    len(self.rows),
+                )
         step = state.global_step
         epoch_end = abs((state.epoch or 0) - round(state.epoch or 0)) < 1e-6
         due = step == 0 or (self.strategy == "steps" and self._due(state)) or (self.strategy == "epoch" and epoch_end)
@@ -391,20 +456,28 @@ class EvalDuringTraining(TrainerCallback):
             barrier()  # the main process wrote the best weights before it shared its last decision
             main = state.is_world_process_zero
             if self.best_step is None and main:
-                log.warning("train.load_best_model_at_end: no evaluation qualifies as the best (%s): the final "
-                            "model is the last step's", self._why_no_best())
+                log.warning(
+                    "train.load_best_model_at_end: no evaluation qualifies as the best (%s): the final "
+                    "model is the last step's",
+                    self._why_no_best(),
+                )
             elif self.best_step is not None and self.best_step != state.global_step:
                 folder = self.run_dir / BEST_DIR / f"step-{self.best_step}"
                 if (folder / BEST_WEIGHTS).is_file():
                     load_trainable(model, folder)
                     self.best_loaded = True
                     if main:
-                        log.info("train.load_best_model_at_end: the final model is step %d's (best %s)",
-                                 self.best_step, self.rule.metric)
+                        log.info(
+                            "train.load_best_model_at_end: the final model is step %d's (best %s)",
+                            self.best_step,
+                            self.rule.metric,
+                        )
                 elif main:
-                    log.warning("train.load_best_model_at_end: the weights of the best step %d are not on disk (the "
-                                "run resumed from an older checkpoint?): the final model is the last step's",
-                                self.best_step)
+                    log.warning(
+                        "train.load_best_model_at_end: the weights of the best step %d are not on disk (the "
+                        "run resumed from an older checkpoint?): the final model is the last step's",
+                        self.best_step,
+                    )
             elif self.best_step is not None:
                 self.best_loaded = True  # the last step is the best: the model in memory is its model
 
@@ -417,20 +490,25 @@ class EvalDuringTraining(TrainerCallback):
 
     def info(self) -> dict:
         """What run_info.json records (main process)."""
-        out: dict[str, Any] = {"eval_strategy": self.strategy, "evaluations": len(self.rows),
-                               "trajectory_eval_time_s": self.seconds}
+        out: dict[str, Any] = {
+            "eval_strategy": self.strategy,
+            "evaluations": len(self.rows),
+            "trajectory_eval_time_s": self.seconds,
+        }
         if self.strategy == "steps":
             out["eval_steps"] = self.interval
         if self.rule is not None:
             best = best_evaluation(self.rows, self.rule)
-            out.update({
-                "metric_for_best_model": self.rule.metric,
-                "greater_is_better": self.rule.greater_is_better,
-                "utility_floor": self.rule.utility_floor,
-                "best_step": None if best is None else best["step"],
-                "best_epoch": None if best is None else best["epoch"],
-                "best_metric": None if best is None else best[self.rule.metric],
-            })
+            out.update(
+                {
+                    "metric_for_best_model": self.rule.metric,
+                    "greater_is_better": self.rule.greater_is_better,
+                    "utility_floor": self.rule.utility_floor,
+                    "best_step": None if best is None else best["step"],
+                    "best_epoch": None if best is None else best["epoch"],
+                    "best_metric": None if best is None else best[self.rule.metric],
+                }
+            )
             if self.load_best:
                 out["best_model_loaded"] = self.best_loaded
         if self.stopped:

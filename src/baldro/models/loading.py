@@ -16,8 +16,14 @@ from baldro.models.sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -52,18 +58,26 @@ def check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise BaldroError(f"model.device={device!r} is not a device: use cpu, cuda, cuda:N, mps, auto or accelerate") from None
+        raise BaldroError(
+            f"model.device={device!r} is not a device: use cpu, cuda, cuda:N, mps, auto or accelerate"
+        ) from None
     world = launch_world()[0]
     if dev.type == "cuda" and dev.index is not None and world > 1:
-        raise BaldroError(f"model.device={device} in a run of {world} processes puts every process's models on GPU "
-                          f"{dev.index}: use model.device=auto (each process uses its own GPU, cuda:LOCAL_RANK)")
+        raise BaldroError(
+            f"model.device={device} in a run of {world} processes puts every process's models on GPU "
+            f"{dev.index}: use model.device=auto (each process uses its own GPU, cuda:LOCAL_RANK)"
+        )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise BaldroError(f"model.device={device} but this machine has no usable CUDA device: use model.device=cpu "
-                              "(and train.use_cpu=true) or run on a GPU machine")
+            raise BaldroError(
+                f"model.device={device} but this machine has no usable CUDA device: use model.device=cpu "
+                "(and train.use_cpu=true) or run on a GPU machine"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BaldroError(f"model.device={device} but this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            raise BaldroError(
+                f"model.device={device} but this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
     elif dev.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise BaldroError(f"model.device={device} but MPS is not available here: use model.device=cpu")
@@ -71,7 +85,12 @@ def check_device(device: str | None) -> None:
         raise BaldroError(f"model.device={device!r} is not supported: use cpu, cuda, cuda:N, mps, auto or accelerate")
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -90,11 +109,14 @@ def check_safetensors(path: str | Path) -> None:
             header = json.loads(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
-        raise BaldroError(f"{path} is not a valid safetensors file (damaged or cut short): save or copy the "
-                          "model again") from None
+        raise BaldroError(
+            f"{path} is not a valid safetensors file (damaged or cut short): save or copy the model again"
+        ) from None
     if 8 + n + end != size:
-        raise BaldroError(f"{path} is truncated ({size} bytes, its header says {8 + n + end}): the copy or save was "
-                          "interrupted; save or copy the model again")
+        raise BaldroError(
+            f"{path} is truncated ({size} bytes, its header says {8 + n + end}): the copy or save was "
+            "interrupted; save or copy the model again"
+        )
 
 
 def check_model_source(path: str | None, tokenizer: str | None = None) -> None:
@@ -112,11 +134,15 @@ def check_model_source(path: str | None, tokenizer: str | None = None) -> None:
         if not folder.is_dir():
             raise BaldroError(f"model path {path} is a file: set model.path to the folder that holds config.json")
         if not (folder / "config.json").is_file():
-            raise BaldroError(f"model folder {path} has no config.json: set model.path to a folder saved by "
-                              "save_pretrained (or a hub id)")
+            raise BaldroError(
+                f"model folder {path} has no config.json: set model.path to a folder saved by "
+                "save_pretrained (or a hub id)"
+            )
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
-            raise BaldroError(f"model folder {path} has no weights ({', '.join(WEIGHT_FILES)}): set model.path to a "
-                              "complete model folder")
+            raise BaldroError(
+                f"model folder {path} has no weights ({', '.join(WEIGHT_FILES)}): set model.path to a "
+                "complete model folder"
+            )
         for weights in sorted(folder.glob("*.safetensors")):
             check_safetensors(weights)
     tok = str(tokenizer or path)
@@ -127,8 +153,10 @@ def check_model_source(path: str | None, tokenizer: str | None = None) -> None:
         raise BaldroError(f"tokenizer path {tok} does not exist: set model.tokenizer or model.path")
     if not any((tok_folder / name).is_file() for name in TOKENIZER_FILES):
         key = "model.tokenizer" if tokenizer else "model.path"
-        raise BaldroError(f"{tok} has no tokenizer ({', '.join(TOKENIZER_FILES)}): set model.tokenizer to a folder "
-                          f"or hub id that has one (now {key}={tok})")
+        raise BaldroError(
+            f"{tok} has no tokenizer ({', '.join(TOKENIZER_FILES)}): set model.tokenizer to a folder "
+            f"or hub id that has one (now {key}={tok})"
+        )
 
 
 def count_nonfinite(model) -> int:
@@ -157,8 +185,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise BaldroError(f"tokenizer path {path} does not exist: set model.tokenizer or model.path")
     try:
-        tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path,
-                                            trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            str(Path(path).expanduser()) if _looks_local(path) else path, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise BaldroError(f"could not load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
@@ -186,11 +215,12 @@ def check_quantization_library(library: str = "bitsandbytes") -> None:
     import importlib.util
 
     if library not in QUANTIZE_LIBRARIES:
-        raise BaldroError(f"attack.quantize.library={library!r} is not supported: use "
-                          f"{', '.join(QUANTIZE_LIBRARIES)}")
+        raise BaldroError(f"attack.quantize.library={library!r} is not supported: use {', '.join(QUANTIZE_LIBRARIES)}")
     if importlib.util.find_spec(library) is None:
-        raise BaldroError(f"quantizing needs the {library} package, which is not installed: pip install "
-                          f"'{QUANTIZE_LIBRARIES[library]}' (or pip install 'baldro[attack]')")
+        raise BaldroError(
+            f"quantizing needs the {library} package, which is not installed: pip install "
+            f"'{QUANTIZE_LIBRARIES[library]}' (or pip install 'baldro[attack]')"
+        )
 
 
 def quantization_config(bits: int, compute_dtype: torch.dtype, quant_type_4bit: str = "fp4"):
@@ -201,8 +231,9 @@ def quantization_config(bits: int, compute_dtype: torch.dtype, quant_type_4bit: 
         raise BaldroError(f"{bits}-bit weights are not supported: use {' or '.join(map(str, QUANTIZE_BITS))}")
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_type=quant_type_4bit)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type=quant_type_4bit
+    )
 
 
 def load_model(
@@ -238,15 +269,20 @@ def load_model(
         kwargs["device_map"] = {"": str(dev)}  # quantized weights cannot be moved after loading
         dev = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs
+        )
     except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
-        raise BaldroError(f"could not load a causal LM from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                          ": check that the folder holds a complete saved model") from None
+        raise BaldroError(
+            f"could not load a causal LM from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ": check that the folder holds a complete saved model"
+        ) from None
     except Exception as e:  # safetensors' own error type for damaged files
         if type(e).__name__ != "SafetensorError":
             raise
-        raise BaldroError(f"could not load a causal LM from {path!r}: damaged weights ({e}): save or copy the model "
-                          "again") from None
+        raise BaldroError(
+            f"could not load a causal LM from {path!r}: damaged weights ({e}): save or copy the model again"
+        ) from None
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -299,8 +335,10 @@ def unsharded_copy(model, state_dict: dict):
     (twin.get_base_model() if peft_config else twin).tie_weights()
     missing = [n for n, p in twin.named_parameters() if p.is_meta]
     if missing:
-        raise BaldroError(f"the gathered weights lack {len(missing)} tensor(s) of the model (e.g. {missing[0]}): the "
-                          "sharded model could not be saved")
+        raise BaldroError(
+            f"the gathered weights lack {len(missing)} tensor(s) of the model (e.g. {missing[0]}): the "
+            "sharded model could not be saved"
+        )
     if getattr(base, "generation_config", None) is not None:
         (twin.get_base_model() if peft_config else twin).generation_config = copy.deepcopy(base.generation_config)
     return twin.eval()

@@ -108,8 +108,13 @@ def materialise_gguf(gguf: str | Path, out_dir: str | Path, expected_sha256: str
         tokenizer.save_pretrained(tmp)
         digest = sha256_file(tmp / "model.safetensors")
         if expected_sha256 and digest != expected_sha256:
-            log.warning("%s: model.safetensors sha256 %s differs from the recorded %s (another transformers "
-                        "or gguf version de-quantises differently)", gguf.name, digest, expected_sha256)
+            log.warning(
+                "%s: model.safetensors sha256 %s differs from the recorded %s (another transformers "
+                "or gguf version de-quantises differently)",
+                gguf.name,
+                digest,
+                expected_sha256,
+            )
         (tmp / "SOURCE").write_text(f"{gguf}\nmodel.safetensors sha256 {digest}\n", encoding="utf-8")
         if out_dir.exists():  # an incomplete earlier attempt
             shutil.rmtree(out_dir)
@@ -130,7 +135,7 @@ def materialise_packaged(name: str) -> Path:
 def resolve_model_path(path: str) -> str:
     """A loadable folder or hub id for `model.path` (packaged models and GGUF files are materialised)."""
     if path.startswith(PACKAGE_PREFIX):
-        return str(materialise_packaged(path[len(PACKAGE_PREFIX):]))
+        return str(materialise_packaged(path[len(PACKAGE_PREFIX) :]))
     p = Path(path).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():

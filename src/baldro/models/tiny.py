@@ -30,8 +30,12 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 _SPLIT_PATTERN = r"\p{L}+[ \t]*\n*|\p{N}{1,3}[ \t]*\n*|[^\s\p{L}\p{N}]+[ \t]*\n*|\s+"
 
 PRESETS: dict[str, dict[str, int]] = {
-    "test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128),
-    "demo": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512),
+    "test": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128
+    ),
+    "demo": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512
+    ),
 }
 
 
@@ -56,10 +60,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     if vocab_size < 256 + 3 + 1:
         raise ValueError(f"vocab_size must be > 259 (256 bytes + 3 special tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -70,10 +76,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     )
     tok.train_from_iterator((t for t in texts), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]),
+        ]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,

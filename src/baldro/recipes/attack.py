@@ -70,14 +70,36 @@ ATTACK_FOLDERS = (*(f"relearn_{s}" for s in RELEARN_SPLITS), *(f"quantize_{b}bit
 ATTACK_OUTPUTS = ("config.yaml", ATTACK_INFO, BEFORE, *ATTACK_FOLDERS)  # what overwrite=true deletes
 # keys a resumed attack run may change: they add attacks (the split and the bit width name the folder) and
 # leave the attacks already done as they are
-ATTACK_RESUME_FREE_KEYS = ("name", "output_dir", "resume", "overwrite", "log_to_console", "attack.attacks",
-                           "attack.relearn.split", "attack.quantize.bits", "train.disable_tqdm", "train.report_to",
-                           "train.logging_steps")
+ATTACK_RESUME_FREE_KEYS = (
+    "name",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "log_to_console",
+    "attack.attacks",
+    "attack.relearn.split",
+    "attack.quantize.bits",
+    "train.disable_tqdm",
+    "train.report_to",
+    "train.logging_steps",
+)
 # the settings that decide an evaluation's per-sample numbers: a run's own evaluation is the "before"
 # only when it was made with the same ones
-EVAL_SETTINGS = ("model.dtype", "data.source", "data.benchmark", "data.forget_split", "data.max_length",
-                 "data.chunk_length", "format", "eval.benchmark", "eval.max_new_tokens", "eval.verbmem_max_new_tokens",
-                 "eval.knowmem_max_new_tokens", "eval.limit", "eval.compat")
+EVAL_SETTINGS = (
+    "model.dtype",
+    "data.source",
+    "data.benchmark",
+    "data.forget_split",
+    "data.max_length",
+    "data.chunk_length",
+    "format",
+    "eval.benchmark",
+    "eval.max_new_tokens",
+    "eval.verbmem_max_new_tokens",
+    "eval.knowmem_max_new_tokens",
+    "eval.limit",
+    "eval.compat",
+)
 
 
 def attack_folders(recipe: Recipe) -> list[str]:
@@ -85,7 +107,9 @@ def attack_folders(recipe: Recipe) -> list[str]:
     a = recipe.attack
     names = []
     for attack in a.attacks:
-        names += [f"relearn_{a.relearn.split}"] if attack == "relearn" else [f"quantize_{b}bit" for b in a.quantize.bits]
+        names += (
+            [f"relearn_{a.relearn.split}"] if attack == "relearn" else [f"quantize_{b}bit" for b in a.quantize.bits]
+        )
     return names
 
 
@@ -105,15 +129,21 @@ def _check_pick(recipe: Recipe, n_forget: int, n_retain: int | None) -> None:
     r, d = recipe.attack.relearn, recipe.data
     k = _relearn_count(recipe, n_forget)
     if r.split != "retain" and k > n_forget:
-        raise BaldroError(f"attack.relearn.n_samples={k} is larger than the forget set ({n_forget} rows of "
-                          f"{d.forget_split}{', data.limit=' + str(d.limit) if d.limit else ''}): use at most "
-                          f"{n_forget}")
+        raise BaldroError(
+            f"attack.relearn.n_samples={k} is larger than the forget set ({n_forget} rows of "
+            f"{d.forget_split}{', data.limit=' + str(d.limit) if d.limit else ''}): use at most "
+            f"{n_forget}"
+        )
     if r.split == "heldout" and k >= n_forget:
-        raise BaldroError(f"attack.relearn.split=heldout with n_samples={k} of {n_forget} forget rows leaves none "
-                          f"held out: use at most {n_forget - 1}")
+        raise BaldroError(
+            f"attack.relearn.split=heldout with n_samples={k} of {n_forget} forget rows leaves none "
+            f"held out: use at most {n_forget - 1}"
+        )
     if r.split == "retain" and n_retain is not None and k > n_retain:
-        raise BaldroError(f"attack.relearn.n_samples={k} is larger than the retain set ({n_retain} rows of "
-                          f"{d.retain_split}): use at most {n_retain}")
+        raise BaldroError(
+            f"attack.relearn.n_samples={k} is larger than the retain set ({n_retain} rows of "
+            f"{d.retain_split}): use at most {n_retain}"
+        )
 
 
 def _with_output_dir(recipe: Recipe) -> Recipe:
@@ -124,8 +154,9 @@ def _with_output_dir(recipe: Recipe) -> Recipe:
         return recipe
     model_dir = Path(recipe.model.path).expanduser()
     if not model_dir.is_dir():
-        raise BaldroError(f"output_dir is not set and model.path {recipe.model.path} is not a local folder: give "
-                          "output_dir=PATH")
+        raise BaldroError(
+            f"output_dir is not set and model.path {recipe.model.path} is not a local folder: give output_dir=PATH"
+        )
     return dataclasses.replace(recipe, output_dir=str(model_dir.resolve().parent / "attack"))
 
 
@@ -153,8 +184,11 @@ def _run_eval(recipe: Recipe) -> Path | None:
         return None
     diffs = _differing(saved if isinstance(saved, dict) else {}, _recipe_dict(recipe), EVAL_SETTINGS)
     if diffs:
-        log.info("attack: %s was evaluated with other settings (%s): the unlearned model is evaluated again",
-                 run / "eval", ", ".join(diffs))
+        log.info(
+            "attack: %s was evaluated with other settings (%s): the unlearned model is evaluated again",
+            run / "eval",
+            ", ".join(diffs),
+        )
         return None
     return run / "eval"
 
@@ -175,8 +209,9 @@ def _before(recipe: Recipe, model, tokenizer, formatter, run_dir: Path, settings
         summary = _read_json(summary_path) if summary_path.is_file() else dict(summarize(eval_log))
         log.info("attack: the unlearned model's evaluation is %s", source)
         return eval_log, summary, str(source)
-    eval_log, summary, *_ = evaluate_logged(model, tokenizer, formatter, run_dir / BEFORE, settings,
-                                            recipe.eval.target_logs_path, recipe.model.path)
+    eval_log, summary, *_ = evaluate_logged(
+        model, tokenizer, formatter, run_dir / BEFORE, settings, recipe.eval.target_logs_path, recipe.model.path
+    )
     return eval_log, dict(summary), str(run_dir / BEFORE)
 
 
@@ -188,8 +223,13 @@ def _relearn(recipe: Recipe, model, tokenizer, items, out: Path):
     attacked = copy.deepcopy(model)
     if r.lora is not None:
         attacked = apply_lora(attacked, r.lora, seed=recipe.seed)
-    train = dataclasses.replace(recipe.train, learning_rate=r.learning_rate, max_steps=r.steps,
-                                per_device_train_batch_size=r.batch_size, save_strategy="no")
+    train = dataclasses.replace(
+        recipe.train,
+        learning_rate=r.learning_rate,
+        max_steps=r.steps,
+        per_device_train_batch_size=r.batch_size,
+        save_strategy="no",
+    )
     trainer = FinetuneTrainer(
         model=attacked,
         args=training_args(dataclasses.replace(recipe, train=train), out),
@@ -227,9 +267,15 @@ def _quantize(recipe: Recipe, bits: int):
     """The attacked model loaded with `bits`-bit weights; returns (model, its cost)."""
     m = recipe.model
     start = time.time()
-    model = load_model(m.path, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation,
-                       trust_remote_code=m.trust_remote_code, quantize_bits=bits,
-                       quant_type_4bit=recipe.attack.quantize.bnb_4bit_quant_type)
+    model = load_model(
+        m.path,
+        dtype=m.dtype,
+        device=m.device,
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
+        quantize_bits=bits,
+        quant_type_4bit=recipe.attack.quantize.bnb_4bit_quant_type,
+    )
     return model.eval(), {"attack_seconds": time.time() - start, "steps": 0}
 
 
@@ -289,11 +335,15 @@ def run_attack(cfg) -> Path:
         rows["retain"] = read_rows(recipe.data, "retain_split") if a.relearn.split == "retain" else None
         _check_pick(recipe, len(rows["forget"]), len(rows["retain"]) if rows["retain"] is not None else None)
     validate_model(recipe.model, recipe.train if relearn else None)
-    reference = load_eval_log(settings["retain_logs_path"], "retain model log") if settings["retain_logs_path"] else None
+    reference = (
+        load_eval_log(settings["retain_logs_path"], "retain model log") if settings["retain_logs_path"] else None
+    )
     folders = attack_folders(recipe)
 
-    with run_folder(recipe, "attack", outputs=ATTACK_OUTPUTS, free_keys=ATTACK_RESUME_FREE_KEYS, checkpoints=False) \
-            as (run_dir, _):
+    with run_folder(recipe, "attack", outputs=ATTACK_OUTPUTS, free_keys=ATTACK_RESUME_FREE_KEYS, checkpoints=False) as (
+        run_dir,
+        _,
+    ):
         done = [f for f in folders if recipe.resume.enabled and (run_dir / f / ATTACK_SUMMARY).is_file()]
         for folder in done:
             log.info("attack: %s is done (resume=true): skipped", run_dir / folder)
@@ -304,8 +354,13 @@ def run_attack(cfg) -> Path:
         before_log, before_summary, before_source = _before(recipe, model, tokenizer, formatter, run_dir, settings)
         todo = [f for f in folders if f not in done]
         earlier = _read_json(run_dir / ATTACK_INFO).get("attacks", {}) if recipe.resume.enabled else {}
-        info = {"model_path": recipe.model.path, "name": _run_name(recipe), "benchmark": recipe.eval.benchmark,
-                "before_eval": before_source, "attacks": {k: v for k, v in earlier.items() if k not in todo}}
+        info = {
+            "model_path": recipe.model.path,
+            "name": _run_name(recipe),
+            "benchmark": recipe.eval.benchmark,
+            "before_eval": before_source,
+            "attacks": {k: v for k, v in earlier.items() if k not in todo},
+        }
         for folder in todo:
             out = run_dir / folder
             shutil.rmtree(out, ignore_errors=True)  # what an interrupted run of this attack left
@@ -319,28 +374,46 @@ def run_attack(cfg) -> Path:
             else:
                 bits = int(folder.split("_")[1].removesuffix("bit"))
                 attacked, cost = _quantize(recipe, bits)
-                settings_used = {"attack": "quantize", "bits": bits, "library": a.quantize.library,
-                                 **({"bnb_4bit_quant_type": a.quantize.bnb_4bit_quant_type} if bits == 4 else {})}
+                settings_used = {
+                    "attack": "quantize",
+                    "bits": bits,
+                    "library": a.quantize.library,
+                    **({"bnb_4bit_quant_type": a.quantize.bnb_4bit_quant_type} if bits == 4 else {}),
+                }
             with _quiet_int8():
                 eval_log, summary, _, eval_seconds, _ = evaluate_logged(
-                    attacked, tokenizer, formatter, out, settings, recipe.eval.target_logs_path, recipe.model.path)
+                    attacked, tokenizer, formatter, out, settings, recipe.eval.target_logs_path, recipe.model.path
+                )
             del attacked
             try:
                 check_same_samples(eval_log, before_log)
             except BaldroError as e:
-                raise BaldroError(f"the unlearned model's evaluation {before_source} scored other samples than the "
-                                  f"attack's ({e}): set attack.before_eval=null to evaluate it here") from None
+                raise BaldroError(
+                    f"the unlearned model's evaluation {before_source} scored other samples than the "
+                    f"attack's ({e}): set attack.before_eval=null to evaluate it here"
+                ) from None
             cost["eval_seconds"] = eval_seconds
-            result = recovery(before_log, eval_log, recipe.eval.benchmark, reference, a.thresholds, trained,
-                              headline_scope)
-            write_json_atomic(out / ATTACK_SUMMARY, {
-                "name": info["name"], "folder": folder, "benchmark": recipe.eval.benchmark, "seed": recipe.seed,
-                "settings": settings_used, "model_path": recipe.model.path, "before_eval": before_source,
-                **result,
-                "summary": {"before": summary_values(before_summary, recipe.eval.benchmark),
-                            "after": summary_values(summary, recipe.eval.benchmark)},
-                "cost": cost,
-            })
+            result = recovery(
+                before_log, eval_log, recipe.eval.benchmark, reference, a.thresholds, trained, headline_scope
+            )
+            write_json_atomic(
+                out / ATTACK_SUMMARY,
+                {
+                    "name": info["name"],
+                    "folder": folder,
+                    "benchmark": recipe.eval.benchmark,
+                    "seed": recipe.seed,
+                    "settings": settings_used,
+                    "model_path": recipe.model.path,
+                    "before_eval": before_source,
+                    **result,
+                    "summary": {
+                        "before": summary_values(before_summary, recipe.eval.benchmark),
+                        "after": summary_values(summary, recipe.eval.benchmark),
+                    },
+                    "cost": cost,
+                },
+            )
             info["attacks"][folder] = cost
             write_json_atomic(run_dir / ATTACK_INFO, info)
             print(_one_line(folder, result, cost))
@@ -350,8 +423,12 @@ def run_attack(cfg) -> Path:
 def _one_line(folder: str, result: dict, cost: dict) -> str:
     """What an attack did, for the terminal."""
     h = result.get("headline")
-    came = (f"{h['came_back']} of {h['forgotten_before']} forgotten samples came back ({h['metric']}, {h['scope']})"
-            if h else "no per-sample values to compare")
-    return (f"baldro attack: {folder}: {came}; attack {cost['attack_seconds']:.1f} s, evaluation "
-            f"{cost['eval_seconds']:.1f} s")
-
+    came = (
+        f"{h['came_back']} of {h['forgotten_before']} forgotten samples came back ({h['metric']}, {h['scope']})"
+        if h
+        else "no per-sample values to compare"
+    )
+    return (
+        f"baldro attack: {folder}: {came}; attack {cost['attack_seconds']:.1f} s, evaluation "
+        f"{cost['eval_seconds']:.1f} s"
+    )

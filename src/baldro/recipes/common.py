@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 FIXED_TRAIN_ARGS = {"remove_unused_columns": False, "dataloader_drop_last": False}
 # TrainConfig fields with transformers' names that baldro handles itself (`baldro.eval.trajectory`): the
 # Trainer's own evaluation loop needs an eval dataset and would keep whole checkpoints for the best model.
-BALDRO_TRAIN_KEYS = ("eval_strategy", "eval_steps", "metric_for_best_model", "greater_is_better",
-                     "load_best_model_at_end", "early_stopping_patience")
+BALDRO_TRAIN_KEYS = (
+    "eval_strategy",
+    "eval_steps",
+    "metric_for_best_model",
+    "greater_is_better",
+    "load_best_model_at_end",
+    "early_stopping_patience",
+)
 
 
 def build_formatter(format: FormatConfig, data: DataConfig, tokenizer) -> QAFormatter:
@@ -96,14 +102,20 @@ def training_args(recipe: Recipe, run_dir: Path):
         if key in BALDRO_TRAIN_KEYS:
             raise BaldroError(f"train.extra.{key}: baldro evaluates during training itself: set train.{key} instead")
         if key in ("eval_on_start", "eval_delay"):
-            raise BaldroError(f"train.extra.{key} is not used: baldro evaluates at step 0 and at every "
-                              "train.eval_strategy point: remove it")
+            raise BaldroError(
+                f"train.extra.{key} is not used: baldro evaluates at step 0 and at every "
+                "train.eval_strategy point: remove it"
+            )
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
-            raise BaldroError(f"train.extra.{key} is not a transformers TrainingArguments field"
-                              + (f": did you mean {close[0]}?" if close else ""))
+            raise BaldroError(
+                f"train.extra.{key} is not a transformers TrainingArguments field"
+                + (f": did you mean {close[0]}?" if close else "")
+            )
     args = {**train, **extra, **FIXED_TRAIN_ARGS, "seed": recipe.seed}
-    if "dataloader_pin_memory" not in extra:  # pinned memory only helps a copy to an accelerator (torch warns otherwise)
+    if (
+        "dataloader_pin_memory" not in extra
+    ):  # pinned memory only helps a copy to an accelerator (torch warns otherwise)
         args["dataloader_pin_memory"] = _has_accelerator() and not recipe.train.use_cpu
     # YAML 1.1 reads `save_strategy: no` as false (and the schema's str field then as "False").
     args = {k: ("no" if k.endswith("_strategy") and str(v).lower() == "false" else v) for k, v in args.items()}
@@ -111,8 +123,11 @@ def training_args(recipe: Recipe, run_dir: Path):
         return TrainingArguments(output_dir=str(run_dir / "checkpoints"), **args)
     except (TypeError, ValueError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        named = [f"train.{k}" if k in train else f"train.extra.{k}" for k, v in {**train, **extra}.items()
-                 if isinstance(v, str) and len(v) > 1 and v in message]
+        named = [
+            f"train.{k}" if k in train else f"train.extra.{k}"
+            for k, v in {**train, **extra}.items()
+            if isinstance(v, str) and len(v) > 1 and v in message
+        ]
         raise BaldroError(f"bad train settings{' (' + ', '.join(named) + ')' if named else ''}: {message}") from None
 
 
@@ -136,10 +151,12 @@ def check_processes(recipe: Recipe, args) -> None:
     check_launched_world(args)
     how = strategy(recipe.train.eval_strategy)
     if how != "no" and args.world_size > 1 and shards_weights(args):
-        raise BaldroError(f"train.eval_strategy={how} evaluates the model in memory on the main process, and under "
-                          "FSDP or DeepSpeed ZeRO-3 each process holds only a shard of its weights: use DDP or "
-                          "ZeRO-1/2 (configs/accelerate/ddp.yaml, zero2.yaml), or save checkpoints "
-                          "(train.save_strategy=epoch) and evaluate them afterwards with baldro eval")
+        raise BaldroError(
+            f"train.eval_strategy={how} evaluates the model in memory on the main process, and under "
+            "FSDP or DeepSpeed ZeRO-3 each process holds only a shard of its weights: use DDP or "
+            "ZeRO-1/2 (configs/accelerate/ddp.yaml, zero2.yaml), or save checkpoints "
+            "(train.save_strategy=epoch) and evaluate them afterwards with baldro eval"
+        )
 
 
 # ----------------------------------------------------------------------------- MUSE (raw text)
@@ -162,11 +179,14 @@ def raw_texts(recipe: Recipe, objective) -> tuple[str, str | None]:
         from baldro.data.muse import load_unlearn_texts
 
     if objective.needs.preferred:
-        raise BaldroError(f"objective {objective.name!r} needs questions to answer otherwise, but "
-                          f"{recipe.data.benchmark.upper()} unlearns raw text: use ga, graddiff, npo, simnpo, wga, "
-                          "satimp, rmu, undial, ceu or pdu")
-    return load_unlearn_texts(recipe.data.source, recipe.data.forget_split, recipe.data.retain_split,
-                              need_retain=recipe.objective.alpha != 0)
+        raise BaldroError(
+            f"objective {objective.name!r} needs questions to answer otherwise, but "
+            f"{recipe.data.benchmark.upper()} unlearns raw text: use ga, graddiff, npo, simnpo, wga, "
+            "satimp, rmu, undial, ceu or pdu"
+        )
+    return load_unlearn_texts(
+        recipe.data.source, recipe.data.forget_split, recipe.data.retain_split, need_retain=recipe.objective.alpha != 0
+    )
 
 
 def raw_chunks(recipe: Recipe, texts: tuple[str, str | None], tokenizer, model):
@@ -178,6 +198,11 @@ def raw_chunks(recipe: Recipe, texts: tuple[str, str | None], tokenizer, model):
     retain = None
     if texts[1] is not None:
         retain = chunk_tokens(tokenizer, texts[1], d.chunk_length, d.limit, context, what=f"retain ({d.retain_split})")
-    log.info("%s: %d forget and %s retain chunks of up to %d tokens", d.benchmark.upper(), len(forget),
-             len(retain) if retain is not None else "no", d.chunk_length)
+    log.info(
+        "%s: %d forget and %s retain chunks of up to %d tokens",
+        d.benchmark.upper(),
+        len(forget),
+        len(retain) if retain is not None else "no",
+        d.chunk_length,
+    )
     return forget, retain

@@ -142,7 +142,7 @@ def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> DictConfig
     for entry in defaults:
         if not (isinstance(entry, dict) and len(entry) == 1):
             raise BaldroError(f"{recipe}: each defaults entry must be {{group: choice}}, got {entry!r}")
-        (group, choice), = entry.items()
+        ((group, choice),) = entry.items()
         choice = group_choices.pop(group, choice)
         path = _group_file(recipe, group, str(choice))
         cfg = _merge(cfg, _load_yaml(path), str(path))

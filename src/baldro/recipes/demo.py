@@ -46,12 +46,32 @@ class DemoPreset:
 
 
 PRESETS = {
-    "quick": DemoPreset(n_people=20, questions_per_person=10, n_world_questions=20, model_preset="test",
-                        vocab_size=512, finetune_epochs=12, finetune_lr=3e-3, unlearn_epochs=2, unlearn_lr=1e-3,
-                        eval_max_new_tokens=32, n_seeds=2),
-    "default": DemoPreset(n_people=40, questions_per_person=10, n_world_questions=40, model_preset="demo",
-                          vocab_size=1024, finetune_epochs=30, finetune_lr=2e-3, unlearn_epochs=8, unlearn_lr=5e-4,
-                          eval_max_new_tokens=48, n_seeds=3),
+    "quick": DemoPreset(
+        n_people=20,
+        questions_per_person=10,
+        n_world_questions=20,
+        model_preset="test",
+        vocab_size=512,
+        finetune_epochs=12,
+        finetune_lr=3e-3,
+        unlearn_epochs=2,
+        unlearn_lr=1e-3,
+        eval_max_new_tokens=32,
+        n_seeds=2,
+    ),
+    "default": DemoPreset(
+        n_people=40,
+        questions_per_person=10,
+        n_world_questions=40,
+        model_preset="demo",
+        vocab_size=1024,
+        finetune_epochs=30,
+        finetune_lr=2e-3,
+        unlearn_epochs=8,
+        unlearn_lr=5e-4,
+        eval_max_new_tokens=48,
+        n_seeds=3,
+    ),
 }
 
 NPO = {"name": "npo", "args": {"beta": 0.1}, "retain_loss": "nll", "gamma": 1.0, "alpha": 1.0}
@@ -70,10 +90,18 @@ BATCH_SIZE, UNLEARN_BATCH_SIZE = 16, 8
 # ----------------------------------------------------------------------------- recipes
 def _train_args(epochs: int, lr: float, batch_size: int, warmup: float) -> dict:
     return {
-        "num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
-        "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear", "warmup_steps": warmup,
-        "weight_decay": 0.0, "optim": "adamw_torch_fused", "use_cpu": True, "logging_steps": 1,
-        "save_strategy": "no", "disable_tqdm": True,
+        "num_train_epochs": epochs,
+        "learning_rate": lr,
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": warmup,
+        "weight_decay": 0.0,
+        "optim": "adamw_torch_fused",
+        "use_cpu": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
     }
 
 
@@ -83,8 +111,12 @@ def _base_cfg(data_dir: Path, model_path: Path, run_dir: Path, seed: int) -> dic
         "output_dir": str(run_dir),
         "model": {"path": str(model_path), "dtype": "float32", "device": "cpu"},
         "format": {"use_chat_template": False},
-        "data": {"source": str(data_dir), "forget_split": FORGET_SPLIT, "retain_split": RETAIN_SPLIT,
-                 "max_length": 128},
+        "data": {
+            "source": str(data_dir),
+            "forget_split": FORGET_SPLIT,
+            "retain_split": RETAIN_SPLIT,
+            "max_length": 128,
+        },
     }
 
 
@@ -104,9 +136,14 @@ def run_folder(name: str, seed: int, first_seed: int) -> str:
 def unlearn_cfg(method, data_dir: Path, runs: Path, p: DemoPreset, seed: int, first_seed: int) -> dict:
     name, objective, weighting, wargs = method
     cfg = _base_cfg(data_dir, runs / "target" / "model", runs / run_folder(name, seed, first_seed), seed)
-    cfg.update(name=name, log_to_console=False, objective=objective, weighting={"name": weighting, "args": wargs},
-               train=_train_args(p.unlearn_epochs, p.unlearn_lr, UNLEARN_BATCH_SIZE, warmup=0),
-               balance={"every_n_steps": 1, "batch_size": 64})
+    cfg.update(
+        name=name,
+        log_to_console=False,
+        objective=objective,
+        weighting={"name": weighting, "args": wargs},
+        train=_train_args(p.unlearn_epochs, p.unlearn_lr, UNLEARN_BATCH_SIZE, warmup=0),
+        balance={"every_n_steps": 1, "batch_size": 64},
+    )
     return cfg
 
 
@@ -150,8 +187,9 @@ def _job_finetune(cfg: dict, data_dir: str, max_new_tokens: int, progress_queue,
     return {}
 
 
-def _job_unlearn(cfg: dict, data_dir: str, max_new_tokens: int, retain_eval: str, target_eval: str,
-                 progress_queue, job: str) -> dict:
+def _job_unlearn(
+    cfg: dict, data_dir: str, max_new_tokens: int, retain_eval: str, target_eval: str, progress_queue, job: str
+) -> dict:
     from omegaconf import OmegaConf
 
     from baldro.eval.run import evaluate_model_dir, resummarize
@@ -247,8 +285,13 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
-def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default", workers: int | None = None,
-             overwrite: bool = False) -> Path:
+def run_demo(
+    out: str | Path = "demo_out",
+    seed: int = 0,
+    preset: str = "default",
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Run the demo into `out` (a new or empty folder, or any with `overwrite`) and return the report path."""
     from transformers import AutoModelForCausalLM
 
@@ -264,8 +307,9 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise BaldroError(f"demo output {out} exists and is not empty: pass --out NEW_FOLDER, or --overwrite "
-                              "to delete it first")
+            raise BaldroError(
+                f"demo output {out} exists and is not empty: pass --out NEW_FOLDER, or --overwrite to delete it first"
+            )
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     start = time.time()
     follow_terminal_policy()
@@ -274,55 +318,107 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, preset: str = "default
         tqdm.write(f"[{time.time() - start:6.1f}s] {name}: {detail}")
         sys.stdout.flush()
 
-    print(f"baldro demo ({preset} preset, seeds {seed}..{seed + p.n_seeds - 1}, {workers} workers, {cpu_name()}) "
-          f"-> {out}", flush=True)
+    print(
+        f"baldro demo ({preset} preset, seeds {seed}..{seed + p.n_seeds - 1}, {workers} workers, {cpu_name()}) "
+        f"-> {out}",
+        flush=True,
+    )
     data_dir = out / "data"
-    counts = generate(data_dir, SyntheticConfig(n_people=p.n_people, questions_per_person=p.questions_per_person,
-                                                n_world_questions=p.n_world_questions, seed=seed))
-    stage("data", f"{counts['full']} QA pairs about {p.n_people} fictitious people, "
-          f"{FORGET_SPLIT} = {counts[FORGET_SPLIT]} pairs, {counts['world']} world facts")
+    counts = generate(
+        data_dir,
+        SyntheticConfig(
+            n_people=p.n_people,
+            questions_per_person=p.questions_per_person,
+            n_world_questions=p.n_world_questions,
+            seed=seed,
+        ),
+    )
+    stage(
+        "data",
+        f"{counts['full']} QA pairs about {p.n_people} fictitious people, "
+        f"{FORGET_SPLIT} = {counts[FORGET_SPLIT]} pairs, {counts['world']} world facts",
+    )
 
-    base = build_tiny_model(out / "base_model", _tokenizer_corpus(data_dir), preset=p.model_preset,
-                            vocab_size=p.vocab_size, seed=seed)
+    base = build_tiny_model(
+        out / "base_model", _tokenizer_corpus(data_dir), preset=p.model_preset, vocab_size=p.vocab_size, seed=seed
+    )
     n_params = count_parameters(AutoModelForCausalLM.from_pretrained(base))
     stage("model", f"tiny Llama, {n_params / 1e6:.2f}M parameters, {p.vocab_size}-token byte-level BPE")
 
     runs = out / "runs"
     retain_eval, target_eval = runs / "retain" / "eval" / "TOFU_EVAL.json", runs / "target" / "eval" / "TOFU_EVAL.json"
     _run_jobs(
-        [(name, _job_finetune, (finetune_cfg(name, split, data_dir, base, runs, p, seed), str(data_dir),
-                                p.eval_max_new_tokens))
-         for name, split in (("target", "full"), ("retain", RETAIN_SPLIT))],
+        [
+            (
+                name,
+                _job_finetune,
+                (finetune_cfg(name, split, data_dir, base, runs, p, seed), str(data_dir), p.eval_max_new_tokens),
+            )
+            for name, split in (("target", "full"), ("retain", RETAIN_SPLIT))
+        ],
         workers,
         lambda name, _: stage(f"finetune {name}", f"{p.finetune_epochs} epochs, evaluated"),
         stage,
     )
     for name in ("retain", "target"):
         s = resummarize(runs / name / "eval", retain_eval, target_eval if name != "target" else None)
-        stage(f"{name} model", f"forget ROUGE-L recall {s['forget_Q_A_ROUGE']:.3f}, model utility "
-              f"{s['model_utility']:.3f}, forget quality {_fmt(s.get('forget_quality'))}")
+        stage(
+            f"{name} model",
+            f"forget ROUGE-L recall {s['forget_Q_A_ROUGE']:.3f}, model utility "
+            f"{s['model_utility']:.3f}, forget quality {_fmt(s.get('forget_quality'))}",
+        )
 
     def unlearned(job: str, s: dict) -> None:
-        stage(f"unlearn {job}", f"forget quality {_fmt(s.get('forget_quality'))}, model utility "
-              f"{s['model_utility']:.3f}, forget ROUGE {s['forget_Q_A_ROUGE']:.3f}, "
-              f"prob spread (std) {_fmt(s.get('balance_prob_std'))}")
+        stage(
+            f"unlearn {job}",
+            f"forget quality {_fmt(s.get('forget_quality'))}, model utility "
+            f"{s['model_utility']:.3f}, forget ROUGE {s['forget_Q_A_ROUGE']:.3f}, "
+            f"prob spread (std) {_fmt(s.get('balance_prob_std'))}",
+        )
 
     seeds = [seed + k for k in range(p.n_seeds)]
     folders = [runs / run_folder(m[0], s, seed) for s in seeds for m in METHODS]
     _run_jobs(
-        [(run_folder(m[0], s, seed), _job_unlearn,
-          (unlearn_cfg(m, data_dir, runs, p, s, seed), str(data_dir), p.eval_max_new_tokens, str(retain_eval),
-           str(target_eval)))
-         for s in seeds for m in METHODS],
+        [
+            (
+                run_folder(m[0], s, seed),
+                _job_unlearn,
+                (
+                    unlearn_cfg(m, data_dir, runs, p, s, seed),
+                    str(data_dir),
+                    p.eval_max_new_tokens,
+                    str(retain_eval),
+                    str(target_eval),
+                ),
+            )
+            for s in seeds
+            for m in METHODS
+        ],
         workers,
         unlearned,
         stage,
     )
-    report = build_report([runs / "target", runs / "retain", *folders], out / "report",
-                          retain_run=runs / "retain", target_run=runs / "target", by_seed=True)
+    report = build_report(
+        [runs / "target", runs / "retain", *folders],
+        out / "report",
+        retain_run=runs / "retain",
+        target_run=runs / "target",
+        by_seed=True,
+    )
     total = time.time() - start
-    write_json_atomic(out / "demo_info.json", {"preset": preset, "seed": seed, "seeds": seeds, "workers": workers, "cpu": cpu_name(),
-                                              "total_time_s": total, "n_params": n_params, "counts": counts})
+    write_json_atomic(
+        out / "demo_info.json",
+        {
+            "preset": preset,
+            "seed": seed,
+            "seeds": seeds,
+            "workers": workers,
+            "cpu": cpu_name(),
+            "total_time_s": total,
+            "n_params": n_params,
+            "counts": counts,
+        },
+    )
     stage("report", str(report))
     print(f"baldro demo: done in {total:.0f} s; open {report}", flush=True)
     return report

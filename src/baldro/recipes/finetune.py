@@ -54,10 +54,17 @@ def run_finetune(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             data_collator=QACollator(tokenizer.pad_token_id),
             callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), *extra_callbacks],
         )
-        return train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
-            "name": recipe.name or "finetune",
-            "kind": "finetune",
-            "seed": recipe.seed,
-            "train_split": recipe.data.train_split,
-            "n_train": len(dataset),
-        })
+        return train_and_save(
+            trainer,
+            recipe,
+            tokenizer,
+            run_dir,
+            resume,
+            {
+                "name": recipe.name or "finetune",
+                "kind": "finetune",
+                "seed": recipe.seed,
+                "train_split": recipe.data.train_split,
+                "n_train": len(dataset),
+            },
+        )

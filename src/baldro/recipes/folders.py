@@ -70,20 +70,56 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- run folders
-RUN_OUTPUTS = ("config.yaml", "run_info.json", "train_log.jsonl", "forget_losses.jsonl", "balance.jsonl", "model",
-               "checkpoints", "eval", TRAJECTORY_FILE, EVALS_DIR, BEST_DIR, WEIGHTING_STATE_FILE,
-               OBJECTIVE_STATE_FILE, ALTERNATES_FILE,
-               "attack")  # baldro attack's default folder: the attacks of the model a new run replaces
+RUN_OUTPUTS = (
+    "config.yaml",
+    "run_info.json",
+    "train_log.jsonl",
+    "forget_losses.jsonl",
+    "balance.jsonl",
+    "model",
+    "checkpoints",
+    "eval",
+    TRAJECTORY_FILE,
+    EVALS_DIR,
+    BEST_DIR,
+    WEIGHTING_STATE_FILE,
+    OBJECTIVE_STATE_FILE,
+    ALTERNATES_FILE,
+    "attack",
+)  # baldro attack's default folder: the attacks of the model a new run replaces
 # Recipe keys that do not change what a run trains: a resume may change them.
 RESUME_FREE_KEYS = (
-    "name", "output_dir", "resume", "overwrite", "log_to_console", "log_format", "eval", "balance",
-    "model.base", "model.tofu_target", "model.device", "model.attn_implementation", "model.merge_lora",
-    "model.gradient_checkpointing", "train.num_train_epochs", "train.max_steps", "train.logging_steps",
-    "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.disable_tqdm", "train.report_to",
-    "train.dataloader_num_workers", "train.use_cpu",
+    "name",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "log_to_console",
+    "log_format",
+    "eval",
+    "balance",
+    "model.base",
+    "model.tofu_target",
+    "model.device",
+    "model.attn_implementation",
+    "model.merge_lora",
+    "model.gradient_checkpointing",
+    "train.num_train_epochs",
+    "train.max_steps",
+    "train.logging_steps",
+    "train.save_strategy",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.disable_tqdm",
+    "train.report_to",
+    "train.dataloader_num_workers",
+    "train.use_cpu",
     # evaluation during training: what is evaluated, and when a run stops early or which model it saves
-    "train.eval_strategy", "train.eval_steps", "train.metric_for_best_model", "train.greater_is_better",
-    "train.load_best_model_at_end", "train.early_stopping_patience",
+    "train.eval_strategy",
+    "train.eval_steps",
+    "train.metric_for_best_model",
+    "train.greater_is_better",
+    "train.load_best_model_at_end",
+    "train.early_stopping_patience",
 )
 _UNSET = object()
 
@@ -142,8 +178,10 @@ def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     if r.checkpoint:
         ckpt = Path(r.checkpoint).expanduser()
         if not is_complete_checkpoint(ckpt):
-            raise BaldroError(f"resume={r.checkpoint}: the checkpoint is incomplete (stopped while it was saved?): "
-                              "pass resume=true to use the newest complete one")
+            raise BaldroError(
+                f"resume={r.checkpoint}: the checkpoint is incomplete (stopped while it was saved?): "
+                "pass resume=true to use the newest complete one"
+            )
         return ckpt
     if not r.enabled:
         return None
@@ -181,8 +219,9 @@ def _truncate_logs(run_dir: Path, step: int) -> None:
         log.info("resume: dropped %d log row(s) written after step %d", dropped, step)
 
 
-def claim_run_dir(recipe: Recipe, run_dir: Path, outputs=RUN_OUTPUTS, free_keys=RESUME_FREE_KEYS,
-                   checkpoints: bool = True) -> str | None:
+def claim_run_dir(
+    recipe: Recipe, run_dir: Path, outputs=RUN_OUTPUTS, free_keys=RESUME_FREE_KEYS, checkpoints: bool = True
+) -> str | None:
     """Check the folder against the recipe (main process, under the run lock); returns the checkpoint
     to resume from. A non-empty folder is refused unless it holds this run and the recipe resumes it,
     or the recipe says overwrite=true (which deletes `outputs`). A resume must not change a key outside
@@ -193,11 +232,15 @@ def claim_run_dir(recipe: Recipe, run_dir: Path, outputs=RUN_OUTPUTS, free_keys=
     entries = sorted(p.name for p in run_dir.iterdir() if p.name != RunLock.NAME) if run_dir.is_dir() else []
     if entries and not recipe.overwrite:
         if not resuming and holds_run:
-            raise BaldroError(f"output_dir {run_dir} already holds a run: pass resume=true to continue it, "
-                              "overwrite=true to replace it, or choose another output_dir")
+            raise BaldroError(
+                f"output_dir {run_dir} already holds a run: pass resume=true to continue it, "
+                "overwrite=true to replace it, or choose another output_dir"
+            )
         if not holds_run:
-            raise BaldroError(f"output_dir {run_dir} is not empty ({len(entries)} entries, e.g. {entries[0]}) and holds no "
-                              "baldro run: choose a new or empty folder, or pass overwrite=true")
+            raise BaldroError(
+                f"output_dir {run_dir} is not empty ({len(entries)} entries, e.g. {entries[0]}) and holds no "
+                "baldro run: choose a new or empty folder, or pass overwrite=true"
+            )
     if recipe.overwrite:
         _remove_outputs(run_dir, outputs)
     elif resuming:
@@ -206,9 +249,11 @@ def claim_run_dir(recipe: Recipe, run_dir: Path, outputs=RUN_OUTPUTS, free_keys=
             diffs = training_differences(saved, _recipe_dict(recipe), free_keys)
             if diffs:
                 more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
-                raise BaldroError(f"resume: the recipe differs from the one in {source} in what it trains: "
-                                  f"{', '.join(diffs[:6])}{more}: resume with the same recipe, or pass "
-                                  "resume.force=true to continue anyway")
+                raise BaldroError(
+                    f"resume: the recipe differs from the one in {source} in what it trains: "
+                    f"{', '.join(diffs[:6])}{more}: resume with the same recipe, or pass "
+                    "resume.force=true to continue anyway"
+                )
     if resuming and not recipe.overwrite and checkpoints:
         shutil.rmtree(run_dir / "checkpoints" / STAGING, ignore_errors=True)
         if checkpoint is not None:
@@ -238,8 +283,9 @@ def run_folder(recipe: Recipe, kind: str, **claim):
         yield run_dir, checkpoint
 
 
-def train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: str | None, info: dict,
-                    more_info=None) -> Path:
+def train_and_save(
+    trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: str | None, info: dict, more_info=None
+) -> Path:
     """Train (or resume), then save the final model and `run_info.json` from the main process (with
     `more_info()`, what is known after training). A non-finite loss or gradient marks the run failed (its
     checkpoints stay) and is a `BaldroError`."""
@@ -252,12 +298,22 @@ def train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: st
         ckpts = complete_checkpoints(run_dir / "checkpoints")
         last = str(ckpts[-1]) if ckpts else None
         if trainer.is_world_process_zero():
-            write_json_atomic(run_dir / "run_info.json", {
-                **info, "status": "failed", "error": str(e), "failed_step": e.step, "last_checkpoint": last,
-                "train_time_s": time.time() - start})
+            write_json_atomic(
+                run_dir / "run_info.json",
+                {
+                    **info,
+                    "status": "failed",
+                    "error": str(e),
+                    "failed_step": e.step,
+                    "last_checkpoint": last,
+                    "train_time_s": time.time() - start,
+                },
+            )
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (train.save_strategy=no)"
-        raise BaldroError(f"{e}: the run stopped and is marked failed in {run_dir / 'run_info.json'}; {kept}; lower "
-                          "train.learning_rate or use model.dtype=float32") from None
+        raise BaldroError(
+            f"{e}: the run stopped and is marked failed in {run_dir / 'run_info.json'}; {kept}; lower "
+            "train.learning_rate or use model.dtype=float32"
+        ) from None
     elapsed = time.time() - start
     if more_info is not None:
         info = {**info, **more_info()}
@@ -265,8 +321,13 @@ def train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: st
     # A sharded model (FSDP, ZeRO-3) is gathered by every process; the main process saves it once.
     state = full_state_dict(trainer.model_wrapped, trainer.accelerator)
     if trainer.is_world_process_zero():
-        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run_dir / "model",
-                   merge_lora=recipe.model.merge_lora, state_dict=state)
+        save_model(
+            trainer.accelerator.unwrap_model(trainer.model),
+            tokenizer,
+            run_dir / "model",
+            merge_lora=recipe.model.merge_lora,
+            state_dict=state,
+        )
     del state
     if hasattr(trainer, "save_weighting_state"):
         trainer.save_weighting_state(run_dir / WEIGHTING_STATE_FILE)
@@ -280,8 +341,14 @@ def train_and_save(trainer, recipe: Recipe, tokenizer, run_dir: Path, resume: st
         if "primal_dual" in objective_state:
             info = {**info, "dual_lambda_final": objective_state["primal_dual"]["lambda"]}
     if trainer.is_world_process_zero():
-        write_json_atomic(run_dir / "run_info.json", {**info, "train_time_s": elapsed, "status": "done",
-                                                      **({"processes": trainer.args.world_size}
-                                                         if trainer.args.world_size > 1 else {})})
+        write_json_atomic(
+            run_dir / "run_info.json",
+            {
+                **info,
+                "train_time_s": elapsed,
+                "status": "done",
+                **({"processes": trainer.args.world_size} if trainer.args.world_size > 1 else {}),
+            },
+        )
     barrier()
     return run_dir

@@ -170,7 +170,9 @@ class EvalConfig:
     # in [0, 1]: an evaluation whose utility (TOFU model_utility, MUSE retain_knowmem_ROUGE) is below this
     # fraction of the first evaluation's (step 0) is never the best; early stopping stops there
     utility_floor: Optional[float] = None
-    retain_logs_path: Optional[str] = None  # the retain model's TOFU_EVAL.json (muse: the retrained model's MUSE_EVAL.json)
+    retain_logs_path: Optional[str] = (
+        None  # the retain model's TOFU_EVAL.json (muse: the retrained model's MUSE_EVAL.json)
+    )
     target_logs_path: Optional[str] = None  # the target model's TOFU_EVAL.json: the over-forgotten criterion
     batch_size: Optional[int] = None  # null: 16, or OpenUnlearning's 32 with compat=openunlearning
     # rows decoded at once by continuous batching; null: 3 x batch_size (a decoding pass reads every weight

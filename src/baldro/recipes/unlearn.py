@@ -82,8 +82,14 @@ def _reference_model(recipe: Recipe, model, args):
     if not loads_sharded(args):
         return make_reference_model(model)
     m = recipe.model
-    ref = load_model(m.path, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation,
-                     trust_remote_code=m.trust_remote_code, seed=recipe.seed)
+    ref = load_model(
+        m.path,
+        dtype=m.dtype,
+        device=m.device,
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
+        seed=recipe.seed,
+    )
     return ref.eval().requires_grad_(False)
 
 
@@ -136,13 +142,20 @@ def _trajectory_callback(recipe: Recipe, tokenizer, formatter, run_dir: Path):
     settings = trajectory_settings(recipe)
     rule = None
     if t.metric_for_best_model:
-        greater = (t.greater_is_better if t.greater_is_better is not None
-                   else not lower_is_better(t.metric_for_best_model))
+        greater = (
+            t.greater_is_better if t.greater_is_better is not None else not lower_is_better(t.metric_for_best_model)
+        )
         rule = BestRule(t.metric_for_best_model, greater, UTILITY_KEY[ev.benchmark], ev.utility_floor)
     return EvalDuringTraining(
         lambda model, out, quiet: evaluate_during_training(model, tokenizer, formatter, out, settings, quiet),
-        run_dir, strategy(t.eval_strategy), t.eval_steps, ev.benchmark, rule=rule,
-        patience=t.early_stopping_patience, load_best=t.load_best_model_at_end)
+        run_dir,
+        strategy(t.eval_strategy),
+        t.eval_steps,
+        ev.benchmark,
+        rule=rule,
+        patience=t.early_stopping_patience,
+        load_best=t.load_best_model_at_end,
+    )
 
 
 def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
@@ -188,10 +201,13 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         alternate_enc = None
         if objective.needs.alternate:
             texts = _alternates(recipe, model, tokenizer, formatter, forget_rows, run_dir)
-            flat = formatter.encode_many([r["question"] for r, alts in zip(forget_rows, texts) for _ in alts],
-                                         [a for alts in texts for a in alts], "alternate")
+            flat = formatter.encode_many(
+                [r["question"] for r, alts in zip(forget_rows, texts) for _ in alts],
+                [a for alts in texts for a in alts],
+                "alternate",
+            )
             k = len(texts[0])
-            alternate_enc = [flat[i * k:(i + 1) * k] for i in range(len(forget_rows))]
+            alternate_enc = [flat[i * k : (i + 1) * k] for i in range(len(forget_rows))]
         n_trainable = set_trainable(model, recipe.objective.trainable_params_regex)
 
         needs_ref = objective.needs_reference or retain_loss.needs_reference
@@ -209,8 +225,9 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
                 scores = score_sequences(m, forget_enc, bs, pad, want=(), desc="balance", progress=False)
                 return list(range(len(forget_enc))), [s.avg_loss for s in scores]
 
-            callbacks.append(BalanceTracker(forget_nll, run_dir / "balance.jsonl",
-                                            every_n_steps=recipe.balance.every_n_steps))
+            callbacks.append(
+                BalanceTracker(forget_nll, run_dir / "balance.jsonl", every_n_steps=recipe.balance.every_n_steps)
+            )
         trajectory = _trajectory_callback(recipe, tokenizer, formatter, run_dir) if during else None
         if trajectory is not None:
             callbacks.append(trajectory)
@@ -219,7 +236,9 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
         trainer = UnlearnTrainer(
             model=model,
             args=args,
-            train_dataset=UnlearnDataset(forget_enc, retain_enc, refusal_enc, seed=recipe.seed, alternates=alternate_enc),
+            train_dataset=UnlearnDataset(
+                forget_enc, retain_enc, refusal_enc, seed=recipe.seed, alternates=alternate_enc
+            ),
             data_collator=UnlearnCollator(tokenizer.pad_token_id),
             callbacks=callbacks,
             objective=objective,
@@ -238,22 +257,33 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             trainer.restore_extra_state(resume)
         if trajectory is not None:
             trajectory.trainer = trainer  # its headline numbers go through trainer.log (report_to)
-        train_and_save(trainer, recipe, tokenizer, run_dir, resume, {
-            "name": recipe.name or f"{objective.name}_{recipe.weighting.name}",
-            "kind": "unlearn",
-            "seed": recipe.seed,
-            "objective": objective.name,
-            "objective_args": {**objective.defaults, **objective_args},
-            "weighting": recipe.weighting.name,
-            "weighting_args": weighting_args(recipe),
-            "retain_loss": retain_loss.name,
-            **({"module": trainer.module_name} if trainer.module_name else {}),
-            **({"trainable_parameter_tensors": n_trainable}
-               if recipe.objective.trainable_params_regex is not None else {}),
-            "forget_split": recipe.data.forget_split,
-            "n_forget": len(forget_enc),
-            **({"benchmark": benchmark, "chunk_length": recipe.data.chunk_length} if raw else {}),
-        }, more_info=trajectory.info if trajectory is not None else None)
+        train_and_save(
+            trainer,
+            recipe,
+            tokenizer,
+            run_dir,
+            resume,
+            {
+                "name": recipe.name or f"{objective.name}_{recipe.weighting.name}",
+                "kind": "unlearn",
+                "seed": recipe.seed,
+                "objective": objective.name,
+                "objective_args": {**objective.defaults, **objective_args},
+                "weighting": recipe.weighting.name,
+                "weighting_args": weighting_args(recipe),
+                "retain_loss": retain_loss.name,
+                **({"module": trainer.module_name} if trainer.module_name else {}),
+                **(
+                    {"trainable_parameter_tensors": n_trainable}
+                    if recipe.objective.trainable_params_regex is not None
+                    else {}
+                ),
+                "forget_split": recipe.data.forget_split,
+                "n_forget": len(forget_enc),
+                **({"benchmark": benchmark, "chunk_length": recipe.data.chunk_length} if raw else {}),
+            },
+            more_info=trajectory.info if trajectory is not None else None,
+        )
         if recipe.eval.at_end and trainer.is_world_process_zero():  # once, in the main process
             from baldro.eval.run import evaluate_final_model
 
@@ -261,9 +291,13 @@ def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
             if is_sharded(trainer.model_wrapped) or zero_stage(trainer.accelerator) == 3:
                 # this process holds part of the weights: evaluate the saved model, on its own GPU
                 device = recipe.model.device if recipe.model.device not in (None, "auto", "accelerate") else None
-                final = load_model(str(run_dir / "model"), dtype=recipe.model.dtype, device=str(resolve_device(device)),
-                                   attn_implementation=recipe.model.attn_implementation,
-                                   trust_remote_code=recipe.model.trust_remote_code)
+                final = load_model(
+                    str(run_dir / "model"),
+                    dtype=recipe.model.dtype,
+                    device=str(resolve_device(device)),
+                    attn_implementation=recipe.model.attn_implementation,
+                    trust_remote_code=recipe.model.trust_remote_code,
+                )
             evaluate_final_model(final, tokenizer, formatter, run_dir, eval_kwargs, recipe.eval.target_logs_path)
     return run_dir
 
@@ -281,13 +315,20 @@ def _alternates(recipe: Recipe, model, tokenizer, formatter, rows: list[dict], r
     a = recipe.objective.alternates
     if a.file is not None:
         return read_alternates(Path(a.file).expanduser(), rows)
-    settings = {"n": a.n, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "seed": recipe.seed,
-                "model": str(recipe.model.path), "forget_split": recipe.data.forget_split}
+    settings = {
+        "n": a.n,
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature,
+        "seed": recipe.seed,
+        "model": str(recipe.model.path),
+        "forget_split": recipe.data.forget_split,
+    }
     path = run_dir / ALTERNATES_FILE
     if is_main_process() and not path.exists():
         start = time.time()
-        texts = generate_alternates(model, tokenizer, formatter, rows, a.n, a.max_new_tokens, a.temperature,
-                                    a.batch_size, recipe.seed)
+        texts = generate_alternates(
+            model, tokenizer, formatter, rows, a.n, a.max_new_tokens, a.temperature, a.batch_size, recipe.seed
+        )
         save_alternates(path, rows, texts, settings)
         log.info("alternates: %d x %d written to %s in %.0f s", len(rows), a.n, path, time.time() - start)
     barrier()

@@ -150,15 +150,21 @@ def build_report(
     # ---- plots
     plots: dict[str, Path | None] = {}
     fq_rows = [
-        {"label": label if kind == "method" else kind, "kind": kind,
-         "fq": finite_float(v.get("forget_quality")), "mu": finite_float(v.get("model_utility"))}
+        {
+            "label": label if kind == "method" else kind,
+            "kind": kind,
+            "fq": finite_float(v.get("forget_quality")),
+            "mu": finite_float(v.get("model_utility")),
+        }
         for (label, kind, _), v in zip(rows, values)
     ]
     plots["fq_vs_mu"], fq_skipped = plot_fq_vs_mu(fq_rows, out / "fq_vs_mu.png")
     retain_median = None
     if ref_logs["retain"] is not None:
         probs = (ref_logs["retain"].get("forget_Q_A_Prob") or {}).get("value_by_index") or {}
-        arr = np.array([finite_float((p or {}).get("prob")) if isinstance(p, dict) else None for p in probs.values()], dtype=float)
+        arr = np.array(
+            [finite_float((p or {}).get("prob")) if isinstance(p, dict) else None for p in probs.values()], dtype=float
+        )
         arr = arr[np.isfinite(arr)]
         retain_median = float(np.median(arr)) if arr.size else None
     labelled = list(zip(method_labels, methods))
@@ -177,8 +183,9 @@ def build_report(
     for run in methods:
         if run.trajectory:
             by_name.setdefault(run.name, []).append(run)
-    plots["eval_trajectory"] = plot_eval_trajectories(by_name, "muse" if is_muse else "tofu",
-                                                       out / "eval_trajectory.png")
+    plots["eval_trajectory"] = plot_eval_trajectories(
+        by_name, "muse" if is_muse else "tofu", out / "eval_trajectory.png"
+    )
     for name, p in plots.items():  # a stale plot from an earlier report must not linger
         stale = out / f"{name}.png"
         if p is None and stale.exists():
@@ -204,27 +211,36 @@ def build_report(
         "| Method | " + " | ".join(h for h, _, _ in columns) + " |",
         "| --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
-    for (label, kind, run), v in zip(rows, values):
+    for (label, _kind, _run), v in zip(rows, values):
         cells = [fmt(v.get(key)) for _, key, fmt in columns]
         if v.get("_fq_by_definition") and not is_muse and not only_lm_eval:
             cells[0] += " (by definition)"
         md.append(f"| {md_cell(label)} | " + " | ".join(cells) + " |")
     if lm_columns:
-        md += ["", "lm-eval columns: each task's first metric in eval/LMEVAL_SUMMARY.json (lm-evaluation-harness; a "
-                   "group's aggregate, e.g. MMLU's accuracy over its subjects); for WMDP, lower accuracy on the "
-                   "hazardous questions (chance: 0.25) and unchanged MMLU is the aim."]
-    md += [""] if only_lm_eval else ["", MUSE_NOTE, ""] if is_muse else [
-        "",
-        "Forget quality is the KS-test p-value between the run's and the retain model's per-sample forget "
-        "truth ratios (higher = closer to never having seen the forget set); model utility is the harmonic "
-        "mean of nine retain / real-authors / world-facts scores. *Balance* columns (SPEC section 6): "
-        "std and inter-quartile range of the per-sample forget truth ratio (TR) and answer probability at the "
-        "end of training; *Remembered* = fraction of forget samples whose probability is above the retain "
-        "model's median; *Over-forgotten* = fraction whose probability fell below 1e-3 of the target "
-        "model's or whose greedy answer has ROUGE-L recall 0 (gibberish). Lower spread at equal mean "
-        "forgetting = better balance. \"n/a\" = not available.",
-        "",
-    ]
+        md += [
+            "",
+            "lm-eval columns: each task's first metric in eval/LMEVAL_SUMMARY.json (lm-evaluation-harness; a "
+            "group's aggregate, e.g. MMLU's accuracy over its subjects); for WMDP, lower accuracy on the "
+            "hazardous questions (chance: 0.25) and unchanged MMLU is the aim.",
+        ]
+    md += (
+        [""]
+        if only_lm_eval
+        else ["", MUSE_NOTE, ""]
+        if is_muse
+        else [
+            "",
+            "Forget quality is the KS-test p-value between the run's and the retain model's per-sample forget "
+            "truth ratios (higher = closer to never having seen the forget set); model utility is the harmonic "
+            "mean of nine retain / real-authors / world-facts scores. *Balance* columns (SPEC section 6): "
+            "std and inter-quartile range of the per-sample forget truth ratio (TR) and answer probability at the "
+            "end of training; *Remembered* = fraction of forget samples whose probability is above the retain "
+            "model's median; *Over-forgotten* = fraction whose probability fell below 1e-3 of the target "
+            "model's or whose greedy answer has ROUGE-L recall 0 (gibberish). Lower spread at equal mean "
+            'forgetting = better balance. "n/a" = not available.',
+            "",
+        ]
+    )
     if notes:
         md += ["Notes:", ""] + [f"- {md_cell(n)}" for n in notes] + [""]
 
@@ -232,9 +248,12 @@ def build_report(
         names = list(groups)
         md += ["## Mean ± std over seeds", ""]
         seed_base = train_time if only_lm_eval else MUSE_COLUMNS if is_muse else SEED_COLUMNS
-        md += seed_table(names, [[methods[i].info.get("seed") for i in groups[n]] for n in names],
-                         [[method_values[i] for i in groups[n]] for n in names],
-                         with_best_step([*seed_base[:-1], *lm_columns, seed_base[-1]], methods))
+        md += seed_table(
+            names,
+            [[methods[i].info.get("seed") for i in groups[n]] for n in names],
+            [[method_values[i] for i in groups[n]] for n in names],
+            with_best_step([*seed_base[:-1], *lm_columns, seed_base[-1]], methods),
+        )
         md += [
             "",
             "Runs with the same name are one method under several seeds: mean ± sample standard deviation. "
@@ -245,11 +264,15 @@ def build_report(
             "",
         ]
         if plots["seeds"]:
-            md += ["![every seed](seeds.png)", "",
-                   "**How to read this.** Left: forget quality against model utility, every seed (faint) and "
-                   "the mean of each method (outlined). Right: the spread at equal mean forgetting of every "
-                   "seed, the bar its mean; methods whose points overlap cannot be told apart at this number "
-                   "of seeds.", ""]
+            md += [
+                "![every seed](seeds.png)",
+                "",
+                "**How to read this.** Left: forget quality against model utility, every seed (faint) and "
+                "the mean of each method (outlined). Right: the spread at equal mean forgetting of every "
+                "seed, the bar its mean; methods whose points overlap cannot be told apart at this number "
+                "of seeds.",
+                "",
+            ]
 
     md += ["## Evaluations during unlearning", ""]
     if plots["eval_trajectory"]:
@@ -262,14 +285,21 @@ def build_report(
             "the numbers can differ from the final evaluation's). Runs that share a name are one line, the mean of "
             "their seeds at the steps they all evaluated, with the seeds' range shaded. A star marks a run's best "
             "step"
-            + (f" (the best {', '.join(best)} among evaluations whose utility stays above `eval.utility_floor` x "
-               "step 0's; *Best step* in the tables)" if best else "")
+            + (
+                f" (the best {', '.join(best)} among evaluations whose utility stays above `eval.utility_floor` x "
+                "step 0's; *Best step* in the tables)"
+                if best
+                else ""
+            )
             + ". Unlearning often over-shoots: forget quality rises, then falls while utility decays.",
             "",
         ]
     else:
-        md += ["No run has an eval_trajectory.jsonl (train.eval_strategy=no), so there is no plot of evaluations "
-               "during unlearning.", ""]
+        md += [
+            "No run has an eval_trajectory.jsonl (train.eval_strategy=no), so there is no plot of evaluations "
+            "during unlearning.",
+            "",
+        ]
 
     md += ["## Forget quality vs model utility", ""]
     if plots["fq_vs_mu"]:
@@ -296,8 +326,12 @@ def build_report(
             "**How to read this.** One panel per method; each thin line is one forget sample's answer "
             "probability exp(-mean token NLL) over optimizer steps (log scale), coloured by its rank at the "
             "start (yellow = best remembered). The bold black line is the median"
-            + (", the dashed red line the retain model's median forget probability (samples above it count "
-               "as still remembered)" if retain_median is not None else "")
+            + (
+                ", the dashed red line the retain model's median forget probability (samples above it count "
+                "as still remembered)"
+                if retain_median is not None
+                else ""
+            )
             + ". Asynchronous forgetting shows as a fan: some lines dive by orders of magnitude early "
             "(over-forgetting) while others stay high. A balanced method (DRO up-weights the still-remembered, "
             "high-loss samples) keeps the bundle narrow and brings the top lines down together.",
@@ -335,7 +369,10 @@ def build_report(
             "",
         ]
     else:
-        md += ["No run logs weight_max / weight_entropy / weight_nonzero in train_log.jsonl, so there is no weight plot.", ""]
+        md += [
+            "No run logs weight_max / weight_entropy / weight_nonzero in train_log.jsonl, so there is no weight plot.",
+            "",
+        ]
     if attacks:
         md += attack_section(attacks, plots["attacks"])
 

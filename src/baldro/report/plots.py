@@ -118,9 +118,7 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / ncols), ncols
 
 
-def plot_trajectories(
-    methods: list[tuple[str, RunRecord]], path: Path, retain_median: float | None
-) -> Path | None:
+def plot_trajectories(methods: list[tuple[str, RunRecord]], path: Path, retain_median: float | None) -> Path | None:
     data = []
     for label, run in methods:
         steps, mat = _prob_matrix(run.balance)
@@ -160,7 +158,7 @@ def plot_trajectories(
         ax.grid(True, alpha=0.3)
         if k == 0:
             ax.legend(fontsize=7, loc="lower left")
-    for ax in list(axes.flat)[len(data):]:
+    for ax in list(axes.flat)[len(data) :]:
         ax.set_visible(False)
     fig.suptitle("Per-sample forgetting trajectories (colour = rank of starting probability)")
     return _save(fig, path)
@@ -220,9 +218,7 @@ WEIGHT_PANELS = [
 
 
 def plot_dro_weights(methods: list[tuple[str, RunRecord]], path: Path) -> Path | None:
-    panels = [
-        p for p in WEIGHT_PANELS if any(_series(run.train_log, p[0])[0].size for _, run in methods)
-    ]
+    panels = [p for p in WEIGHT_PANELS if any(_series(run.train_log, p[0])[0].size for _, run in methods)]
     if not panels:
         return None
     fig = _new_figure(4.6 * len(panels), 4.0)
@@ -232,8 +228,14 @@ def plot_dro_weights(methods: list[tuple[str, RunRecord]], path: Path) -> Path |
         for k, (label, run) in enumerate(methods):
             steps, vals = _series(run.train_log, key)
             if steps.size:
-                ax.plot(steps, vals, color=colors[label], linestyle=LINESTYLES[k % len(LINESTYLES)],
-                        linewidth=1.4, label=label)
+                ax.plot(
+                    steps,
+                    vals,
+                    color=colors[label],
+                    linestyle=LINESTYLES[k % len(LINESTYLES)],
+                    linewidth=1.4,
+                    label=label,
+                )
         if key == "weight_nonzero":
             from matplotlib.ticker import MaxNLocator
 
@@ -258,8 +260,9 @@ def plot_seeds(groups: dict[str, list[int]], values: list[dict[str, Any]], path:
         ok = np.isfinite(fq) & np.isfinite(mu) & (fq > 0)
         ax_fq.scatter(mu[ok], fq[ok], color=colours[i], alpha=0.35, s=18)
         if ok.any():
-            ax_fq.scatter([mu[ok].mean()], [np.exp(np.log(fq[ok]).mean())], color=colours[i], s=70,
-                          edgecolor="black", label=name)
+            ax_fq.scatter(
+                [mu[ok].mean()], [np.exp(np.log(fq[ok]).mean())], color=colours[i], s=70, edgecolor="black", label=name
+            )
         spread = [v for v in (finite_float(x.get("_spread_at_0.3")) for x in vals) if v is not None]
         ax_spread.scatter([i] * len(spread), spread, color=colours[i])
         if spread:
@@ -270,8 +273,7 @@ def plot_seeds(groups: dict[str, list[int]], values: list[dict[str, Any]], path:
     if ax_fq.get_legend_handles_labels()[0]:  # no labelled point when no seed has a positive forget quality
         ax_fq.legend(fontsize=7, ncol=2)
     ax_spread.set_xticks(range(len(groups)), list(groups), rotation=45, ha="right", fontsize=8)
-    ax_spread.set(ylabel="std of per-sample answer probability",
-                  title="Spread when the mean answer probability is 0.3")
+    ax_spread.set(ylabel="std of per-sample answer probability", title="Spread when the mean answer probability is 0.3")
     return _save(fig, path)
 
 
@@ -301,9 +303,15 @@ def plot_attacks(records: Sequence[AttackRecord], path: Path) -> Path | None:
         values = np.concatenate([np.concatenate([b, a]) for _, b, a, _, _ in points])
         values = values[np.isfinite(values) & (values > 0 if log_scale else True)]
         low = float(values.min()) / 2 if log_scale and values.size else 0.0
-        for (folder, before, after, t, _), colour in zip(points, _palette(len(points))):
-            ax.scatter(np.maximum(before, low) if log_scale else before, np.maximum(after, low) if log_scale else after,
-                       s=14, alpha=0.7, color=colour, label=folder)
+        for (folder, before, after, _t, _), colour in zip(points, _palette(len(points))):
+            ax.scatter(
+                np.maximum(before, low) if log_scale else before,
+                np.maximum(after, low) if log_scale else after,
+                s=14,
+                alpha=0.7,
+                color=colour,
+                label=folder,
+            )
         ax.plot([low, 1], [low, 1], color="grey", linewidth=1, linestyle=":")
         t = points[0][3]
         if t is not None and t > low:
@@ -316,22 +324,24 @@ def plot_attacks(records: Sequence[AttackRecord], path: Path) -> Path | None:
         ax.set(xlabel=f"{label} before the attack", ylabel=f"{label} after", title=name)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle("Per-sample before vs after each attack", fontsize=10)
     return _save(fig, path)
 
 
-
-
 # (summary key, panel title, log scale), per benchmark
 TRAJECTORY_PANELS = {
-    "tofu": [("forget_quality", "forget quality (KS p-value, higher = better)", True),
-             ("model_utility", "model utility (higher = better)", False),
-             ("forget_Q_A_Prob", "forget probability (lower = more forgotten)", True)],
-    "muse": [("forget_verbmem_ROUGE", "VerbMem on the forget set (lower = more forgotten)", False),
-             ("forget_knowmem_ROUGE", "KnowMem on the forget set (lower = more forgotten)", False),
-             ("retain_knowmem_ROUGE", "KnowMem on the retain set (utility, higher = better)", False)],
+    "tofu": [
+        ("forget_quality", "forget quality (KS p-value, higher = better)", True),
+        ("model_utility", "model utility (higher = better)", False),
+        ("forget_Q_A_Prob", "forget probability (lower = more forgotten)", True),
+    ],
+    "muse": [
+        ("forget_verbmem_ROUGE", "VerbMem on the forget set (lower = more forgotten)", False),
+        ("forget_knowmem_ROUGE", "KnowMem on the forget set (lower = more forgotten)", False),
+        ("retain_knowmem_ROUGE", "KnowMem on the retain set (utility, higher = better)", False),
+    ],
 }
 
 
@@ -345,8 +355,11 @@ def _group_series(runs: Sequence[RunRecord], key: str) -> tuple[np.ndarray, np.n
 
 def plot_eval_trajectories(groups: dict[str, list[RunRecord]], benchmark: str, path: Path) -> Path | None:
     """One panel per headline metric; one line per method (its seeds' min-max shaded), the best step starred."""
-    panels = [p for p in TRAJECTORY_PANELS[benchmark]
-              if any(_series(r.trajectory, p[0])[0].size for runs in groups.values() for r in runs)]
+    panels = [
+        p
+        for p in TRAJECTORY_PANELS[benchmark]
+        if any(_series(r.trajectory, p[0])[0].size for runs in groups.values() for r in runs)
+    ]
     if not panels:
         return None
     fig = _new_figure(4.8 * len(panels), 4.0)
@@ -359,8 +372,15 @@ def plot_eval_trajectories(groups: dict[str, list[RunRecord]], benchmark: str, p
                 continue
             positive = (mean > 0) if log else np.ones_like(mean, dtype=bool)
             label = name + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
-            ax.plot(steps[positive], mean[positive], color=colours[name], linestyle=LINESTYLES[k % len(LINESTYLES)],
-                    marker=".", linewidth=1.4, label=label)
+            ax.plot(
+                steps[positive],
+                mean[positive],
+                color=colours[name],
+                linestyle=LINESTYLES[k % len(LINESTYLES)],
+                marker=".",
+                linewidth=1.4,
+                label=label,
+            )
             if len(runs) > 1:
                 ok = positive & (low > 0) if log else positive
                 ax.fill_between(steps[ok], low[ok], high[ok], color=colours[name], alpha=0.2, linewidth=0)
@@ -368,8 +388,7 @@ def plot_eval_trajectories(groups: dict[str, list[RunRecord]], benchmark: str, p
                 best = finite_float(runs[0].info.get("best_step"))
                 at = dict(zip(steps, mean))
                 if best is not None and best in at and (at[best] > 0 or not log):
-                    ax.scatter([best], [at[best]], marker="*", s=160, color=colours[name], edgecolor="black",
-                               zorder=4)
+                    ax.scatter([best], [at[best]], marker="*", s=160, color=colours[name], edgecolor="black", zorder=4)
         if log:
             ax.set_yscale("log")
         if key == "forget_quality":

@@ -33,7 +33,9 @@ class RunRecord:
     balance: list[dict[str, Any]] = field(default_factory=list)
     forget_losses: list[dict[str, Any]] = field(default_factory=list)
     trajectory: list[dict[str, Any]] = field(default_factory=list)  # eval_trajectory.jsonl
-    benchmark: str = "tofu"  # "muse" when the run's summary is eval/MUSE_SUMMARY.json, "lm_eval" when it has only lm-eval's
+    benchmark: str = (
+        "tofu"  # "muse" when the run's summary is eval/MUSE_SUMMARY.json, "lm_eval" when it has only lm-eval's
+    )
     lm_eval: dict[str, Any] = field(default_factory=dict)  # eval/LMEVAL_SUMMARY.json: {"TASK/METRIC": value}
 
     def load_eval_log(self) -> dict[str, Any] | None:
@@ -134,8 +136,9 @@ def load_attacks(path: str | Path, name: str | None = None) -> AttackRecord | No
     if not attacks:
         return None
     info = _read_json(path / "attack_info.json") if (path / "attack_info.json").is_file() else {}
-    name = name or (info.get("name") if isinstance(info, dict) else None) or attacks[0][1].get("name") \
-        or path.parent.name
+    name = (
+        name or (info.get("name") if isinstance(info, dict) else None) or attacks[0][1].get("name") or path.parent.name
+    )
     return AttackRecord([path], str(name), attacks)
 
 

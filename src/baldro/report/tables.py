@@ -87,7 +87,7 @@ MUSE_NOTE = (
     "PrivLeak = relative difference in percent of the Min-K% membership AUC (privleak forget vs holdout) to the "
     "retrained model's (about 0 is best; the target model is near -100 on News); exact memorisation and "
     "extraction strength on the VerbMem texts. Lower VerbMem and forget KnowMem = more forgotten; retain "
-    "KnowMem measures utility. \"n/a\" = not available."
+    'KnowMem measures utility. "n/a" = not available.'
 )
 
 
@@ -121,7 +121,7 @@ def with_best_step(columns: list, runs: Iterable["RunRecord"]) -> list:
 
 
 def mean_std(values: Iterable[Any], fmt=format_value) -> str:
-    """"mean ± sample std" of the finite values (the value alone for one, "n/a" for none)."""
+    """ "mean ± sample std" of the finite values (the value alone for one, "n/a" for none)."""
     vals = [v for v in (finite_float(x) for x in values) if v is not None]
     if not vals:
         return "n/a"
@@ -130,11 +130,17 @@ def mean_std(values: Iterable[Any], fmt=format_value) -> str:
     return f"{fmt(float(np.mean(vals)))} ± {fmt(float(np.std(vals, ddof=1)))}"
 
 
-def seed_table(names: Sequence[str], seeds: Sequence[Sequence[Any]], values: Sequence[Sequence[dict]],
-               columns: Sequence[tuple[str, str, Any]] = SEED_COLUMNS) -> list[str]:
+def seed_table(
+    names: Sequence[str],
+    seeds: Sequence[Sequence[Any]],
+    values: Sequence[Sequence[dict]],
+    columns: Sequence[tuple[str, str, Any]] = SEED_COLUMNS,
+) -> list[str]:
     """Markdown table: per method, the number of runs (seeds) and mean ± std of every column's value."""
-    md = ["| Method | Seeds | " + " | ".join(h for h, _, _ in columns) + " |",
-          "| --- | ---: |" + " ---: |" * len(columns)]
+    md = [
+        "| Method | Seeds | " + " | ".join(h for h, _, _ in columns) + " |",
+        "| --- | ---: |" + " ---: |" * len(columns),
+    ]
     for name, seed_list, vals in zip(names, seeds, values):
         cells = [mean_std((v.get(key) for v in vals), fmt) for _, key, fmt in columns]
         label = ",".join(str(x) for x in seed_list) if seed_list and None not in seed_list else str(len(vals))
@@ -155,22 +161,46 @@ def _before_after(summary: dict, key: str, fmt=format_value) -> str:
 def attack_table(rec: AttackRecord) -> list[str]:
     """Markdown: one row per attack of a method (what came back, the headline numbers, the cost)."""
     muse = any(s.get("benchmark") == "muse" for _, s in rec.attacks)
-    keys = ([("VerbMem", "forget_verbmem_ROUGE"), ("KnowMem (forget)", "forget_knowmem_ROUGE"),
-             ("KnowMem (retain)", "retain_knowmem_ROUGE"), ("PrivLeak", "privleak")] if muse else
-            [("Forget prob", "forget_Q_A_Prob"), ("Forget ROUGE-L", "forget_Q_A_ROUGE"),
-             ("Model utility", "model_utility")])
-    md = ["| Attack | Came back | " + ("" if muse else "Forget quality | ") + " | ".join(h for h, _ in keys)
-          + " | Attack (s) | Eval (s) |",
-          "| --- | ---: |" + ("" if muse else " ---: |") + " ---: |" * len(keys) + " ---: | ---: |"]
+    keys = (
+        [
+            ("VerbMem", "forget_verbmem_ROUGE"),
+            ("KnowMem (forget)", "forget_knowmem_ROUGE"),
+            ("KnowMem (retain)", "retain_knowmem_ROUGE"),
+            ("PrivLeak", "privleak"),
+        ]
+        if muse
+        else [
+            ("Forget prob", "forget_Q_A_Prob"),
+            ("Forget ROUGE-L", "forget_Q_A_ROUGE"),
+            ("Model utility", "model_utility"),
+        ]
+    )
+    md = [
+        "| Attack | Came back | "
+        + ("" if muse else "Forget quality | ")
+        + " | ".join(h for h, _ in keys)
+        + " | Attack (s) | Eval (s) |",
+        "| --- | ---: |" + ("" if muse else " ---: |") + " ---: |" * len(keys) + " ---: | ---: |",
+    ]
     for folder, s in rec.attacks:
         h = s.get("headline")
-        came = (f"{h['came_back']} of {h['forgotten_before']} ({h['metric']}"
-                + (", held out" if h.get("scope") == "held_out" else "") + ")") if h else "n/a"
+        came = (
+            (
+                f"{h['came_back']} of {h['forgotten_before']} ({h['metric']}"
+                + (", held out" if h.get("scope") == "held_out" else "")
+                + ")"
+            )
+            if h
+            else "n/a"
+        )
         cells = [md_cell(folder), came]
         if not muse:
             fq = (s.get("forget_quality") or {}).get("held_out" if h and h.get("scope") == "held_out" else "all")
-            cells.append(f"{format_fq(fq.get('before'))} → {format_fq(fq.get('after'))}" if fq else
-                         _before_after(s, "forget_quality", format_fq))
+            cells.append(
+                f"{format_fq(fq.get('before'))} → {format_fq(fq.get('after'))}"
+                if fq
+                else _before_after(s, "forget_quality", format_fq)
+            )
         cells += [_before_after(s, key) for _, key in keys]
         cost = s.get("cost") or {}
         cells += [_seconds(cost.get("attack_seconds")), _seconds(cost.get("eval_seconds"))]
@@ -181,21 +211,28 @@ def attack_table(rec: AttackRecord) -> list[str]:
 def attack_section(records: Sequence[AttackRecord], plot: Path | None) -> list[str]:
     md = ["## Attacks", ""]
     if plot:
-        md += ["![per-sample before vs after each attack](attacks.png)", "",
-               "**How to read this.** One panel per unlearned model; each point is one forget sample, its "
-               "answer probability (MUSE: VerbMem ROUGE) before the attack on the x-axis and after it on the "
-               "y-axis. Points on the dotted diagonal did not move; points above it were brought back. The dashed "
-               "red lines are the came-back threshold: a sample came back when it moves from the left of the "
-               "vertical line to above the horizontal one. A balanced unlearning leaves no sample barely "
-               "forgotten, so fewer points should cross.", ""]
+        md += [
+            "![per-sample before vs after each attack](attacks.png)",
+            "",
+            "**How to read this.** One panel per unlearned model; each point is one forget sample, its "
+            "answer probability (MUSE: VerbMem ROUGE) before the attack on the x-axis and after it on the "
+            "y-axis. Points on the dotted diagonal did not move; points above it were brought back. The dashed "
+            "red lines are the came-back threshold: a sample came back when it moves from the left of the "
+            "vertical line to above the horizontal one. A balanced unlearning leaves no sample barely "
+            "forgotten, so fewer points should cross.",
+            "",
+        ]
     for rec in records:
         where = ", ".join(f"`{p}`" for p in rec.paths)
         md += [f"### {md_cell(rec.name)}", "", f"Attacks in {where}.", ""] + attack_table(rec) + [""]
-    md += ["*Came back*: forget samples that the attack moved from the forgotten to the remembered side of the "
-           "threshold (default: the retain model's median per-sample value, see attack_summary.json's "
-           "`thresholds`), of those forgotten before it; relearning on the held-out split counts only the samples "
-           "it did not train on. Before → after: the unlearned model, then the attacked one. *Attack (s)*: the "
-           "relearning's training or the quantized model's loading; *Eval (s)*: the evaluation that follows it.", ""]
+    md += [
+        "*Came back*: forget samples that the attack moved from the forgotten to the remembered side of the "
+        "threshold (default: the retain model's median per-sample value, see attack_summary.json's "
+        "`thresholds`), of those forgotten before it; relearning on the held-out split counts only the samples "
+        "it did not train on. Before → after: the unlearned model, then the attacked one. *Attack (s)*: the "
+        "relearning's training or the quantized model's loading; *Eval (s)*: the evaluation that follows it.",
+        "",
+    ]
     return md
 
 
@@ -222,8 +259,11 @@ def spread_table(methods: list[tuple[str, RunRecord]]) -> list[str]:
     for label, run in with_balance:
         cells = []
         for s in spread_at_mean_forgetting(run.balance):
-            cells.append("not reached | n/a" if s["step"] is None else
-                         f"{s['step']}, {format_value(s['prob_mean'])}, {format_value(s['prob_std'])} | "
-                         f"**{format_value(s['prob_std_at_level'])}**")
+            cells.append(
+                "not reached | n/a"
+                if s["step"] is None
+                else f"{s['step']}, {format_value(s['prob_mean'])}, {format_value(s['prob_std'])} | "
+                f"**{format_value(s['prob_std_at_level'])}**"
+            )
         md.append(f"| {md_cell(label)} | " + " | ".join(cells) + " |")
     return md + [""]

@@ -50,12 +50,21 @@ def clean_reply(text: str) -> str:
     text = text.strip()
     for prefix in (PREFIX, "Alternate Answer:"):
         if text.startswith(prefix):
-            text = text[len(prefix):].strip()
+            text = text[len(prefix) :].strip()
     return text
 
 
-def generate_alternates(model, tokenizer, formatter, rows: Sequence[dict], n: int, max_new_tokens: int,
-                        temperature: float, batch_size: int, seed: int) -> list[list[str]]:
+def generate_alternates(
+    model,
+    tokenizer,
+    formatter,
+    rows: Sequence[dict],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+) -> list[list[str]]:
     """`n` sampled alternates for each row's (question, answer); progress as log lines."""
     prompts = [formatter.encode_prompt(alternate_request(r["question"], r["answer"])) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -66,15 +75,23 @@ def generate_alternates(model, tokenizer, formatter, rows: Sequence[dict], n: in
     model.eval()
     for k in range(n):
         for b in range(0, len(rows), batch_size):
-            batch = prompts[b:b + batch_size]
+            batch = prompts[b : b + batch_size]
             width = max(len(p) for p in batch)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             devices = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 torch.manual_seed(int(seed) * 1_000_003 + k * 10_007 + b)
-                gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                                     top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad)
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                )
             for i, row in enumerate(gen[:, width:].tolist()):
                 out[b + i].append(clean_reply(tokenizer.decode(row, skip_special_tokens=True)))
             done += len(batch)
@@ -82,7 +99,9 @@ def generate_alternates(model, tokenizer, formatter, rows: Sequence[dict], n: in
     model.train(was_training)
     empty = sum(not a for alts in out for a in alts)
     if empty:
-        log.warning("alternates: %d of %d generated answers are empty (kept: the answer is then EOS alone)", empty, total)
+        log.warning(
+            "alternates: %d of %d generated answers are empty (kept: the answer is then EOS alone)", empty, total
+        )
     return out
 
 
@@ -92,8 +111,10 @@ def _settings_line(settings: dict) -> str:
 
 def save_alternates(path: Path, rows: Sequence[dict], alternates: Sequence[Sequence[str]], settings: dict) -> None:
     lines = [_settings_line(settings)]
-    lines += [json.dumps({"question": r["question"], "answer": r["answer"], "alternates": list(a)}, ensure_ascii=False)
-              for r, a in zip(rows, alternates)]
+    lines += [
+        json.dumps({"question": r["question"], "answer": r["answer"], "alternates": list(a)}, ensure_ascii=False)
+        for r, a in zip(rows, alternates)
+    ]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -104,8 +125,10 @@ def read_alternates(path: Path, rows: Sequence[dict], settings: dict | None = No
     lines = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if lines and "settings" in lines[0]:
         if settings is not None and lines[0]["settings"] != settings:
-            raise BaldroError(f"{path} was generated with other settings ({lines[0]['settings']}) than this run's "
-                              f"({settings}): delete it to generate again, or restore the settings")
+            raise BaldroError(
+                f"{path} was generated with other settings ({lines[0]['settings']}) than this run's "
+                f"({settings}): delete it to generate again, or restore the settings"
+            )
         lines = lines[1:]
     by_question: dict[str, list[str]] = {}
     for i, line in enumerate(lines, 1):
@@ -115,8 +138,10 @@ def read_alternates(path: Path, rows: Sequence[dict], settings: dict | None = No
         by_question.setdefault(line["question"], []).extend(str(a) for a in alts)
     missing = [r["question"] for r in rows if r["question"] not in by_question]
     if missing:
-        raise BaldroError(f"{path} has no alternates for {len(missing)} forget question(s), e.g. {missing[0]!r}: "
-                          "generate them for this forget split")
+        raise BaldroError(
+            f"{path} has no alternates for {len(missing)} forget question(s), e.g. {missing[0]!r}: "
+            "generate them for this forget split"
+        )
     out = [by_question[r["question"]] for r in rows]
     if len({len(a) for a in out}) != 1:
         raise BaldroError(f"{path}: the forget questions have different numbers of alternates")

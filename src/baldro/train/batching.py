@@ -22,7 +22,13 @@ from baldro.distributed import (
 from baldro.errors import BaldroError
 
 # Independent streams of derived random numbers (the first entry of every key).
-STREAM_ORDER, STREAM_RETAIN, STREAM_STEP, STREAM_ALTERNATE, STREAM_RELEARN = 0, 1, 2, 3, 4  # relearn: baldro.recipes.attack's pick
+STREAM_ORDER, STREAM_RETAIN, STREAM_STEP, STREAM_ALTERNATE, STREAM_RELEARN = (
+    0,
+    1,
+    2,
+    3,
+    4,
+)  # relearn: baldro.recipes.attack's pick
 
 
 def derived_rng(stream: int, seed: int, *key: int) -> np.random.Generator:
@@ -119,8 +125,11 @@ class UnlearnDataset(Dataset):
         self.forget, self.retain, self.refusal = list(forget), (list(retain) if retain is not None else None), refusal
         self.seed = int(seed)
         self.alternates = [list(a) for a in alternates] if alternates is not None else None
-        if self.alternates is not None and (len(self.alternates) != len(self.forget) or
-                                            len({len(a) for a in self.alternates}) != 1 or not self.alternates[0]):
+        if self.alternates is not None and (
+            len(self.alternates) != len(self.forget)
+            or len({len(a) for a in self.alternates}) != 1
+            or not self.alternates[0]
+        ):
             raise BaldroError("alternates: every forget sample needs the same number (>= 1) of alternate answers")
         self.n_alternates = len(self.alternates[0]) if self.alternates is not None else 0
 
@@ -191,8 +200,10 @@ def drop_rows(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, 
     """Keep the rows `keep` of every batch tensor; each part's padding columns are trimmed to its
     longest kept row (`select_rows`), so that the kept rows are collated as if they were the whole batch."""
     n = len(keep)
-    out = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-           for k, v in inputs.items()}
+    out = {
+        k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+        for k, v in inputs.items()
+    }
     for part in ("forget", "retain", "refusal", "alternate"):
         sub = batch_part(inputs, part)
         if sub.get("attention_mask") is not None and sub["attention_mask"].dim() == 2:

@@ -33,8 +33,14 @@ class _StopForward(Exception):
     """Raised by the hidden-state hook when nothing after the module is needed."""
 
 
-def forward_parts(model, batch: dict[str, torch.Tensor], token_logp: bool = True, logits: bool = False,
-                  hidden_module: torch.nn.Module | None = None, may_stop: bool = True) -> ForwardOut:
+def forward_parts(
+    model,
+    batch: dict[str, torch.Tensor],
+    token_logp: bool = True,
+    logits: bool = False,
+    hidden_module: torch.nn.Module | None = None,
+    may_stop: bool = True,
+) -> ForwardOut:
     """A forward pass over a right-padded batch computing only what is asked: answer-token log-probs,
     full-vocabulary logits at the answer positions (the vocabulary-sized tensor of the whole sequence is
     not kept), the output of `hidden_module` at the answer tokens. When only that output is asked for,

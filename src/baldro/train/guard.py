@@ -50,8 +50,11 @@ def is_complete_checkpoint(folder: str | Path) -> bool:
     if (folder / CHECKPOINT_MARKER).is_file():
         return True
     weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
-    return ((folder / "trainer_state.json").is_file() and any((folder / w).exists() for w in weights)
-            and (folder / "optimizer.pt").is_file())
+    return (
+        (folder / "trainer_state.json").is_file()
+        and any((folder / w).exists() for w in weights)
+        and (folder / "optimizer.pt").is_file()
+    )
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -132,8 +135,9 @@ class RunGuard:
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         world = self.args.world_size
-        self._sampler = EpochSampler(dataset, self.args.seed,
-                                     pad_to=world * self.args.per_device_train_batch_size if world > 1 else 1)
+        self._sampler = EpochSampler(
+            dataset, self.args.seed, pad_to=world * self.args.per_device_train_batch_size if world > 1 else 1
+        )
         return self._sampler
 
     # ------------------------------------------------------------ non-finite loss and gradients
@@ -147,8 +151,11 @@ class RunGuard:
     def _non_finite(self, what: str, detail: str = "") -> NonFiniteError:
         step = self.state.global_step + 1
         ids = self._step_ids if len(self._step_ids) <= 64 else self._step_ids[:64] + ["..."]
-        return NonFiniteError(f"non-finite {what} at step {step} ({self.describe()}; sample ids "
-                              f"{', '.join(map(str, ids)) or '?'}{'; ' + detail if detail else ''})", step)
+        return NonFiniteError(
+            f"non-finite {what} at step {step} ({self.describe()}; sample ids "
+            f"{', '.join(map(str, ids)) or '?'}{'; ' + detail if detail else ''})",
+            step,
+        )
 
     def _loss_detail(self) -> str:
         """The parts of a non-finite loss, for its error message."""
@@ -166,7 +173,9 @@ class RunGuard:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for norm in torch._foreach_norm(grads) if grads else ():
             by_device.setdefault(norm.device, []).append(norm.float())
-        if any(not bool(torch.isfinite(torch.stack(norms)).all()) for norms in by_device.values()):  # one sync per device
+        if any(
+            not bool(torch.isfinite(torch.stack(norms)).all()) for norms in by_device.values()
+        ):  # one sync per device
             raise self._non_finite("gradient")
 
     # ------------------------------------------------------------ checkpoints: staged, then renamed
@@ -200,8 +209,10 @@ class RunGuard:
         if main:
             self._save_extra_state(tmp)
             apply_umask_tree(tmp)
-            write_json_atomic(tmp / CHECKPOINT_MARKER, {"step": self.state.global_step, "epoch": self.state.epoch,
-                                                        **self.checkpoint_info})
+            write_json_atomic(
+                tmp / CHECKPOINT_MARKER,
+                {"step": self.state.global_step, "epoch": self.state.epoch, **self.checkpoint_info},
+            )
         self.accelerator.wait_for_everyone()
         if main:
             if final.exists():

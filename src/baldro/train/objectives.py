@@ -65,8 +65,9 @@ class ForgetInputs:
 
 
 def _declared(fn) -> dict:
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        p.name: p.default for p in inspect.signature(fn).parameters.values() if p.default is not inspect.Parameter.empty
+    }
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,16 @@ class Objective:
 
     def __call__(self, inputs: ForgetInputs, **hparams) -> torch.Tensor:
         self.check_args(hparams)
-        given = {"reference": inputs.forget_ref_logp, "refusal": inputs.refusal, "alternate": inputs.alternate,
-                 "logits": inputs.logits, "reference_logits": inputs.ref_logits, "hidden": inputs.hidden,
-                 "steering": inputs.steering, "token_logp": inputs.forget}
+        given = {
+            "reference": inputs.forget_ref_logp,
+            "refusal": inputs.refusal,
+            "alternate": inputs.alternate,
+            "logits": inputs.logits,
+            "reference_logits": inputs.ref_logits,
+            "hidden": inputs.hidden,
+            "steering": inputs.steering,
+            "token_logp": inputs.forget,
+        }
         for need, value in given.items():
             if getattr(self.needs, need) and value is None:
                 raise BaldroError(f"objective {self.name!r} needs {NEED_TEXT[need]}")
@@ -106,10 +114,16 @@ class Objective:
 
 FORGET_OBJECTIVES: dict[str, Objective] = {}
 NEED_NAMES = tuple(f.name for f in fields(Needs))
-NEED_TEXT = {"reference": "the reference model's log-probs", "refusal": "refusal answers (data.refusal_file)",
-             "alternate": "alternate answers (objective.alternates)", "logits": "the model's logits",
-             "reference_logits": "the reference model's logits", "hidden": "hidden states (objective.module_regex)",
-             "steering": "a steering vector", "token_logp": "the answer tokens' log-probs"}
+NEED_TEXT = {
+    "reference": "the reference model's log-probs",
+    "refusal": "refusal answers (data.refusal_file)",
+    "alternate": "alternate answers (objective.alternates)",
+    "logits": "the model's logits",
+    "reference_logits": "the reference model's logits",
+    "hidden": "hidden states (objective.module_regex)",
+    "steering": "a steering vector",
+    "token_logp": "the answer tokens' log-probs",
+}
 
 
 def forget_objective(name: str, needs_reference: bool = False, needs_refusal: bool = False, **needs: bool):
@@ -225,7 +239,8 @@ def undial(x: ForgetInputs, beta: float = 10.0) -> torch.Tensor:
     if not beta >= 0:
         raise BaldroError(f"undial beta must be >= 0, got {beta}")
     lowered = x.ref_logits.float().scatter_add(
-        -1, x.logits.labels[:, None], torch.full_like(x.logits.labels[:, None], -beta, dtype=torch.float32))
+        -1, x.logits.labels[:, None], torch.full_like(x.logits.labels[:, None], -beta, dtype=torch.float32)
+    )
     return x.logits.sample_mean(_soft_cross_entropy(lowered.detach(), x.logits.values))
 
 
@@ -295,8 +310,9 @@ class RetainLoss:
 RETAIN_LOSSES = {
     "nll": RetainLoss("nll", retain_nll, Needs()),
     "kl": RetainLoss("kl", retain_kl, Needs(logits=True, reference_logits=True, token_logp=False)),
-    "embed_diff": RetainLoss("embed_diff", retain_embed_diff,
-                             Needs(hidden=True, reference_hidden=True, token_logp=False)),
+    "embed_diff": RetainLoss(
+        "embed_diff", retain_embed_diff, Needs(hidden=True, reference_hidden=True, token_logp=False)
+    ),
 }
 
 
@@ -347,8 +363,10 @@ def set_trainable(model, regexes: list[str] | None) -> int:
         param.requires_grad_(any(p.fullmatch(name) for p in patterns))
         n += int(param.requires_grad)
     if n == 0:
-        raise BaldroError(f"objective.trainable_params_regex {regexes} matches no parameter (names look like "
-                          f"{params[0][0]!r}): fix the patterns or set it to null (train all)")
+        raise BaldroError(
+            f"objective.trainable_params_regex {regexes} matches no parameter (names look like "
+            f"{params[0][0]!r}): fix the patterns or set it to null (train all)"
+        )
     return n
 
 
@@ -366,8 +384,14 @@ class PrimalDual:
     at alpha and moved by dual ascent, lambda <- max(0, lambda + step_size (R - eps)), after each optimizer
     step (its mean R) or each epoch (mean R over one pass), once `warmup_epochs` epochs are done."""
 
-    def __init__(self, alpha: float, retain_loss_eps: float, step_size: float = 1.0, update_upon: str = "step",
-                 warmup_epochs: float = 0):
+    def __init__(
+        self,
+        alpha: float,
+        retain_loss_eps: float,
+        step_size: float = 1.0,
+        update_upon: str = "step",
+        warmup_epochs: float = 0,
+    ):
         self.lam, self.eps, self.step_size = float(alpha), float(retain_loss_eps), float(step_size)
         self.update_upon, self.warmup_epochs = update_upon, float(warmup_epochs)
         self.can_update = self.warmup_epochs == 0

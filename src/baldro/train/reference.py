@@ -49,8 +49,11 @@ class ReferenceCache:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"n_samples": self.n_samples, "values": {p: v.clone() for p, v in self.values.items()},
-                "known": {p: k.clone() for p, k in self.known.items()}}
+        return {
+            "n_samples": self.n_samples,
+            "values": {p: v.clone() for p, v in self.values.items()},
+            "known": {p: k.clone() for p, k in self.known.items()},
+        }
 
     def merge(self, state: dict) -> None:
         """Add the samples another cache (another process's file) knows."""

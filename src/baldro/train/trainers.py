@@ -142,14 +142,18 @@ class UnlearnTrainer(RunGuard, Trainer):
         self.needs_reference = objective.needs_reference or retain_loss.needs_reference
         self.ref_model = ref_model
         if self.needs_reference and ref_model is None and not self._is_peft():
-            raise BaldroError(f"objective {objective.name!r} / retain loss {retain_loss.name!r} need a reference "
-                              "model: none was given and the model has no LoRA adapter to switch off")
+            raise BaldroError(
+                f"objective {objective.name!r} / retain loss {retain_loss.name!r} need a reference "
+                "model: none was given and the model has no LoRA adapter to switch off"
+            )
         if ref_model is not None:
             # this process's device, or sharded like the trained model (FSDP, ZeRO-3): baldro.distributed
             self.ref_model = prepare_reference(ref_model, self.accelerator, self.args.device)
         elif self.needs_reference and fsdp_version(self.accelerator) == 1:
-            raise BaldroError("LoRA under FSDP1: the adapter-free reference would run outside FSDP's wrapper; use "
-                              "fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+            raise BaldroError(
+                "LoRA under FSDP1: the adapter-free reference would run outside FSDP's wrapper; use "
+                "fsdp_version: 2 (configs/accelerate/fsdp.yaml)"
+            )
         self.module_name = None
         if objective.needs.hidden or retain_loss.needs.hidden:
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -159,16 +163,22 @@ class UnlearnTrainer(RunGuard, Trainer):
                 find_module(self.accelerator.unwrap_model(self.ref_model), regex)
         self.steering = None
         if objective.needs.steering:
-            self.steering = steering_vector(self.accelerator.unwrap_model(self.model).config.hidden_size, self.args.seed)
+            self.steering = steering_vector(
+                self.accelerator.unwrap_model(self.model).config.hidden_size, self.args.seed
+            )
         self.primal_dual = primal_dual
         self._dual_retain: list[torch.Tensor] = []
         if primal_dual is not None:
             self.add_callback(_DualCallback(self))
         n_forget = len(getattr(self.train_dataset, "forget", ()))
-        sizes = {"forget": n_forget, "refusal": n_forget,
-                 "alternate": n_forget * getattr(self.train_dataset, "n_alternates", 0)}
-        self.ref_cache = (ReferenceCache(n_forget, sizes=sizes)
-                          if ref_cache and objective.needs.reference and n_forget else None)
+        sizes = {
+            "forget": n_forget,
+            "refusal": n_forget,
+            "alternate": n_forget * getattr(self.train_dataset, "n_alternates", 0),
+        }
+        self.ref_cache = (
+            ReferenceCache(n_forget, sizes=sizes) if ref_cache and objective.needs.reference and n_forget else None
+        )
         self._accum: list[torch.Tensor] = []  # per micro-batch: STAT_NAMES, on the device until a logging step
         self._last_parts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gather_samples = SampleGather(self)  # the weighting's `gather`, knowing the processes
@@ -233,8 +243,9 @@ class UnlearnTrainer(RunGuard, Trainer):
         if processes == 1:
             self._units = None
             return
-        real = torch.tensor([bool((b["forget_ids"] >= 0).any()) for b in batch_samples], dtype=torch.long,
-                            device=self.args.device)
+        real = torch.tensor(
+            [bool((b["forget_ids"] >= 0).any()) for b in batch_samples], dtype=torch.long, device=self.args.device
+        )
         every = self.accelerator.gather(real).view(processes, -1)
         m, m_steps = int(every.sum()), int(every.any(0).sum())
         self._units = (processes, m, m_steps, [bool(r) for r in real.tolist()])
@@ -264,8 +275,10 @@ class UnlearnTrainer(RunGuard, Trainer):
         states = all_gather_objects(self.weighting.state_dict())
         for rank, other in enumerate(states[1:], 1):
             if not _same_state(states[0], other):
-                raise BaldroError(f"weighting {self.weighting.name!r}: process {rank} holds another state than "
-                                  "process 0 (each process must observe the losses of all processes)")
+                raise BaldroError(
+                    f"weighting {self.weighting.name!r}: process {rank} holds another state than "
+                    "process 0 (each process must observe the losses of all processes)"
+                )
         if self.is_world_process_zero():
             path = Path(path)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -311,9 +324,14 @@ class UnlearnTrainer(RunGuard, Trainer):
         logits = needs.reference_logits if reference else needs.logits
         hidden = needs.reference_hidden if reference else needs.hidden
         token_logp = needs.token_logp and not reference or (reference and needs.reference)
-        return forward_parts(model, batch, token_logp=token_logp, logits=logits,
-                             hidden_module=self._module(model) if hidden else None,
-                             may_stop=self.accelerator.unwrap_model(model) is model)
+        return forward_parts(
+            model,
+            batch,
+            token_logp=token_logp,
+            logits=logits,
+            hidden_module=self._module(model) if hidden else None,
+            may_stop=self.accelerator.unwrap_model(model) is model,
+        )
 
     # ------------------------------------------------------------ the loss
     def _forget_losses(self, model, parts: dict, ref_logp: dict, rows: torch.Tensor | None = None):
@@ -324,8 +342,13 @@ class UnlearnTrainer(RunGuard, Trainer):
             ref_logp = {k: v[rows] for k, v in ref_logp.items()}
         needs = self.objective.needs
         out = self._forward(model, parts["forget"], needs)
-        x = ForgetInputs(out.token_lp, forget_ref_logp=ref_logp.get("forget"), logits=out.logits, hidden=out.hidden,
-                         steering=None if self.steering is None else self.steering.to(model.device))
+        x = ForgetInputs(
+            out.token_lp,
+            forget_ref_logp=ref_logp.get("forget"),
+            logits=out.logits,
+            hidden=out.hidden,
+            steering=None if self.steering is None else self.steering.to(model.device),
+        )
         if needs.reference_logits:
             with self._reference(model) as ref:
                 x.ref_logits = self._forward(ref, parts["forget"], needs, reference=True).logits.values
@@ -347,8 +370,9 @@ class UnlearnTrainer(RunGuard, Trainer):
         ref_logp = {}
         if self.objective.needs.reference:
             part_ids = {"alternate": inputs.get("alt_ids")}
-            ref_logp = {part: self._reference_logp(model, part, batch, part_ids.get(part, ids))
-                        for part, batch in parts.items()}
+            ref_logp = {
+                part: self._reference_logp(model, part, batch, part_ids.get(part, ids)) for part, batch in parts.items()
+            }
 
         if self.weighting.preselect is None:  # one forward pass with autograd over the batch
             losses, nll = self._forget_losses(model, parts, ref_logp)
@@ -361,8 +385,9 @@ class UnlearnTrainer(RunGuard, Trainer):
             chosen, _ = self._forget_losses(model, parts, ref_logp, rows)
             losses = scores.detach().index_put((rows,), chosen)  # gradients through the chosen rows only
             extra = {"rows": rows}
-        weighted = self.weighting(losses, ids=ids, nll=nll.detach() if nll is not None else None,
-                                  gather=self._gather_samples, **extra)
+        weighted = self.weighting(
+            losses, ids=ids, nll=nll.detach() if nll is not None else None, gather=self._gather_samples, **extra
+        )
         if "retain_input_ids" in inputs:
             retain_value = self._retain_value(model, inputs, weighted, ids)
         else:  # no retain set (alpha = 0)
@@ -457,14 +482,24 @@ class UnlearnTrainer(RunGuard, Trainer):
         self._last_parts = (weighted.value.detach(), retain_value.detach())
         # a micro-batch of pad rows (several processes only) is not a sample
         if self.accelerator.num_processes == 1 or bool((ids >= 0).any()):
-            self._accum.append(torch.cat([
-                torch.stack([weighted.value.detach(), losses.detach().mean(), retain_value.detach()]).float(),
-                weight_stat_tensor(_batch_weights(weighted)),
-            ]))
+            self._accum.append(
+                torch.cat(
+                    [
+                        torch.stack([weighted.value.detach(), losses.detach().mean(), retain_value.detach()]).float(),
+                        weight_stat_tensor(_batch_weights(weighted)),
+                    ]
+                )
+            )
         if self.forget_log_path is not None:
-            all_ids, all_losses, all_weights = self._gather_samples(ids, losses.detach().float(), weighted.weights.float())
-            row = {"step": self.state.global_step + 1, "ids": all_ids.tolist(), "losses": all_losses.tolist(),
-                   "weights": all_weights.tolist()}
+            all_ids, all_losses, all_weights = self._gather_samples(
+                ids, losses.detach().float(), weighted.weights.float()
+            )
+            row = {
+                "step": self.state.global_step + 1,
+                "ids": all_ids.tolist(),
+                "losses": all_losses.tolist(),
+                "weights": all_weights.tolist(),
+            }
             if not all(math.isfinite(v) for v in row["losses"] + [float(v) for v in self._last_parts]):
                 raise self._non_finite("loss", self._loss_detail())  # before a NaN reaches the log
             if self.is_world_process_zero():

@@ -122,8 +122,14 @@ class Weighting:
     # is then called with `rows=` and the batch's losses (gradients only through those rows).
     preselect: str | None = None
 
-    def __call__(self, losses: torch.Tensor, *, ids: torch.Tensor | None = None, nll: torch.Tensor | None = None,
-                 gather: Gather | None = None) -> Weighted:
+    def __call__(
+        self,
+        losses: torch.Tensor,
+        *,
+        ids: torch.Tensor | None = None,
+        nll: torch.Tensor | None = None,
+        gather: Gather | None = None,
+    ) -> Weighted:
         raise NotImplementedError
 
     def select(self, losses: torch.Tensor, *, nll: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,8 +163,9 @@ class GroupWeighting(Weighting):
     name = "group"
     SELECTIONS = {"nograd": "nograd", "onepass": None, "twopass": "grad"}
 
-    def __init__(self, ratio: float = 0.5, hardness: str = "loss", shrink_retain: bool = False,
-                 selection: str = "nograd"):
+    def __init__(
+        self, ratio: float = 0.5, hardness: str = "loss", shrink_retain: bool = False, selection: str = "nograd"
+    ):
         _check_ratio(ratio)
         if hardness not in ("loss", "nll"):
             raise BaldroError(f"group hardness must be 'loss' or 'nll', got {hardness!r}")
