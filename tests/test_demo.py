@@ -77,11 +77,14 @@ def test_demo_quick(tmp_path):
         assert info["status"] == "done" and info["train_time_s"] > 0
         balance = [json.loads(line) for line in (runs / name / "balance.jsonl").read_text().splitlines()]
         assert balance[0]["step"] == 0 and len(balance[-1]["prob"]) == 20
+        trajectory = [json.loads(line) for line in (runs / name / "eval_trajectory.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in trajectory][0] == 0 and len(trajectory) >= 3  # step 0, then every quarter
+        assert all(0 <= row["forget_quality"] <= 1 for row in trajectory)
 
     report = (out / "report" / "report.md").read_text()
     for name in names:
         assert f"| {name}" in report
-    for png in ("fq_vs_mu.png", "trajectories.png", "dro_weights.png"):
+    for png in ("fq_vs_mu.png", "trajectories.png", "dro_weights.png", "eval_trajectory.png"):
         data = (out / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"({png})" in report

@@ -2,8 +2,9 @@
 
 Generates a synthetic TOFU-format benchmark, builds a tiny Llama with its own BPE tokenizer, fine-tunes
 the target model (on `full` + world facts) and the retain model (on `retain90` + world facts), unlearns
-`forget10` with NPO under `mean`, `group`, `dv` and `dv_softmin` and with GradDiff, evaluates every model
-with the TOFU evaluator (forget quality against the demo's own retain model), and writes a report.
+`forget10` with NPO under `mean`, `group`, `dv` and `dv_softmin` and with GradDiff (each evaluated on its way
+on a subset), evaluates every model with the TOFU evaluator (forget quality against the demo's own retain
+model), and writes a report.
 Independent jobs run two at a time (one per core, one thread each).
 """
 
@@ -133,16 +134,29 @@ def run_folder(name: str, seed: int, first_seed: int) -> str:
     return name if seed == first_seed else f"{name}_seed{seed}"
 
 
+# Evaluations during unlearning (the report's eval_trajectory.png): step 0 and every quarter of the run, on
+# the first TRAJECTORY_ROWS rows of every set (the job's final evaluation stays in full).
+TRAJECTORY_EVAL_STEPS, TRAJECTORY_ROWS = 0.25, 10
+
+
 def unlearn_cfg(method, data_dir: Path, runs: Path, p: DemoPreset, seed: int, first_seed: int) -> dict:
     name, objective, weighting, wargs = method
     cfg = _base_cfg(data_dir, runs / "target" / "model", runs / run_folder(name, seed, first_seed), seed)
+    train = _train_args(p.unlearn_epochs, p.unlearn_lr, UNLEARN_BATCH_SIZE, warmup=0)
+    train.update(eval_strategy="steps", eval_steps=TRAJECTORY_EVAL_STEPS)
     cfg.update(
         name=name,
         log_to_console=False,
         objective=objective,
         weighting={"name": weighting, "args": wargs},
-        train=_train_args(p.unlearn_epochs, p.unlearn_lr, UNLEARN_BATCH_SIZE, warmup=0),
+        train=train,
         balance={"every_n_steps": 1, "batch_size": 64},
+        eval={
+            "at_end": False,  # the job evaluates the saved model in full
+            "retain_logs_path": str(runs / "retain" / "eval" / "TOFU_EVAL.json"),
+            "trajectory_limit": TRAJECTORY_ROWS,
+            "max_new_tokens": p.eval_max_new_tokens,
+        },
     )
     return cfg
 
