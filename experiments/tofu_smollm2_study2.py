@@ -1,10 +1,17 @@
 """Study 2: does balanced forgetting buy forget quality at forget05, and does it survive attacks?
 
     python experiments/tofu_smollm2_study2.py                  # every part, resumable
-    python experiments/tofu_smollm2_study2.py --parts B        # only part B
+    python experiments/tofu_smollm2_study2.py --parts B        # only part B (A: the attacks on forget01)
+    python experiments/tofu_smollm2_study2.py --smoke --parts A --model TINY_MODEL --work W --results R  # seconds
     python experiments/tofu_smollm2_study2.py --report-only    # tables and plots from finished cells
 
 The same model, data and rules as study 1 (`tofu_smollm2.py`, whose scheduler and settings this reuses):
+- Part A, attacks on forget01: study 1's target (made again in its work folder when missing), then each NPO
+  cell of study 1 (`mean`, `group`, `dv`, `dv_global`, `dv_softmin` x seeds) re-made with study 1's recipe,
+  evaluated with its settings (`remade_vs_study1.json`: how far the re-made evaluation is from the committed
+  one) and attacked with the model kept: relearning on a seeded half of forget01 scored on the other half and
+  on all of it (`configs/attack/all.yaml`, `attack.relearn.split=heldout`), 8-bit and 4-bit weights; the
+  attacks' small files go to the cell's `attack/`, then the model is deleted.
 - Part B, forget05: a *target05* model fine-tuned on `retain_perturbed` + `forget05` (600 rows, study 1's
   fine-tuning recipe), study 1's retain model evaluated on the forget05 split, then NPO x `mean`, `dv`,
   `dv_global` x seeds unlearned from target05 with study 1's unlearning schedule on forget05 (balance
@@ -32,6 +39,7 @@ from tofu_smollm2 import (  # noqa: E402
     CONFIGS,
     DEFAULT_DATA,
     EVAL,
+    ONE_PASS_GROUP,
     REPO,
     SMOKE,
     UNLEARN,
@@ -48,6 +56,14 @@ from baldro.models.sources import cache_dir  # noqa: E402
 DEFAULT_RESULTS = REPO / "experiments" / "tofu_smollm2_study2"
 SEEDS = (0, 1, 2)
 PART_B_WEIGHTINGS = ("mean", "dv", "dv_global")
+# Part A: study 1's NPO cells, re-made from its recipe and attacked (its committed results are the reference).
+PART_A_WEIGHTINGS = ("mean", "group", "dv", "dv_global", "dv_softmin")
+STUDY1_CELLS = REPO / "experiments" / "tofu_smollm2" / "cells"
+# Relearning on a seeded half of forget01, scored on the other half (the headline) and on all of it; 8-bit and
+# 4-bit weights. The evaluation is the cell's own (study 1's EVAL); its before is the cell's evaluation.
+ATTACK_A = ["attack.attacks=[relearn,quantize]", "attack.relearn.split=heldout"]
+ATTACK_FILES = ("attack_info.json", "attack_summary.json", "TOFU_SUMMARY.json", "eval_info.json", "train_log.jsonl")
+REMADE_KEYS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio")
 # forget05 has 200 samples: 13 optimizer steps an epoch at study 1's batch (8 x 2 accumulation), 130 in
 # all. Scoring all 200 forget samples costs about 200 forward passes; a step about 16 x 2 forward and
 # backward passes (~100 forward-equivalents), so every 20 steps keeps tracking near 10 % of training.
@@ -109,6 +125,9 @@ def build_jobs(args) -> list[Job]:
     jobs: list[Job] = []
     retain_run = study1_work / "retain"  # study 1's retain model serves as it is
     jobs.append(finetune_job("retain", retain_run, [], model, common, args.finetune_seed, smoke))
+
+    if "A" in args.parts:
+        jobs += part_a_jobs(args, work, cells, study1_work, model, common, seeds, smoke)
 
     if "B" in args.parts:
         target_run = work / "target05"
@@ -203,6 +222,126 @@ def build_jobs(args) -> list[Job]:
     return jobs
 
 
+def part_a_jobs(args, work: Path, cells: Path, study1_work: Path, model, common, seeds, smoke) -> list[Job]:
+    """Study 1's target (made again in its work folder when missing), then for each NPO cell: unlearning with
+    study 1's recipe, its evaluation (compared with the committed one), and the attacks on the kept model."""
+    target_run = study1_work / "target"
+    jobs = [
+        finetune_job(
+            "target", target_run, ["data.extra_train_splits=[forget01]"], model, common, args.finetune_seed, smoke
+        )
+    ]
+    retain_log = STUDY1_CELLS / "retain" / "eval" / "TOFU_EVAL.json"
+    target_log = STUDY1_CELLS / "target" / "eval" / "TOFU_EVAL.json"
+    eval_common = [*model, *common, *EVAL, *(smoke["eval"] if smoke else [])]
+    weightings = [w for _, w in smoke["methods"]] if smoke else PART_A_WEIGHTINGS
+    for seed in seeds:
+        for weighting in weightings:
+            study1_name = f"npo_{weighting}_seed{seed}"
+            name = f"A_{study1_name}"
+            run, dest = work / "cells" / name, cells / name
+            jobs.append(
+                Job(
+                    f"unlearn_{name}",
+                    baldro(
+                        "unlearn",
+                        str(CONFIGS / "unlearn" / "tofu.yaml"),
+                        *model,
+                        *common,
+                        "objective=npo",
+                        f"weighting={weighting}",
+                        f"seed={seed}",
+                        f"name=npo_{weighting}",
+                        f"model.path={target_run / 'model'}",
+                        f"output_dir={run}",
+                        *UNLEARN,
+                        *(ONE_PASS_GROUP if weighting == "group" else []),
+                        *(smoke["unlearn"] if smoke else []),
+                        "overwrite=true",
+                    ),
+                    deps=["finetune_target"],
+                    done=lambda dest=dest, run=run: (
+                        is_finished(dest) or (run / "model" / "model.safetensors").is_file()
+                    ),
+                )
+            )
+            jobs.append(
+                Job(
+                    f"eval_{name}",
+                    baldro(
+                        "eval",
+                        str(CONFIGS / "eval" / "tofu.yaml"),
+                        *eval_common,
+                        f"model.path={run / 'model'}",
+                        f"output_dir={run / 'eval'}",
+                        f"eval.retain_logs_path={retain_log}",
+                        f"eval.target_logs_path={target_log}",
+                        "overwrite=true",
+                    ),
+                    deps=[f"unlearn_{name}"],
+                    after=lambda run=run, study1_name=study1_name: compare_remade(run, STUDY1_CELLS / study1_name),
+                    done=lambda dest=dest, run=run: is_finished(dest) or (run / "eval" / "TOFU_SUMMARY.json").is_file(),
+                )
+            )
+            jobs.append(
+                Job(
+                    f"attack_{name}",
+                    baldro(
+                        "attack",
+                        str(CONFIGS / "attack" / "all.yaml"),
+                        *eval_common,
+                        f"model.path={run / 'model'}",
+                        f"output_dir={run / 'attack'}",
+                        f"attack.before_eval={run / 'eval'}",
+                        f"eval.retain_logs_path={retain_log}",
+                        "train.bf16=false",
+                        *ATTACK_A,
+                        *(["attack.relearn.steps=2", "attack.quantize.bits=[8]"] if smoke else []),
+                        "resume=true",
+                    ),
+                    deps=[f"eval_{name}"],
+                    after=lambda run=run, dest=dest: finish_attacked_cell(run, dest, args.threads, args.keep_models),
+                    done=lambda dest=dest: is_finished(dest) and (dest / "attack" / "attack_info.json").is_file(),
+                )
+            )
+    return jobs
+
+
+def compare_remade(run: Path, study1_cell: Path) -> None:
+    """How far the re-made cell's evaluation is from study 1's committed one: `RUN/remade_vs_study1.json`."""
+    if not (study1_cell / "eval" / "TOFU_SUMMARY.json").is_file():
+        return
+    old = json.loads((study1_cell / "eval" / "TOFU_SUMMARY.json").read_text(encoding="utf-8"))
+    new = json.loads((run / "eval" / "TOFU_SUMMARY.json").read_text(encoding="utf-8"))
+    old_log = json.loads((study1_cell / "eval" / "TOFU_EVAL.json").read_text(encoding="utf-8"))
+    new_log = json.loads((run / "eval" / "TOFU_EVAL.json").read_text(encoding="utf-8"))
+    old_p = old_log["forget_Q_A_Prob"]["value_by_index"]
+    new_p = new_log["forget_Q_A_Prob"]["value_by_index"]
+    diffs = [abs(old_p[i]["prob"] - new_p[i]["prob"]) for i in old_p if i in new_p]
+    out = {
+        "study1_cell": str(study1_cell.relative_to(REPO)),
+        "summary": {k: {"study1": old.get(k), "remade": new.get(k)} for k in REMADE_KEYS},
+        "forget_prob_per_sample": {"n": len(diffs), "max_abs_diff": max(diffs, default=None)},
+    }
+    tmp = run / ".remade_vs_study1.json.tmp"
+    tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run / "remade_vs_study1.json")
+
+
+def finish_attacked_cell(run: Path, dest: Path, threads: int, keep_model: bool) -> None:
+    """The cell's files, its comparison with study 1 and its attacks' small files; then the model goes."""
+    finish_cell(run, dest, threads, keep_model=True)
+    if (run / "remade_vs_study1.json").is_file():
+        shutil.copy2(run / "remade_vs_study1.json", dest / "remade_vs_study1.json")
+    for src in sorted((run / "attack").rglob("*")):
+        if src.is_file() and src.name in ATTACK_FILES:
+            target = dest / "attack" / src.relative_to(run / "attack")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    if not keep_model:
+        shutil.rmtree(run / "model", ignore_errors=True)
+
+
 def _finish_reference(model_run: Path, eval_run: Path, dest: Path, threads: int) -> None:
     """A reference model evaluated in a folder of its own: the fine-tune's files plus that evaluation."""
     for name in ("config.yaml", "run_info.json", "train_log.jsonl"):
@@ -221,7 +360,7 @@ def main(argv=None) -> int:
         default=str(cache_dir() / "study_tofu_smollm2"),
         help="study 1's work folder (its retain and target models)",
     )
-    p.add_argument("--parts", default="B", help="which parts to run, e.g. AB")
+    p.add_argument("--parts", default="AB", help="which parts to run: A (attacks on forget01), B (forget05)")
     p.add_argument("--model-group", default="smollm2-135m-instruct")
     p.add_argument("--model", help="override the group's model.base")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
