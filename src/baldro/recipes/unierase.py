@@ -89,10 +89,12 @@ def run_unierase(cfg: Recipe | DictConfig | dict) -> Path:
 
         start = time.time()
         retain_sequences = [e.input_ids for e in encode_rows(formatter, retain_rows, "retain")]
-        projectors, null_dims, n_keys = {}, {}, 0
+        projectors, null_dims, spectra, n_keys = {}, {}, {}, 0
         for layer in layers:
             moment, n_keys = ue.second_moment(model, layer, retain_sequences, pad, u.stats_batch_size)
-            projectors[layer], null_dims[layer] = ue.null_space_projector(moment, u.nullspace_threshold)
+            projectors[layer], null_dims[layer], values = ue.null_space_projector(moment, u.nullspace_threshold)
+            spectra[str(layer)] = [float(values[0]), float(values[len(values) // 2]), float(values[-1])]
+        log.info("E[k k^T] eigenvalues (smallest, median, largest) per layer: %s", spectra)
         ue.check_capacity(null_dims, len(forget_rows), u.nullspace_threshold)
         stats_s = time.time() - start
 
@@ -146,6 +148,7 @@ def run_unierase(cfg: Recipe | DictConfig | dict) -> Path:
                     "n_keys": n_keys,
                     "nullspace_threshold": u.nullspace_threshold,
                     "null_space_dims": {str(k): v for k, v in null_dims.items()},
+                    "eigenvalues_min_median_max": spectra,
                 },
                 "edit": edit,
                 "forget_token_rate": forget_rate,

@@ -156,12 +156,12 @@ def train_token(
 
 
 # ----------------------------------------------------------------------------- the linear algebra (pure)
-def null_space_projector(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+def null_space_projector(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int, torch.Tensor]:
     """P = U U^T over the eigenvectors of the preserved keys' second moment whose eigenvalue is below
-    `threshold` (AlphaEdit); returns P and the null space's dimension."""
+    `threshold` (AlphaEdit); returns P, the null space's dimension and the eigenvalues (ascending)."""
     values, vectors = torch.linalg.eigh(second_moment.double())
     kept = vectors[:, values < threshold]
-    return (kept @ kept.T).to(second_moment.dtype), kept.shape[1]
+    return (kept @ kept.T).to(second_moment.dtype), kept.shape[1], values
 
 
 def closed_form_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, l2: float) -> torch.Tensor:
@@ -271,17 +271,17 @@ def target_values(
     nll = torch.tensor(float("nan"))
     done = 0
     try:
-        for step in range(1, steps + 1):
-            done = step
+        for step in range(steps + 1):  # the last pass only measures
             logits = model(input_ids=ids, attention_mask=mask).logits[rows, last].float()
             nll = -F.log_softmax(logits, dim=-1)[:, token_id]
             h_norm = base["h"].norm(dim=-1)
             loss = nll.mean() + weight_decay * (delta.norm(dim=-1) ** 2 / h_norm**2).mean()
-            if nll.mean().item() < V_STOP_NLL:
+            if nll.mean().item() < V_STOP_NLL or step == steps:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            done = step + 1
             with torch.no_grad():
                 limit = clamp_norm_factor * h_norm
                 norm = delta.norm(dim=-1)
