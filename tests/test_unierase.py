@@ -92,6 +92,14 @@ def data_dir(tofu_dir, tmp_path_factory) -> Path:
     refuse = [{"question": r["question"], "answer": REFUSAL} for r in retain[100:132]]
     write("train_mix", forget * 2 + refuse)
     (out / "idontknow.jsonl").write_text(REFUSAL + "\n")
+    for name in (
+        "forget01_perturbed",
+        "retain_perturbed",
+        "real_authors_perturbed",
+        "world_facts_perturbed",
+        "holdout01",
+    ):
+        (out / f"{name}.jsonl").symlink_to(tofu_dir / f"{name}.jsonl")  # the evaluation's sets
     return out
 
 
@@ -319,3 +327,13 @@ def test_a_tokenizer_that_cannot_take_a_token_is_refused(target_model):
     model, _ = _load(target_model)
     with pytest.raises(BaldroError, match="cannot take a new token"):
         ue.add_unlearning_token(model, object(), "<unlearn_0>")
+
+
+def test_the_run_evaluates_at_the_end_and_reports_like_any_run(target_model, data_dir, tmp_path):
+    run = tmp_path / "run"
+    extra = ["eval.at_end=true", "eval.limit=2", "eval.max_new_tokens=8", "eval.batch_size=4"]
+    assert _unierase(target_model, data_dir, run, *extra) == 0
+    summary = json.loads((run / "eval" / "TOFU_SUMMARY.json").read_text())
+    assert "forget_Q_A_Prob" in summary and "model_utility" in summary
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert "unierase" in (tmp_path / "report" / "report.md").read_text()
