@@ -89,10 +89,12 @@ def run_unierase(cfg: Recipe | DictConfig | dict) -> Path:
 
         start = time.time()
         retain_sequences = [e.input_ids for e in encode_rows(formatter, retain_rows, "retain")]
-        projectors, null_dims, spectra, n_keys = {}, {}, {}, 0
+        moments, n_keys = ue.second_moments(model, layers, retain_sequences, pad, u.stats_batch_size)
+        projectors, null_dims, spectra = {}, {}, {}
         for layer in layers:
-            moment, n_keys = ue.second_moment(model, layer, retain_sequences, pad, u.stats_batch_size)
-            projectors[layer], null_dims[layer], values = ue.null_space_projector(moment, u.nullspace_threshold)
+            projectors[layer], null_dims[layer], values = ue.null_space_projector(
+                moments.pop(layer), u.nullspace_threshold
+            )
             spectra[str(layer)] = [float(values[0]), float(values[len(values) // 2]), float(values[-1])]
         log.info("E[k k^T] eigenvalues (smallest, median, largest) per layer: %s", spectra)
         ue.check_capacity(null_dims, len(forget_rows), u.nullspace_threshold)

@@ -161,7 +161,7 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float) -> tuple
     `threshold` (AlphaEdit); returns P, the null space's dimension and the eigenvalues (ascending)."""
     values, vectors = torch.linalg.eigh(second_moment.double())
     kept = vectors[:, values < threshold]
-    return (kept @ kept.T).to(second_moment.dtype), kept.shape[1], values
+    return (kept @ kept.T).float(), kept.shape[1], values.cpu()
 
 
 def closed_form_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, l2: float) -> torch.Tensor:
@@ -187,31 +187,37 @@ def _replace_output(output, hidden):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def second_moment(
-    model, layer: int, sequences: list[list[int]], pad_id: int, batch_size: int
-) -> tuple[torch.Tensor, int]:
-    """E[k k^T] of the keys (down-projection inputs) at `layer` over every token of `sequences`, and the count."""
-    module = model.get_submodule(KEY_MODULE.format(layer))
-    device = module.weight.device
-    total, count = None, 0
-    mask_now = {}
+def second_moments(
+    model, layers: list[int], sequences: list[list[int]], pad_id: int, batch_size: int
+) -> tuple[dict[int, torch.Tensor], int]:
+    """E[k k^T] (float64, on the model's device) of the keys (down-projection inputs) at each of `layers` over
+    every token of `sequences`, from one pass over them, and the number of keys."""
+    totals: dict[int, torch.Tensor] = {}
+    count = 0
+    current = {}
 
-    def hook(_, args):
-        nonlocal total, count
-        k = args[0][mask_now["mask"]].double()
-        total = k.T @ k if total is None else total + k.T @ k
-        count += k.shape[0]
+    def hook_for(layer):
+        def hook(_, args):
+            k = args[0][current["mask"].to(args[0].device)].double()
+            totals[layer] = k.T @ k if layer not in totals else totals[layer] + k.T @ k
 
-    handle = module.register_forward_pre_hook(hook)
+        return hook
+
+    handles = [
+        model.get_submodule(KEY_MODULE.format(layer)).register_forward_pre_hook(hook_for(layer)) for layer in layers
+    ]
+    device = model.get_input_embeddings().weight.device
     try:
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
                 ids, mask = pad_batch(sequences[start : start + batch_size], pad_id)
-                mask_now["mask"] = mask.bool().to(device)
+                current["mask"] = mask.bool()
+                count += int(mask.sum())
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
-        handle.remove()
-    return (total / max(count, 1)).float().cpu(), count
+        for handle in handles:
+            handle.remove()
+    return {layer: total / max(count, 1) for layer, total in totals.items()}, count
 
 
 def keys_and_hidden(
