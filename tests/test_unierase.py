@@ -141,6 +141,8 @@ def _unierase(model, data_dir, out, *extra) -> int:
             "unierase.token_batch_size=8",
             "unierase.nullspace_threshold=5e-2",
             "unierase.l2=0.3",
+            "unierase.target_steps=25",
+            "unierase.target_learning_rate=0.5",
             *extra,
         ]
     )

@@ -253,8 +253,8 @@ class UniEraseConfig:
     )  # MLP down-projections edited (AlphaEdit, Llama-3-8B)
     nullspace_threshold: float = 2.0e-2  # eigenvalues of the retain keys' E[k k^T] below this span the null space
     l2: float = 10.0  # the ridge term of the closed form (P K K^T + l2 I)^-1 (AlphaEdit's 10)
-    target_steps: int = 25  # Adam steps of each forget question's target hidden state (AlphaEdit's 25)
-    target_learning_rate: float = 0.5  # Adam's rate for the target hidden states (MEMIT's 0.5)
+    target_steps: int = 10  # Adam steps of the target hidden states (the authors' run_edit.py; AlphaEdit's 25)
+    target_learning_rate: float = 0.1  # Adam's rate for the target hidden states (AlphaEdit's Llama-3-8B v_lr)
     target_weight_decay: float = 0.5  # weight of |delta|^2 / |h|^2 in the target loss (AlphaEdit's 0.5)
     clamp_norm_factor: float = 0.75  # |delta| <= this x |h| (AlphaEdit's 0.75)
     stats_batch_size: int = 16  # retain sequences per forward pass when estimating E[k k^T]
