@@ -28,7 +28,8 @@ Choices where the paper and its code leave room (docs/guides/unierase.md lists t
 - the target loss is the NLL of [UNL] plus MEMIT's relative weight decay, with MEMIT's norm clamp; no KL
   "essence" term; it stops early once the mean NLL is below `V_STOP_NLL`;
 - the new rows start at the mean of the existing embedding rows (deterministic; the authors' code draws
-  them at random).
+  them at random); phase 1's sequences end with EOS, not with a second [UNL] as in the authors' code, and
+  the authors' extra rounds under random perturbations of the edited layers are not done.
 """
 
 from __future__ import annotations
