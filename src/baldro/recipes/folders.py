@@ -120,6 +120,7 @@ RESUME_FREE_KEYS = (
     "train.greater_is_better",
     "train.load_best_model_at_end",
     "train.early_stopping_patience",
+    "unierase",  # read only by method=unierase, which keeps no checkpoints to resume
 )
 _UNSET = object()
 
@@ -139,13 +140,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def training_differences(saved: dict, current: dict, free_keys=RESUME_FREE_KEYS) -> list[str]:
-    """`key (old -> new)` for every recipe key that changes what a run trains (not in `free_keys`)."""
+    """`key (old -> new)` for every recipe key that changes what a run trains (not in `free_keys`); a key the
+    saved recipe lacks (it predates the key, e.g. `method`) counts as its default."""
     a, b = _flatten(saved), _flatten(current)
+    defaults = _flatten(_recipe_dict(Recipe()))  # a key newer than the saved recipe ran as its default
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + ".") for f in free_keys):
             continue
-        old, new = a.get(key, _UNSET), b.get(key, _UNSET)
+        old, new = a.get(key, defaults.get(key, _UNSET)), b.get(key, _UNSET)
         if old != new:
             show = lambda v: "unset" if v is _UNSET else repr(v)  # noqa: E731
             diffs.append(f"{key} ({show(old)} -> {show(new)})")

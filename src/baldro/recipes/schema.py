@@ -6,7 +6,7 @@
 `model` -> `baldro.models.loading`, `data` -> `baldro.data.tofu` / `baldro.data.muse` / `baldro.data.wmdp`,
 `format` -> `QAFormatter`, `train` -> `transformers.TrainingArguments`, `objective` / `weighting` ->
 `baldro.train.objectives` / `baldro.train.weighting`, `balance` -> `BalanceTracker`, `eval` -> `baldro.eval` (the
-lm-evaluation-harness options -> `baldro.eval.lm_eval`), `attack` -> `baldro.recipes.attack`.
+lm-evaluation-harness options -> `baldro.eval.lm_eval`), `attack` -> `baldro.recipes.attack`, `unierase` -> `baldro.recipes.unierase`.
 
 `validation.validate(recipe, kind)` checks what the types cannot (ranges, names, files, the device) before a run
 loads any weights; every failure is one `BaldroError` line naming the key or file and the fix.
@@ -240,6 +240,27 @@ class AttackConfig:
 
 
 @dataclass
+class UniEraseConfig:
+    """`method: unierase` (`baldro.recipes.unierase`): UniErase's unlearning token (phase 1) and its
+    AlphaEdit edit (phase 2) instead of training with an objective; docs/guides/unierase.md."""
+
+    token: str = "<unlearn_0>"  # the unlearning token added to the tokenizer (a new string)
+    token_epochs: int = 5  # phase 1: epochs over (forget question, token + refusal) pairs (the authors' 5)
+    token_learning_rate: float = 1.0e-3  # phase 1: Adam on the token's embedding rows only (the authors' 1e-3)
+    token_batch_size: int = 16  # phase 1: pairs per step
+    layers: List[int] = field(
+        default_factory=lambda: [4, 5, 6, 7, 8]
+    )  # MLP down-projections edited (AlphaEdit, Llama-3-8B)
+    nullspace_threshold: float = 2.0e-2  # eigenvalues of the retain keys' E[k k^T] below this span the null space
+    l2: float = 10.0  # the ridge term of the closed form (P K K^T + l2 I)^-1 (AlphaEdit's 10)
+    target_steps: int = 10  # Adam steps of the target hidden states (the authors' run_edit.py; AlphaEdit's 25)
+    target_learning_rate: float = 0.1  # Adam's rate for the target hidden states (AlphaEdit's Llama-3-8B v_lr)
+    target_weight_decay: float = 0.5  # weight of |delta|^2 / |h|^2 in the target loss (AlphaEdit's 0.5)
+    clamp_norm_factor: float = 0.75  # |delta| <= this x |h| (AlphaEdit's 0.75)
+    stats_batch_size: int = 16  # retain sequences per forward pass when estimating E[k k^T]
+
+
+@dataclass
 class ResumeConfig:
     """`resume=true` and `resume=PATH` on the command line (or in a YAML file) fill this section."""
 
@@ -266,3 +287,6 @@ class Recipe:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    # baldro unlearn: train (an objective under a weighting, `train`) or unierase (the `unierase` section)
+    method: str = "train"
+    unierase: UniEraseConfig = field(default_factory=UniEraseConfig)

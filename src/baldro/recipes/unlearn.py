@@ -161,6 +161,10 @@ def _trajectory_callback(recipe: Recipe, tokenizer, formatter, run_dir: Path):
 def run_unlearn(cfg: Recipe | DictConfig | dict, extra_callbacks=()) -> Path:
     """Unlearning with a forget objective under a weighting plus a retain loss."""
     recipe = as_recipe(cfg)
+    if recipe.method == "unierase":  # an edit, not training (docs/guides/unierase.md)
+        from baldro.recipes.unierase import run_unierase
+
+        return run_unierase(recipe)
     validate(recipe, "unlearn")  # names, arguments and ranges, before a (possibly large) model loads
     objective = get_objective(recipe.objective.name)
     objective_args = dict(recipe.objective.args)

@@ -24,6 +24,7 @@ from baldro.recipes.schema import (
 )
 
 KINDS = ("finetune", "unlearn", "eval", "attack")
+METHODS = ("train", "unierase")  # recipe.method of baldro unlearn
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 
@@ -245,6 +246,38 @@ def _check_unlearning(recipe: Recipe) -> bool:
             raise BaldroError(f"weighting.args.{key}={wargs[key]!r} is not a number")
     make_weighting(w.name, n_samples=1, **weighting_args(recipe))
     return objective.needs_refusal
+
+
+def _check_unierase(recipe: Recipe) -> None:
+    """`method: unierase`: the `unierase` section's ranges, and what the edit cannot work with."""
+    u = recipe.unierase
+    if not isinstance(u.token, str) or not u.token.strip():
+        raise BaldroError(f"unierase.token={u.token!r} must be a non-empty string (e.g. <unlearn_0>)")
+    _number("unierase.token_epochs", u.token_epochs, low=1, integer=True)
+    _number("unierase.token_learning_rate", u.token_learning_rate, low=0, low_open=True)
+    _number("unierase.token_batch_size", u.token_batch_size, low=1, integer=True)
+    if not u.layers:
+        raise BaldroError("unierase.layers is empty: name the MLP layers to edit, e.g. [4, 5, 6, 7, 8]")
+    for layer in u.layers:
+        _number("unierase.layers", layer, low=0, integer=True, hint=": decoder layer indices from 0")
+    if len(set(u.layers)) != len(u.layers):
+        raise BaldroError(f"unierase.layers {list(u.layers)} names a layer twice: list each once")
+    _number("unierase.nullspace_threshold", u.nullspace_threshold, low=0, low_open=True)
+    _number("unierase.l2", u.l2, low=0, low_open=True, hint=" (the closed form's ridge term)")
+    _number("unierase.target_steps", u.target_steps, low=1, integer=True)
+    _number("unierase.target_learning_rate", u.target_learning_rate, low=0, low_open=True)
+    _number("unierase.target_weight_decay", u.target_weight_decay, low=0)
+    _number("unierase.clamp_norm_factor", u.clamp_norm_factor, low=0, low_open=True)
+    _number("unierase.stats_batch_size", u.stats_batch_size, low=1, integer=True)
+    if recipe.model.lora is not None:
+        raise BaldroError("method=unierase edits the model's own weights, not a LoRA adapter: set model.lora=null")
+    if recipe.data.benchmark != "tofu":
+        raise BaldroError(
+            f"method=unierase edits question -> token associations and data.benchmark is {recipe.data.benchmark}: "
+            "use TOFU-style QA data (data.benchmark=tofu)"
+        )
+    if not recipe.data.retain_split:
+        raise BaldroError("method=unierase preserves the retain set's keys: set data.retain_split")
 
 
 def weighting_args(recipe: Recipe) -> dict:
@@ -537,7 +570,14 @@ def validate(recipe: Recipe, kind: str) -> None:
         _number("balance.batch_size", b.batch_size, low=1, integer=True)
     if "{question}" not in recipe.format.prompt_template:
         raise BaldroError(f"format.prompt_template must contain '{{question}}', got {recipe.format.prompt_template!r}")
+    if recipe.method not in METHODS:
+        raise BaldroError(f"method={recipe.method!r} is not a method: use one of {', '.join(METHODS)}")
+    if recipe.method == "unierase" and kind != "unlearn":
+        raise BaldroError(f"method=unierase is a way to unlearn: run it with baldro unlearn, not baldro {kind}")
     needs_refusal = _check_unlearning(recipe) if kind == "unlearn" else False
+    if kind == "unlearn" and recipe.method == "unierase":
+        _check_unierase(recipe)
+        needs_refusal = True
     during_training = _check_eval_during_training(recipe, kind) if kind != "eval" else False
     _check_eval(recipe.eval, kind, during_training)
     if kind == "attack":
