@@ -246,6 +246,41 @@ def baldro(*args: str) -> list[str]:
     return [sys.executable, "-m", "baldro.cli", *args]
 
 
+def unlearn_command(
+    model, common, objective: str, weighting: str, seed: int, target_model: Path, run: Path, schedule
+) -> list[str]:
+    """`baldro unlearn` of one cell: `objective` under `weighting` from `target_model` into `run` (`schedule`:
+    the study's unlearning overrides), over a used folder."""
+    return baldro(
+        "unlearn",
+        str(CONFIGS / "unlearn" / "tofu.yaml"),
+        *model,
+        *common,
+        f"objective={objective}",
+        f"weighting={weighting}",
+        f"seed={seed}",
+        f"name={objective}_{weighting}",
+        f"model.path={target_model}",
+        f"output_dir={run}",
+        *schedule,
+        "overwrite=true",
+    )
+
+
+def eval_command(eval_common, model_dir: Path, out: Path, retain_log=None, target_log=None, *extra: str) -> list[str]:
+    """`baldro eval` of `model_dir` into `out`, forget quality against `retain_log` when given."""
+    return baldro(
+        "eval",
+        str(CONFIGS / "eval" / "tofu.yaml"),
+        *eval_common,
+        f"model.path={model_dir}",
+        f"output_dir={out}",
+        *([f"eval.retain_logs_path={retain_log}"] if retain_log else []),
+        *([f"eval.target_logs_path={target_log}"] if target_log else []),
+        *extra,
+    )
+
+
 def copy_results(run_dir: Path, dest: Path) -> None:
     """Copy a run's small result files into `dest` (written last: `run_info.json` marks it complete)."""
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -314,13 +349,7 @@ def build_jobs(args) -> list[Job]:
     jobs.append(
         Job(
             "eval_retain",
-            baldro(
-                "eval",
-                str(CONFIGS / "eval" / "tofu.yaml"),
-                *eval_common,
-                f"model.path={retain_run / 'model'}",
-                f"output_dir={retain_run / 'eval'}",
-            ),
+            eval_command(eval_common, retain_run / "model", retain_run / "eval"),
             deps=["finetune_retain"],
             after=lambda: copy_results(retain_run, retain_dest),
             done=lambda: is_finished(retain_dest),
@@ -329,14 +358,7 @@ def build_jobs(args) -> list[Job]:
     jobs.append(
         Job(
             "eval_target",
-            baldro(
-                "eval",
-                str(CONFIGS / "eval" / "tofu.yaml"),
-                *eval_common,
-                f"model.path={target_run / 'model'}",
-                f"output_dir={target_run / 'eval'}",
-                f"eval.retain_logs_path={retain_log}",
-            ),
+            eval_command(eval_common, target_run / "model", target_run / "eval", retain_log),
             deps=["finetune_target", "eval_retain"],
             after=lambda: copy_results(target_run, target_dest),
             done=lambda: is_finished(target_dest),
@@ -355,22 +377,20 @@ def build_jobs(args) -> list[Job]:
         jobs.append(
             Job(
                 f"unlearn_{name}",
-                baldro(
-                    "unlearn",
-                    str(CONFIGS / "unlearn" / "tofu.yaml"),
-                    *model,
-                    *common,
-                    f"objective={objective}",
-                    f"weighting={weighting}",
-                    f"seed={seed}",
-                    f"name={objective}_{weighting}",
-                    f"model.path={target_run / 'model'}",
-                    f"output_dir={run}",
-                    *UNLEARN,
-                    *(ONE_PASS_GROUP if weighting == "group" else []),
-                    *NEW_METHOD_ARGS.get(objective, []),
-                    *(smoke["unlearn"] if smoke else []),
-                    "overwrite=true",
+                unlearn_command(
+                    model,
+                    common,
+                    objective,
+                    weighting,
+                    seed,
+                    target_run / "model",
+                    run,
+                    [
+                        *UNLEARN,
+                        *(ONE_PASS_GROUP if weighting == "group" else []),
+                        *NEW_METHOD_ARGS.get(objective, []),
+                        *(smoke["unlearn"] if smoke else []),
+                    ],
                 ),
                 deps=["finetune_target"],
                 done=lambda dest=dest, run=run: is_finished(dest) or (run / "model").is_dir(),
@@ -379,15 +399,7 @@ def build_jobs(args) -> list[Job]:
         jobs.append(
             Job(
                 f"eval_{name}",
-                baldro(
-                    "eval",
-                    str(CONFIGS / "eval" / "tofu.yaml"),
-                    *eval_common,
-                    f"model.path={run / 'model'}",
-                    f"output_dir={run / 'eval'}",
-                    f"eval.retain_logs_path={retain_log}",
-                    f"eval.target_logs_path={target_log}",
-                ),
+                eval_command(eval_common, run / "model", run / "eval", retain_log, target_log),
                 deps=[f"unlearn_{name}", "eval_retain", "eval_target"],
                 after=finish,
                 done=lambda dest=dest: is_finished(dest),

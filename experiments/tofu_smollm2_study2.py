@@ -47,8 +47,10 @@ from tofu_smollm2 import (  # noqa: E402
     Scheduler,
     baldro,
     copy_results,
+    eval_command,
     finetune_job,
     is_finished,
+    unlearn_command,
 )
 
 from baldro.models.sources import cache_dir  # noqa: E402
@@ -143,14 +145,7 @@ def build_jobs(args) -> list[Job]:
         jobs.append(
             Job(
                 "eval_B_retain",
-                baldro(
-                    "eval",
-                    str(CONFIGS / "eval" / "tofu.yaml"),
-                    *eval_common,
-                    f"model.path={retain_run / 'model'}",
-                    f"output_dir={retain_eval / 'eval'}",
-                    "overwrite=true",
-                ),
+                eval_command(eval_common, retain_run / "model", retain_eval / "eval", None, None, "overwrite=true"),
                 deps=["finetune_retain"],
                 after=lambda: _finish_reference(retain_run, retain_eval, retain_dest, args.threads),
                 done=lambda: is_finished(retain_dest),
@@ -159,14 +154,8 @@ def build_jobs(args) -> list[Job]:
         jobs.append(
             Job(
                 "eval_B_target",
-                baldro(
-                    "eval",
-                    str(CONFIGS / "eval" / "tofu.yaml"),
-                    *eval_common,
-                    f"model.path={target_run / 'model'}",
-                    f"output_dir={target_run / 'eval'}",
-                    f"eval.retain_logs_path={retain_log}",
-                    "overwrite=true",
+                eval_command(
+                    eval_common, target_run / "model", target_run / "eval", retain_log, None, "overwrite=true"
                 ),
                 deps=["finetune_target05", "eval_B_retain"],
                 after=lambda: finish_cell(target_run, target_dest, args.threads, keep_model=True),
@@ -180,20 +169,15 @@ def build_jobs(args) -> list[Job]:
                 jobs.append(
                     Job(
                         f"unlearn_{name}",
-                        baldro(
-                            "unlearn",
-                            str(CONFIGS / "unlearn" / "tofu.yaml"),
-                            *model,
-                            *common,
-                            "objective=npo",
-                            f"weighting={weighting}",
-                            f"seed={seed}",
-                            f"name=npo_{weighting}",
-                            f"model.path={target_run / 'model'}",
-                            f"output_dir={run}",
-                            *UNLEARN_B,
-                            *(smoke["unlearn"] if smoke else []),
-                            "overwrite=true",
+                        unlearn_command(
+                            model,
+                            common,
+                            "npo",
+                            weighting,
+                            seed,
+                            target_run / "model",
+                            run,
+                            [*UNLEARN_B, *(smoke["unlearn"] if smoke else [])],
                         ),
                         deps=["finetune_target05"],
                         done=lambda dest=dest, run=run: (
@@ -204,15 +188,8 @@ def build_jobs(args) -> list[Job]:
                 jobs.append(
                     Job(
                         f"eval_{name}",
-                        baldro(
-                            "eval",
-                            str(CONFIGS / "eval" / "tofu.yaml"),
-                            *eval_common,
-                            f"model.path={run / 'model'}",
-                            f"output_dir={run / 'eval'}",
-                            f"eval.retain_logs_path={retain_log}",
-                            f"eval.target_logs_path={target_log}",
-                            "overwrite=true",
+                        eval_command(
+                            eval_common, run / "model", run / "eval", retain_log, target_log, "overwrite=true"
                         ),
                         deps=[f"unlearn_{name}", "eval_B_retain", "eval_B_target"],
                         after=lambda run=run, dest=dest: finish_cell(run, dest, args.threads, args.keep_models),
@@ -243,21 +220,19 @@ def part_a_jobs(args, work: Path, cells: Path, study1_work: Path, model, common,
             jobs.append(
                 Job(
                     f"unlearn_{name}",
-                    baldro(
-                        "unlearn",
-                        str(CONFIGS / "unlearn" / "tofu.yaml"),
-                        *model,
-                        *common,
-                        "objective=npo",
-                        f"weighting={weighting}",
-                        f"seed={seed}",
-                        f"name=npo_{weighting}",
-                        f"model.path={target_run / 'model'}",
-                        f"output_dir={run}",
-                        *UNLEARN,
-                        *(ONE_PASS_GROUP if weighting == "group" else []),
-                        *(smoke["unlearn"] if smoke else []),
-                        "overwrite=true",
+                    unlearn_command(
+                        model,
+                        common,
+                        "npo",
+                        weighting,
+                        seed,
+                        target_run / "model",
+                        run,
+                        [
+                            *UNLEARN,
+                            *(ONE_PASS_GROUP if weighting == "group" else []),
+                            *(smoke["unlearn"] if smoke else []),
+                        ],
                     ),
                     deps=["finetune_target"],
                     done=lambda dest=dest, run=run: (
@@ -268,16 +243,7 @@ def part_a_jobs(args, work: Path, cells: Path, study1_work: Path, model, common,
             jobs.append(
                 Job(
                     f"eval_{name}",
-                    baldro(
-                        "eval",
-                        str(CONFIGS / "eval" / "tofu.yaml"),
-                        *eval_common,
-                        f"model.path={run / 'model'}",
-                        f"output_dir={run / 'eval'}",
-                        f"eval.retain_logs_path={retain_log}",
-                        f"eval.target_logs_path={target_log}",
-                        "overwrite=true",
-                    ),
+                    eval_command(eval_common, run / "model", run / "eval", retain_log, target_log, "overwrite=true"),
                     deps=[f"unlearn_{name}"],
                     after=lambda run=run, study1_name=study1_name: compare_remade(run, STUDY1_CELLS / study1_name),
                     done=lambda dest=dest, run=run: is_finished(dest) or (run / "eval" / "TOFU_SUMMARY.json").is_file(),
