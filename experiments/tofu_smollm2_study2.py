@@ -2,6 +2,7 @@
 
     python experiments/tofu_smollm2_study2.py                  # every part, resumable
     python experiments/tofu_smollm2_study2.py --parts B        # only part B (A: the attacks on forget01)
+    python experiments/tofu_smollm2_study2.py --parts U        # only UniErase's forget01 cell (issue 33)
     python experiments/tofu_smollm2_study2.py --smoke --parts A --model TINY_MODEL --work W --results R  # seconds
     python experiments/tofu_smollm2_study2.py --report-only    # tables and plots from finished cells
 
@@ -12,6 +13,8 @@ The same model, data and rules as study 1 (`tofu_smollm2.py`, whose scheduler an
   one) and attacked with the model kept: relearning on a seeded half of forget01 scored on the other half and
   on all of it (`configs/attack/all.yaml`, `attack.relearn.split=heldout`), 8-bit and 4-bit weights; the
   attacks' small files go to the cell's `attack/`, then the model is deleted.
+- Part U, UniErase on forget01 (seed 0): the paper's editing baseline from study 1's target
+  (`method=unierase`, `UNIERASE_A`'s edit settings for SmolLM2), evaluated and attacked as part A's cells.
 - Part B, forget05: a *target05* model fine-tuned on `retain_perturbed` + `forget05` (600 rows, study 1's
   fine-tuning recipe), study 1's retain model evaluated on the forget05 split, then NPO x `mean`, `dv`,
   `dv_global` x seeds unlearned from target05 with study 1's unlearning schedule on forget05 (balance
@@ -64,12 +67,39 @@ STUDY1_CELLS = REPO / "experiments" / "tofu_smollm2" / "cells"
 # Relearning on a seeded half of forget01, scored on the other half (the headline) and on all of it; 8-bit and
 # 4-bit weights. The evaluation is the cell's own (study 1's EVAL); its before is the cell's evaluation.
 ATTACK_A = ["attack.attacks=[relearn,quantize]", "attack.relearn.split=heldout"]
-ATTACK_FILES = ("attack_info.json", "attack_summary.json", "TOFU_SUMMARY.json", "eval_info.json", "train_log.jsonl")
+ATTACK_FILES = (
+    "config.yaml",
+    "attack_info.json",
+    "attack_summary.json",
+    "TOFU_SUMMARY.json",
+    "eval_info.json",
+    "train_log.jsonl",
+)
 REMADE_KEYS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio")
 # forget05 has 200 samples: 13 optimizer steps an epoch at study 1's batch (8 x 2 accumulation), 130 in
 # all. Scoring all 200 forget samples costs about 200 forward passes; a step about 16 x 2 forward and
 # backward passes (~100 forward-equivalents), so every 20 steps keeps tracking near 10 % of training.
 BALANCE_EVERY_B = 20
+# UniErase (issue 33) on forget01 beside part A's NPO cells: the paper's editing baseline, from study 1's target,
+# evaluated and attacked as part A's cells are. SmolLM2-135M needs its own edit settings (docs/guides/unierase.md):
+UNIERASE_SEEDS = (0,)
+UNIERASE_A = [
+    "split=forget01",
+    "data.retain_split=retain_perturbed",
+]
+# The tiny 2-layer model's edit (tests/test_unierase.py's settings) for --smoke.
+SMOKE_UNIERASE = [
+    "unierase.layers=[0,1]",
+    "unierase.token_epochs=20",
+    "unierase.token_learning_rate=0.1",
+    "unierase.token_batch_size=8",
+    "unierase.nullspace_threshold=5e-2",
+    "unierase.l2=0.3",
+    "unierase.target_steps=10",
+    "unierase.target_learning_rate=0.5",
+    "data.limit=8",
+    "format.use_chat_template=false",
+]
 
 
 def swap(overrides: list[str], **values: str) -> list[str]:
@@ -128,8 +158,23 @@ def build_jobs(args) -> list[Job]:
     retain_run = study1_work / "retain"  # study 1's retain model serves as it is
     jobs.append(finetune_job("retain", retain_run, [], model, common, args.finetune_seed, smoke))
 
+    if "A" in args.parts or "U" in args.parts:
+        jobs.append(
+            finetune_job(
+                "target",
+                study1_work / "target",
+                ["data.extra_train_splits=[forget01]"],
+                model,
+                common,
+                args.finetune_seed,
+                smoke,
+            )
+        )
     if "A" in args.parts:
         jobs += part_a_jobs(args, work, cells, study1_work, model, common, seeds, smoke)
+
+    if "U" in args.parts:
+        jobs += part_u_jobs(args, work, cells, study1_work, model, common, smoke)
 
     if "B" in args.parts:
         target_run = work / "target05"
@@ -200,14 +245,11 @@ def build_jobs(args) -> list[Job]:
 
 
 def part_a_jobs(args, work: Path, cells: Path, study1_work: Path, model, common, seeds, smoke) -> list[Job]:
-    """Study 1's target (made again in its work folder when missing), then for each NPO cell: unlearning with
-    study 1's recipe, its evaluation (compared with the committed one), and the attacks on the kept model."""
+    """For each NPO cell of study 1: unlearning with study 1's recipe from its target (`build_jobs` makes it
+    again in its work folder when missing), its evaluation (compared with the committed one), and the attacks
+    on the kept model."""
     target_run = study1_work / "target"
-    jobs = [
-        finetune_job(
-            "target", target_run, ["data.extra_train_splits=[forget01]"], model, common, args.finetune_seed, smoke
-        )
-    ]
+    jobs: list[Job] = []
     retain_log = STUDY1_CELLS / "retain" / "eval" / "TOFU_EVAL.json"
     target_log = STUDY1_CELLS / "target" / "eval" / "TOFU_EVAL.json"
     eval_common = [*model, *common, *EVAL, *(smoke["eval"] if smoke else [])]
@@ -249,27 +291,74 @@ def part_a_jobs(args, work: Path, cells: Path, study1_work: Path, model, common,
                     done=lambda dest=dest, run=run: is_finished(dest) or (run / "eval" / "TOFU_SUMMARY.json").is_file(),
                 )
             )
-            jobs.append(
-                Job(
-                    f"attack_{name}",
-                    baldro(
-                        "attack",
-                        str(CONFIGS / "attack" / "all.yaml"),
-                        *eval_common,
-                        f"model.path={run / 'model'}",
-                        f"output_dir={run / 'attack'}",
-                        f"attack.before_eval={run / 'eval'}",
-                        f"eval.retain_logs_path={retain_log}",
-                        "train.bf16=false",
-                        *ATTACK_A,
-                        *(["attack.relearn.steps=2", "attack.quantize.bits=[8]"] if smoke else []),
-                        "resume=true",
-                    ),
-                    deps=[f"eval_{name}"],
-                    after=lambda run=run, dest=dest: finish_attacked_cell(run, dest, args.threads, args.keep_models),
-                    done=lambda dest=dest: is_finished(dest) and (dest / "attack" / "attack_info.json").is_file(),
-                )
+            jobs.append(attack_job(name, run, dest, eval_common, retain_log, args, smoke))
+    return jobs
+
+
+def attack_job(name: str, run: Path, dest: Path, eval_common: list[str], retain_log: Path, args, smoke) -> Job:
+    """Part A's attacks on the kept model of cell `name` (after its evaluation); then its files are kept."""
+    return Job(
+        f"attack_{name}",
+        baldro(
+            "attack",
+            str(CONFIGS / "attack" / "all.yaml"),
+            *eval_common,
+            f"model.path={run / 'model'}",
+            f"output_dir={run / 'attack'}",
+            f"attack.before_eval={run / 'eval'}",
+            f"eval.retain_logs_path={retain_log}",
+            "train.bf16=false",
+            *ATTACK_A,
+            *(["attack.relearn.steps=2", "attack.quantize.bits=[8]"] if smoke else []),
+            "resume=true",
+        ),
+        deps=[f"eval_{name}"],
+        after=lambda: finish_attacked_cell(run, dest, args.threads, args.keep_models),
+        done=lambda: is_finished(dest) and (dest / "attack" / "attack_info.json").is_file(),
+    )
+
+
+def part_u_jobs(args, work: Path, cells: Path, study1_work: Path, model, common, smoke) -> list[Job]:
+    """UniErase from study 1's target on forget01 (seed 0), evaluated with study 1's settings and attacked
+    as part A's cells are: the editing baseline's row beside NPO's."""
+    target_run = study1_work / "target"
+    jobs: list[Job] = []
+    retain_log = STUDY1_CELLS / "retain" / "eval" / "TOFU_EVAL.json"
+    target_log = STUDY1_CELLS / "target" / "eval" / "TOFU_EVAL.json"
+    eval_common = [*model, *common, *EVAL, *(smoke["eval"] if smoke else [])]
+    for seed in smoke["seeds"] if smoke else UNIERASE_SEEDS:
+        name = f"A_unierase_seed{seed}"
+        run, dest = work / "cells" / name, cells / name
+        jobs.append(
+            Job(
+                f"unlearn_{name}",
+                baldro(
+                    "unlearn",
+                    str(CONFIGS / "unlearn" / "tofu.yaml"),
+                    *model,
+                    *common,
+                    "method=unierase",
+                    f"seed={seed}",
+                    "name=unierase",
+                    f"model.path={target_run / 'model'}",
+                    f"output_dir={run}",
+                    *UNIERASE_A,
+                    *(SMOKE_UNIERASE if smoke else []),
+                    "overwrite=true",
+                ),
+                deps=["finetune_target"],
+                done=lambda dest=dest, run=run: is_finished(dest) or (run / "model" / "model.safetensors").is_file(),
             )
+        )
+        jobs.append(
+            Job(
+                f"eval_{name}",
+                eval_command(eval_common, run / "model", run / "eval", retain_log, target_log, "overwrite=true"),
+                deps=[f"unlearn_{name}"],
+                done=lambda dest=dest, run=run: is_finished(dest) or (run / "eval" / "TOFU_SUMMARY.json").is_file(),
+            )
+        )
+        jobs.append(attack_job(name, run, dest, eval_common, retain_log, args, smoke))
     return jobs
 
 
@@ -326,7 +415,11 @@ def main(argv=None) -> int:
         default=str(cache_dir() / "study_tofu_smollm2"),
         help="study 1's work folder (its retain and target models)",
     )
-    p.add_argument("--parts", default="AB", help="which parts to run: A (attacks on forget01), B (forget05)")
+    p.add_argument(
+        "--parts",
+        default="AUB",
+        help="which parts to run: A (attacks on forget01), U (UniErase on forget01, attacked), B (forget05)",
+    )
     p.add_argument("--model-group", default="smollm2-135m-instruct")
     p.add_argument("--model", help="override the group's model.base")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))

@@ -93,3 +93,48 @@ def test_committed_study_tables_match_its_cells(tmp_path):
     assert write_study_report(tmp_path) is not None
     for name in ("table.md", "training.md"):
         assert (tmp_path / name).read_text() == (results / name).read_text(), f"{name} drifted: rerun --report-only"
+
+
+def _study2():
+    _study()
+    spec = importlib.util.spec_from_file_location(
+        "tofu_smollm2_study2", ROOT / "experiments" / "tofu_smollm2_study2.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tofu_smollm2_study2"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_study2_attacks_every_part_a_cell_and_unierase(tiny_model_dir, tofu_dir, tmp_path, capsys):
+    """Parts A and U of study 2 on the tiny model: each cell unlearned (UniErase by its edit), evaluated,
+    attacked with the model kept until then, its small files (attacks' included) kept and the model gone."""
+    study2 = _study2()
+    args = ["--smoke", "--parts", "AU", "--model", str(tiny_model_dir), "--data", str(tofu_dir)]
+    args += [
+        "--results",
+        str(tmp_path / "res"),
+        "--work",
+        str(tmp_path / "work"),
+        "--study1-work",
+        str(tmp_path / "s1"),
+    ]
+    assert study2.main(args) == 0
+    cells = tmp_path / "res" / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == ["A_npo_dv_seed0", "A_npo_mean_seed0", "A_unierase_seed0"]
+    for cell in cells.iterdir():
+        assert (cell / "eval" / "TOFU_SUMMARY.json").is_file() and (cell / "machine.json").is_file()
+        info = json.loads((cell / "attack" / "attack_info.json").read_text())
+        assert set(info["attacks"]) == {"relearn_heldout", "quantize_8bit"}
+        for attack in info["attacks"]:  # what came back, per sample
+            summary = json.loads((cell / "attack" / attack / "attack_summary.json").read_text())
+            assert summary["per_sample"] and summary["came_back"]
+        assert not list(cell.rglob("*.safetensors"))
+        assert not (tmp_path / "work" / "cells" / cell.name / "model").exists()
+    unierase = json.loads((cells / "A_unierase_seed0" / "run_info.json").read_text())
+    assert unierase["method"] == "unierase" and unierase["layers"] == [0, 1]
+    assert (cells / "A_npo_mean_seed0" / "balance.jsonl").is_file()
+    capsys.readouterr()
+    assert study2.main(args) == 0  # finished cells are skipped
+    assert "0 to run" in capsys.readouterr().out
