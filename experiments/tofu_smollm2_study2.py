@@ -11,14 +11,15 @@ The same model, data and rules as study 1 (`tofu_smollm2.py`, whose scheduler an
   cell of study 1 (`mean`, `group`, `dv`, `dv_global`, `dv_softmin` x seeds) re-made with study 1's recipe,
   evaluated with its settings (`remade_vs_study1.json`: how far the re-made evaluation is from the committed
   one) and attacked with the model kept: relearning on a seeded half of forget01 scored on the other half and
-  on all of it (`configs/attack/all.yaml`, `attack.relearn.split=heldout`), 8-bit and 4-bit weights; the
-  attacks' small files go to the cell's `attack/`, then the model is deleted.
+  on all of it (`configs/attack/all.yaml`, `attack.relearn.split=heldout`), 8-bit and 4-bit weights, each
+  attacked model scored on the forget set only (`eval.forget_only`); the attacks' small files go to the
+  cell's `attack/`, then the model is deleted.
 - Part U, UniErase on forget01 (seed 0): the paper's editing baseline from study 1's target
   (`method=unierase`, `UNIERASE_A`'s edit settings for SmolLM2), evaluated and attacked as part A's cells.
 - Part B, forget05: a *target05* model fine-tuned on `retain_perturbed` + `forget05` (600 rows, study 1's
   fine-tuning recipe), study 1's retain model evaluated on the forget05 split, then NPO x `mean`, `dv`,
   `dv_global` x seeds unlearned from target05 with study 1's unlearning schedule on forget05 (balance
-  tracked every `BALANCE_EVERY_B` steps) and evaluated in full.
+  tracked every `BALANCE_EVERY_B` steps), evaluated in full and attacked as part A's cells are.
 Each finished cell copies its small files into `experiments/tofu_smollm2_study2/cells/<part>_<cell>/`
 with `machine.json` (the CPU it ran on); a rerun skips finished cells. Models live under `--work`; the
 retain model is study 1's (its work folder), made again there if missing.
@@ -66,7 +67,9 @@ PART_A_WEIGHTINGS = ("mean", "group", "dv", "dv_global", "dv_softmin")
 STUDY1_CELLS = REPO / "experiments" / "tofu_smollm2" / "cells"
 # Relearning on a seeded half of forget01, scored on the other half (the headline) and on all of it; 8-bit and
 # 4-bit weights. The evaluation is the cell's own (study 1's EVAL); its before is the cell's evaluation.
-ATTACK_A = ["attack.attacks=[relearn,quantize]", "attack.relearn.split=heldout"]
+# The attacked models are scored on the forget set only (`eval.forget_only`: the verdicts read nothing else; a
+# quarter of a full evaluation's time); the before is the cell's full evaluation.
+ATTACK_A = ["attack.attacks=[relearn,quantize]", "attack.relearn.split=heldout", "eval.forget_only=true"]
 ATTACK_FILES = (
     "config.yaml",
     "attack_info.json",
@@ -237,10 +240,12 @@ def build_jobs(args) -> list[Job]:
                             eval_common, run / "model", run / "eval", retain_log, target_log, "overwrite=true"
                         ),
                         deps=[f"unlearn_{name}", "eval_B_retain", "eval_B_target"],
-                        after=lambda run=run, dest=dest: finish_cell(run, dest, args.threads, args.keep_models),
-                        done=lambda dest=dest: is_finished(dest),
+                        done=lambda dest=dest, run=run: (
+                            is_finished(dest) or (run / "eval" / "TOFU_SUMMARY.json").is_file()
+                        ),
                     )
                 )
+                jobs.append(attack_job(name, run, dest, eval_common, retain_log, args, smoke))
     return jobs
 
 

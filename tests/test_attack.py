@@ -291,6 +291,21 @@ def test_quantize_attack_evaluates_and_the_report_shows_every_attack(unlearned, 
     ]
 
 
+def test_forget_only_attack_reuses_the_full_evaluation_and_skips_utility(unlearned, tofu_dir, tmp_path):
+    """eval.forget_only=true: the run's full RUN/eval is the "before" (the forget set's numbers are in it);
+    the attacked model is scored on the forget set only, so its summary has no model utility."""
+    out = tmp_path / "forget_only"
+    argv = attack("quantize", unlearned, tofu_dir, "attack.quantize.bits=[8]", "eval.forget_only=true")
+    assert main([*argv, f"output_dir={out}"]) == 0
+    s = summary_of(out / "quantize_8bit")
+    assert s["before_eval"] == str(unlearned / "eval")
+    assert s["headline"]["n"] == 8 and len(s["per_sample"]["prob"]["after"]) == 8
+    after = json.loads((out / "quantize_8bit" / "TOFU_SUMMARY.json").read_text())
+    assert after["model_utility"] is None and after["forget_Q_A_Prob"] is not None
+    log = json.loads((out / "quantize_8bit" / "TOFU_EVAL.json").read_text())
+    assert not [k for k in log if k.startswith(("retain_", "ra_", "wf_"))] and "forget_truth_ratio" in log
+
+
 def test_muse_attacks_run_and_compare_verbmem_and_knowmem(tiny_model_dir, tmp_path):
     from test_muse import books_slice, cpu
 

@@ -211,6 +211,16 @@ CASES = [
     ),
     ("eval tokens 0", lambda f: unlearn(f, "eval.at_end=true", "eval.max_new_tokens=0"), "eval.max_new_tokens=0"),
     ("benchmark", lambda f: evaluate(f, "eval.benchmark=wmdp"), "eval.benchmark='wmdp' is not supported"),
+    (
+        "forget_only with a utility floor",
+        lambda f: unlearn(f, "eval.forget_only=true", "eval.utility_floor=0.5", "train.eval_strategy=epoch"),
+        "eval.utility_floor needs model utility, which eval.forget_only does not compute",
+    ),
+    (
+        "forget_only on lm_eval",
+        lambda f: evaluate(f, "eval.forget_only=true", "eval.benchmark=lm_eval", "eval.tasks=[mmlu]"),
+        "eval.forget_only is only implemented for TOFU",
+    ),
     ("balance -1", lambda f: unlearn(f, "balance.every_n_steps=-1"), "balance.every_n_steps=-1 must be >= 0"),
     ("prompt template", lambda f: unlearn(f, "format.prompt_template=Q"), "format.prompt_template must contain"),
     # the device

@@ -193,6 +193,36 @@ def test_shared_forward_equals_per_metric_passes(first_run, naive_run):
     assert seqs(timings_a) < seqs(timings_b)
 
 
+def test_forget_only_scores_the_forget_set_as_the_full_evaluation_does(tiny, first_run):
+    """eval.forget_only: the forget set's and privleak's numbers as in the full evaluation (within float
+    tolerance: batches hold other sets' texts), no utility set, model utility None with a reason."""
+    model, tok, fmt = tiny
+    timings: dict = {}
+    with warnings.catch_warnings():  # scipy's KS test on 5 vs 5 values falls back to asymp
+        warnings.simplefilter("ignore", RuntimeWarning)
+        log, summary = evaluate_tofu(
+            model,
+            tok,
+            fmt,
+            TOFU,
+            forget_split="forget10",
+            batch_size=4,
+            max_new_tokens=MAX_NEW,
+            limit=LIMIT,
+            retain_logs_path=first_run[0] / EVAL_FILE,
+            timings=timings,
+            forget_only=True,
+        )
+    full = first_run[1]
+    assert not [k for k in log if k.startswith(("retain_", "ra_", "wf_"))]
+    per_sample = [k for k in log if k not in ("forget_quality", "model_utility", "privleak")]
+    assert "forget_Q_A_ROUGE" in per_sample and "mia_min_k" in per_sample
+    assert diff_eval_logs({k: log[k] for k in per_sample}, {k: full[k] for k in per_sample}) == []
+    assert summary["model_utility"] is None and "forget_only" in summary.notes["model_utility"]
+    assert summary["forget_quality"] is not None and summary["privleak"] is not None
+    assert timings["rouge"]["rows"] == LIMIT and first_run[3]["rouge"]["rows"] == 4 * LIMIT
+
+
 def test_forget_quality_against_same_model_is_one(naive_run):
     _, log, summary, _ = naive_run
     assert isinstance(summary["forget_quality"], float)

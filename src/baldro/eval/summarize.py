@@ -310,7 +310,9 @@ def summarize_tofu(eval_log: dict, reference_log: dict | None = None) -> Summary
             out.put("forget_quality", M.forget_quality(mine, ref))
 
     missing = [k for k in MODEL_UTILITY_COMPONENTS if k not in aggs]
-    if missing:
+    if len(missing) == len(MODEL_UTILITY_COMPONENTS):
+        out.put("model_utility", None, "no retain, real-authors or world-facts metrics (an eval.forget_only log?)")
+    elif missing:
         out.put("model_utility", None, "missing " + ", ".join(missing))
     else:
         out.put("model_utility", M.model_utility(aggs[k] for k in MODEL_UTILITY_COMPONENTS))

@@ -90,6 +90,7 @@ def eval_settings(recipe: Recipe) -> dict:
         "max_new_tokens": ev.max_new_tokens,
         "limit": ev.limit,
         "compat": ev.compat,
+        "forget_only": ev.forget_only,
     }
 
 

@@ -182,6 +182,9 @@ class EvalConfig:
     verbmem_max_new_tokens: int = 128  # muse VerbMem continuations
     knowmem_max_new_tokens: int = 32  # muse KnowMem answers
     limit: Optional[int] = None  # only the first N rows of every set
+    # tofu: only the forget set (and the holdout set, privleak's other side): no model utility, about a quarter
+    # of the time; what an attack's verdict needs (`baldro attack ... eval.forget_only=true`)
+    forget_only: bool = False
     # none: baldro's evaluator; openunlearning: reproduce OpenUnlearning's TOFU evaluator, quirks included
     # (attention mask from the pad id, its positions, padding sides, batches in dataset order; docs/guides/openunlearning.md)
     compat: str = "none"

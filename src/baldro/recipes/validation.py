@@ -406,6 +406,14 @@ def _check_eval(e: EvalConfig, kind: str, during_training: bool = False) -> None
             f"eval.compat={e.compat} is only implemented for TOFU: set eval.compat=none for "
             f"eval.benchmark={e.benchmark}"
         )
+    if e.forget_only and e.benchmark != "tofu":
+        raise BaldroError(
+            f"eval.forget_only is only implemented for TOFU: set eval.forget_only=false for eval.benchmark={e.benchmark}"
+        )
+    if e.forget_only and e.utility_floor is not None:
+        raise BaldroError(
+            "eval.utility_floor needs model utility, which eval.forget_only does not compute: drop one of them"
+        )
     _number("eval.max_new_tokens", e.max_new_tokens, low=1, integer=True)
     _optional_positive_int("eval.limit", e.limit)
     _optional_positive_int(
