@@ -438,6 +438,9 @@ def main(argv=None) -> int:
     ok = True
     if not args.report_only:
         ok = Scheduler(build_jobs(args), args.jobs, args.threads, Path(args.work) / "logs").run()
+    from study2_report import write_study2_report
+
+    write_study2_report(args.results)
     return 0 if ok else 1
 
 

@@ -135,6 +135,13 @@ def test_smoke_study2_attacks_every_part_a_cell_and_unierase(tiny_model_dir, tof
     unierase = json.loads((cells / "A_unierase_seed0" / "run_info.json").read_text())
     assert unierase["method"] == "unierase" and unierase["layers"] == [0, 1]
     assert (cells / "A_npo_mean_seed0" / "balance.jsonl").is_file()
+    table = (tmp_path / "res" / "attacks_A.md").read_text().splitlines()
+    rows = [r.split(" | ")[:3] for r in table[2:]]
+    assert rows == [
+        [f"| {m}", a, "0"] for m in ("npo_dv", "npo_mean", "unierase") for a in ("relearn_heldout", "quantize_8bit")
+    ]
+    assert (tmp_path / "res" / "relearn_A.png").stat().st_size > 1000
+    assert "## Attacks" in (tmp_path / "res" / "report_A" / "report.md").read_text()
     capsys.readouterr()
     assert study2.main(args) == 0  # finished cells are skipped
     assert "0 to run" in capsys.readouterr().out
