@@ -321,6 +321,7 @@ def test_tofu_keeps_its_public_names():
         "timings",
         "progress",
         "generation_batch_size",
+        "forget_only",
     ]
 
 
