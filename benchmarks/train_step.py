@@ -111,17 +111,50 @@ def _load_model(args, torch):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+def _library():
+    """The library's pieces a step needs, from the current layout or, for a `--baseline-src` checkout
+    older than the regrouping into layer packages (28e330b), from its flat modules (same names)."""
+    try:
+        from baldro.models.loading import set_flush_denormal
+        from baldro.recipes.unlearn import make_reference_model
+        from baldro.train.batching import UnlearnCollator, UnlearnDataset
+        from baldro.train.objectives import get_objective, get_retain_loss
+        from baldro.train.trainers import UnlearnTrainer
+        from baldro.train.weighting import make_weighting
+    except ModuleNotFoundError:
+        from baldro.models import set_flush_denormal
+        from baldro.objectives import get_objective, get_retain_loss
+        from baldro.recipes import make_reference_model
+        from baldro.trainer import UnlearnCollator, UnlearnDataset, UnlearnTrainer
+        from baldro.weighting import make_weighting
+    return (
+        set_flush_denormal,
+        make_reference_model,
+        UnlearnCollator,
+        UnlearnDataset,
+        get_objective,
+        get_retain_loss,
+        UnlearnTrainer,
+        make_weighting,
+    )
+
+
 def run_child(args) -> None:
     import torch
     from transformers import TrainerCallback, TrainingArguments
 
     from baldro.data.formatting import EncodedQA
-    from baldro.models.loading import set_flush_denormal
-    from baldro.recipes.unlearn import make_reference_model
-    from baldro.train.batching import UnlearnCollator, UnlearnDataset
-    from baldro.train.objectives import get_objective, get_retain_loss
-    from baldro.train.trainers import UnlearnTrainer
-    from baldro.train.weighting import make_weighting
+
+    (
+        set_flush_denormal,
+        make_reference_model,
+        UnlearnCollator,
+        UnlearnDataset,
+        get_objective,
+        get_retain_loss,
+        UnlearnTrainer,
+        make_weighting,
+    ) = _library()
 
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
