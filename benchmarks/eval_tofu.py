@@ -9,8 +9,9 @@ question's prompt once, and generates with drafts from the teacher-forced pass, 
 and prompt-lookup speculation (`baldro.eval.generation`). The naive mode evaluates every metric with
 its own forward passes, keeps the input order and generates with `model.generate` on fixed batches
 (what an unoptimised tool does); the script
-asserts that both modes give the same numbers (to float tolerance) and prints markdown tables of
-rows/s per metric group. Without --model, a small random Llama (`baldro.models.tiny`, preset "demo") with a
+checks that both modes give the same numbers to issue 31's tolerance (`tolerance_check`: per-sample
+numbers within rtol 1e-4, aggregates within 1e-5, greedy generations identical except at near-ties,
+whose margin it measures; exit 1 otherwise) and prints markdown tables of rows/s per metric group. Without --model, a small random Llama (`baldro.models.tiny`, preset "demo") with a
 byte-level BPE tokenizer trained on the TOFU texts is built in a temporary folder; `--model smollm2` is
 SmolLM2-135M-Instruct from its packaged GGUF (`model=smollm2-135m-instruct`), formatted as that config
 group says (ChatML, system prompt "You are a helpful assistant.").
@@ -32,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from baldro.eval.generation import DECODE_BATCH_FACTOR
@@ -420,7 +423,7 @@ def main(argv=None) -> int:
         say(_table(results))
         say()
         say(_summary_table(results))
-        diffs = None
+        diffs = check = None
         first_log = json.loads((work / modes[0] / EVAL_FILE).read_text()) if modes else None
         if len(results) == 2:
             a, b = first_log, json.loads((work / modes[1] / EVAL_FILE).read_text())
@@ -429,10 +432,19 @@ def main(argv=None) -> int:
             say(f"\nspeed-up {modes[0]} vs {modes[1]}: {speed:.2f}x (whole evaluation)")
             say(f"largest relative difference of a number between the modes: {largest_relative_difference(a, b):.2e}")
             say(f"{modes[0]} against {modes[1]}: {describe_differences(a, b, diffs=diffs)}")
-            if diffs:
-                say(f"NUMBERS DIFFER ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]), file=sys.stderr)
-            else:
-                say(f"numbers identical between the modes (rtol {RTOL:g}, atol {ATOL:g}): yes")
+            margins = {}
+
+            def margin_of(*pair):  # the model is loaded only when a generation differs
+                if "fn" not in margins:
+                    margins["fn"] = divergence_margins(
+                        model, args.model == SMOLLM2, args.data, args.forget_split, args.limit
+                    )
+                return margins["fn"](*pair)
+
+            check = tolerance_check(a, b, margin_of)
+            say(check.line(), file=None if check.passed else sys.stderr)
+            for key, idx, m in check.differing:
+                say(f"  generation {key}[{idx}] differs, first-divergence margin {m:.2e}")
         if args.diff_against:
             a, b = first_log, json.loads(Path(args.diff_against).read_text())
             say(f"\n{modes[0]} against {args.diff_against}: {describe_differences(a, b)}")
@@ -453,10 +465,129 @@ def main(argv=None) -> int:
                 "results": results,
                 "needed_tokens": need,
                 "differences": diffs,
+                "tolerance": None if check is None else {**vars(check), "passed": check.passed},
             }
             out.write_text(json.dumps(record, indent=1), encoding="utf-8")
             out.with_suffix(".md").write_text("\n".join(report).strip() + "\n", encoding="utf-8")
-    return 1 if diffs else 0
+    return 1 if check is not None and not check.passed else 0
+
+
+# ------------------------------------------------------------------------------------ tolerance
+NUMBER_RTOL = 1e-4  # a per-sample number of one mode against the other's
+SUMMARY_RTOL = 1e-5  # an aggregate (agg_value, forget quality, model utility)
+NEAR_TIE_MARGIN = 1e-3  # top-2 logit margin below which a greedy choice may flip with rounding alone
+ROUGE_SETS = {"forget_": "forget", "retain_": "retain", "ra_": "ra", "wf_": "wf"}
+
+
+@dataclass
+class ToleranceCheck:
+    """The optimised mode against the naive one (issue 31's tolerance): every number within
+    NUMBER_RTOL (aggregates within SUMMARY_RTOL) and every greedy generation identical, except where
+    the first differing token is a near-tie (top-2 logit margin below NEAR_TIE_MARGIN); the numbers
+    computed from a near-tie generation (its ROUGE values, their aggregates and model utility where
+    the set feeds it) are excused and counted."""
+
+    numbers: int
+    beyond: list[tuple[str, float, float]]  # (path, relative difference, its limit), not excused
+    excused: list[tuple[str, float]]  # numbers beyond their limit that a near-tie generation explains
+    generations: int
+    differing: list[tuple[str, str, float | None]]  # (ROUGE key, row, first-divergence margin or None)
+    others: list[str]  # keys, list lengths, non-generation texts
+
+    @property
+    def near_ties(self) -> int:
+        return sum(m is not None and m < NEAR_TIE_MARGIN for _, _, m in self.differing)
+
+    @property
+    def passed(self) -> bool:
+        return not self.beyond and not self.others and self.near_ties == len(self.differing)
+
+    def line(self) -> str:
+        worst = ", ".join(f"{r:.2e} at {p} (limit {lim:g})" for p, r, lim in self.beyond[:3])
+        margins = [m for _, _, m in self.differing if m is not None]
+        return (
+            f"tolerance check {'passed' if self.passed else 'FAILED'}: {self.numbers} numbers, "
+            f"{len(self.beyond)} beyond rtol {NUMBER_RTOL:g} (aggregates {SUMMARY_RTOL:g})"
+            + (f" [{worst}]" if worst else "")
+            + f"; {len(self.differing)} of {self.generations} generations differ, {self.near_ties} at a near-tie "
+            f"(top-2 margin < {NEAR_TIE_MARGIN:g})"
+            + (f", margins {min(margins):.1e}..{max(margins):.1e}" if margins else "")
+            + (f"; {len(self.excused)} numbers from near-tie generations excused" if self.excused else "")
+            + (f"; {len(self.others)} other difference(s): {self.others[0]:.120}" if self.others else "")
+        )
+
+
+def _generations(log: dict) -> dict[tuple[str, str], str]:
+    return {
+        (key, idx): v.get("generation", "")
+        for key, entry in log.items()
+        if key.endswith("_ROUGE") and isinstance(entry, dict)
+        for idx, v in (entry.get("value_by_index") or {}).items()
+    }
+
+
+def _excused_by(key: str, idx: str) -> list[str]:
+    """Paths of the numbers a generation feeds: its ROUGE row, that key's aggregate and, for the sets
+    model utility averages (retain, real authors, world facts), model utility."""
+    paths = [f"/{key}/value_by_index/{idx}/", f"/{key}/agg_value"]
+    if not key.startswith("forget_"):
+        paths.append("/model_utility/agg_value")
+    return paths
+
+
+def tolerance_check(a: dict, b: dict, margin_of=None) -> ToleranceCheck:
+    """Issue 31's tolerance between two TOFU eval logs (see `ToleranceCheck`). `margin_of(key, idx,
+    text_a, text_b)`: the top-2 logit margin at the first token where two generations differ (None
+    leaves it unknown, which fails the check)."""
+    ga, gb = _generations(a), _generations(b)
+    differing = []
+    for k in ga:
+        if k in gb and ga[k] != gb[k]:
+            differing.append((*k, margin_of(*k, ga[k], gb[k]) if margin_of else None))
+    excused_prefixes = [
+        p for key, idx, m in differing if m is not None and m < NEAR_TIE_MARGIN for p in _excused_by(key, idx)
+    ]
+    n, numeric = numeric_differences(a, b, atol=ATOL)
+    beyond, excused = [], []
+    for path, rel in numeric:
+        limit = NUMBER_RTOL if "/value_by_index/" in path else SUMMARY_RTOL
+        if rel <= limit:
+            continue
+        if any(path.startswith(p) for p in excused_prefixes):
+            excused.append((path, rel))
+        else:
+            beyond.append((path, rel, limit))
+    gen_paths = {f"/{key}/value_by_index/{idx}/generation" for key, idx, _ in differing}
+    others = [d for d in diff_eval_logs(a, b, rtol=math.inf, atol=math.inf) if d.split(":", 1)[0] not in gen_paths]
+    return ToleranceCheck(n, beyond, excused, len(ga), differing, others)
+
+
+def divergence_margins(model_path: str, smollm2: bool, data: str, forget_split: str, limit, dtype: str = "float32"):
+    """A `margin_of` for `tolerance_check`: loads the model once (on the CPU) and, for a pair of
+    generations, runs the row's prompt plus their common tokens (the texts re-tokenised, as
+    `needed_tokens` counts them) in one unbatched forward pass and returns the top-2 margin of the
+    logits that choose the first differing token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baldro.eval.engine import top_two
+    from baldro.eval.tofu import load_tofu_eval_data
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+    formatter = build_formatter(tok, smollm2)
+    rows = load_tofu_eval_data(data, forget_split, limit).rows
+
+    def margin_of(key: str, idx: str, text_a: str, text_b: str) -> float:
+        question = rows[next(v for p, v in ROUGE_SETS.items() if key.startswith(p))][int(idx)]["question"]
+        ta, tb = (tok(t, add_special_tokens=False)["input_ids"] for t in (text_a, text_b))
+        common = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+        ids = torch.tensor([formatter.encode_prompt(question) + ta[:common]])
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[:, -1].float()
+        return float(top_two(logits)[2][0])
+
+    return margin_of
 
 
 def describe_differences(

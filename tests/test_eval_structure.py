@@ -408,13 +408,9 @@ def test_diff_eval_logs_names_every_kind_of_difference():
 
 def test_eval_tofu_compare_logs_counts_numbers_and_other_differences(tmp_path, capsys):
     """`benchmarks/eval_tofu.py --compare-logs`: one line per log pair, exit 1 when a log differs."""
-    import importlib.util
     import json as json_
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_tofu.py"
-    spec = importlib.util.spec_from_file_location("eval_tofu_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _eval_tofu_bench()
     logs = [
         {"p": [0.5, 1.0, float("nan")], "gen": ["a", "b"]},
         {"p": [0.5 + 1e-8, 1.1, float("nan")], "gen": ["a", "c"]},
@@ -433,3 +429,91 @@ def test_eval_tofu_compare_logs_counts_numbers_and_other_differences(tmp_path, c
     assert bench.compare_logs([files[0], files[2]], None) == 0
     assert capsys.readouterr().out.strip().endswith("3 numbers, 0 differ beyond atol 1e-07, 0 beyond rtol 1e-05")
     assert bench.compare_logs([files[0], str(tmp_path / "missing.json")], None) == 2
+
+
+def _eval_tofu_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_tofu.py"
+    spec = importlib.util.spec_from_file_location("eval_tofu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _tofu_log(prob=0.5, prob_agg=0.5, forget_gen="the author", retain_gen="she wrote", rouge=0.5, utility=0.3):
+    return {
+        "forget_Q_A_Prob": {"agg_value": prob_agg, "value_by_index": {"0": {"prob": prob}, "1": {"prob": 0.25}}},
+        "forget_Q_A_ROUGE": {
+            "agg_value": rouge,
+            "value_by_index": {"0": {"rougeL_recall": rouge, "generation": forget_gen}},
+        },
+        "retain_Q_A_ROUGE": {
+            "agg_value": rouge,
+            "value_by_index": {"3": {"rougeL_recall": 0.5, "generation": retain_gen}},
+        },
+        "model_utility": {"agg_value": utility},
+    }
+
+
+def test_eval_tofu_tolerance_check_follows_issue_31():
+    """Per-sample numbers within 1e-4, aggregates within 1e-5, generations identical except at a
+    near-tie (margin < 1e-3), whose ROUGE numbers, their aggregate and model utility are excused."""
+    bench = _eval_tofu_bench()
+    base = _tofu_log()
+    same = bench.tolerance_check(base, _tofu_log())
+    assert same.passed and same.numbers == 8 and same.generations == 2 and not same.differing
+    assert bench.tolerance_check(base, _tofu_log(prob=0.5 * (1 + 5e-5))).passed  # a row: limit 1e-4
+    row = bench.tolerance_check(base, _tofu_log(prob=0.5 * (1 + 3e-4)))
+    assert not row.passed and [(p, lim) for p, _, lim in row.beyond] == [
+        ("/forget_Q_A_Prob/value_by_index/0/prob", 1e-4)
+    ]
+    agg = bench.tolerance_check(base, _tofu_log(prob_agg=0.5 * (1 + 5e-5)))  # an aggregate: limit 1e-5
+    assert not agg.passed and agg.beyond[0][0] == "/forget_Q_A_Prob/agg_value"
+
+    flipped = _tofu_log(retain_gen="she wrote books", rouge=0.5, utility=0.31)
+    flipped["retain_Q_A_ROUGE"]["value_by_index"]["3"]["rougeL_recall"] = 0.7
+    flipped["retain_Q_A_ROUGE"]["agg_value"] = 0.7
+    seen = []
+
+    def margin(value):
+        def margin_of(key, idx, a, b):
+            seen.append((key, idx, a, b))
+            return value
+
+        return margin_of
+
+    tie = bench.tolerance_check(base, flipped, margin(4e-4))
+    assert seen == [("retain_Q_A_ROUGE", "3", "she wrote", "she wrote books")]
+    assert tie.passed and tie.near_ties == 1 and not tie.beyond
+    assert sorted(p for p, _ in tie.excused) == [
+        "/model_utility/agg_value",
+        "/retain_Q_A_ROUGE/agg_value",
+        "/retain_Q_A_ROUGE/value_by_index/3/rougeL_recall",
+    ]
+    assert "1 of 2 generations differ, 1 at a near-tie" in tie.line()
+    clear = bench.tolerance_check(base, flipped, margin(0.2))
+    assert not clear.passed and clear.near_ties == 0 and len(clear.beyond) == 3 and "FAILED" in clear.line()
+    assert not bench.tolerance_check(base, flipped).passed  # margin unknown: not excused
+    extra = {**_tofu_log(), "mia_loss": {"agg_value": 0.5}}
+    assert bench.tolerance_check(base, extra).others == ["/mia_loss: only in the second log"]
+
+
+def test_eval_tofu_divergence_margin_is_the_top_two_gap_where_generations_part(tiny_model_dir, tofu_dir):
+    """The margin is read from the logits after the prompt and the two texts' common tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bench = _eval_tofu_bench()
+    margin_of = bench.divergence_margins(str(tiny_model_dir), False, str(tofu_dir), "forget01", 2)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    question = tofu.load_tofu_eval_data(str(tofu_dir), "forget01", 2).rows["retain"][1]["question"]
+    common = tok("The author was ", add_special_tokens=False)["input_ids"]  # this tokenizer ends words with a space
+    for text in ("The author was born", "The author was a writer"):
+        assert tok(text, add_special_tokens=False)["input_ids"][: len(common)] == common
+    ids = bench.build_formatter(tok, False).encode_prompt(question) + common
+    with torch.inference_mode():
+        top = model(input_ids=torch.tensor([ids])).logits[0, -1].double().topk(2).values
+    got = margin_of("retain_Q_A_ROUGE", "1", "The author was born", "The author was a writer")
+    assert got == pytest.approx(float(top[0] - top[1]), rel=1e-5, abs=1e-6) and got >= 0
