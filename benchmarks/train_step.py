@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from eval_tofu import resolve_model  # the `smollm2` alias
 
@@ -111,31 +112,27 @@ def _load_model(args, torch):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def _library():
+# name -> (its module now, its module before the regrouping into layer packages, 28e330b)
+LIBRARY = {
+    "set_flush_denormal": ("baldro.models.loading", "baldro.models"),
+    "make_reference_model": ("baldro.recipes.unlearn", "baldro.recipes"),
+    "UnlearnCollator": ("baldro.train.batching", "baldro.trainer"),
+    "UnlearnDataset": ("baldro.train.batching", "baldro.trainer"),
+    "get_objective": ("baldro.train.objectives", "baldro.objectives"),
+    "get_retain_loss": ("baldro.train.objectives", "baldro.objectives"),
+    "UnlearnTrainer": ("baldro.train.trainers", "baldro.trainer"),
+    "make_weighting": ("baldro.train.weighting", "baldro.weighting"),
+}
+
+
+def _library() -> SimpleNamespace:
     """The library's pieces a step needs, from the current layout or, for a `--baseline-src` checkout
-    older than the regrouping into layer packages (28e330b), from its flat modules (same names)."""
-    try:
-        from baldro.models.loading import set_flush_denormal
-        from baldro.recipes.unlearn import make_reference_model
-        from baldro.train.batching import UnlearnCollator, UnlearnDataset
-        from baldro.train.objectives import get_objective, get_retain_loss
-        from baldro.train.trainers import UnlearnTrainer
-        from baldro.train.weighting import make_weighting
-    except ModuleNotFoundError:
-        from baldro.models import set_flush_denormal
-        from baldro.objectives import get_objective, get_retain_loss
-        from baldro.recipes import make_reference_model
-        from baldro.trainer import UnlearnCollator, UnlearnDataset, UnlearnTrainer
-        from baldro.weighting import make_weighting
-    return (
-        set_flush_denormal,
-        make_reference_model,
-        UnlearnCollator,
-        UnlearnDataset,
-        get_objective,
-        get_retain_loss,
-        UnlearnTrainer,
-        make_weighting,
+    older than the regrouping, from its flat modules (same names)."""
+    import importlib.util
+
+    regrouped = importlib.util.find_spec("baldro.train") is not None
+    return SimpleNamespace(
+        **{name: getattr(importlib.import_module(mods[0 if regrouped else 1]), name) for name, mods in LIBRARY.items()}
     )
 
 
@@ -145,27 +142,18 @@ def run_child(args) -> None:
 
     from baldro.data.formatting import EncodedQA
 
-    (
-        set_flush_denormal,
-        make_reference_model,
-        UnlearnCollator,
-        UnlearnDataset,
-        get_objective,
-        get_retain_loss,
-        UnlearnTrainer,
-        make_weighting,
-    ) = _library()
+    lib = _library()
 
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     name, obj_name = args.child, args.objective
     w_name, w_args, extra = WEIGHTINGS[name]
-    set_flush_denormal(extra.get("flush_denormal", True))  # the recipes' default (model.flush_denormal)
+    lib.set_flush_denormal(extra.get("flush_denormal", True))  # the recipes' default (model.flush_denormal)
     model = _load_model(args, torch).to(device)
-    objective = get_objective(obj_name)
-    retain_loss = get_retain_loss("nll")
-    ref = make_reference_model(model).to(device) if objective.needs_reference else None
+    objective = lib.get_objective(obj_name)
+    retain_loss = lib.get_retain_loss("nll")
+    ref = lib.make_reference_model(model).to(device) if objective.needs_reference else None
 
     gen = torch.Generator().manual_seed(0)
     vocab, n, prompt = model.config.vocab_size, args.batch, 32
@@ -217,14 +205,14 @@ def run_child(args) -> None:
             times.append(time.perf_counter() - self.t0)
             cpu_times.append(time.process_time() - self.c0)
 
-    trainer = UnlearnTrainer(
+    trainer = lib.UnlearnTrainer(
         model=model,
         args=targs,
-        train_dataset=UnlearnDataset(forget, retain, seed=0),
-        data_collator=UnlearnCollator(0),
+        train_dataset=lib.UnlearnDataset(forget, retain, seed=0),
+        data_collator=lib.UnlearnCollator(0),
         callbacks=[StepTimer()],
         objective=objective,
-        weighting=make_weighting(w_name, n_samples=n, **w_args),
+        weighting=lib.make_weighting(w_name, n_samples=n, **w_args),
         retain_loss=retain_loss,
         ref_model=ref,
         ref_cache=extra.get("ref_cache", True),
