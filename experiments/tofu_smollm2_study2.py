@@ -86,9 +86,10 @@ BALANCE_EVERY_B = 20
 # UniErase (issue 33) on forget01 beside part A's NPO cells: the paper's editing baseline, from study 1's target,
 # evaluated and attacked as part A's cells are. SmolLM2-135M needs its own edit settings (docs/guides/unierase.md):
 UNIERASE_SEEDS = (0,)
-# SmolLM2's edit (tuned on target05's forget01, see docs/guides/unierase.md): the authors' 5 phase-1 epochs
-# at 1e-3 leave the token's loss at 4.5 on 40 questions (15 epochs at 1e-2: 1.9), and 10 target steps at
-# 0.1 leave the token's NLL high (25 at 0.5 reach 0.04).
+# SmolLM2's edit (tuned on forget01, see docs/guides/unierase.md): the authors' 5 phase-1 epochs at 1e-3
+# leave the token's loss at 4.5 on 40 questions (15 epochs at 1e-2: 1.8); 10 target steps at 0.1 leave the
+# token's NLL high (25 at 0.5 reach 0.04); AlphaEdit's ridge l2=10 is large against SmolLM2's keys (E[k k^T]
+# eigenvalues up to 1.3-8), so no forget question reached the token (l2=1: 39 of 40).
 UNIERASE_A = [
     "split=forget01",
     "data.retain_split=retain_perturbed",
@@ -96,6 +97,7 @@ UNIERASE_A = [
     "unierase.token_learning_rate=1e-2",
     "unierase.target_steps=25",
     "unierase.target_learning_rate=0.5",
+    "unierase.l2=1.0",
 ]
 # The tiny 2-layer model's edit (tests/test_unierase.py's settings) for --smoke.
 SMOKE_UNIERASE = [
