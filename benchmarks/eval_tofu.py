@@ -476,7 +476,6 @@ def main(argv=None) -> int:
 NUMBER_RTOL = 1e-4  # a per-sample number of one mode against the other's
 SUMMARY_RTOL = 1e-5  # an aggregate (agg_value, forget quality, model utility)
 NEAR_TIE_MARGIN = 1e-3  # top-2 logit margin below which a greedy choice may flip with rounding alone
-ROUGE_SETS = {"forget_": "forget", "retain_": "retain", "ra_": "ra", "wf_": "wf"}
 
 
 @dataclass
@@ -571,15 +570,16 @@ def divergence_margins(model_path: str, smollm2: bool, data: str, forget_split: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from baldro.eval.engine import top_two
-    from baldro.eval.tofu import load_tofu_eval_data
+    from baldro.eval.tofu import load_tofu_eval_data, tofu_sets
 
+    set_of_prefix = {s.prefix: s.key for s in tofu_sets(forget_split)}  # forget_ -> forget, ra_ -> ra, ...
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
     formatter = build_formatter(tok, smollm2)
     rows = load_tofu_eval_data(data, forget_split, limit).rows
 
     def margin_of(key: str, idx: str, text_a: str, text_b: str) -> float:
-        question = rows[next(v for p, v in ROUGE_SETS.items() if key.startswith(p))][int(idx)]["question"]
+        question = rows[next(v for p, v in set_of_prefix.items() if key.startswith(p))][int(idx)]["question"]
         ta, tb = (tok(t, add_special_tokens=False)["input_ids"] for t in (text_a, text_b))
         common = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
         ids = torch.tensor([formatter.encode_prompt(question) + ta[:common]])
