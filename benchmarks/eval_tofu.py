@@ -54,7 +54,7 @@ SMOLLM2_CONFIG = REPO / "configs" / "model" / "smollm2-135m-instruct.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tofu"
 MODES = {
     "optimised": {"shared_forward": True, "sort_by_length": True},
-    "naive": {"shared_forward": False, "sort_by_length": False},
+    "naive": {"shared_forward": False, "sort_by_length": False, "prepack_weights": False},
 }
 
 
@@ -206,8 +206,11 @@ def run_child(args) -> None:
     wall = time.perf_counter() - start
     from decode_step import decode_ms  # noqa: E402 (imports this module's resolve_model)
 
+    from baldro.eval.kernels import prepacked_linears
+
     decode_rows = DECODE_BATCH_FACTOR * args.batch_size
-    step_ms, _ = decode_ms(model, decode_rows, DECODE_CONTEXT, steps=5, split=False)
+    with prepacked_linears(model, MODES[args.child].get("prepack_weights"), rows_hint=args.batch_size):
+        step_ms, _ = decode_ms(model, decode_rows, DECODE_CONTEXT, steps=5, split=False)
     result = {
         "mode": args.child,
         "wall_s": wall,

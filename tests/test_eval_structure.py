@@ -322,6 +322,7 @@ def test_tofu_keeps_its_public_names():
         "progress",
         "generation_batch_size",
         "forget_only",
+        "prepack_weights",
     ]
 
 

@@ -193,6 +193,25 @@ def test_shared_forward_equals_per_metric_passes(first_run, naive_run):
     assert seqs(timings_a) < seqs(timings_b)
 
 
+def test_prepacked_weights_give_the_numbers_of_torch_products(tiny, first_run):
+    """The default run multiplies on oneDNN-prepacked weights where it can (`eval.kernels`); torch's own
+    products give the same log up to float32 rounding, generations included."""
+    model, tok, fmt = tiny
+    log, _ = evaluate_tofu(
+        model,
+        tok,
+        fmt,
+        TOFU,
+        forget_split="forget10",
+        batch_size=4,
+        max_new_tokens=MAX_NEW,
+        limit=LIMIT,
+        prepack_weights=False,
+    )
+    strip = lambda log: {k: v for k, v in log.items() if k not in HEADLINE}  # noqa: E731
+    assert diff_eval_logs(strip(first_run[1]), strip(log)) == []
+
+
 def test_forget_only_scores_the_forget_set_as_the_full_evaluation_does(tiny, first_run):
     """eval.forget_only: the forget set's and privleak's numbers as in the full evaluation (within float
     tolerance: batches hold other sets' texts), no utility set, model utility None with a reason."""

@@ -40,6 +40,7 @@ from baldro.data.muse import (
 )
 from baldro.errors import BaldroError
 from baldro.eval import metrics
+from baldro.eval.kernels import prepacked_linears
 from baldro.eval.suite import (
     MIA_ATTACKS,
     MetricNeed,
@@ -293,6 +294,7 @@ def evaluate_muse(
     timings: dict | None = None,
     progress: bool | None = None,
     generation_batch_size: int | None = None,
+    prepack_weights: bool | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate `model` on MUSE; returns (eval_log, summary) in OpenUnlearning's layout.
 
@@ -303,8 +305,8 @@ def evaluate_muse(
             AUC 0.5, OpenUnlearning's default).
         max_length: tokens of each privleak text (the recipe's `data.chunk_length`).
         limit: evaluate only the first `limit` rows of every set (quick runs, tests).
-        shared_forward, sort_by_length, timings, progress, generation_batch_size: as in
-            `baldro.eval.tofu.evaluate_tofu`.
+        shared_forward, sort_by_length, timings, progress, generation_batch_size, prepack_weights: as
+            in `baldro.eval.tofu.evaluate_tofu`.
     """
     check_chunk_length(tokenizer, max_length, model_context(model))
     data = load_muse_eval_data(data_source, limit)
@@ -318,28 +320,29 @@ def evaluate_muse(
     _warn_beyond_context(model, texts, verbmem_max_new_tokens)
     timer = StageTimer(n_rows, model)
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
-    scores, drafts = score_metrics(
-        model,
-        source_texts(texts),
-        metric_plan(),
-        timer,
-        batch_size=batch_size,
-        pad_token_id=pad_id,
-        draft_sources=["verbmem/text"] if shared_forward else [],
-        **common,
-    )
-    generations = generate_muse(
-        model,
-        tokenizer,
-        texts,
-        timer,
-        batch_size=batch_size,
-        verbmem_max_new_tokens=verbmem_max_new_tokens,
-        knowmem_max_new_tokens=knowmem_max_new_tokens,
-        drafts=drafts,
-        generation_batch_size=generation_batch_size,
-        **common,
-    )
+    with prepacked_linears(model, prepack_weights, rows_hint=batch_size):
+        scores, drafts = score_metrics(
+            model,
+            source_texts(texts),
+            metric_plan(),
+            timer,
+            batch_size=batch_size,
+            pad_token_id=pad_id,
+            draft_sources=["verbmem/text"] if shared_forward else [],
+            **common,
+        )
+        generations = generate_muse(
+            model,
+            tokenizer,
+            texts,
+            timer,
+            batch_size=batch_size,
+            verbmem_max_new_tokens=verbmem_max_new_tokens,
+            knowmem_max_new_tokens=knowmem_max_new_tokens,
+            drafts=drafts,
+            generation_batch_size=generation_batch_size,
+            **common,
+        )
     eval_log = assemble_muse_eval_log(texts, scores, generations, tokenizer)
     summary = summarize_muse(eval_log, reference_log)
     for key, note in summary.notes.items():

@@ -56,6 +56,7 @@ from baldro.data.formatting import (
 from baldro.data.tofu import holdout_split_for, load_split, retain_split_for
 from baldro.errors import BaldroError
 from baldro.eval import metrics
+from baldro.eval.kernels import prepacked_linears
 from baldro.eval.suite import (
     MIA_ATTACKS,
     MetricNeed,
@@ -462,6 +463,7 @@ def evaluate_tofu(
     progress: bool | None = None,
     generation_batch_size: int | None = None,
     forget_only: bool = False,
+    prepack_weights: bool | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate `model` on TOFU; returns (eval_log, summary) in OpenUnlearning's layout.
 
@@ -481,6 +483,8 @@ def evaluate_tofu(
         forget_only: only the forget set (and the holdout set, for privleak): no retain, real-authors or
             world-facts metrics, so model_utility is None; what an attack's verdict needs, at about a quarter
             of the time.
+        prepack_weights: linear layers multiply on weights prepacked for oneDNN on a CPU
+            (`baldro.eval.kernels`; None: when the copies fit in memory; False: torch's own products).
 
     `evaluate_tofu_openunlearning` takes the same arguments and reproduces OpenUnlearning's evaluator.
     """
@@ -501,6 +505,7 @@ def evaluate_tofu(
         progress=progress,
         generation_batch_size=generation_batch_size,
         forget_only=forget_only,
+        prepack_weights=prepack_weights,
     )
 
 
@@ -530,6 +535,7 @@ def _evaluate_tofu(
     compat: str = "none",
     generation_batch_size: int | None = None,
     forget_only: bool = False,
+    prepack_weights: bool | None = None,
 ) -> tuple[dict, dict]:
     """`evaluate_tofu` (compat "none") or `evaluate_tofu_openunlearning` (compat "openunlearning")."""
     check_compat(compat)
@@ -543,28 +549,29 @@ def _evaluate_tofu(
         sort_by_length = False
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress, compat=compat)
     draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward and compat == "none" else []
-    scores, drafts = score_tofu(
-        model,
-        _source_texts(texts),
-        plan,
-        timer,
-        batch_size=batch_size,
-        pad_token_id=pad_id,
-        draft_sources=draft_sources,
-        **common,
-    )
-    generations = generate_tofu(
-        model,
-        tokenizer,
-        texts,
-        data.sets,
-        timer,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        drafts=drafts,
-        generation_batch_size=generation_batch_size,
-        **common,
-    )
+    with prepacked_linears(model, False if compat != "none" else prepack_weights, rows_hint=batch_size):
+        scores, drafts = score_tofu(
+            model,
+            _source_texts(texts),
+            plan,
+            timer,
+            batch_size=batch_size,
+            pad_token_id=pad_id,
+            draft_sources=draft_sources,
+            **common,
+        )
+        generations = generate_tofu(
+            model,
+            tokenizer,
+            texts,
+            data.sets,
+            timer,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            drafts=drafts,
+            generation_batch_size=generation_batch_size,
+            **common,
+        )
     eval_log = assemble_tofu_eval_log(data, texts, scores, generations, tokenizer)
     if reference_log is None:
         logger.warning(
