@@ -8,7 +8,9 @@ teacher-forced pass between the metrics that read a text, sorts texts by length,
 question's prompt once, and generates with drafts from the teacher-forced pass, continuous batching
 and prompt-lookup speculation (`baldro.eval.generation`). The naive mode evaluates every metric with
 its own forward passes, keeps the input order and generates with `model.generate` on fixed batches
-(what an unoptimised tool does); the script
+(what an unoptimised tool does); both multiply on torch's own products except the optimised mode on a
+CPU, whose linear layers use oneDNN-prepacked weights (`baldro.eval.kernels`; `--modes optimised,unpacked`
+compares it with the same mode on torch's products). The script
 checks that both modes give the same numbers to issue 31's tolerance (`tolerance_check`: per-sample
 numbers within rtol 1e-4, aggregates within 1e-5, greedy generations identical except at near-ties,
 whose margin it measures; exit 1 otherwise) and prints markdown tables of rows/s per metric group. Without --model, a small random Llama (`baldro.models.tiny`, preset "demo") with a
@@ -55,6 +57,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "tofu"
 MODES = {
     "optimised": {"shared_forward": True, "sort_by_length": True},
     "naive": {"shared_forward": False, "sort_by_length": False, "prepack_weights": False},
+    # the optimised mode on torch's own products (no oneDNN-prepacked weights): what the kernels buy
+    "unpacked": {"shared_forward": True, "sort_by_length": True, "prepack_weights": False},
 }
 
 
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
         choices=["float64", "float32", "bfloat16", "float16"],
         help="float64: whether the modes differ by more than float32 rounding",
     )
-    p.add_argument("--modes", default="optimised,naive", help="comma-separated subset of optimised,naive")
+    p.add_argument("--modes", default="optimised,naive", help="comma-separated subset of optimised,naive,unpacked")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--repeat",
