@@ -87,3 +87,21 @@ def test_available_memory_is_read_on_linux():
     if avail is None:
         pytest.skip("no /proc/meminfo")
     assert avail > 2**20
+
+
+def test_lora_model_is_packed_around_its_adapters(llama):
+    """Under PEFT's LoRA the base layers and adapters are plain nn.Linear modules: packed, same outputs."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    model = peft.get_peft_model(
+        copy.deepcopy(llama), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        with prepacked_linears(model, True):
+            assert _patched(model) == 2 * 7 + 1 + 2 * 2 * 2  # and lora_A, lora_B of q and v in both layers
+            packed = model(input_ids=ids).logits
+    assert _patched(model) == 0
+    torch.testing.assert_close(packed, before, rtol=1e-4, atol=1e-5)
