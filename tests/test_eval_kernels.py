@@ -105,3 +105,8 @@ def test_lora_model_is_packed_around_its_adapters(llama):
             packed = model(input_ids=ids).logits
     assert _patched(model) == 0
     torch.testing.assert_close(packed, before, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_info_names_the_kernels(llama):
+    assert kernels.linear_kernels(llama, True) == "onednn_prepacked"
+    assert kernels.linear_kernels(llama, False) == "torch"

@@ -85,6 +85,11 @@ def should_prepack(model: torch.nn.Module, prepack: bool | None) -> bool:
     return avail is None or need <= MEMORY_SHARE * avail
 
 
+def linear_kernels(model: torch.nn.Module, prepack: bool | None) -> str:
+    """What an evaluation with this `prepack` multiplies with: "onednn_prepacked" or "torch" (eval_info.json)."""
+    return "onednn_prepacked" if should_prepack(model, prepack) else "torch"
+
+
 def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from baldro.data.formatting import check_compat
 from baldro.errors import BaldroError
+from baldro.eval.kernels import linear_kernels
 from baldro.eval.summarize import format_table
 from baldro.eval.tofu import evaluate_tofu, evaluate_tofu_openunlearning
 from baldro.io import write_json_atomic
@@ -177,11 +178,13 @@ def evaluate_logged(
 ) -> tuple[dict, dict, str, float, dict]:
     """Evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when reference logs
     are given, or MUSE_EVAL.json, MUSE_SUMMARY.json, or LMEVAL_EVAL.json, LMEVAL_SUMMARY.json, plus the
-    lm-eval stage's files; eval_info.json with the time, eval_timings.json with each stage's rows,
+    lm-eval stage's files; eval_info.json with the time and the linear kernels, eval_timings.json with each stage's rows,
     sequences and seconds); returns (eval_log, summary, benchmark, seconds, the stages' timings)."""
     start = time.time()
     note = _weights_note(model)
     timings: dict = {}
+    packs = settings.get("benchmark", "tofu") in ("tofu", "muse") and settings.get("compat", "none") == "none"
+    kernels = linear_kernels(model, None if packs else False)  # as the evaluator decides (eval/kernels.py)
     eval_log, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings, timings=timings)
     if benchmark == "tofu" and (settings["retain_logs_path"] or target_logs_path):
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
@@ -190,7 +193,12 @@ def evaluate_logged(
     notes = {k: v for k, v in getattr(summary, "notes", {}).items() if k == "model" or summary.get(k) is None}
     write_json_atomic(
         out / "eval_info.json",
-        {"model_path": model_path, "eval_time_s": seconds, **({"notes": notes} if notes else {})},
+        {
+            "model_path": model_path,
+            "eval_time_s": seconds,
+            "linear_kernels": kernels,
+            **({"notes": notes} if notes else {}),
+        },
     )
     write_json_atomic(out / "eval_timings.json", {"total_s": seconds, "stages": timings})
     return eval_log, summary, benchmark, seconds, timings
