@@ -4,8 +4,8 @@
 
 Two passes, each timed for every variant in turn, round after round (so that a noisy machine slows
 them alike), and compared as the median of the per-round ratios against torch's own products:
-- a decoding step: `--rows` rows, one new token each, against `--context` cached positions (every
-  other row left padded by 20), the evaluator's growing cache (`kv_cache.growing_cache`);
+- a decoding step: `--rows` rows, one new token each, against `--context` cached positions
+  (`decode_step.decoder`: every other row left padded by 20, the evaluator's growing cache);
 - a teacher-forced pass: `--tf-rows` sequences of `--tf-length` tokens, no cache.
 
 Variants: `torch` (the model as loaded: MKL's products), `prepacked` (`baldro.eval.kernels`:
@@ -27,49 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_step import decoder  # noqa: E402
 from eval_tofu import _recorder, resolve_model  # noqa: E402
 
 
-def _decoder(model, rows: int, context: int, seed: int = 0):
-    """A function running one decoding step of `rows` rows (the cache grows by one position per call)."""
-    from baldro.eval.kv_cache import cache_kwarg, cache_layers, growing_cache, output_cache
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (rows, context), generator=g)
-    attn = torch.ones(rows, context, dtype=torch.long)
-    attn[::2, :20] = 0
-    pos = attn.sum(1)
-    state = {"attn": attn, "i": 0}
-    with torch.inference_mode():
-        out = model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=(attn.cumsum(1) - 1).clamp(min=0),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        state["cache"] = growing_cache(cache_layers(output_cache(out)), rows)
-
-    def step() -> None:
-        with torch.inference_mode():
-            state["attn"] = torch.cat([state["attn"], torch.ones(rows, 1, dtype=torch.long)], 1)
-            nxt = torch.full((rows, 1), 1000 + state["i"])
-            o = model(
-                input_ids=nxt,
-                attention_mask=state["attn"],
-                position_ids=(pos + state["i"])[:, None],
-                use_cache=True,
-                **{cache_kwarg(model): state["cache"]},
-            )
-            state["cache"] = output_cache(o)
-            state["i"] += 1
-            o.logits.max(-1)
-
-    return step
-
-
 def _compiled_decoder(model, rows: int, context: int, steps: int, seed: int = 0):
-    """`_decoder` on a static cache through `torch.compile` (inductor, frozen weights); returns
+    """`decode_step.decoder`'s steps on a static cache through `torch.compile` (inductor, frozen weights); returns
     (step function, seconds the first step took: the compilation)."""
     import torch._inductor.config as inductor_config
     from transformers import StaticCache
@@ -158,7 +121,12 @@ def main(argv=None) -> int:
         return run
 
     steps = args.rounds + 2
-    decode = {k: _decoder(m, args.rows, args.context) for k, m in models.items()}
+
+    def stepping(model):  # decode_step.decoder's steps, numbered
+        step, count = decoder(model, args.rows, args.context, seed=0), iter(range(10**9))
+        return lambda: step(next(count))
+
+    decode = {k: stepping(m) for k, m in models.items()}
     tf = {k: teacher_forced(m) for k, m in models.items()}
     record: dict = {"rows": args.rows, "context": args.context, "threads": args.threads, "rounds": args.rounds}
     if args.compile:

@@ -43,11 +43,10 @@ def kv_positions_read(context: int, steps: int) -> float:
     return context + first + (PROFILED_STEPS - 1) / 2 + 1
 
 
-def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -> tuple[float, dict]:
-    """The median step in ms, and (`split`) the step's ms split into matmul / attention / other, from
-    three more steps under the profiler (a CPU's split; on a GPU the kernels run asynchronously)."""
-    from torch.profiler import profile
-
+def decoder(model, batch: int, context: int, seed: int | None = None):
+    """A function `step(i)` running decoding step i of `batch` rows (a random token each) after a prefill
+    of `context` random tokens (every other row left padded by 20), in a cache that decoding appends to in
+    place (`kv_cache.growing_cache`, as the evaluator decodes). `seed`: of the tokens (default `batch`)."""
     from baldro.eval.kv_cache import (
         cache_kwarg,
         cache_layers,
@@ -55,14 +54,13 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
         output_cache,
     )
 
-    g = torch.Generator().manual_seed(batch)
+    g = torch.Generator().manual_seed(batch if seed is None else seed)
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)
     attn = torch.ones(batch, context, dtype=torch.long, device=device)
     attn[::2, :20] = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
     with torch.inference_mode():
         out = model(
             input_ids=ids,
@@ -71,11 +69,12 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = growing_cache(cache_layers(output_cache(out)), batch)
-        pos = attn.sum(1)
+    cache = growing_cache(cache_layers(output_cache(out)), batch)
+    pos = attn.sum(1)
 
-        def step(i: int) -> None:
-            nonlocal attn, cache
+    def step(i: int) -> None:
+        nonlocal attn, cache
+        with torch.inference_mode():
             attn = torch.cat([attn, torch.ones(batch, 1, dtype=torch.long, device=device)], 1)
             nxt = torch.randint(0, vocab, (batch, 1), generator=g).to(device)
             o = model(
@@ -89,6 +88,17 @@ def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -
             o.logits.max(-1)
             sync()
 
+    return step
+
+
+def decode_ms(model, batch: int, context: int, steps: int, split: bool = True) -> tuple[float, dict]:
+    """The median step in ms, and (`split`) the step's ms split into matmul / attention / other, from
+    three more steps under the profiler (a CPU's split; on a GPU the kernels run asynchronously)."""
+    from torch.profiler import profile
+
+    step = decoder(model, batch, context)
+    times = []
+    with torch.inference_mode():
         for i in range(WARMUP_STEPS + steps):
             t0 = time.perf_counter()
             step(i)

@@ -70,7 +70,16 @@ def test_false_and_unpackable_layers_keep_torch_products(llama):
     assert "forward" in hooked.__dict__ and "forward" not in model[2].__dict__
 
 
+def test_auto_packs_only_models_wide_enough_to_gain(llama):
+    wide = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(64, 64))
+    assert kernels.linears_to_pack(wide, None) == list(wide)  # no config: the widest input, 512
+    assert kernels.linears_to_pack(llama, None) == []  # hidden size 64
+    assert len(kernels.linears_to_pack(llama, True)) == 2 * 7 + 1
+    assert kernels.linears_to_pack(wide, False) == []
+
+
 def test_auto_packs_only_when_the_copies_fit_in_memory(llama, monkeypatch):
+    monkeypatch.setattr(kernels, "AUTO_MIN_WIDTH", 64)  # the test model is 64 wide
     weight_bytes = sum(m.weight.numel() * 4 for m in packable_linears(llama))
     monkeypatch.setattr(kernels, "available_memory_bytes", lambda: 4 * weight_bytes)
     assert should_prepack(llama, None)

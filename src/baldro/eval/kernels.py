@@ -12,7 +12,7 @@ rounding, which `benchmarks/eval_tofu.py`'s tolerance check bounds. Only plain `
 modules with ordinary float32 CPU weights are packed: subclasses (bitsandbytes' quantized layers),
 tensor subclasses, other dtypes and modules whose `forward` is already replaced (accelerate's hooks)
 keep their own path. The copies cost the linear weights' size again in memory: `auto` packs only
-when that fits in a quarter of the available memory.
+models at least AUTO_MIN_WIDTH wide, and only when the copies fit in a quarter of the available memory.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.25  # `auto` packs when the copies fit in this share of the available memory
+# `auto` packs models at least this wide (hidden size): oneDNN's fixed cost per call outweighs its gain on
+# narrow layers (`benchmarks/decode_kernels.py`: SmolLM2, hidden size 576, gains; Llamas of 256 and 64 do not)
+AUTO_MIN_WIDTH = 512
 
 
 def onednn_linear_available() -> bool:
@@ -69,20 +72,26 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def should_prepack(model: torch.nn.Module, prepack: bool | None) -> bool:
-    """`prepack` True / False as given (True still needs oneDNN and something to pack); None (auto):
-    oneDNN is there, the model has packable float32 CPU linears, and their copies fit in
-    MEMORY_SHARE of the available memory."""
+def linears_to_pack(model: torch.nn.Module, prepack: bool | None) -> list[torch.nn.Linear]:
+    """`prepack` False: none; True: every packable linear (if oneDNN is there); None (auto): all of them
+    for a model at least AUTO_MIN_WIDTH wide (its config's hidden size, else its widest linear input),
+    when their copies fit in MEMORY_SHARE of the available memory."""
     if prepack is False or not onednn_linear_available():
-        return False
+        return []
     linears = packable_linears(model)
-    if not linears:
-        return False
-    if prepack:
-        return True
+    if prepack or not linears:
+        return linears
+    width = getattr(getattr(model, "config", None), "hidden_size", None) or max(m.in_features for m in linears)
+    if width < AUTO_MIN_WIDTH:
+        return []
     need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     avail = available_memory_bytes()
-    return avail is None or need <= MEMORY_SHARE * avail
+    return linears if avail is None or need <= MEMORY_SHARE * avail else []
+
+
+def should_prepack(model: torch.nn.Module, prepack: bool | None) -> bool:
+    """Whether `prepacked_linears(model, prepack)` packs anything."""
+    return bool(linears_to_pack(model, prepack))
 
 
 def linear_kernels(model: torch.nn.Module, prepack: bool | None) -> str:
@@ -99,17 +108,17 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
 
 @contextlib.contextmanager
 def prepacked_linears(model: torch.nn.Module, prepack: bool | None = None, rows_hint: int = 64) -> Iterator[bool]:
-    """While inside, the packable linears of `model` (module docstring) multiply through oneDNN on
-    weights reordered once on entry; yields whether they do. `prepack`: True, False or None (auto,
-    `should_prepack`). `rows_hint`: the typical rows of a product, which oneDNN's layout choice may
+    """While inside, the linears `linears_to_pack(model, prepack)` picks multiply through oneDNN on
+    weights reordered once on entry; yields whether any do. `prepack`: True, False or None (auto). `rows_hint`: the typical rows of a product, which oneDNN's layout choice may
     use. The weights must not change inside (evaluation); on exit every module is as before."""
-    if not should_prepack(model, prepack):
+    linears = linears_to_pack(model, prepack)
+    if not linears:
         yield False
         return
     patched: list[torch.nn.Linear] = []
     try:
         with torch.no_grad():
-            for m in packable_linears(model):
+            for m in linears:
                 w = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint)
                 b = m.bias.detach() if m.bias is not None else None
                 m.forward = _packed_forward(w, b)
