@@ -3,8 +3,8 @@
 `torch.nn.functional.linear` on a CPU calls MKL's sgemm on the weight as it is stored. oneDNN can
 instead reorder a weight once into the blocked layout its kernels read, and multiply against that
 copy on every call, faster on a CPU where MKL's product is slow for a shape (SmolLM2's LM head,
-[49152, 576], at decoding's ~100 rows: `benchmarks/decode_step.py --kernels` measures a model's
-decoding steps and teacher-forced passes both ways). Evaluation never changes the weights, so the
+[49152, 576], at decoding's ~100 rows: `benchmarks/decode_kernels.py` measures a model's decoding
+steps and teacher-forced passes both ways). Evaluation never changes the weights, so the
 reordering is paid once per evaluation.
 
 The products round differently from MKL's (another summation order): numbers move by float32
