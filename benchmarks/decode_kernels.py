@@ -18,6 +18,7 @@ difference from `torch` on the teacher-forced pass says how far its rounding mov
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     steps = args.rounds + 2
 
     def stepping(model):  # decode_step.decoder's steps, numbered
-        step, count = decoder(model, args.rows, args.context, seed=0), iter(range(10**9))
+        step, count = decoder(model, args.rows, args.context, seed=0), itertools.count()
         return lambda: step(next(count))
 
     decode = {k: stepping(m) for k, m in models.items()}

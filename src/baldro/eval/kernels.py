@@ -109,8 +109,8 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
 @contextlib.contextmanager
 def prepacked_linears(model: torch.nn.Module, prepack: bool | None = None, rows_hint: int = 64) -> Iterator[bool]:
     """While inside, the linears `linears_to_pack(model, prepack)` picks multiply through oneDNN on
-    weights reordered once on entry; yields whether any do. `prepack`: True, False or None (auto). `rows_hint`: the typical rows of a product, which oneDNN's layout choice may
-    use. The weights must not change inside (evaluation); on exit every module is as before."""
+    weights reordered once on entry; yields whether any do. `prepack`: True, False or None (auto).
+    `rows_hint`: the typical rows of a product, which oneDNN's layout choice may use. The weights must not change inside (evaluation); on exit every module is as before."""
     linears = linears_to_pack(model, prepack)
     if not linears:
         yield False

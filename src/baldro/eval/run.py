@@ -178,8 +178,8 @@ def evaluate_logged(
 ) -> tuple[dict, dict, str, float, dict]:
     """Evaluate into `out` (TOFU_EVAL.json, TOFU_SUMMARY.json with balance metrics when reference logs
     are given, or MUSE_EVAL.json, MUSE_SUMMARY.json, or LMEVAL_EVAL.json, LMEVAL_SUMMARY.json, plus the
-    lm-eval stage's files; eval_info.json with the time and the linear kernels, eval_timings.json with each stage's rows,
-    sequences and seconds); returns (eval_log, summary, benchmark, seconds, the stages' timings)."""
+    lm-eval stage's files; eval_info.json with the time and the linear kernels, eval_timings.json with
+    each stage's rows, sequences and seconds); returns (eval_log, summary, benchmark, seconds, the stages' timings)."""
     start = time.time()
     note = _weights_note(model)
     timings: dict = {}
