@@ -116,6 +116,8 @@ def test_lora_model_is_packed_around_its_adapters(llama):
     torch.testing.assert_close(packed, before, rtol=1e-4, atol=1e-5)
 
 
-def test_eval_info_names_the_kernels(llama):
-    assert kernels.linear_kernels(llama, True) == "onednn_prepacked"
-    assert kernels.linear_kernels(llama, False) == "torch"
+def test_eval_info_names_what_prepacked_linears_yielded(llama):
+    with prepacked_linears(llama, True) as packed:
+        assert kernels.linear_kernels(packed) == "onednn_prepacked"
+    with prepacked_linears(llama, False) as packed:
+        assert kernels.linear_kernels(packed) == "torch"

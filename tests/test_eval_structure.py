@@ -323,6 +323,7 @@ def test_tofu_keeps_its_public_names():
         "generation_batch_size",
         "forget_only",
         "prepack_weights",
+        "info",
     ]
 
 

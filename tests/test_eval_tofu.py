@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not TOFU.is_dir(), reason=f"TOFU data not found 
 from baldro.data.formatting import EncodedQA, QAFormatter  # noqa: E402
 from baldro.errors import BaldroError  # noqa: E402
 from baldro.eval import engine, generation  # noqa: E402
+from baldro.eval.kernels import onednn_linear_available  # noqa: E402
 from baldro.eval.tofu import (  # noqa: E402
     EVAL_FILE,
     SUMMARY_FILE,
@@ -197,6 +198,7 @@ def test_prepacked_weights_give_the_numbers_of_torch_products(tiny, first_run):
     """Prepacked oneDNN weights (`eval.kernels`; asked for: auto leaves a model this narrow on torch's
     products, as the first run was) give the same log up to float32 rounding, generations included."""
     model, tok, fmt = tiny
+    info: dict = {}
     log, _ = evaluate_tofu(
         model,
         tok,
@@ -207,7 +209,9 @@ def test_prepacked_weights_give_the_numbers_of_torch_products(tiny, first_run):
         max_new_tokens=MAX_NEW,
         limit=LIMIT,
         prepack_weights=True,
+        info=info,
     )
+    assert info == {"linear_kernels": "onednn_prepacked" if onednn_linear_available() else "torch"}
     strip = lambda log: {k: v for k, v in log.items() if k not in HEADLINE}  # noqa: E731
     assert diff_eval_logs(strip(first_run[1]), strip(log)) == []
 

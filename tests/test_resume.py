@@ -446,7 +446,9 @@ def test_eval_of_a_diverged_model_says_why_metrics_are_na(tiny_model_dir, tofu_d
     printed = capsys.readouterr().out
     info = json.loads((tmp_path / "eval" / "eval_info.json").read_text())
     assert "model weights are NaN or inf" in info["notes"]["model"]
-    assert info["linear_kernels"] in ("onednn_prepacked", "torch")  # what the evaluator multiplied with
+    assert (
+        info["linear_kernels"] == "torch"
+    )  # what the evaluator multiplied with: auto leaves a narrow model on torch's
     summary = json.loads((tmp_path / "eval" / "TOFU_SUMMARY.json").read_text())
     assert summary["model_utility"] is None
     assert "are all NaN: the model's outputs are not finite" in info["notes"]["model_utility"]

@@ -94,9 +94,9 @@ def should_prepack(model: torch.nn.Module, prepack: bool | None) -> bool:
     return bool(linears_to_pack(model, prepack))
 
 
-def linear_kernels(model: torch.nn.Module, prepack: bool | None) -> str:
-    """What an evaluation with this `prepack` multiplies with: "onednn_prepacked" or "torch" (eval_info.json)."""
-    return "onednn_prepacked" if should_prepack(model, prepack) else "torch"
+def linear_kernels(packed: bool) -> str:
+    """The name eval_info.json gives to what `prepacked_linears` yielded: "onednn_prepacked" or "torch"."""
+    return "onednn_prepacked" if packed else "torch"
 
 
 def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):

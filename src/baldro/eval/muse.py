@@ -40,7 +40,7 @@ from baldro.data.muse import (
 )
 from baldro.errors import BaldroError
 from baldro.eval import metrics
-from baldro.eval.kernels import prepacked_linears
+from baldro.eval.kernels import linear_kernels, prepacked_linears
 from baldro.eval.suite import (
     MIA_ATTACKS,
     MetricNeed,
@@ -295,6 +295,7 @@ def evaluate_muse(
     progress: bool | None = None,
     generation_batch_size: int | None = None,
     prepack_weights: bool | None = None,
+    info: dict | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate `model` on MUSE; returns (eval_log, summary) in OpenUnlearning's layout.
 
@@ -305,8 +306,8 @@ def evaluate_muse(
             AUC 0.5, OpenUnlearning's default).
         max_length: tokens of each privleak text (the recipe's `data.chunk_length`).
         limit: evaluate only the first `limit` rows of every set (quick runs, tests).
-        shared_forward, sort_by_length, timings, progress, generation_batch_size, prepack_weights: as
-            in `baldro.eval.tofu.evaluate_tofu`.
+        shared_forward, sort_by_length, timings, progress, generation_batch_size, prepack_weights, info:
+            as in `baldro.eval.tofu.evaluate_tofu`.
     """
     check_chunk_length(tokenizer, max_length, model_context(model))
     data = load_muse_eval_data(data_source, limit)
@@ -320,7 +321,9 @@ def evaluate_muse(
     _warn_beyond_context(model, texts, verbmem_max_new_tokens)
     timer = StageTimer(n_rows, model)
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
-    with prepacked_linears(model, prepack_weights, rows_hint=batch_size):
+    with prepacked_linears(model, prepack_weights, rows_hint=batch_size) as packed:
+        if info is not None:
+            info["linear_kernels"] = linear_kernels(packed)
         scores, drafts = score_metrics(
             model,
             source_texts(texts),

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from baldro.data.formatting import check_compat
 from baldro.errors import BaldroError
-from baldro.eval.kernels import linear_kernels
 from baldro.eval.summarize import format_table
 from baldro.eval.tofu import evaluate_tofu, evaluate_tofu_openunlearning
 from baldro.io import write_json_atomic
@@ -23,10 +22,13 @@ from baldro.io import write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> tuple[dict, dict, str, dict | None]:
+def _evaluate(
+    model, tokenizer, formatter, out_dir, settings: dict, info: dict | None = None, **extra
+) -> tuple[dict, dict, str, dict | None]:
     """Run the benchmark's evaluator, then the lm-eval stage if any; returns (eval_log, summary,
     benchmark, the stage's summary or None). `settings["compat"]` = "openunlearning" picks
-    `evaluate_tofu_openunlearning` (TOFU only)."""
+    `evaluate_tofu_openunlearning` (TOFU only); `info`, if given, is filled as `evaluate_tofu` fills it
+    (the harness multiplies with torch's products)."""
     settings = dict(settings)
     benchmark = settings.pop("benchmark", "tofu")
     compat = settings.pop("compat", "none")
@@ -34,16 +36,18 @@ def _evaluate(model, tokenizer, formatter, out_dir, settings: dict, **extra) -> 
     if benchmark == "lm_eval":
         from baldro.eval.lm_eval import evaluate_lm_eval
 
+        if info is not None:
+            info["linear_kernels"] = "torch"
         return (*evaluate_lm_eval(model, tokenizer, out_dir=out_dir, **settings, **extra), benchmark, None)
     if benchmark == "muse":
         from baldro.eval.muse import evaluate_muse
 
         if compat != "none":
             raise BaldroError(f"eval.compat={compat} is only implemented for TOFU: set eval.compat=none")
-        eval_log, summary = evaluate_muse(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra)
+        eval_log, summary = evaluate_muse(model, tokenizer, formatter, out_dir=out_dir, info=info, **settings, **extra)
     else:
         fn = evaluate_tofu_openunlearning if check_compat(compat) == "openunlearning" else evaluate_tofu
-        eval_log, summary = fn(model, tokenizer, formatter, out_dir=out_dir, **settings, **extra)
+        eval_log, summary = fn(model, tokenizer, formatter, out_dir=out_dir, info=info, **settings, **extra)
     stage_summary = None
     if stage and stage.get("tasks"):
         from baldro.eval.lm_eval import evaluate_lm_eval
@@ -183,9 +187,8 @@ def evaluate_logged(
     start = time.time()
     note = _weights_note(model)
     timings: dict = {}
-    packs = settings.get("benchmark", "tofu") in ("tofu", "muse") and settings.get("compat", "none") == "none"
-    kernels = linear_kernels(model, None if packs else False)  # as the evaluator decides (eval/kernels.py)
-    eval_log, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings, timings=timings)
+    info: dict = {}
+    eval_log, summary, benchmark, _ = _evaluate(model, tokenizer, formatter, out, settings, info=info, timings=timings)
     if benchmark == "tofu" and (settings["retain_logs_path"] or target_logs_path):
         summary = add_balance(out, eval_log, summary, settings["retain_logs_path"], target_logs_path)
     summary = _add_weights_note(summary, note)
@@ -196,7 +199,7 @@ def evaluate_logged(
         {
             "model_path": model_path,
             "eval_time_s": seconds,
-            "linear_kernels": kernels,
+            **info,
             **({"notes": notes} if notes else {}),
         },
     )

@@ -56,7 +56,7 @@ from baldro.data.formatting import (
 from baldro.data.tofu import holdout_split_for, load_split, retain_split_for
 from baldro.errors import BaldroError
 from baldro.eval import metrics
-from baldro.eval.kernels import prepacked_linears
+from baldro.eval.kernels import linear_kernels, prepacked_linears
 from baldro.eval.suite import (
     MIA_ATTACKS,
     MetricNeed,
@@ -464,6 +464,7 @@ def evaluate_tofu(
     generation_batch_size: int | None = None,
     forget_only: bool = False,
     prepack_weights: bool | None = None,
+    info: dict | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate `model` on TOFU; returns (eval_log, summary) in OpenUnlearning's layout.
 
@@ -485,6 +486,8 @@ def evaluate_tofu(
             of the time.
         prepack_weights: linear layers multiply on weights prepacked for oneDNN on a CPU
             (`baldro.eval.kernels`; None: when the copies fit in memory; False: torch's own products).
+        info: if a dict is given, it is filled with how the evaluation ran: {"linear_kernels":
+            "onednn_prepacked" or "torch"}.
 
     `evaluate_tofu_openunlearning` takes the same arguments and reproduces OpenUnlearning's evaluator.
     """
@@ -506,6 +509,7 @@ def evaluate_tofu(
         generation_batch_size=generation_batch_size,
         forget_only=forget_only,
         prepack_weights=prepack_weights,
+        info=info,
     )
 
 
@@ -536,6 +540,7 @@ def _evaluate_tofu(
     generation_batch_size: int | None = None,
     forget_only: bool = False,
     prepack_weights: bool | None = None,
+    info: dict | None = None,
 ) -> tuple[dict, dict]:
     """`evaluate_tofu` (compat "none") or `evaluate_tofu_openunlearning` (compat "openunlearning")."""
     check_compat(compat)
@@ -549,7 +554,9 @@ def _evaluate_tofu(
         sort_by_length = False
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress, compat=compat)
     draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward and compat == "none" else []
-    with prepacked_linears(model, False if compat != "none" else prepack_weights, rows_hint=batch_size):
+    with prepacked_linears(model, False if compat != "none" else prepack_weights, rows_hint=batch_size) as packed:
+        if info is not None:
+            info["linear_kernels"] = linear_kernels(packed)
         scores, drafts = score_tofu(
             model,
             _source_texts(texts),
