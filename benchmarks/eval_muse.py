@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval_tofu import MODES, _peak_memory_mib, _table
+from eval_tofu import MODES, _peak_memory_mib, _table, evaluate_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "muse" / "books"
@@ -61,7 +61,7 @@ def run_child(args) -> None:
         limit=args.limit,
         timings=timings,
         progress=False,
-        **MODES[args.child],
+        **evaluate_kwargs(args.child),
     )
     wall = time.perf_counter() - start
     Path(args.result).write_text(

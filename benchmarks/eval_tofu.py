@@ -10,7 +10,8 @@ and prompt-lookup speculation (`baldro.eval.generation`). The naive mode evaluat
 its own forward passes, keeps the input order and generates with `model.generate` on fixed batches
 (what an unoptimised tool does); both multiply on torch's own products except the optimised mode on a
 CPU, whose linear layers use oneDNN-prepacked weights (`baldro.eval.kernels`; `--modes optimised,unpacked`
-compares it with the same mode on torch's products). The script
+compares it with the same mode on torch's products; `--modes optimised,prefill` with the same mode
+prefilling every generation prompt instead of resuming on the teacher-forced pass's keys/values). The script
 checks that both modes give the same numbers to issue 31's tolerance (`tolerance_check`: per-sample
 numbers within rtol 1e-4, aggregates within 1e-5, greedy generations identical except at near-ties,
 whose margin it measures; exit 1 otherwise) and prints markdown tables of rows/s per metric group. Without --model, a small random Llama (`baldro.models.tiny`, preset "demo") with a
@@ -59,7 +60,21 @@ MODES = {
     "naive": {"shared_forward": False, "sort_by_length": False, "prepack_weights": False},
     # the optimised mode on torch's own products (no oneDNN-prepacked weights): what the kernels buy
     "unpacked": {"shared_forward": True, "sort_by_length": True, "prepack_weights": False},
+    # the optimised mode prefilling every generation prompt again (no keys/values kept from the
+    # teacher-forced pass, `generation.DraftKV`): what that reuse buys
+    "prefill": {"shared_forward": True, "sort_by_length": True, "draft_kv": False},
 }
+
+
+def evaluate_kwargs(mode: str) -> dict:
+    """MODES[mode] as the evaluators' keyword arguments; `draft_kv: False` sets
+    `generation.DRAFT_KV_MEMORY_SHARE` to 0 in this process, so that nothing is kept."""
+    kwargs = dict(MODES[mode])
+    if not kwargs.pop("draft_kv", True):
+        from baldro.eval import generation
+
+        generation.DRAFT_KV_MEMORY_SHARE = 0.0
+    return kwargs
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -203,7 +218,7 @@ def run_child(args) -> None:
         limit=args.limit,
         timings=timings,
         progress=False,
-        **MODES[args.child],
+        **evaluate_kwargs(args.child),
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -326,7 +341,9 @@ def main(argv=None) -> int:
         choices=["float64", "float32", "bfloat16", "float16"],
         help="float64: whether the modes differ by more than float32 rounding",
     )
-    p.add_argument("--modes", default="optimised,naive", help="comma-separated subset of optimised,naive,unpacked")
+    p.add_argument(
+        "--modes", default="optimised,naive", help="comma-separated subset of optimised,naive,unpacked,prefill"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--repeat",

@@ -113,20 +113,30 @@ def test_a_growing_cache_decodes_as_a_dynamic_one_and_appends_in_place():
 def test_a_decoding_batch_stays_exact_as_rows_join_leave_and_the_cache_is_compacted():
     """generation._Batch on GrowingLayer buffers (kv_cache.append_rows / move_rows /
     gather_positions): after every change, each row's next-token logits are those of a plain forward
-    pass over its own tokens; dropping a row moves the last row into its place without reallocating."""
+    pass over its own tokens; dropping a row moves the last row into its place without reallocating.
+    Rows also join on keys/values known beforehand (`generation._stack_left`, as `DraftKV` hands them)."""
     from baldro.eval import generation
 
     model = _tiny_llama()
     arg = kv_cache.cache_kwarg(model)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 6, 2, 14)]
+    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 6, 2, 14, 5, 9)]
     seqs: dict[int, list[int]] = {}
     batch = generation._Batch(torch.device("cpu"), max_rows=3)
 
     def join(idx):
         fresh, attn, first = generation._prefill(model, [prompts[i] for i in idx], 0, False, arg)
-        batch.add(idx, fresh, attn, first)
+        batch.add(idx, kv_cache.cache_layers(fresh), attn, first)
         seqs.update({i: list(prompts[i]) for i in idx})
+
+    def join_on_known_keys_values(idx):  # all but the last token cached; the last is the next input
+        rows = []
+        for i in idx:
+            out = model(input_ids=torch.tensor([prompts[i][:-1]]), use_cache=True)
+            rows.append([(k.clone(), v.clone()) for k, v in kv_cache.cache_layers(kv_cache.output_cache(out))])
+        layers, attn = generation._stack_left(rows)
+        batch.add(idx, layers, attn, [prompts[i][-1] for i in idx])
+        seqs.update({i: list(prompts[i][:-1]) for i in idx})
 
     def step():
         attn = torch.cat([batch.attn, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
@@ -158,6 +168,8 @@ def test_a_decoding_batch_stays_exact_as_rows_join_leave_and_the_cache_is_compac
         step(), step()
         batch.keep([0])  # only the short row is left: the cache is cut to its width
         assert batch.rows == [2] and batch.attn.shape[1] == len(seqs[2]) and bool(batch.attn.all())
+        step(), step()
+        join_on_known_keys_values([4, 5])  # of two lengths, one wider than the batch
         step(), step()
 
 

@@ -538,6 +538,66 @@ def test_drafted_generation_equals_plain_generation(memorising):
     assert fast_t["rouge"]["seconds"] < slow_t["rouge"]["seconds"]
 
 
+def test_decoding_resumes_on_the_teacher_forced_keys_values(memorising, monkeypatch):
+    """Drafted rows join the decoding batch on the keys/values their scoring pass kept (`DraftKV`): no
+    prefill for them, fewer model tokens, the generations and numbers of the run that prefills."""
+    model, tok, fmt = memorising
+    kw = dict(forget_split="forget10", batch_size=4, max_new_tokens=40, limit=LIMIT, progress=False)
+    taken = []
+    take = generation.DraftKV.take
+
+    def counting_take(self, tokens):
+        got = take(self, tokens)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(generation.DraftKV, "take", counting_take)
+    kept_t: dict = {}
+    kept, _ = evaluate_tofu(model, tok, fmt, TOFU, timings=kept_t, **kw)
+    assert sum(taken) >= 5, f"drafted rows should resume on kept keys/values: {taken}"
+    monkeypatch.setattr(generation, "DRAFT_KV_MEMORY_SHARE", 0.0)  # nothing fits: every row prefills
+    taken.clear()
+    filled_t: dict = {}
+    filled, _ = evaluate_tofu(model, tok, fmt, TOFU, timings=filled_t, **kw)
+    assert not any(taken)
+    assert diff_eval_logs(kept, filled) == []
+    assert kept_t["rouge"]["model_tokens"] < filled_t["rouge"]["model_tokens"]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_prompts", "lone_answers"])
+def test_kept_keys_values_are_those_of_a_fresh_pass(tiny, shared):
+    """What `DraftKV` keeps of a scoring pass (prompt + drafted answer but its last token), with the
+    prompt shared by two answers or not, equals the keys/values of a forward pass over those tokens
+    alone, to float rounding."""
+    model, tok, fmt = tiny
+    rows = _rows("forget10_perturbed", 3)
+    encoded = []
+    for r in rows:
+        encoded += fmt.encode_many([r["question"]] * 2, [r["answer"], r["perturbed_answer"][0]])
+    if not shared:
+        encoded = encoded[::2]
+    kv = generation.DraftKV([tok.eos_token_id], 40, 0.0, budget_bytes=1 << 30)
+    answers = encoded[::2] if shared else encoded
+    kv.expect(e.input_ids for e in answers)
+    scores = engine.score_sequences_shared_prompts(model, encoded, 4, tok.pad_token_id, keep_kv=kv)
+    assert len(kv.kept) == 3 and kv.used > 0
+    for e, sc in zip(answers, scores[::2] if shared else scores):
+        pre = generation.greedy_prefix(e.input_ids[e.prompt_len :], sc.argmax, sc.argmax_margin, [], 40, 0.0)
+        tokens = e.input_ids[: e.prompt_len + len(pre.tokens) - 1]
+        layers = kv.take(tokens)
+        assert layers is not None and layers[0][0].shape[2] == len(tokens)
+        with torch.inference_mode():
+            fresh = model(input_ids=torch.tensor([tokens]), use_cache=True).past_key_values
+        for (k, v), layer in zip(layers, fresh.layers):
+            torch.testing.assert_close(k, layer.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(v, layer.values, rtol=1e-4, atol=1e-5)
+    assert kv.used == 0 and kv.take(tokens) is None  # taken once
+    small = generation.DraftKV([tok.eos_token_id], 40, 0.0, budget_bytes=1)  # nothing fits
+    small.expect(e.input_ids for e in answers)
+    engine.score_sequences_shared_prompts(model, encoded, 4, tok.pad_token_id, keep_kv=small)
+    assert not small.kept
+
+
 # ------------------------------------------------------------------------------- reference handling
 def test_wrong_split_retain_log_is_refused(tmp_path):
     ref = REFERENCE_LOGS / "tofu_Llama-2-7b-chat-hf_retain99" / EVAL_FILE

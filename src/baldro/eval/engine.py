@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -45,6 +45,7 @@ from baldro.data.formatting import (
 )
 from baldro.errors import BaldroError
 from baldro.eval.kv_cache import (
+    KeysValues,
     cache_from_layers,
     cache_kwarg,
     cache_layers,
@@ -83,6 +84,51 @@ class SequenceScore:
     def prob(self) -> float:
         """Length-normalised probability exp(-avg_loss)."""
         return float(torch.exp(torch.tensor(-self.avg_loss, dtype=torch.float64)))
+
+
+class KeepKV(Protocol):
+    """Keeps keys/values of scored sequences for later decoding (`generation.DraftKV`).
+
+    `expects(tokens)`: whether the sequence `tokens` may be kept (the scorer then asks the model for its
+    cache). `offer(tokens, prompt_len, score, row_kv, bytes_per_position)`: after scoring, keep what it
+    wants of the sequence's keys/values, read with `row_kv(n)` (its first n positions, a copy)."""
+
+    def expects(self, tokens: Sequence[int]) -> bool: ...
+
+    def offer(
+        self,
+        tokens: Sequence[int],
+        prompt_len: int,
+        score: SequenceScore,
+        row_kv: Callable[[int], list[KeysValues]],
+        bytes_per_position: int,
+    ) -> None: ...
+
+
+def offer_rows(
+    keep_kv: KeepKV,
+    cache,
+    real: torch.Tensor,
+    rows: Sequence[tuple[Sequence[int], int, SequenceScore]],
+) -> None:
+    """Offer each row (tokens, prompt length, score) of a batch's `cache` to `keep_kv`; `real` [B, W]
+    marks each row's real positions among the cache's (in order)."""
+    layers = cache_layers(cache)
+    if layers is None:
+        return
+    per_position = sum(
+        k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size() for k, v in layers
+    )
+    device = layers[0][0].device
+    for b, (tokens, prompt_len, score) in enumerate(rows):
+        if not keep_kv.expects(tokens):
+            continue
+
+        def row_kv(n: int, b=b) -> list[KeysValues]:
+            at = real[b].nonzero().squeeze(1)[:n].to(device)
+            return [(k[b : b + 1, :, at], v[b : b + 1, :, at]) for k, v in layers]  # indexing copies
+
+        keep_kv.offer(tokens, prompt_len, score, row_kv, per_position)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -195,9 +241,16 @@ def top_two(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _score_batch(
-    model, batch: Sequence[EncodedQA], pad_token_id: int, want: frozenset, keep_ok: bool, compat: str = "none"
+    model,
+    batch: Sequence[EncodedQA],
+    pad_token_id: int,
+    want: frozenset,
+    keep_ok: bool,
+    compat: str = "none",
+    keep_kv: KeepKV | None = None,
 ):
     device = model_device(model)
+    keeping = keep_kv is not None and any(keep_kv.expects(e.input_ids) for e in batch)
     if compat == "openunlearning":  # mask from the token ids; no position ids (the model numbers columns 0..T-1)
         ids, attn, _ = openunlearning_batch([e.input_ids for e in batch], pad_token_id, side="right")
     else:
@@ -208,12 +261,15 @@ def _score_batch(
     T = ids.shape[1]
     has = mask.any(1)
     first = int(mask.to(torch.int8).argmax(1)[has].min()) if bool(has.any()) else 0
-    kwargs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "use_cache": False}
+    kwargs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "use_cache": keeping}
     offset = 0
     if keep_ok and first > 0:  # skip the LM head on prompt positions nobody scores
         kwargs["logits_to_keep"] = T - first
         offset = first
-    logits = model(**kwargs).logits  # [B, T - offset, V]; column j is position offset + j
+    out = model(**kwargs)
+    logits = out.logits  # [B, T - offset, V]; column j is position offset + j
+    cache = output_cache(out) if keeping else None
+    del out
     rows_b, rows_t = mask[:, offset:].nonzero(as_tuple=True)  # row-major: each sequence contiguous
     targets = tgt[:, offset:][rows_b, rows_t]
     vocab = logits.shape[-1]
@@ -253,6 +309,9 @@ def _score_batch(
                 vocab_std=field("vocab_std", "vocab_stats"),
             )
         )
+    if keeping:
+        rows = [(e.input_ids, e.prompt_len, r) for e, r in zip(batch, results)]
+        offer_rows(keep_kv, cache, attn.bool(), rows)
     return results
 
 
@@ -276,6 +335,7 @@ def score_sequences(
     sort_by_length: bool = True,
     progress: bool | None = None,
     compat: str = "none",
+    keep_kv: KeepKV | None = None,
 ) -> list[SequenceScore]:
     """Score every sequence with one teacher-forced forward pass; results in input order.
 
@@ -287,6 +347,7 @@ def score_sequences(
         sort_by_length: batch sequences of similar length together (less padding).
         progress: show a tqdm bar (None: only on a terminal).
         compat: "openunlearning" builds the batches as OpenUnlearning's evaluator does (module docstring).
+        keep_kv: offered the keys/values of the sequences it expects (`KeepKV`), for decoding later.
     """
     want = _check_score_args(want, pad_token_id)
     check_compat(compat)
@@ -296,7 +357,7 @@ def score_sequences(
     with eval_mode(model), torch.inference_mode(), progress_bar(len(encoded), desc, progress) as bar:
         for idx in batches:
             batch = [encoded[i] for i in idx]
-            for i, r in zip(idx, _score_batch(model, batch, pad_token_id, want, keep_ok, compat)):
+            for i, r in zip(idx, _score_batch(model, batch, pad_token_id, want, keep_ok, compat, keep_kv)):
                 results[i] = r
             bar.update(len(idx))
     return results  # type: ignore[return-value]
@@ -355,28 +416,35 @@ def _score_continuation_batch(
     pad_token_id: int,
     want: frozenset,
     cache_arg: str,
+    prompt_tokens: Sequence[Sequence[int]] = (),
+    keep_kv: KeepKV | None = None,
 ) -> list[SequenceScore]:
-    """Score continuation i of prompt row owner[i] against the prompts' cached keys/values."""
+    """Score continuation i of prompt row owner[i] against the prompts' cached keys/values; with
+    `keep_kv`, offer it each sequence `prompt_tokens[i] + conts[i]` it expects."""
     device = model_device(model)
     sel = torch.tensor(owner, dtype=torch.long)
     lengths = [len(c) for c in conts]
     width = max(lengths) - 1  # a continuation's last token predicts nothing that is scored
+    keeping = keep_kv is not None and any(keep_kv.expects([*p, *c]) for p, c in zip(prompt_tokens, conts))
+    sel_d = sel.to(device)
+    cache = cache_from_layers([(k[sel_d], v[sel_d]) for k, v in prompts.layers]) if width > 0 or keeping else None
+    real = prompts.attn[sel]  # [N, positions]: 1 on the real prompt (and answer) positions of the cache
     cont_logits = None
     if width > 0:
         ids, c_attn = pad_batch([list(c[:-1]) or [pad_token_id] for c in conts], pad_token_id, side="right")
         c_attn[torch.tensor(lengths) <= 1] = 0  # a one-token continuation has no position of its own here
-        attn = torch.cat([prompts.attn[sel], c_attn[:, :width]], dim=1)  # prompt + answer positions
+        real = torch.cat([real, c_attn[:, :width]], dim=1)  # prompt + answer positions
         pos = prompts.lengths[sel, None] + torch.arange(width)[None, :]  # continue after the real prompt
-        sel_d = sel.to(device)
-        cache = cache_from_layers([(k[sel_d], v[sel_d]) for k, v in prompts.layers])
-        cont_logits = model(
+        out = model(
             input_ids=ids[:, :width].to(device),
-            attention_mask=attn.to(device),
+            attention_mask=real.to(device),
             position_ids=pos.to(device),
             use_cache=True,
             **{cache_arg: cache},
-        ).logits  # [N, width, V]
-        del cache
+        )
+        cont_logits = out.logits  # [N, width, V]
+        cache = output_cache(out) if keeping else None
+        del out
     # Token 0 of continuation i is predicted by its prompt's last position, token t > 0 by column t - 1
     # of its pass. The statistics run on the padded [N * width, V] logits as they are (padding costs
     # less than copying the scored rows out of a tensor this size) and the scored rows are picked after.
@@ -416,6 +484,9 @@ def _score_continuation_batch(
                 vocab_std=stats["vocab_std"][sl].clone() if "vocab_stats" in want else None,
             )
         )
+    if keeping:
+        rows = [([*p, *c], len(p), r) for p, c, r in zip(prompt_tokens, conts, results)]
+        offer_rows(keep_kv, cache, real.bool(), rows)
     return results
 
 
@@ -428,6 +499,7 @@ def score_continuations(
     want: Iterable[str] = WANT_ALL,
     desc: str = "scoring",
     progress: bool | None = None,
+    keep_kv: KeepKV | None = None,
 ) -> list[list[SequenceScore]] | None:
     """Score every continuation of every prompt, each prompt run through the model ONCE.
 
@@ -439,7 +511,8 @@ def score_continuations(
     up to `batch_size` (right padded, without their last token) against the cached keys/values
     selected for each continuation: attention masks cover the real prompt and answer positions,
     position ids continue after each real prompt length. Returns None when the model's cache cannot
-    be shared (not a full-attention DynamicCache): the caller then uses `score_sequences`.
+    be shared (not a full-attention DynamicCache): the caller then uses `score_sequences`. `keep_kv`:
+    as in `score_sequences`.
     """
     want = _check_score_args(want, pad_token_id)
     if batch_size < 1:
@@ -473,6 +546,8 @@ def score_continuations(
                     pad_token_id,
                     want,
                     cache_arg,
+                    [prompt_ids[chunk[row]] for row, _ in batch],
+                    keep_kv,
                 )
                 for (row, j), s in zip(batch, scores):
                     results[chunk[row]][j] = s
@@ -500,11 +575,12 @@ def score_sequences_shared_prompts(
     desc: str = "scoring",
     progress: bool | None = None,
     compat: str = "none",
+    keep_kv: KeepKV | None = None,
 ) -> list[SequenceScore]:
     """`score_sequences` (length-sorted), with the sequences that share a prompt (the same
     `input_ids[:prompt_len]`, answers scored from `prompt_len` on) scored by `score_continuations`:
     their prompt is encoded once. Other sequences, and every sequence of a model whose cache cannot be
-    shared, go through `score_sequences`. Results in input order.
+    shared, go through `score_sequences`. Results in input order. `keep_kv`: as in `score_sequences`.
 
     With `compat="openunlearning"` nothing is shared (the prompt's cache would be built under
     another mask and other positions than OpenUnlearning's right-padded pass): every sequence goes
@@ -538,6 +614,7 @@ def score_sequences_shared_prompts(
             want=want,
             desc=desc,
             progress=progress,
+            keep_kv=keep_kv,
         )
         if scored is not None:
             for (_, v), rs in zip(shared, scored):
@@ -555,6 +632,7 @@ def score_sequences_shared_prompts(
                 want=want,
                 desc=desc,
                 progress=progress,
+                keep_kv=keep_kv,
             ),
         ):
             results[i] = r

@@ -51,10 +51,13 @@ from baldro.eval.engine import (
     eval_mode,
     length_batches,
     model_device,
+    model_dtype,
     progress_bar,
     supports_logits_to_keep,
 )
+from baldro.eval.kernels import available_memory_bytes
 from baldro.eval.kv_cache import (
+    KeysValues,
     append_rows,
     cache_from_layers,
     cache_kwarg,
@@ -79,6 +82,8 @@ PROBE_EVERY = 8  # decoding steps between tries of rows whose last proposal was 
 DECODE_BATCH_FACTOR = 3
 # Prompts that share at least this many leading tokens (few-shot examples) have them encoded once.
 SHARED_PREFIX_MIN = 64
+# `DraftKV` keeps teacher-forced keys/values for decoding in at most this share of the free memory.
+DRAFT_KV_MEMORY_SHARE = 0.1
 
 
 # ------------------------------------------------------------------------------------- config
@@ -195,6 +200,68 @@ def greedy_prefix(
         if tok != draft[j]:
             break
     return GreedyPrefix(out, len(out) >= max_new_tokens)
+
+
+class DraftKV:
+    """Keys/values of reference texts (prompt + answer) kept from their teacher-forced pass for decoding.
+
+    The decoder resumes a drafted generation after its `greedy_prefix`, so it needs the keys/values
+    of the prompt and of every drafted token but the last (which it feeds): the teacher-forced pass
+    over prompt + answer computed all of them. The scorer offers each expected reference (`expect`)
+    after scoring it (`engine.KeepKV`); a reference whose generation still needs decoding keeps those
+    positions, while they fit in `budget_bytes`; `generate` then takes them (`take`), and the row joins
+    the decoding batch without a prefill. Keys/values of the same tokens from another pass shape
+    differ by float rounding only, as the drafts' logits do (module docstring)."""
+
+    def __init__(self, eos_ids: Iterable[int], max_new_tokens: int, min_margin: float, budget_bytes: int):
+        self.eos, self.max_new_tokens, self.min_margin = list(eos_ids), max_new_tokens, min_margin
+        self.budget, self.used = budget_bytes, 0
+        self.references: set[tuple[int, ...]] = set()
+        self.kept: dict[tuple[int, ...], tuple[list[KeysValues], int]] = {}
+        self.taken = 0
+
+    @classmethod
+    def for_model(cls, model, tokenizer, max_new_tokens: int) -> DraftKV:
+        """For greedy generations of up to `max_new_tokens` by `model`, in DRAFT_KV_MEMORY_SHARE of the
+        free memory of its device (1 GiB where that is unknown)."""
+        device = model_device(model)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
+        budget = int(DRAFT_KV_MEMORY_SHARE * free) if free is not None else 1 << 30
+        return cls(eos_ids(model, tokenizer), max_new_tokens, draft_min_margin(model_dtype(model)), budget)
+
+    def expect(self, sequences: Iterable[Sequence[int]]) -> None:
+        """The reference texts (prompt + answer tokens) whose keys/values may be kept."""
+        self.references.update(tuple(t) for t in sequences)
+
+    def expects(self, tokens: Sequence[int]) -> bool:
+        return tuple(tokens) in self.references
+
+    def offer(self, tokens, prompt_len: int, score, row_kv, bytes_per_position: int) -> None:
+        if score is None or score.argmax is None:
+            return
+        pre = greedy_prefix(
+            tokens[prompt_len:], score.argmax, score.argmax_margin, self.eos, self.max_new_tokens, self.min_margin
+        )
+        n = prompt_len + len(pre.tokens) - 1  # the decoder feeds the last known token itself
+        size = n * bytes_per_position
+        key = tuple(tokens[:n])
+        if pre.finished or n < 1 or self.used + size > self.budget or key in self.kept:
+            return
+        self.kept[key] = (row_kv(n), size)
+        self.used += size
+
+    def take(self, tokens: Sequence[int]) -> list[KeysValues] | None:
+        """The kept keys/values of exactly `tokens` ([1, kv_heads, len(tokens), head_dim] per layer), once."""
+        got = self.kept.pop(tuple(tokens), None)
+        if got is None:
+            return None
+        self.used -= got[1]
+        self.taken += 1
+        return got[0]
+
+    def clear(self) -> None:
+        self.kept.clear()
+        self.used = 0
 
 
 class NgramDrafter:
@@ -324,16 +391,18 @@ class _Batch:
         self.pos = torch.zeros(0, dtype=torch.long, device=device)  # position id of each row's next input
         self.last: list[int] = []  # each row's newest token: emitted, not yet in the cache
 
-    def add(self, rows: list[int], fresh_cache, attn: torch.Tensor, first_tokens: list[int]) -> None:
+    def add(self, rows: list[int], layers: Sequence[KeysValues], attn: torch.Tensor, last_tokens: list[int]) -> None:
+        """Add rows whose keys/values (LEFT padded, real positions marked in `attn`) are `layers` and
+        whose next input is `last_tokens`."""
         width = max(self.attn.shape[1], attn.shape[1])
         if self.cache is None:
-            self.cache = growing_cache(cache_layers(fresh_cache), self.max_rows)
+            self.cache = growing_cache(layers, self.max_rows)
         else:
-            append_rows(self.cache, cache_layers(fresh_cache), width)
+            append_rows(self.cache, layers, width)
         self.attn = torch.cat([_left_pad(self.attn, width, 1), _left_pad(attn, width, 1)])
         self.pos = torch.cat([self.pos, attn.sum(1)])
         self.rows += rows
-        self.last += first_tokens
+        self.last += last_tokens
 
     def keep(self, keep: list[int]) -> None:
         """Keep the rows at these batch positions: the kept rows beyond the new row count move into
@@ -366,6 +435,26 @@ class _Batch:
         idx = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, real.shape[1] - width :]
         self.attn = self.attn.gather(1, idx)
         gather_positions(self.cache, idx)
+
+
+def _stack_left(rows: Sequence[list[KeysValues]]) -> tuple[list[KeysValues], torch.Tensor]:
+    """One batch of single-row keys/values of different lengths, LEFT padded with zeros, and its
+    attention mask over the positions."""
+    lengths = [r[0][0].shape[2] for r in rows]
+    width = max(lengths)
+    layers = []
+    for layer in range(len(rows[0])):
+        k0, v0 = rows[0][layer]
+        k = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
+        v = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+        for b, (r, n) in enumerate(zip(rows, lengths)):
+            k[b, :, width - n :] = r[layer][0][0]
+            v[b, :, width - n :] = r[layer][1][0]
+        layers.append((k, v))
+    attn = torch.zeros((len(rows), width), dtype=torch.long, device=k0.device)
+    for b, n in enumerate(lengths):
+        attn[b, width - n :] = 1
+    return layers, attn
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -457,6 +546,7 @@ def _continuous_greedy(
     bar,
     lookahead: int = LOOKAHEAD,
     stop: Callable[[int, list[int]], bool] | None = None,
+    cached: list[list[KeysValues] | None] | None = None,
 ) -> list[list[int]] | None:
     """Greedy decoding with continuous batching and prompt-lookup speculation (module docstring).
 
@@ -465,8 +555,9 @@ def _continuous_greedy(
     while it equals the argmax before it, and each row emits the argmaxes up to its first rejected
     proposal (at least one token per step). Rows that share a long prefix (`shared_prefix_groups`)
     prefill only their own tokens. `stop(i, tokens)`: row i may stop early (its text already
-    holds a stop string). Returns None, before decoding anything, when the model's cache is not a
-    full-attention DynamicCache (the caller then uses `model.generate`)."""
+    holds a stop string). `cached[i]`: the keys/values of all of input i but its last token (`DraftKV`):
+    the row joins without a prefill. Returns None, before decoding anything, when the model's cache is
+    not a full-attention DynamicCache (the caller then uses `model.generate`)."""
     device = model_device(model)
     eos = set(cfg.eos_token_id or [])
     keep_ok = supports_logits_to_keep(model)
@@ -476,7 +567,12 @@ def _continuous_greedy(
     out: list[list[int]] = [[] for _ in inputs]
     drafters: dict[int, NgramDrafter] = {}
     batch = _Batch(device, batch_size)
-    group, prefix_len = shared_prefix_groups(inputs)
+    cached = cached if cached is not None else [None] * len(inputs)  # entries are dropped as rows join
+    to_fill = [i for i in range(len(inputs)) if cached[i] is None]
+    group = [-1] * len(inputs)
+    fill_group, prefix_len = shared_prefix_groups([inputs[i] for i in to_fill])
+    for i, g in zip(to_fill, fill_group):
+        group[i] = g
     waiting = [group.count(g) for g in range(len(prefix_len))]  # rows of each group not started yet
     prefixes: dict[int, list] = {}  # group -> cached keys/values of its prefix, while rows wait
     steps = 0
@@ -484,9 +580,17 @@ def _continuous_greedy(
         free = batch_size - len(batch.rows)
         if queue and (not batch.rows or free >= refill_at):
             new = [queue.pop() for _ in range(min(free, len(queue)))]
+            ready = [i for i in new if cached[i] is not None]
+            if ready:  # their keys/values are known: they join as they are, and emit at the next step
+                layers, a = _stack_left([cached[i] for i in ready])
+                for i in ready:
+                    cached[i] = None
+                    drafters[i] = NgramDrafter(inputs[i], lookahead=lookahead)
+                batch.add(ready, layers, a, [inputs[i][-1] for i in ready])
             by_group: dict[int, list[int]] = {}
             for i in new:
-                by_group.setdefault(group[i], []).append(i)
+                if i not in ready:
+                    by_group.setdefault(group[i], []).append(i)
             emitted = {}
             for g, rows in by_group.items():
                 if g >= 0 and g not in prefixes:
@@ -502,7 +606,7 @@ def _continuous_greedy(
                 for i in rows:
                     drafters[i] = NgramDrafter(inputs[i], lookahead=lookahead)
                 start = len(batch.rows)
-                batch.add(rows, fresh, a, first)
+                batch.add(rows, cache_layers(fresh), a, first)
                 emitted.update({start + j: [t] for j, t in enumerate(first)})
                 if g >= 0:
                     waiting[g] -= len(rows)
@@ -611,6 +715,7 @@ def generate(
     stop_strings: Sequence[str] = (),
     compat: str = "none",
     decode_batch_size: int | None = None,
+    draft_kv: DraftKV | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id prompts (new tokens only, special tokens skipped, stripped).
 
@@ -625,7 +730,8 @@ def generate(
     (`cut_at_stop_strings`, before stripping); continuous decoding stops a row once its text holds
     one, which leaves the cut text unchanged. Returns the texts in input order. `batch_size`: rows per
     fixed batch; continuous decoding runs `decode_batch_size` rows at once (default DECODE_BATCH_FACTOR x
-    `batch_size`).
+    `batch_size`). `draft_kv`: keys/values of prompt + prefix that a teacher-forced pass kept (`DraftKV`);
+    continuous decoding takes them instead of running those tokens again.
 
     `compat="openunlearning"`: OpenUnlearning's decoding (module docstring): fixed batches in input
     order through `model.generate`, its mask and positions, no `prefixes` and no speculation, texts
@@ -671,13 +777,12 @@ def generate(
                 text = tokenizer.decode(known[todo[j]] + toks, skip_special_tokens=True)
                 return any(s and s in text for s in stop_strings)
 
-        new = (
-            _continuous_greedy(
-                model, cfg, inputs, budgets, decode_batch_size or DECODE_BATCH_FACTOR * batch_size, bar, lookahead, stop
-            )
-            if sort_by_length and todo
-            else None
-        )
+        new = None
+        if sort_by_length and todo:
+            cached = [draft_kv.take(p[:-1]) for p in inputs] if draft_kv is not None else None
+            rows = decode_batch_size or DECODE_BATCH_FACTOR * batch_size
+            new = _continuous_greedy(model, cfg, inputs, budgets, rows, bar, lookahead, stop, cached)
+            del cached
         if new is None:
             new = _static_greedy(model, cfg, inputs, budgets, batch_size, sort_by_length, bar)
     for i, toks in zip(todo, new):

@@ -40,6 +40,7 @@ from baldro.data.muse import (
 )
 from baldro.errors import BaldroError
 from baldro.eval import metrics
+from baldro.eval.generation import DraftKV
 from baldro.eval.kernels import linear_kernels, prepacked_linears
 from baldro.eval.suite import (
     MIA_ATTACKS,
@@ -173,9 +174,11 @@ def generate_muse(
     progress: bool | None,
     drafts: dict[str, Scores] | None = None,
     generation_batch_size: int | None = None,
+    draft_kv: DraftKV | None = None,
 ) -> dict[str, list[str]]:
     """VerbMem continuations (timed as "verbmem", drafted from the teacher-forced VerbMem pass when
-    `drafts` holds it) and KnowMem answers (timed as "knowmem", cut at the stopwords)."""
+    `drafts` holds it, resumed on the keys/values `draft_kv` kept) and KnowMem answers (timed as
+    "knowmem", cut at the stopwords)."""
     common = dict(
         batch_size=batch_size,
         shared_forward=shared_forward,
@@ -193,6 +196,7 @@ def generate_muse(
         group="verbmem",
         max_new_tokens=verbmem_max_new_tokens,
         drafts=verb_drafts,
+        draft_kv=draft_kv,
         **common,
     )
     out.update(
@@ -321,6 +325,9 @@ def evaluate_muse(
     _warn_beyond_context(model, texts, verbmem_max_new_tokens)
     timer = StageTimer(n_rows, model)
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress)
+    draft_kv = (
+        DraftKV.for_model(model, tokenizer, verbmem_max_new_tokens) if shared_forward and sort_by_length else None
+    )
     with prepacked_linears(model, prepack_weights, rows_hint=batch_size) as packed:
         if info is not None:
             info["linear_kernels"] = linear_kernels(packed)
@@ -332,6 +339,7 @@ def evaluate_muse(
             batch_size=batch_size,
             pad_token_id=pad_id,
             draft_sources=["verbmem/text"] if shared_forward else [],
+            draft_kv=draft_kv,
             **common,
         )
         generations = generate_muse(
@@ -344,8 +352,12 @@ def evaluate_muse(
             knowmem_max_new_tokens=knowmem_max_new_tokens,
             drafts=drafts,
             generation_batch_size=generation_batch_size,
+            draft_kv=draft_kv,
             **common,
         )
+    if draft_kv is not None:
+        logger.info("decoding resumed %d drafted rows on their teacher-forced keys/values", draft_kv.taken)
+        draft_kv.clear()
     eval_log = assemble_muse_eval_log(texts, scores, generations, tokenizer)
     summary = summarize_muse(eval_log, reference_log)
     for key, note in summary.notes.items():

@@ -129,12 +129,14 @@ def score_groups(
     progress: bool | None,
     share_prompts: bool = False,
     compat: str = "none",
+    keep_kv: engine.KeepKV | None = None,
 ) -> list[dict[str, Scores]]:
     """Run each call (group, sources, want) as ONE scoring call over its concatenated sources:
     `score_sequences`, or with `share_prompts` `score_sequences_shared_prompts` (the answers of one
     question, e.g. its paraphrased and perturbed answers, scored against one encoding of its prompt).
     With `compat="openunlearning"`: one `score_sequences` call per source, in input order, with
-    OpenUnlearning's batches (as its evaluator scores each dataset)."""
+    OpenUnlearning's batches (as its evaluator scores each dataset). `keep_kv`: offered the keys/values
+    of the sequences it expects (shared prompts only)."""
     results = []
     for group, names, want in calls:
         encoded = [e for n in names for e in sources[n]]
@@ -167,6 +169,7 @@ def score_groups(
                     want=want,
                     desc=f"scoring ({group})",
                     progress=progress,
+                    keep_kv=keep_kv,
                 )
         else:
 
@@ -204,13 +207,17 @@ def score_metrics(
     progress: bool | None,
     draft_sources: Sequence[str] = (),
     compat: str = "none",
+    draft_kv: generation.DraftKV | None = None,
 ) -> tuple[dict[str, dict[str, Scores]], dict[str, Scores]]:
     """(metric -> source -> per-sequence scores, draft source -> scores). Shared: every source scored
     once (with the union of the outputs its metrics need, and the argmax for `draft_sources`),
     sources needing the same outputs batched together. Naive: one set of passes per metric, and no
-    drafts. `compat="openunlearning"`: OpenUnlearning's batches (`score_groups`), no drafts."""
+    drafts. `compat="openunlearning"`: OpenUnlearning's batches (`score_groups`), no drafts. `draft_kv`
+    keeps the draft sources' keys/values that their generations will need (`generation.DraftKV`)."""
     if compat != "none":
         draft_sources = ()
+    if draft_kv is not None:
+        draft_kv.expect(e.input_ids for s in draft_sources for e in sources[s])
     if not shared_forward:
         out = {}
         for metric, need in plan.items():
@@ -259,6 +266,7 @@ def score_metrics(
         progress,
         share_prompts=True,
         compat=compat,
+        keep_kv=draft_kv if draft_sources else None,
     )
     for split in splits:
         merged.update(split)
@@ -303,6 +311,7 @@ def generate_sets(
     stop_strings: Sequence[str] = (),
     compat: str = "none",
     generation_batch_size: int | None = None,
+    draft_kv: generation.DraftKV | None = None,
 ) -> dict[str, list[str]]:
     """Greedy generations from every set's prompts (set -> texts): one call over all sets (shared)
     or one per set (naive), timed as `group`. With `drafts` (set -> its reference texts, prompt +
@@ -310,7 +319,8 @@ def generate_sets(
     scores already determine (`generation.greedy_prefix`). `stop_strings` cut every text at the
     first of them (`generation.generate`). `compat="openunlearning"`: one call per set, in input
     order, OpenUnlearning's decoding, no drafts (`generation.generate`). `generation_batch_size`: rows
-    that continuous decoding runs at once (`generation.generate`'s `decode_batch_size`)."""
+    that continuous decoding runs at once (`generation.generate`'s `decode_batch_size`). `draft_kv`: the
+    drafts' keys/values that `score_metrics` kept, taken by the decoder."""
     keys = list(prompts)
     if compat != "none":
         drafts, shared_forward, sort_by_length = None, False, False
@@ -346,6 +356,7 @@ def generate_sets(
                 stop_strings=stop_strings,
                 compat=compat,
                 decode_batch_size=generation_batch_size,
+                draft_kv=draft_kv if drafts else None,
             )
 
         gens = timer.run(group, [f"{k}/prompt" for k in ks], len(flat), run)

@@ -56,6 +56,7 @@ from baldro.data.formatting import (
 from baldro.data.tofu import holdout_split_for, load_split, retain_split_for
 from baldro.errors import BaldroError
 from baldro.eval import metrics
+from baldro.eval.generation import DraftKV
 from baldro.eval.kernels import linear_kernels, prepacked_linears
 from baldro.eval.suite import (
     MIA_ATTACKS,
@@ -295,9 +296,11 @@ def generate_tofu(
     drafts: dict[str, Scores] | None = None,
     compat: str = "none",
     generation_batch_size: int | None = None,
+    draft_kv: DraftKV | None = None,
 ) -> dict[str, list[str]]:
     """Greedy generations for ROUGE (`suite.generate_sets`, timed as "rouge"). `drafts`: the
-    reference answers' teacher-forced scores ("{set}/answer" -> scores) that start the decoding."""
+    reference answers' teacher-forced scores ("{set}/answer" -> scores) that start the decoding;
+    `draft_kv`: their keys/values, kept by the scoring pass."""
     keys = [s.key for s in sets]
     by_set = {k: (texts[k].answer, drafts[f"{k}/answer"]) for k in keys if f"{k}/answer" in (drafts or {})}
     return generate_sets(
@@ -314,6 +317,7 @@ def generate_tofu(
         drafts=by_set,
         compat=compat,
         generation_batch_size=generation_batch_size,
+        draft_kv=draft_kv,
     )
 
 
@@ -554,6 +558,8 @@ def _evaluate_tofu(
         sort_by_length = False
     common = dict(shared_forward=shared_forward, sort_by_length=sort_by_length, progress=progress, compat=compat)
     draft_sources = [f"{s.key}/answer" for s in data.sets] if shared_forward and compat == "none" else []
+    # continuous decoding (sort_by_length) resumes drafts on the keys/values their scoring pass kept
+    draft_kv = DraftKV.for_model(model, tokenizer, max_new_tokens) if draft_sources and sort_by_length else None
     with prepacked_linears(model, False if compat != "none" else prepack_weights, rows_hint=batch_size) as packed:
         if info is not None:
             info["linear_kernels"] = linear_kernels(packed)
@@ -565,6 +571,7 @@ def _evaluate_tofu(
             batch_size=batch_size,
             pad_token_id=pad_id,
             draft_sources=draft_sources,
+            draft_kv=draft_kv,
             **common,
         )
         generations = generate_tofu(
@@ -577,8 +584,12 @@ def _evaluate_tofu(
             max_new_tokens=max_new_tokens,
             drafts=drafts,
             generation_batch_size=generation_batch_size,
+            draft_kv=draft_kv,
             **common,
         )
+    if draft_kv is not None:
+        logger.info("decoding resumed %d drafted rows on their teacher-forced keys/values", draft_kv.taken)
+        draft_kv.clear()
     eval_log = assemble_tofu_eval_log(data, texts, scores, generations, tokenizer)
     if reference_log is None:
         logger.warning(
