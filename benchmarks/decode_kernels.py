@@ -1,6 +1,6 @@
 """Which matrix-product kernels make an evaluation's forward passes fastest on this machine.
 
-    python benchmarks/decode_kernels.py [--model smollm2|PATH] [--rows 96] [--rounds 14] [--threads 1] [--compile]
+    python benchmarks/decode_kernels.py [--model smollm2|PATH|random:PRESET] [--rows 96] [--rounds 14] [--threads 1] [--compile]
 
 Two passes, each timed for every variant in turn, round after round (so that a noisy machine slows
 them alike), and compared as the median of the per-round ratios against torch's own products:
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_step import decoder  # noqa: E402
-from eval_tofu import _recorder, resolve_model  # noqa: E402
+from decode_step import decoder, load_model  # noqa: E402
+from eval_tofu import _recorder  # noqa: E402
 
 
 def _compiled_decoder(model, rows: int, context: int, steps: int, seed: int = 0):
@@ -84,7 +84,7 @@ def _compiled_decoder(model, rows: int, context: int, steps: int, seed: int = 0)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 (the packaged GGUF) or a model folder")
+    p.add_argument("--model", default="smollm2", help="smollm2 (the packaged GGUF), a model folder or random:PRESET")
     p.add_argument("--rows", type=int, default=96, help="rows of a decoding step")
     p.add_argument("--context", type=int, default=150, help="cached positions before the measured steps")
     p.add_argument("--tf-rows", type=int, default=16)
@@ -95,8 +95,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the figures to this JSON file (and the table to the same name .md)")
     args = p.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM
-
     from baldro.eval.kernels import prepacked_linears
     from baldro.models.loading import set_flush_denormal
 
@@ -104,9 +102,7 @@ def main(argv=None) -> int:
     say = _recorder(report)
     torch.set_num_threads(args.threads)
     set_flush_denormal(True)
-    path = resolve_model(args.model)
-    load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
-    models = {"torch": load(), "prepacked": load()}
+    models = {"torch": load_model(args.model), "prepacked": load_model(args.model)}
     packing = prepacked_linears(models["prepacked"], True, rows_hint=args.rows)
     if not packing.__enter__():
         raise SystemExit("this torch build cannot prepack linear weights (no oneDNN)")
@@ -131,7 +127,7 @@ def main(argv=None) -> int:
     tf = {k: teacher_forced(m) for k, m in models.items()}
     record: dict = {"rows": args.rows, "context": args.context, "threads": args.threads, "rounds": args.rounds}
     if args.compile:
-        step, seconds = _compiled_decoder(load(), args.rows, args.context, steps)
+        step, seconds = _compiled_decoder(load_model(args.model), args.rows, args.context, steps)
         decode["compiled"] = step
         record["compile_s"] = seconds
     reference = tf["torch"]()

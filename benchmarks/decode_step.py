@@ -1,7 +1,7 @@
 """What one greedy decoding step costs per token, by batch size (why `eval.generation_batch_size`
 defaults to 3 x `eval.batch_size`), and what the teacher-forced statistics cost per scored token.
 
-    python benchmarks/decode_step.py [--model smollm2|PATH] [--batches 16,32,64,96,128] [--threads 1]
+    python benchmarks/decode_step.py [--model smollm2|PATH|random:PRESET] [--batches 16,32,64,96,128] [--threads 1]
 
 Decoding: each batch is prefilled with `--context` random tokens (every other row left padded by 20),
 in a cache that decoding appends to in place (`kv_cache.growing_cache`, as the evaluator decodes); the
@@ -30,6 +30,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_tofu import _recorder, resolve_model  # noqa: E402
+
+RANDOM_VOCAB = 1024  # the vocabulary of a `random:PRESET` model (about the tiny models' tokenizers')
+
+
+def load_model(spec: str):
+    """The float32 model to time: `smollm2` (the packaged GGUF), a model folder, or `random:PRESET`, a
+    Llama of a `baldro.models.tiny` preset's shape ("test", "demo") with random weights (seed 0)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if spec.startswith("random:"):
+        from baldro.models.tiny import PRESETS
+
+        preset = spec.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise SystemExit(f"unknown preset {preset!r} in --model {spec}: use one of {sorted(PRESETS)}")
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=RANDOM_VOCAB, max_position_embeddings=512, tie_word_embeddings=True, **PRESETS[preset]
+        )
+        return LlamaForCausalLM(cfg).float().eval()
+    return AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=torch.float32).eval()
+
 
 WARMUP_STEPS = 2  # untimed, before the `steps` timed ones
 PROFILED_STEPS = 3  # after the warm-up and the timed ones
@@ -179,7 +201,7 @@ def stats_ms(vocab: int, rows: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 (the packaged GGUF) or a model folder")
+    p.add_argument("--model", default="smollm2", help="smollm2 (the packaged GGUF), a model folder or random:PRESET")
     p.add_argument("--batches", default="16,32,64,96,128")
     p.add_argument("--context", type=int, default=150, help="cached positions before the measured steps")
     p.add_argument("--steps", type=int, default=9)
@@ -188,15 +210,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the figures to this JSON file")
     args = p.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM
-
     from baldro.models.loading import set_flush_denormal
 
     report: list[str] = []
     say = _recorder(report)  # stdout and, with --out, a .md beside the JSON
     torch.set_num_threads(args.threads)
     set_flush_denormal(True)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
+    model = load_model(args.model)
     record = {"threads": args.threads, "context": args.context, "decode": [], "stats_ms_per_token": None}
     gbps = read_gbps()
     kv_pos = kv_bytes_per_position(model)
