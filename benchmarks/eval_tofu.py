@@ -218,6 +218,7 @@ def run_child(args) -> None:
         limit=args.limit,
         timings=timings,
         progress=False,
+        generation_batch_size=args.generation_batch_size,
         **evaluate_kwargs(args.child),
     )
     if device.type == "cuda":
@@ -227,7 +228,7 @@ def run_child(args) -> None:
 
     from baldro.eval.kernels import prepacked_linears
 
-    decode_rows = DECODE_BATCH_FACTOR * args.batch_size
+    decode_rows = args.generation_batch_size or DECODE_BATCH_FACTOR * args.batch_size
     with prepacked_linears(model, MODES[args.child].get("prepack_weights"), rows_hint=args.batch_size):
         step_ms, _ = decode_ms(model, decode_rows, DECODE_CONTEXT, steps=5, split=False)
     result = {
@@ -334,6 +335,12 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N rows of every set (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--generation-batch-size",
+        type=int,
+        default=None,
+        help="rows continuous decoding runs at once (eval.generation_batch_size; default 3 x --batch-size)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--dtype",
@@ -422,6 +429,7 @@ def main(argv=None) -> int:
                 + (["--smollm2"] if args.model == SMOLLM2 else [])
                 + (["--limit", str(args.limit)] if args.limit else [])
                 + (["--threads", str(args.threads)] if args.threads else [])
+                + (["--generation-batch-size", str(args.generation_batch_size)] if args.generation_batch_size else [])
             )
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
             subprocess.run(cmd, check=True, env=env)
@@ -440,7 +448,8 @@ def main(argv=None) -> int:
         say = _recorder(report)  # the tables go to stdout and, with --out, to a file
         say(
             f"\nTOFU evaluation benchmark: {args.forget_split}, limit={args.limit or 'all'}, "
-            f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, device={r0['device']}, "
+            f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, "
+            f"generation_batch_size={args.generation_batch_size or DECODE_BATCH_FACTOR * args.batch_size}, device={r0['device']}, "
             f"dtype={args.dtype}, {r0['params']:,} parameters, {r0['threads']} torch threads; "
             f"memory = {r0['memory_kind']}; fastest of {max(1, args.repeat)} run(s) per mode\n"
         )
