@@ -1,9 +1,11 @@
-"""Greedy generation for the evaluators: exact greedy decoding, made cheap in three ways.
+"""Greedy generation for the evaluators: exact greedy decoding, made cheap in these ways.
 
 - Drafts from a teacher-forced pass (`greedy_prefix`): an evaluator that already scored prompt +
   reference answer knows the teacher-forced argmax at every answer position. Greedy decoding
   reproduces the reference as long as that argmax equals the next reference token, so those tokens
   (and an EOS right after them) need no decoding; a model that memorised an answer costs nothing.
+  That pass has also computed the keys/values of the prompt and the drafted tokens: `DraftKV` keeps
+  them, and a drafted row joins the decoding batch on them instead of running its prompt again.
 - Continuous batching (`_continuous_greedy`): a row leaves the batch when it stops and a waiting
   prompt takes its place, instead of a fixed batch running until its longest row is done.
 - Shared prefixes (`shared_prefix_groups`): prompts that start with the same long run of tokens (the
