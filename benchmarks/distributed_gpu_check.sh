@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/distributed_gpu_check.sh TOFU_DIR OUT_DIR [NPROC]
 #
-# Builds a tiny Llama (baldro.tiny, offline), unlearns forget01 with NPO under `mean` (alpha 0, fp32)
+# Builds a tiny Llama (baldro.models.tiny, offline), unlearns forget01 with NPO under `mean` (alpha 0, fp32)
 # on one GPU with batch NPROC*2, then on NPROC GPUs with batch 2 per GPU under DDP, FSDP2, ZeRO-2 and
 # ZeRO-3 (DeepSpeed runs only when `import deepspeed` works), each with the reference model, balance
 # tracking and the final evaluation; then NPO + LoRA under FSDP2. It prints, for every run, whether it
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 python - "$TOFU" "$OUT/tiny" <<'PY'
 import json, sys
 from pathlib import Path
-from baldro.tiny import build_tiny_model
+from baldro.models.tiny import build_tiny_model
 texts = []
 for name in ("full", "holdout10"):
     for line in (Path(sys.argv[1]) / f"{name}.jsonl").read_text().splitlines()[:400]:

@@ -23,7 +23,7 @@ work=$(mktemp -d)
 python3 - "$tofu" "$work/tiny" <<'EOF'
 import json, sys
 from pathlib import Path
-from baldro.tiny import build_tiny_model
+from baldro.models.tiny import build_tiny_model
 tofu, out = Path(sys.argv[1]), sys.argv[2]
 texts = []
 for name in ("full", "holdout10", "real_authors_perturbed", "world_facts_perturbed"):
