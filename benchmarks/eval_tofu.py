@@ -327,6 +327,24 @@ def _floor_table(results: list[dict], need: dict) -> str:
     return "\n".join(lines)
 
 
+def argument_problem(args, modes: list[str]) -> str | None:
+    """One line on the first bad option (None when all are usable)."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        return f"--modes {args.modes!r}: unknown mode(s) {', '.join(unknown) or '(none given)'}: pick from {', '.join(MODES)}"
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--generation-batch-size", args.generation_batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--threads", args.threads),
+        ("--repeat", args.repeat),
+        ("--limit", args.limit),
+    ):
+        if value is not None and value < 1:
+            return f"{flag} {value}: must be 1 or more"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder (default: build a small random Llama)")
@@ -390,6 +408,10 @@ def main(argv=None) -> int:
         print(f"TOFU data folder {args.data} not found: pass --data", file=sys.stderr)
         return 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    problem = argument_problem(args, modes)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="baldro_bench_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         model = resolve_model(args.model) if args.model else None

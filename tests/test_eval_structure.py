@@ -531,3 +531,21 @@ def test_eval_tofu_divergence_margin_is_the_top_two_gap_where_generations_part(t
         top = model(input_ids=torch.tensor([ids])).logits[0, -1].double().topk(2).values
     got = margin_of("retain_Q_A_ROUGE", "1", "The author was born", "The author was a writer")
     assert got == pytest.approx(float(top[0] - top[1]), rel=1e-5, abs=1e-6) and got >= 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--modes", "optimised,fast"], "--modes 'optimised,fast': unknown mode(s) fast: pick from optimised, naive"),
+        (["--modes", ","], "unknown mode(s) (none given)"),
+        (["--generation-batch-size", "0"], "--generation-batch-size 0: must be 1 or more"),
+        (["--batch-size", "-2"], "--batch-size -2: must be 1 or more"),
+        (["--threads", "0"], "--threads 0: must be 1 or more"),
+    ],
+)
+def test_eval_tofu_refuses_bad_options_in_one_line(tofu_dir, capsys, argv, message):
+    """`benchmarks/eval_tofu.py`: a bad option gets one line naming it and exit 2, before any model loads."""
+    bench = _eval_tofu_bench()
+    assert bench.main(["--data", str(tofu_dir), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
