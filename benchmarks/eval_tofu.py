@@ -19,7 +19,8 @@ byte-level BPE tokenizer trained on the TOFU texts is built in a temporary folde
 SmolLM2-135M-Instruct from its packaged GGUF (`model=smollm2-135m-instruct`), formatted as that config
 group says (ChatML, system prompt "You are a helpful assistant.").
 
-The floor: every run also times a 2048 x 2048 fp32 matmul on the same device and threads, and the parent
+The floor: every run also times a 2048 x 2048 fp32 matmul on the same device and threads (before and after
+the evaluation; the floor takes the faster, as a shared machine's rate drifts), and the parent
 counts the tokens the evaluation cannot avoid (each question's prompt once, every scored answer token
 once, every generated token once, re-tokenised from the log as OpenUnlearning's saved generations
 were); at 2 FLOPs per parameter per token, that work at the matmul's rate is the time no evaluator of
@@ -199,7 +200,7 @@ def run_child(args) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     warm_up(model, device, args.batch_size)
-    gflops = matmul_gflops(device, dtype)
+    gflops_before = matmul_gflops(device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -224,6 +225,7 @@ def run_child(args) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
+    gflops_after = matmul_gflops(device, dtype)  # a shared machine's rate drifts: the floor takes the faster
     from decode_step import decode_ms  # noqa: E402 (imports this module's resolve_model)
 
     from baldro.eval.kernels import prepacked_linears
@@ -241,7 +243,8 @@ def run_child(args) -> None:
         "memory_kind": "max_memory_allocated" if device.type == "cuda" else "max RSS",
         "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
-        "matmul_gflops": gflops,
+        "matmul_gflops": max(gflops_before, gflops_after),
+        "matmul_gflops_before_after": [gflops_before, gflops_after],
         "decode_rows": decode_rows,
         "decode_ms_per_row": step_ms / decode_rows,
     }
@@ -307,7 +310,7 @@ def _floor_table(results: list[dict], need: dict) -> str:
     lines = [
         f"needed tokens: {need['teacher_forced']:,} teacher-forced (each prompt once) + {need['generated']:,} generated",
         "",
-        "| mode | matmul GFLOPS | FLOP floor s | teacher-forced tokens/s | decode ms/token (rows) | needed tokens at own rates s "
+        "| mode | matmul GFLOPS (before / after) | FLOP floor s | teacher-forced tokens/s | decode ms/token (rows) | needed tokens at own rates s "
         "| whole evaluation s | x floor | x own rates | model input tokens | x needed tokens |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -318,8 +321,9 @@ def _floor_table(results: list[dict], need: dict) -> str:
         tf_tokens, tf_seconds = teacher_forced_totals(r, "model_tokens"), teacher_forced_totals(r, "seconds")
         own = own_rate_seconds(need, r)
         decode = f"{r['decode_ms_per_row']:.2f} ({r['decode_rows']})" if "decode_ms_per_row" in r else "n/a"
+        rates = " / ".join(f"{g:.1f}" for g in r.get("matmul_gflops_before_after", [r["matmul_gflops"]]))
         lines.append(
-            f"| {r['mode']} | {r['matmul_gflops']:.1f} | {floor:.1f} | {tf_tokens / tf_seconds if tf_seconds else 0:.0f} | "
+            f"| {r['mode']} | {rates} | {floor:.1f} | {tf_tokens / tf_seconds if tf_seconds else 0:.0f} | "
             f"{decode} | {own if own is not None else float('nan'):.1f} | {r['wall_s']:.1f} | "
             f"{r['wall_s'] / floor:.2f} | {r['wall_s'] / own if own else float('nan'):.2f} | {ran:,} | "
             f"{ran / total_need:.2f} |"

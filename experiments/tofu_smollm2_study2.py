@@ -167,8 +167,9 @@ def build_jobs(args) -> list[Job]:
     common = [f"data.source={args.data}", *COMMON]
     model = [f"model={args.model_group}"] + ([f"model.base={args.model}"] if args.model else [])
     jobs: list[Job] = []
-    retain_run = study1_work / "retain"  # study 1's retain model serves as it is
-    jobs.append(finetune_job("retain", retain_run, [], model, common, args.finetune_seed, smoke))
+    retain_run = study1_work / "retain"  # study 1's retain model serves as it is (part B's forget05 reference)
+    if "B" in args.parts:
+        jobs.append(finetune_job("retain", retain_run, [], model, common, args.finetune_seed, smoke))
 
     if "A" in args.parts or "U" in args.parts:
         jobs.append(

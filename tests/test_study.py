@@ -121,6 +121,7 @@ def test_smoke_study2_attacks_every_part_a_cell_and_unierase(tiny_model_dir, tof
         str(tmp_path / "s1"),
     ]
     assert study2.main(args) == 0
+    assert "finetune_retain" not in capsys.readouterr().out  # only part B reads the retain model
     cells = tmp_path / "res" / "cells"
     assert sorted(p.name for p in cells.iterdir()) == ["A_npo_dv_seed0", "A_npo_mean_seed0", "A_unierase_seed0"]
     for cell in cells.iterdir():
