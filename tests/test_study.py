@@ -107,6 +107,21 @@ def _study2():
 
 
 @pytest.mark.slow
+def test_committed_study2_tables_match_its_cells(tmp_path):
+    """RESULTS.md quotes study 2's attack tables: rebuilt from the committed cells, they must not drift."""
+    results = ROOT / "experiments" / "tofu_smollm2_study2"
+    (tmp_path / "cells").symlink_to(results / "cells", target_is_directory=True)
+    _study2()
+    from study2_report import write_study2_report
+
+    write_study2_report(tmp_path)
+    names = [n for n in ("attacks_A.md", "attacks_B.md", "table_B.md") if (results / n).is_file()]
+    assert "attacks_A.md" in names
+    for name in names:
+        assert (tmp_path / name).read_text() == (results / name).read_text(), f"{name} drifted: rerun --report-only"
+
+
+@pytest.mark.slow
 def test_smoke_study2_attacks_every_part_a_cell_and_unierase(tiny_model_dir, tofu_dir, tmp_path, capsys):
     """Parts A and U of study 2 on the tiny model: each cell unlearned (UniErase by its edit), evaluated,
     attacked with the model kept until then, its small files (attacks' included) kept and the model gone."""
