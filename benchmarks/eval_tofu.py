@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from baldro.eval.generation import DECODE_BATCH_FACTOR
+from baldro.eval.generation import decode_rows
 from baldro.eval.suite import ATOL, RTOL, numeric_differences
 from baldro.eval.tofu import EVAL_FILE, diff_eval_logs
 
@@ -230,9 +230,9 @@ def run_child(args) -> None:
 
     from baldro.eval.kernels import prepacked_linears
 
-    decode_rows = args.generation_batch_size or DECODE_BATCH_FACTOR * args.batch_size
+    rows = decode_rows(args.batch_size, args.generation_batch_size)
     with prepacked_linears(model, MODES[args.child].get("prepack_weights"), rows_hint=args.batch_size):
-        step_ms, _ = decode_ms(model, decode_rows, DECODE_CONTEXT, steps=5, split=False)
+        step_ms, _ = decode_ms(model, rows, DECODE_CONTEXT, steps=5, split=False)
     result = {
         "mode": args.child,
         "wall_s": wall,
@@ -245,8 +245,8 @@ def run_child(args) -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "matmul_gflops": max(gflops_before, gflops_after),
         "matmul_gflops_before_after": [gflops_before, gflops_after],
-        "decode_rows": decode_rows,
-        "decode_ms_per_row": step_ms / decode_rows,
+        "decode_rows": rows,
+        "decode_ms_per_row": step_ms / rows,
     }
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
         say(
             f"\nTOFU evaluation benchmark: {args.forget_split}, limit={args.limit or 'all'}, "
             f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, "
-            f"generation_batch_size={args.generation_batch_size or DECODE_BATCH_FACTOR * args.batch_size}, device={r0['device']}, "
+            f"generation_batch_size={decode_rows(args.batch_size, args.generation_batch_size)}, device={r0['device']}, "
             f"dtype={args.dtype}, {r0['params']:,} parameters, {r0['threads']} torch threads; "
             f"memory = {r0['memory_kind']}; fastest of {max(1, args.repeat)} run(s) per mode\n"
         )

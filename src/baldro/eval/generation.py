@@ -172,6 +172,11 @@ class GreedyPrefix:
     finished: bool
 
 
+def decode_rows(batch_size: int, decode_batch_size: int | None = None) -> int:
+    """Rows continuous decoding runs at once: `decode_batch_size`, else DECODE_BATCH_FACTOR x `batch_size`."""
+    return decode_batch_size or DECODE_BATCH_FACTOR * batch_size
+
+
 def greedy_prefix(
     draft: Sequence[int],
     argmax: torch.Tensor,
@@ -782,7 +787,7 @@ def generate(
         new = None
         if sort_by_length and todo:
             cached = [draft_kv.take(p[:-1]) for p in inputs] if draft_kv is not None else None
-            rows = decode_batch_size or DECODE_BATCH_FACTOR * batch_size
+            rows = decode_rows(batch_size, decode_batch_size)
             new = _continuous_greedy(model, cfg, inputs, budgets, rows, bar, lookahead, stop, cached)
             del cached
         if new is None:
